@@ -1,0 +1,5 @@
+"""``python -m medsight`` runs the command line."""
+
+from medsight.cli import app
+
+app()

@@ -1,0 +1,351 @@
+"""The ``medsight`` command line: each command is a thin call into the library.
+
+Errors meant for people (:class:`medsight.errors.MedsightError`) are printed on one line and
+end the command with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from medsight import __version__
+from medsight.data.imaging import DEFAULT_MAX_PIXELS
+from medsight.errors import MedsightError
+
+app = typer.Typer(
+    name="medsight",
+    help="Train, evaluate, explain and serve medical image classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+data_app = typer.Typer(
+    help="Read, audit, split and preview image collections.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class DataFormat(str, Enum):
+    folder = "folder"
+    zip = "zip"
+    csv = "csv"
+    npz = "npz"
+    dicom = "dicom"
+    nifti = "nifti"
+
+
+FormatOption = Annotated[
+    DataFormat | None, typer.Option("--format", help="Reader to use (detected from the path).")
+]
+AllowOutsideOption = Annotated[
+    bool,
+    typer.Option("--allow-outside", help="Let manifest paths point outside the CSV's folder."),
+]
+MaxPixelsOption = Annotated[
+    int, typer.Option("--max-pixels", help="Refuse images with more pixels (decompression bombs).")
+]
+SliceOption = Annotated[
+    int | None, typer.Option("--slice", help="Slice index of 3-D NIfTI volumes (default: middle).")
+]
+AxisOption = Annotated[int, typer.Option("--axis", help="Slice axis of 3-D NIfTI volumes (RAS+).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"medsight {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Train, evaluate, explain and serve medical image classifiers."""
+
+
+@contextmanager
+def _user_errors():
+    """Turn a MedsightError into one red line and exit status 2; show library warnings plainly."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except MedsightError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, UserWarning):
+                    err_console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _load(path: Path, fmt: DataFormat | None, allow_outside: bool, axis: int, index: int | None):
+    from medsight.data.sources import load_samples
+
+    return load_samples(
+        path,
+        format=fmt.value if fmt else None,
+        allow_outside=allow_outside,
+        nifti_axis=axis,
+        nifti_slice=index,
+    )
+
+
+# --------------------------------------------------------------------------- data check
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[
+        Path, typer.Argument(help="Folder, .zip, .csv manifest, .npz, DICOM or NIfTI.")
+    ],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 on any unreadable file, duplicate or leak.")
+    ] = False,
+    fmt: FormatOption = None,
+    allow_outside: AllowOutsideOption = False,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    axis: AxisOption = 2,
+    index: SliceOption = None,
+) -> None:
+    """Audit a collection: counts per class and split, unreadable files, duplicates, leakage.
+
+    Exit status: 0 usable; 1 with --strict when a problem was found; 2 when nothing is readable.
+    """
+    from medsight.data.checks import check_samples
+
+    with _user_errors():
+        table = _load(path, fmt, allow_outside, axis, index)
+        with _progress() as bar:
+            task = bar.add_task("decoding images", total=len(table))
+            report = check_samples(
+                table, max_pixels=max_pixels, progress=lambda n: bar.advance(task, n)
+            )
+        document = {"path": str(path), "format": table.attrs.get("format"), **report.to_dict()}
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(document, indent=2))
+        _print_check(document)
+        if not report.usable:
+            raise MedsightError(
+                f"{path}: none of the {report.n_images} images could be read "
+                f"(first reason: {report.unreadable[0]['reason']})"
+            )
+    if strict and not report.clean:
+        raise typer.Exit(1)
+
+
+def _print_check(doc: dict) -> None:
+    console.print(
+        f"[bold]{doc['path']}[/]  format [cyan]{doc['format']}[/]  "
+        f"{doc['n_images']:,} images, {doc['n_readable']:,} readable",
+        highlight=False,
+    )
+    classes = list(doc["classes"])
+    splits = list(doc["splits"])
+    total = sum(doc["classes"].values())
+    table = Table(title="Images per class and split", title_justify="left")
+    table.add_column("class")
+    for split in splits:
+        table.add_column(split, justify="right")
+    table.add_column("total", justify="right", style="bold")
+    table.add_column("share", justify="right")
+    for name in classes:
+        table.add_row(
+            name,
+            *(f"{doc['splits'][s].get(name, 0):,}" for s in splits),
+            f"{doc['classes'][name]:,}",
+            f"{doc['classes'][name] / total:.1%}",
+            end_section=name == classes[-1],
+        )
+    table.add_row(
+        "all",
+        *(f"{sum(doc['splits'][s].values()):,}" for s in splits),
+        f"{total:,}",
+        "",
+        style="bold",
+    )
+    if classes:
+        console.print(table)
+    if doc["unlabelled"]:
+        console.print(f"{doc['unlabelled']:,} images have no label (an unlabelled collection)")
+    sizes = ", ".join(f"{k} ({v:,})" for k, v in list(doc["sizes"].items())[:5])
+    more = f" and {len(doc['sizes']) - 5} more" if len(doc["sizes"]) > 5 else ""
+    modes = ", ".join(f"{k} ({v:,})" for k, v in doc["channels"].items())
+    console.print(f"sizes: {sizes or '-'}{more}\nchannels: {modes or '-'}", highlight=False)
+    if doc["imbalance_ratio"] is not None:
+        console.print(f"class imbalance (largest / smallest class): {doc['imbalance_ratio']:g}")
+    if doc["ignored_files"]:
+        ignored = ", ".join(f"{k} ({v})" for k, v in doc["ignored_files"].items())
+        console.print(f"ignored files (not images): {ignored}", highlight=False)
+    _print_problems(doc)
+
+
+def _print_problems(doc: dict, limit: int = 20) -> None:
+    if doc["unreadable"]:
+        table = Table(title=f"Unreadable files ({len(doc['unreadable'])})", title_justify="left")
+        table.add_column("sample")
+        table.add_column("reason", overflow="fold")
+        for item in doc["unreadable"][:limit]:
+            table.add_row(item["sample_id"], item["reason"])
+        console.print(table)
+    if doc["duplicates"]:
+        table = Table(
+            title=f"Exact duplicates ({len(doc['duplicates'])} groups)", title_justify="left"
+        )
+        table.add_column("samples", overflow="fold")
+        table.add_column("labels")
+        table.add_column("splits")
+        for group in doc["duplicates"][:limit]:
+            table.add_row(
+                ", ".join(group["sample_ids"]),
+                ", ".join(group["labels"]),
+                ", ".join(group["splits"]),
+            )
+        console.print(table)
+    if doc["leakage"]:
+        table = Table(title=f"Leakage across splits ({len(doc['leakage'])})", title_justify="left")
+        table.add_column("kind")
+        table.add_column("what", overflow="fold")
+        table.add_column("splits")
+        for leak in doc["leakage"][:limit]:
+            if leak["kind"] == "patient":
+                what = f"patient {leak['patient_id']}"
+                where = ", ".join(f"{s} ({n})" for s, n in leak["splits"].items())
+            else:
+                what = "same image: " + ", ".join(leak["sample_ids"])
+                where = ", ".join(leak["splits"])
+            table.add_row(leak["kind"], what, where)
+        console.print(table)
+    hidden = [
+        f"{len(doc[k]) - limit} more {k}"
+        for k in ("unreadable", "duplicates", "leakage")
+        if len(doc[k]) > limit
+    ]
+    if hidden:
+        console.print(f"({'; '.join(hidden)} in the --json report)")
+    problems = [f"{len(doc[k])} {k}" for k in ("unreadable", "duplicates", "leakage") if doc[k]]
+    if problems:
+        console.print(f"[yellow]problems:[/] {', '.join(problems)}")
+    else:
+        console.print("[green]no unreadable files, duplicates or leakage found[/]")
+
+
+# --------------------------------------------------------------------------- data synth
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset into.")],
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 1200,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same files).")] = 0,
+) -> None:
+    """Write the embedded default dataset: phantom slices in three classes, with lesion masks."""
+    from medsight.data.synth import write_phantom_dataset
+
+    with _user_errors():
+        with _progress() as bar:
+            task = bar.add_task("drawing phantoms", total=n)
+            manifest = write_phantom_dataset(
+                out, n=n, size=size, seed=seed, progress=lambda k: bar.advance(task, k)
+            )
+        console.print(
+            f"wrote {n:,} images of {size}x{size} px and their masks; manifest: {manifest}"
+        )
+
+
+# --------------------------------------------------------------------------- data split
+
+
+@data_app.command("split")
+def data_split(
+    path: Annotated[
+        Path, typer.Argument(help="Folder, .zip, .csv manifest, .npz, DICOM or NIfTI.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="CSV to write: sample_id, label, patient_id, split.")
+    ],
+    ratios: Annotated[
+        tuple[float, float, float],
+        typer.Option("--ratios", help="Train, val and test fractions (summing to 1)."),
+    ] = (0.7, 0.15, 0.15),
+    folds: Annotated[
+        int, typer.Option("--folds", help="Also add a k-fold column over train+val (0: none).")
+    ] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    fmt: FormatOption = None,
+    allow_outside: AllowOutsideOption = False,
+) -> None:
+    """Assign patient-grouped, stratified train/val/test splits (a given split is kept)."""
+    from medsight.data.splits import assign_splits, kfold_assignments
+
+    with _user_errors():
+        table = assign_splits(_load(path, fmt, allow_outside, 2, None), ratios=ratios, seed=seed)
+        columns = ["sample_id", "label", "patient_id", "split"]
+        result = table[columns].copy()
+        if folds:
+            development = table["split"] != "test"
+            result.loc[development, "fold"] = kfold_assignments(table[development], folds, seed)
+            result["fold"] = result["fold"].astype("Int64")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.to_csv(out, index=False)
+        counts = result.groupby("split").size().to_dict()
+        console.print(f"wrote {out}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+
+# --------------------------------------------------------------------------- data preview
+
+
+@data_app.command("preview")
+def data_preview(
+    path: Annotated[
+        Path, typer.Argument(help="Folder, .zip, .csv manifest, .npz, DICOM or NIfTI.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("grid.png"),
+    per_class: Annotated[int, typer.Option("--per-class", help="Images per class.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Which images are picked.")] = 0,
+    fmt: FormatOption = None,
+    allow_outside: AllowOutsideOption = False,
+    axis: AxisOption = 2,
+    index: SliceOption = None,
+) -> None:
+    """Save a labelled montage of a few images per class."""
+    from medsight.data.preview import make_montage
+
+    with _user_errors():
+        table = _load(path, fmt, allow_outside, axis, index)
+        shown = make_montage(table, out, per_class=per_class, seed=seed)
+        console.print(f"wrote {out} ({shown} images)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

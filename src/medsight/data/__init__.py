@@ -1,0 +1,1 @@
+"""Reading medical image collections into one SampleTable, decoding images, splitting, checking."""

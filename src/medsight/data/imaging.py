@@ -1,0 +1,534 @@
+"""Decode one image, whatever its container, into float32 pixels with a recorded channel convention.
+
+This is the only module that touches pixel formats. Every decoder returns a :class:`DecodedImage`
+whose ``pixels`` are float32, shaped ``(C, H, W)`` with ``C = 1`` (grayscale, ``"L"``) or ``C = 3``
+(colour, ``"RGB"``), scaled to ``[0, 1]``; ``meta`` records how the values were obtained (DICOM
+rescale and window, MONOCHROME1 inversion, NIfTI slice, ...), so preprocessing can be reproduced.
+
+A *source* is a string: a file path, or one of the addresses built by :func:`zip_source`,
+:func:`npz_source` and :func:`nifti_slice_source` for images that are not files of their own.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import threading
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsight.errors import DataError, ImageDecodeError
+
+#: Images above this many pixels are refused as a possible decompression bomb (configurable).
+DEFAULT_MAX_PIXELS = 60_000_000
+
+RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+IMAGE_EXTENSIONS = RASTER_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS
+
+_ZIP_SCHEME = "zip://"
+_NPZ_SCHEME = "npz://"
+_NIFTI_SCHEME = "nifti://"
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels as float32 ``(C, H, W)`` in ``[0, 1]``; ``meta`` says how they were obtained."""
+
+    pixels: np.ndarray
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> str:
+        """``"L"`` for one channel, ``"RGB"`` for three."""
+        return "L" if self.pixels.shape[0] == 1 else "RGB"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return int(self.pixels.shape[1]), int(self.pixels.shape[2])
+
+
+# --------------------------------------------------------------------------- source addresses
+
+
+def zip_source(archive: str | Path, member: str) -> str:
+    """Address of ``member`` inside the zip file ``archive`` (read in place, never unpacked)."""
+    return f"{_ZIP_SCHEME}{Path(archive).resolve()}!{member}"
+
+
+def npz_source(npz: str | Path, split: str, index: int) -> str:
+    """Address of image ``index`` of ``{split}_images`` in a MedMNIST ``.npz`` file."""
+    return f"{_NPZ_SCHEME}{Path(npz).resolve()}!{split}/{index}"
+
+
+def nifti_slice_source(path: str | Path, axis: int, index: int) -> str:
+    """Address of slice ``index`` along ``axis`` (0, 1 or 2, in RAS+ orientation) of a volume."""
+    return f"{_NIFTI_SCHEME}{Path(path).resolve()}!{axis}:{index}"
+
+
+def source_file(source: str) -> Path:
+    """The file on disk that holds ``source`` (the archive for zip/npz addresses)."""
+    for scheme in (_ZIP_SCHEME, _NPZ_SCHEME, _NIFTI_SCHEME):
+        if source.startswith(scheme):
+            return Path(source[len(scheme) :].rsplit("!", 1)[0])
+    return Path(source)
+
+
+def source_name(source: str) -> str:
+    """The file name (or zip member name) of a source, for display and extension checks."""
+    if source.startswith(_ZIP_SCHEME):
+        return source.rsplit("!", 1)[1]
+    return source_file(source).name
+
+
+def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+    lower = name.lower()
+    return any(lower.endswith(ext) for ext in extensions)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def decode(
+    source: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: tuple[float, float] | None = None,
+) -> DecodedImage:
+    """Decode ``source`` (a path or an address from this module) to a :class:`DecodedImage`.
+
+    ``window`` = ``(centre, width)`` overrides a DICOM file's own VOI window (e.g. a lung window
+    for CT) and replaces the percentile scaling of NIfTI volumes.
+
+    Raises :class:`ImageDecodeError` naming the source and the reason when it cannot be read.
+
+    >>> img = decode("chest.png")            # doctest: +SKIP
+    >>> img.pixels.shape, img.channels       # doctest: +SKIP
+    ((1, 512, 512), 'L')
+    """
+    try:
+        if source.startswith(_NPZ_SCHEME):
+            return _decode_npz(source)
+        if source.startswith(_NIFTI_SCHEME):
+            path, _, where = source[len(_NIFTI_SCHEME) :].rpartition("!")
+            axis, index = (int(part) for part in where.split(":"))
+            return _decode_nifti(path, source, axis=axis, index=index, window=window)
+        if source.startswith(_ZIP_SCHEME):
+            data = _read_zip_member(source)
+            return decode_bytes(data, name=source, max_pixels=max_pixels, window=window)
+        path = Path(source)
+        if not path.exists():
+            raise ImageDecodeError(source, "file not found")
+        if path.is_dir():
+            raise ImageDecodeError(source, "is a folder, not an image file")
+        if has_extension(path.name, NIFTI_EXTENSIONS):
+            return _decode_nifti(str(path), source, window=window)
+        if has_extension(path.name, DICOM_EXTENSIONS):
+            with open(path, "rb") as fh:
+                return _decode_dicom(fh, source, max_pixels=max_pixels, window=window)
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+        kind = sniff(head)
+        if kind == "dicom":
+            with open(path, "rb") as fh:
+                return _decode_dicom(fh, source, max_pixels=max_pixels, window=window)
+        if kind in ("raster",):
+            with open(path, "rb") as fh:
+                return _decode_raster(fh, source, max_pixels=max_pixels)
+        if kind in ("nifti", "gzip"):
+            return decode_bytes(path.read_bytes(), name=source, window=window)
+        raise ImageDecodeError(
+            source,
+            f"unrecognised image format (extension {path.suffix or 'none'!r}); "
+            f"supported: {', '.join(IMAGE_EXTENSIONS)}",
+        )
+    except ImageDecodeError:
+        raise
+    except MemoryError:
+        raise ImageDecodeError(source, "image too large to decode in memory") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure becomes one message
+        raise ImageDecodeError(source, _describe(exc)) from exc
+
+
+def decode_bytes(
+    data: bytes,
+    *,
+    name: str = "upload",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: tuple[float, float] | None = None,
+) -> DecodedImage:
+    """Decode an in-memory file (an upload, a zip member); the format comes from the content."""
+    kind = sniff(data[:512])
+    try:
+        if kind == "raster":
+            return _decode_raster(io.BytesIO(data), name, max_pixels=max_pixels)
+        if kind == "dicom":
+            return _decode_dicom(io.BytesIO(data), name, max_pixels=max_pixels, window=window)
+        if kind == "gzip":
+            return decode_bytes(
+                gzip.decompress(data), name=name, max_pixels=max_pixels, window=window
+            )
+        if kind == "nifti":
+            import nibabel as nib
+
+            return _nifti_to_image(nib.Nifti1Image.from_bytes(data), name, window=window)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ImageDecodeError(name, _describe(exc)) from exc
+    raise ImageDecodeError(name, "content is not a PNG, JPEG, BMP, TIFF, DICOM or NIfTI image")
+
+
+def sniff(head: bytes) -> str | None:
+    """Guess the container from the first bytes: ``raster``, ``dicom``, ``nifti``, ``gzip``."""
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")):
+        return "raster"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"n+2\x00"):
+        return "nifti"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    return None
+
+
+# --------------------------------------------------------------------------- raster
+
+
+def _decode_raster(fh, source: str, *, max_pixels: int) -> DecodedImage:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(fh)
+            _check_pixels(source, image.width, image.height, max_pixels)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(
+            source, "image is larger than the decoder's safety limit (possible decompression bomb)"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(source, "not a readable PNG/JPEG/BMP/TIFF image") from None
+    except OSError as exc:
+        raise ImageDecodeError(source, f"corrupt or truncated image ({exc})") from None
+
+    meta: dict[str, Any] = {"format": (image.format or "raster").lower(), "mode": image.mode}
+    if getattr(image, "n_frames", 1) > 1:
+        meta["frames"] = image.n_frames  # the first frame is used
+    mode = image.mode
+    if mode in ("1", "L", "LA") or (mode in ("P", "PA") and _palette_is_gray(image)):
+        array = np.asarray(image.convert("L"), dtype=np.float32)[None] / 255.0
+        meta["scaling"] = "/255"
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        raw = np.asarray(image).astype(np.float32)
+        array = _minmax(raw)[None]
+        meta["scaling"] = "minmax"
+        meta["dtype"] = str(np.asarray(image).dtype)
+    else:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        meta["scaling"] = "/255"
+    return DecodedImage(np.ascontiguousarray(array, dtype=np.float32), source, meta)
+
+
+def _palette_is_gray(image) -> bool:
+    rgb = np.asarray(image.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def window_linear(
+    values: np.ndarray, centre: float, width: float, function: str = "LINEAR"
+) -> np.ndarray:
+    """Apply a DICOM VOI window (PS3.3 C.11.2.1.2) and return values in ``[0, 1]``.
+
+    ``function`` is the VOI LUT Function: ``LINEAR`` (the default), ``LINEAR_EXACT`` or
+    ``SIGMOID``.
+
+    >>> window_linear(np.array([-1000.0, 40.0, 1000.0]), centre=40, width=400).round(3)
+    array([0.   , 0.501, 1.   ])
+    """
+    values = values.astype(np.float64, copy=False)
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"window width must be > 0 for LINEAR_EXACT, got {width}")
+        out = (values - centre) / width + 0.5
+    else:
+        if width < 1:
+            raise ValueError(f"window width must be >= 1 for LINEAR, got {width}")
+        if width == 1:
+            return (values > centre - 0.5).astype(np.float32)
+        out = (values - (centre - 0.5)) / (width - 1) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _decode_dicom(fh, source: str, *, max_pixels: int, window) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+    try:
+        ds = pydicom.dcmread(fh)
+    except InvalidDicomError:
+        raise ImageDecodeError(source, "not a DICOM file (no DICM preamble)") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise ImageDecodeError(
+            source, "DICOM object has no pixel data (a report or structured document?)"
+        )
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    _check_pixels(source, cols, rows, max_pixels)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    meta: dict[str, Any] = {
+        "format": "dicom",
+        "modality": str(ds.get("Modality", "")),
+        "photometric": photometric,
+        "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else "",
+    }
+    try:
+        arr = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for bad pixel data
+        syntax = getattr(ds.file_meta.get("TransferSyntaxUID", None), "name", "unknown")
+        raise ImageDecodeError(
+            source,
+            f"DICOM pixel data ({syntax}) cannot be decoded: {_describe(exc)}",
+        ) from None
+    if frames > 1:
+        meta["frames"] = frames  # multi-frame: the first frame is used
+
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        bits = 16 if rgb.dtype.itemsize > 1 else 8
+        pixels = rgb.astype(np.float32).transpose(2, 0, 1) / float(2**bits - 1)
+        meta["scaling"] = "palette"
+    elif arr.ndim == 3:  # colour: pydicom already converted YBR to RGB
+        bits = int(ds.get("BitsStored", 8))
+        pixels = arr.astype(np.float32).transpose(2, 0, 1) / float(2**bits - 1)
+        meta["scaling"] = f"/{2**bits - 1}"
+    else:
+        values = apply_modality_lut(arr, ds).astype(np.float64)
+        if window is not None:
+            centre, width = window
+            pixels = window_linear(values, centre, width)
+            meta["window"] = [float(centre), float(width)]
+        elif "VOILUTSequence" in ds:
+            lut_out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+            descriptor = ds.VOILUTSequence[0].LUTDescriptor
+            pixels = np.clip(lut_out / float(2 ** int(descriptor[2]) - 1), 0.0, 1.0)
+            meta["window"] = "voi_lut"
+        elif "WindowCenter" in ds and "WindowWidth" in ds:
+            centre = float(_first(ds.WindowCenter))
+            width = float(_first(ds.WindowWidth))
+            function = str(ds.get("VOILUTFunction", "LINEAR"))
+            pixels = window_linear(values, centre, width, function)
+            meta["window"] = [centre, width]
+        else:
+            pixels = _minmax(values)
+            meta["window"] = "minmax"
+        if photometric == "MONOCHROME1":  # low values are white: invert so bright means dense
+            pixels = 1.0 - pixels
+            meta["inverted"] = True
+        pixels = pixels[None]
+    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), source, meta)
+
+
+def dicom_header(path: str | Path) -> Any:
+    """Read a DICOM header without pixel data (fast); raises ImageDecodeError when unreadable."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except InvalidDicomError:
+        raise ImageDecodeError(str(path), "not a DICOM file (no DICM preamble)") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ImageDecodeError(str(path), f"DICOM header unreadable ({_describe(exc)})") from None
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` has a DICOM extension or the DICM magic at byte 128."""
+    if has_extension(path.name, DICOM_EXTENSIONS):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return sniff(head) == "dicom"
+
+
+def _first(value):
+    try:
+        return value[0]
+    except (TypeError, IndexError):
+        return value
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def nifti_shape(path: str | Path) -> tuple[int, ...]:
+    """Shape of a NIfTI volume in RAS+ orientation, read from the header only."""
+    import nibabel as nib
+
+    image = nib.as_closest_canonical(nib.load(str(path)))
+    return tuple(int(s) for s in image.shape)
+
+
+def _decode_nifti(path: str, source: str, *, axis: int = 2, index: int | None = None, window=None):
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+    except FileNotFoundError:
+        raise ImageDecodeError(source, "file not found") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ImageDecodeError(source, f"not a readable NIfTI file ({_describe(exc)})") from None
+    return _nifti_to_image(image, source, axis=axis, index=index, window=window)
+
+
+def _nifti_to_image(image, source: str, *, axis: int = 2, index: int | None = None, window=None):
+    import nibabel as nib
+
+    image = nib.as_closest_canonical(image)
+    data = np.asanyarray(image.dataobj)
+    meta: dict[str, Any] = {"format": "nifti", "shape": [int(s) for s in data.shape]}
+    if data.ndim == 4:  # a time series: the first volume is used
+        data = data[..., 0]
+        meta["volumes"] = int(meta["shape"][3])
+    data = np.squeeze(data) if data.ndim == 3 and 1 in data.shape else data
+    if data.ndim == 3:
+        if axis not in (0, 1, 2):
+            raise ImageDecodeError(source, f"slice axis must be 0, 1 or 2, got {axis}")
+        n = data.shape[axis]
+        index = n // 2 if index is None else index
+        if not 0 <= index < n:
+            raise ImageDecodeError(source, f"slice {index} is outside 0..{n - 1} along axis {axis}")
+        data = np.take(data, index, axis=axis)
+        meta["slice"] = [axis, int(index)]
+    elif data.ndim != 2:
+        raise ImageDecodeError(
+            source, f"NIfTI data of shape {meta['shape']} is not 2-D, 3-D or 4-D"
+        )
+    # Voxel axes are (x, y) in RAS+: transpose and flip so rows run top to bottom as displayed.
+    plane = np.flipud(data.T).astype(np.float64)
+    if window is not None:
+        pixels = window_linear(plane, *window)
+        meta["window"] = [float(window[0]), float(window[1])]
+    else:
+        lo, hi = np.percentile(plane, [0.5, 99.5])
+        pixels = np.clip((plane - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(plane)
+        meta["scaling"] = "percentile_0.5_99.5"
+    return DecodedImage(np.ascontiguousarray(pixels[None], dtype=np.float32), source, meta)
+
+
+# --------------------------------------------------------------------------- zip and npz
+
+
+_zip_lock = threading.Lock()
+_zip_handles: dict[tuple[str, int], zipfile.ZipFile] = {}
+
+
+def open_zip(archive: str | Path) -> zipfile.ZipFile:
+    """A cached ZipFile per (archive, process): handles must not cross DataLoader worker forks."""
+    key = (str(archive), os.getpid())
+    with _zip_lock:
+        handle = _zip_handles.get(key)
+        if handle is None:
+            try:
+                handle = zipfile.ZipFile(archive)
+            except FileNotFoundError:
+                raise DataError(f"{archive}: zip file not found") from None
+            except zipfile.BadZipFile:
+                raise DataError(f"{archive}: not a valid zip file (truncated download?)") from None
+            _zip_handles[key] = handle
+        return handle
+
+
+def _read_zip_member(source: str) -> bytes:
+    archive, _, member = source[len(_ZIP_SCHEME) :].rpartition("!")
+    handle = open_zip(archive)
+    with _zip_lock:  # ZipFile reads share one file position
+        try:
+            return handle.read(member)
+        except KeyError:
+            raise ImageDecodeError(source, f"no member {member!r} in {archive}") from None
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ImageDecodeError(source, f"corrupt zip member ({exc})") from None
+
+
+@lru_cache(maxsize=4)
+def _npz_arrays(path: str, mtime: float) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files if key.endswith("_images")}
+
+
+def npz_images(path: str | Path, split: str) -> np.ndarray:
+    """The ``{split}_images`` array of a MedMNIST ``.npz`` file (cached per process)."""
+    path = str(Path(path).resolve())
+    arrays = _npz_arrays(path, os.path.getmtime(path))
+    key = f"{split}_images"
+    if key not in arrays:
+        raise DataError(f"{path}: no array {key!r} (found {', '.join(sorted(arrays)) or 'none'})")
+    return arrays[key]
+
+
+def _decode_npz(source: str) -> DecodedImage:
+    path, _, where = source[len(_NPZ_SCHEME) :].rpartition("!")
+    split, _, index = where.partition("/")
+    if not Path(path).exists():
+        raise ImageDecodeError(source, "npz file not found")
+    images = npz_images(path, split)
+    raw = images[int(index)]
+    if raw.ndim == 2:
+        array = raw[None]
+    elif raw.ndim == 3 and raw.shape[-1] in (1, 3):
+        array = raw.transpose(2, 0, 1)
+    else:
+        raise ImageDecodeError(source, f"unexpected image shape {raw.shape} in npz")
+    scale = 255.0 if raw.dtype == np.uint8 else None
+    pixels = array.astype(np.float32) / scale if scale else _minmax(array.astype(np.float32))
+    meta = {"format": "npz", "scaling": "/255" if scale else "minmax"}
+    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), source, meta)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_pixels(source: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            source,
+            f"{width}x{height} = {width * height:,} pixels is above the limit of {max_pixels:,} "
+            "(a possible decompression bomb); raise max_pixels (--max-pixels) if it is genuine",
+        )
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32)
+
+
+def _describe(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ".join(lines)
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,562 @@
+"""Readers that turn any labelled image collection into one SampleTable (a validated DataFrame).
+
+Every reader returns the same schema, so nothing downstream knows where images came from:
+
+========== ==================================================================================
+sample_id  unique, human-readable id (the path relative to the dataset root, or ``split-index``)
+source     what :func:`medsight.data.imaging.decode` reads: a path, or a zip/npz/NIfTI address
+label      class name (string); missing for unlabelled collections
+patient_id optional; grouping key for splits and leakage checks (pseudonymised when from DICOM)
+split      optional; ``train``, ``val`` or ``test``
+...        any metadata columns (sex, age, site, modality, mask, ...)
+========== ==================================================================================
+
+Supported layouts, chosen from the path (``format=`` overrides): class folders
+(``root/<class>/*``, optionally ``root/<split>/<class>/*``, also inside a ``.zip``), a CSV manifest,
+a MedMNIST ``.npz``, DICOM files or folders, NIfTI files or folders.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from medsight.data import imaging
+from medsight.data.privacy import pseudonym_salt, pseudonymise
+from medsight.errors import DataError, ImageDecodeError
+
+REQUIRED_COLUMNS = ("sample_id", "source", "label")
+OPTIONAL_COLUMNS = ("patient_id", "split")
+SPLITS = ("train", "val", "test")
+FORMATS = ("folder", "zip", "csv", "npz", "dicom", "nifti")
+
+#: Split names as people write them (folder names, manifest values) → the canonical name.
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "trn": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+    "tst": "test",
+}
+
+#: Class names of the MedMNIST v2 sets whose label indices are documented (by file name prefix).
+MEDMNIST_CLASSES = {
+    "pneumoniamnist": ("normal", "pneumonia"),
+    "breastmnist": ("malignant", "normal_benign"),
+    "octmnist": ("choroidal_neovascularization", "diabetic_macular_edema", "drusen", "normal"),
+    "dermamnist": (
+        "actinic_keratoses",
+        "basal_cell_carcinoma",
+        "benign_keratosis",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic_nevi",
+        "vascular_lesions",
+    ),
+    "bloodmnist": (
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature_granulocyte",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ),
+}
+
+_JUNK_NAMES = {"thumbs.db", "desktop.ini"}
+MANIFEST_NAME = "manifest.csv"
+
+
+@dataclass
+class ReadOptions:
+    """How to read a collection; every field has the default people expect."""
+
+    format: str | None = None
+    allow_outside: bool = False
+    path_column: str = "path"
+    label_column: str = "label"
+    patient_column: str | None = None
+    split_column: str | None = None
+    nifti_axis: int = 2
+    nifti_slice: int | None = None
+    salt: bytes | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_samples(path: str | Path, format: str | None = None, **options) -> pd.DataFrame:
+    """Read the collection at ``path`` into a validated SampleTable.
+
+    ``format`` is one of ``folder, zip, csv, npz, dicom, nifti`` (detected when omitted).
+    Other options: ``allow_outside`` (manifest paths may leave the manifest's folder),
+    ``path_column``/``label_column``/``patient_column``/``split_column`` (manifest column names),
+    ``nifti_axis``/``nifti_slice`` (which slice of 3-D volumes), ``salt`` (pseudonym key).
+
+    >>> table = load_samples("data/pneumoniamnist.npz")            # doctest: +SKIP
+    >>> table.groupby("split").size().to_dict()                    # doctest: +SKIP
+    {'test': 624, 'train': 3882, 'val': 524}
+    """
+    opts = ReadOptions(format=format, **options)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; check the path (it is read as given)")
+    fmt = opts.format or detect_format(path)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    readers = {
+        "folder": _read_tree,
+        "zip": _read_tree,
+        "dicom": _read_tree,
+        "nifti": _read_tree,
+        "csv": _read_manifest,
+        "npz": _read_medmnist,
+    }
+    table = readers[fmt](path, fmt, opts)
+    table = validate_table(table, origin=str(path))
+    table.attrs.setdefault("format", fmt)
+    table.attrs["root"] = str(path.resolve())
+    return table
+
+
+def detect_format(path: Path) -> str:
+    """Pick a reader from the path: extension for files, contents for folders."""
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            return "csv"
+        return "folder"
+    if name.endswith(".zip"):
+        return "zip"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".npz"):
+        return "npz"
+    if imaging.has_extension(name, imaging.NIFTI_EXTENSIONS):
+        return "nifti"
+    if imaging.is_dicom_file(path):
+        return "dicom"
+    if imaging.has_extension(name, imaging.RASTER_EXTENSIONS):
+        return "folder"
+    raise DataError(
+        f"{path}: cannot tell what kind of dataset this is (extension {path.suffix or 'none'!r}); "
+        "give a folder, .zip, .csv, .npz, DICOM or NIfTI file, or pass --format"
+    )
+
+
+def validate_table(table: pd.DataFrame, origin: str = "table") -> pd.DataFrame:
+    """Check the SampleTable schema once, at the boundary; return it with canonical dtypes."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{origin}: SampleTable lacks column(s) {', '.join(missing)}")
+    if table.empty:
+        raise DataError(f"{origin}: no images found")
+    table = table.copy()
+    for column in ("sample_id", "source"):
+        table[column] = table[column].astype(str)
+    dupes = table["sample_id"][table["sample_id"].duplicated()].unique()
+    if len(dupes):
+        shown = ", ".join(map(str, dupes[:3]))
+        raise DataError(f"{origin}: sample_id must be unique; repeated: {shown}")
+    table["label"] = _optional_text(table["label"])
+    for column in OPTIONAL_COLUMNS:
+        table[column] = _optional_text(table[column]) if column in table.columns else pd.NA
+    split_values = set(table["split"].dropna().unique())
+    unknown = split_values - set(SPLITS)
+    if unknown:
+        raise DataError(
+            f"{origin}: unknown split value(s) {sorted(unknown)}; use train, val or test"
+        )
+    ordered = list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+    ordered += [c for c in table.columns if c not in ordered]
+    return table[ordered].reset_index(drop=True)
+
+
+def class_names(table: pd.DataFrame) -> list[str]:
+    """Ordered class names: the reader's order when it knows one, else sorted."""
+    present = set(table["label"].dropna().unique())
+    known = [c for c in table.attrs.get("classes", []) if c in present]
+    return known + sorted(present - set(known))
+
+
+# --------------------------------------------------------------------------- folders and zips
+
+
+def _read_tree(path: Path, fmt: str, opts: ReadOptions) -> pd.DataFrame:
+    """Class folders (optionally under split folders), in a directory or a zip, or single files."""
+    if path.is_file() and fmt != "zip" and not path.name.lower().endswith(".zip"):
+        files = [path.name]
+        root: Path | None = path.parent
+        archive = None
+    elif path.is_file():
+        archive = imaging.open_zip(path)
+        files = [i.filename for i in archive.infolist() if not i.is_dir()]
+        root = None
+    else:
+        root, archive = path, None
+        files = _walk(path)
+    wanted = _extensions_for(fmt)
+    images, ignored = [], Counter()
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if (
+            any(p.startswith(".") or p == "__MACOSX" for p in parts)
+            or parts[-1].lower() in _JUNK_NAMES
+        ):
+            continue
+        if imaging.has_extension(rel, wanted):
+            images.append(rel)
+        elif (
+            root is not None
+            and "." not in parts[-1]
+            and fmt in ("folder", "dicom")
+            and (imaging.is_dicom_file(root / rel))
+        ):
+            images.append(rel)  # DICOM files often have no extension
+        else:
+            ignored[PurePosixPath(rel).suffix.lower() or "(no extension)"] += 1
+    if not images:
+        what = "files" if files else "files at all"
+        raise DataError(
+            f"{path}: no recognised images ({len(files)} {what}); expected "
+            f"{', '.join(wanted)} in class folders such as {path.name}/<class>/image.png"
+        )
+    rows = _layout(images, str(path))
+    records = []
+    for rel, stripped, label, split in rows:
+        if archive is not None:
+            source = imaging.zip_source(path, rel)
+        else:
+            source = str((root / rel).resolve())
+        records.append({"sample_id": stripped, "source": source, "label": label, "split": split})
+    table = pd.DataFrame.from_records(records)
+    table = _add_medical_metadata(table, opts)
+    table.attrs["ignored"] = dict(ignored)
+    return table
+
+
+def _walk(root: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        found.extend((rel_dir / f).as_posix() for f in sorted(filenames))
+    return found
+
+
+def _extensions_for(fmt: str) -> tuple[str, ...]:
+    if fmt == "dicom":
+        return imaging.DICOM_EXTENSIONS
+    if fmt == "nifti":
+        return imaging.NIFTI_EXTENSIONS
+    return imaging.IMAGE_EXTENSIONS
+
+
+def _layout(images: list[str], origin: str) -> list[tuple[str, str, str | None, str | None]]:
+    """Map relative paths to (path, sample_id, label, split) by the folder layout.
+
+    Single wrapper folders (``dataset-v2/``) are skipped; a first level whose folder names are
+    all split names (train/val/test and their aliases) gives the split; the next level is the
+    class. Files that sit directly in the root make an unlabelled collection.
+    """
+    split_parts = [PurePosixPath(p).parts for p in images]
+    depth = 0
+    while True:
+        level = {parts[depth] for parts in split_parts if len(parts) > depth + 1}
+        if (
+            len(level) == 1
+            and all(len(parts) >= depth + 3 for parts in split_parts)
+            and next(iter(level)).lower() not in SPLIT_ALIASES
+        ):
+            depth += 1
+            continue
+        break
+    rest = [parts[depth:] for parts in split_parts]
+    loose = sum(len(parts) == 1 for parts in rest)
+    if loose * 2 > len(rest):
+        # Mostly loose files (a DICOM export, a folder of scans to score): an unlabelled set.
+        return [(img, "/".join(r), None, None) for img, r in zip(images, rest)]
+    first = {r[0].lower() for r in rest if len(r) > 1}
+    has_splits = bool(first) and first <= set(SPLIT_ALIASES)
+    rows, misplaced = [], []
+    for img, parts in zip(images, rest):
+        sample_id = "/".join(parts)
+        if has_splits:
+            if len(parts) < 3:
+                misplaced.append(img)
+                continue
+            rows.append((img, sample_id, parts[1], SPLIT_ALIASES[parts[0].lower()]))
+        else:
+            if len(parts) < 2:
+                misplaced.append(img)
+                continue
+            rows.append((img, sample_id, parts[0], None))
+    if not rows:
+        raise DataError(f"{origin}: images found but none inside class folders (<class>/image)")
+    if misplaced:
+        # Loose files beside class folders are ambiguous: keep the labelled ones, say so once.
+        import warnings
+
+        warnings.warn(
+            f"{origin}: {len(misplaced)} image(s) outside class folders were skipped, "
+            f"e.g. {misplaced[0]}",
+            stacklevel=3,
+        )
+    return rows
+
+
+def _add_medical_metadata(table: pd.DataFrame, opts: ReadOptions) -> pd.DataFrame:
+    """Header metadata for DICOM rows (pseudonymised ids) and slice addresses for NIfTI rows."""
+    is_dicom = [
+        imaging.has_extension(imaging.source_name(s), imaging.DICOM_EXTENSIONS)
+        or "." not in imaging.source_name(s)
+        for s in table["source"]
+    ]
+    if any(is_dicom):
+        salt = opts.salt if opts.salt is not None else pseudonym_salt()
+        meta = [
+            _dicom_fields(source, salt) if flag else {}
+            for source, flag in zip(table["source"], is_dicom)
+        ]
+        extra = pd.DataFrame.from_records(meta, index=table.index)
+        for column in extra.columns:
+            table[column] = extra[column]
+    if opts.nifti_slice is not None or opts.nifti_axis != 2:
+        sources = []
+        for source in table["source"]:
+            if imaging.has_extension(source, imaging.NIFTI_EXTENSIONS) and "://" not in source:
+                shape = imaging.nifti_shape(source)
+                if len(shape) >= 3:
+                    index = opts.nifti_slice
+                    if index is None:
+                        index = shape[opts.nifti_axis] // 2
+                    source = imaging.nifti_slice_source(source, opts.nifti_axis, index)
+            sources.append(source)
+        table["source"] = sources
+    return table
+
+
+def _dicom_fields(source: str, salt: bytes) -> dict:
+    """Patient grouping and subgroup metadata from a DICOM header; never a raw identifier."""
+    import pydicom
+
+    try:
+        if source.startswith("zip://"):
+            data = imaging._read_zip_member(source)
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        else:
+            ds = imaging.dicom_header(source)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by check
+        return {}
+    fields = {
+        "patient_id": pseudonymise(str(ds.get("PatientID", "") or ""), salt) or None,
+        "study": pseudonymise(str(ds.get("StudyInstanceUID", "") or ""), salt) or None,
+        "modality": str(ds.get("Modality", "") or "") or None,
+        "sex": str(ds.get("PatientSex", "") or "") or None,
+        "age": _dicom_age(str(ds.get("PatientAge", "") or "")),
+        "view": str(ds.get("ViewPosition", "") or "") or None,
+    }
+    return fields
+
+
+def _dicom_age(text: str) -> float | None:
+    """DICOM AS ('045Y', '006M') → years; ages over 89 are capped at 90 (HIPAA Safe Harbor)."""
+    text = text.strip().upper()
+    if len(text) != 4 or not text[:3].isdigit():
+        return None
+    value = int(text[:3])
+    years = {"Y": value, "M": value / 12, "W": value / 52, "D": value / 365}.get(text[3])
+    return None if years is None else round(min(years, 90.0), 2)
+
+
+# --------------------------------------------------------------------------- CSV manifest
+
+
+def _read_manifest(path: Path, fmt: str, opts: ReadOptions) -> pd.DataFrame:
+    manifest = path / MANIFEST_NAME if path.is_dir() else path
+    try:
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"{manifest}: the manifest is empty; it needs a header path,label"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{manifest}: not a readable CSV ({exc})") from None
+    frame.columns = [c.strip() for c in frame.columns]
+    available = ", ".join(frame.columns) or "none"
+    for role, column, default in (
+        ("path", opts.path_column, "path"),
+        ("label", opts.label_column, "label"),
+    ):
+        if column not in frame.columns:
+            hint = f"name a column '{default}'" if column == default else "check the column name"
+            raise DataError(
+                f"{manifest}: no {role} column {column!r} (columns are: {available}); "
+                f"{hint} or pass --{role}-column"
+            )
+    for role, column in (("patient", opts.patient_column), ("split", opts.split_column)):
+        if column is not None and column not in frame.columns:
+            raise DataError(
+                f"{manifest}: --{role}-column {column!r} is not a column (columns are: {available})"
+            )
+    if frame.empty:
+        raise DataError(f"{manifest}: the manifest has a header but no rows")
+    base = manifest.parent.resolve()
+    raw_paths = frame[opts.path_column].str.strip()
+    empty = raw_paths.index[raw_paths == ""]
+    if len(empty):
+        raise DataError(f"{manifest}: line {empty[0] + 2} has an empty path")
+    sources = [_resolve_manifest_path(p, base) for p in raw_paths]
+    if not opts.allow_outside:
+        outside = [
+            (i, p) for i, (p, s) in enumerate(zip(raw_paths, sources)) if not _inside(s, base)
+        ]
+        if outside:
+            line, shown = outside[0][0] + 2, outside[0][1]
+            raise DataError(
+                f"{manifest}: line {line}: path {shown!r} points outside the manifest's folder "
+                f"{base} ({len(outside)} such row(s)); move the images under it or pass "
+                "--allow-outside"
+            )
+    table = pd.DataFrame(
+        {
+            "sample_id": frame["sample_id"] if "sample_id" in frame.columns else raw_paths,
+            "source": [str(s) for s in sources],
+            "label": frame[opts.label_column].str.strip(),
+        }
+    )
+    patient_column = opts.patient_column or ("patient_id" if "patient_id" in frame else None)
+    split_column = opts.split_column or ("split" if "split" in frame else None)
+    if patient_column:
+        table["patient_id"] = frame[patient_column].str.strip()
+    if split_column:
+        table["split"] = _canonical_splits(frame[split_column], manifest)
+    used = {opts.path_column, opts.label_column, patient_column, split_column, "sample_id"}
+    for column in frame.columns:
+        if column in used:
+            continue
+        values = frame[column]
+        if column == "mask" or column.endswith("_path"):
+            values = values.map(lambda v: str(_resolve_manifest_path(v, base)) if v else v)
+        table[column] = _maybe_numeric(values)
+    table.attrs["manifest"] = str(manifest.resolve())
+    return table
+
+
+def _resolve_manifest_path(raw: str, base: Path) -> Path:
+    candidate = Path(raw.replace("\\", "/")).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    return Path(os.path.normpath(candidate))
+
+
+def _inside(path: Path, base: Path) -> bool:
+    try:
+        path.resolve().relative_to(base)
+        return True
+    except ValueError:
+        return False
+
+
+def _canonical_splits(values: pd.Series, origin: Path) -> pd.Series:
+    lowered = values.str.strip().str.lower()
+    unknown = sorted(set(lowered) - set(SPLIT_ALIASES) - {""})
+    if unknown:
+        raise DataError(
+            f"{origin}: unknown split value(s) {unknown}; use train, val or test "
+            "(or leave the cell empty to have medsight assign it)"
+        )
+    return lowered.map(lambda v: SPLIT_ALIASES.get(v) if v else None)
+
+
+def _maybe_numeric(values: pd.Series) -> pd.Series:
+    converted = pd.to_numeric(values.replace("", np.nan), errors="coerce")
+    if converted.notna().sum() == (values != "").sum():
+        return converted
+    return values.replace("", None)
+
+
+def _optional_text(values: pd.Series) -> pd.Series:
+    def clean(value):
+        if value is None or (not isinstance(value, str) and pd.isna(value)):
+            return None
+        text = str(value).strip()
+        return text or None
+
+    return values.map(clean).astype(object)
+
+
+# --------------------------------------------------------------------------- MedMNIST npz
+
+
+def _read_medmnist(path: Path, fmt: str, opts: ReadOptions) -> pd.DataFrame:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    with npz:
+        keys = set(npz.files)
+        splits = [s for s in SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
+        if not splits:
+            raise DataError(
+                f"{path}: not a MedMNIST file: expected arrays train_images/train_labels, "
+                f"val_images/val_labels, test_images/test_labels; found {sorted(keys) or 'none'}"
+            )
+        labels = {s: np.asarray(npz[f"{s}_labels"]) for s in splits}
+        counts = {s: len(npz[f"{s}_images"]) for s in splits}
+    for split, y in labels.items():
+        if y.ndim == 2 and y.shape[1] > 1:
+            raise DataError(
+                f"{path}: {split}_labels has {y.shape[1]} labels per image: a multi-label set "
+                "(like ChestMNIST); medsight trains single-label classifiers for now"
+            )
+        if len(y) != counts[split]:
+            raise DataError(
+                f"{path}: {split}_images has {counts[split]} images but {len(y)} labels"
+            )
+    names = _medmnist_names(path, max(int(y.max()) for y in labels.values()) + 1)
+    records = []
+    for split in splits:
+        for index, value in enumerate(labels[split].reshape(-1)):
+            records.append(
+                {
+                    "sample_id": f"{split}-{index:05d}",
+                    "source": imaging.npz_source(path, split, index),
+                    "label": names[int(value)],
+                    "split": split,
+                }
+            )
+    table = pd.DataFrame.from_records(records)
+    table.attrs["classes"] = list(names)
+    return table
+
+
+def _medmnist_names(path: Path, n_classes: int) -> tuple[str, ...]:
+    stem = path.name.lower()
+    for prefix, names in MEDMNIST_CLASSES.items():
+        if stem.startswith(prefix) and len(names) >= n_classes:
+            return names
+    return tuple(str(i) for i in range(n_classes))
+
+
+def iter_decoded(
+    table: pd.DataFrame, **decode_options
+) -> Iterable[tuple[str, imaging.DecodedImage | ImageDecodeError]]:
+    """Yield ``(sample_id, image or its error)`` per row: one bad file loses nothing."""
+    for sample_id, source in zip(table["sample_id"], table["source"]):
+        try:
+            yield sample_id, imaging.decode(source, **decode_options)
+        except ImageDecodeError as exc:
+            yield sample_id, exc

@@ -1,0 +1,95 @@
+"""Shared test helpers: tiny images written on the fly, and the optional real data in ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _fixed_salt(monkeypatch):
+    # Pseudonyms must not depend on (or create) a salt file in the tester's home folder.
+    monkeypatch.setenv("MEDSIGHT_SALT", "test-salt")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data``; tests using it are skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not available")
+    return SHARED_DATA
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 array (H×W or H×W×3) as PNG, creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+    return path
+
+
+def random_image(seed: int, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def make_class_folders(
+    root: Path, layout: dict[str, int], seed: int = 0, ext: str = ".png"
+) -> Path:
+    """``{"normal": 3, "pneumonia": 2}`` → root/<class>/<class>_<i>.png with distinct pixels."""
+    k = seed * 1000
+    for label, count in layout.items():
+        for i in range(count):
+            k += 1
+            write_png(root / label / f"{label}_{i}{ext}", random_image(k))
+    return root
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
+    """Write a small single-frame grayscale DICOM file (signed 16-bit unless told otherwise)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.PatientID = "ID-0001"
+    ds.PatientName = "Doe^Jane"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    dtype = np.int16 if ds.PixelRepresentation == 1 else np.uint16
+    ds.PixelData = np.asarray(pixels, dtype=dtype).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def helpers():
+    """The helper functions above, for tests that build their own data."""
+
+    class Helpers:
+        pass
+
+    h = Helpers()
+    h.write_png = write_png
+    h.random_image = random_image
+    h.make_class_folders = make_class_folders
+    h.write_dicom = write_dicom
+    return h
