@@ -73,7 +73,10 @@ def make_montage(
                     ax.imshow(pixels[0], cmap="gray", vmin=0, vmax=1)
                 else:
                     ax.imshow(np.clip(pixels.transpose(1, 2, 0), 0, 1))
-                ax.set_title(Path(sample_id).name[-16:], fontsize=6, color="#555555")
+                name_shown = Path(sample_id).name
+                if len(name_shown) > 18:
+                    name_shown = "…" + name_shown[-17:]
+                ax.set_title(name_shown, fontsize=6, color="#555555")
             if c == 0:
                 ax.set_ylabel(
                     f"{name}\n(n={counts:,})",
@@ -83,7 +86,8 @@ def make_montage(
                     va="center",
                     labelpad=8,
                 )
-    fig.suptitle(f"{len(table):,} images, {len(groups)} classes", fontsize=10)
+    kinds = f"{len(groups)} classes" if labelled else "unlabelled"
+    fig.suptitle(f"{len(table):,} images, {kinds}", fontsize=10)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -495,7 +495,8 @@ def _optional_text(values: pd.Series) -> pd.Series:
         text = str(value).strip()
         return text or None
 
-    return values.map(clean).astype(object)
+    # Built as object dtype so a missing value is always None (pandas 3 would coerce to NaN).
+    return pd.Series([clean(v) for v in values], index=values.index, dtype=object)
 
 
 # --------------------------------------------------------------------------- MedMNIST npz
