@@ -221,8 +221,11 @@ def test_dicom_class_folders_store_only_pseudonymised_patient_ids(tmp_path, help
     helpers.write_dicom(tmp_path / "d" / "normal" / "1.dcm", pixels, PatientID="MRN-777")
     helpers.write_dicom(tmp_path / "d" / "normal" / "2.dcm", pixels + 1, PatientID="MRN-777")
     helpers.write_dicom(
-        tmp_path / "d" / "nodule" / "3.dcm", pixels + 2, PatientID="MRN-888",
-        PatientSex="F", PatientAge="095Y",
+        tmp_path / "d" / "nodule" / "3.dcm",
+        pixels + 2,
+        PatientID="MRN-888",
+        PatientSex="F",
+        PatientAge="095Y",
     )
     table = load_samples(tmp_path / "d")
     dump = table.to_csv()
