@@ -55,7 +55,8 @@ def test_check_nothing_readable_exits_two(tmp_path, helpers):
         (tmp_path / "d" / name / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     result = runner.invoke(app, ["data", "check", str(tmp_path / "d")])
     assert result.exit_code == 2
-    assert "none of the 2 images could be read" in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "none of the 2 images could be read" in lines[0]
 
 
 def test_split_writes_grouped_splits_and_folds(tmp_path, helpers):

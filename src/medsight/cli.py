@@ -153,12 +153,12 @@ def data_check(
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(document, indent=2))
-        _print_check(document)
         if not report.usable:
             raise MedsightError(
                 f"{path}: none of the {report.n_images} images could be read "
                 f"(first reason: {report.unreadable[0]['reason']})"
             )
+        _print_check(document)
     if strict and not report.clean:
         raise typer.Exit(1)
 
