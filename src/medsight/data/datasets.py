@@ -1,0 +1,88 @@
+"""A torch Dataset over a SampleTable: decode, preprocess, and (for small images) decode once.
+
+Images up to ``cache_max_side`` pixels are kept in memory after their first decoding, already
+preprocessed, so epochs after the first cost no file reading or decoding; the cache is per
+process, so DataLoader workers each fill their own (use ``persistent_workers=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from medsight.data.imaging import DEFAULT_MAX_PIXELS, decode
+from medsight.data.sources import class_names
+from medsight.data.transforms import Preprocess
+from medsight.errors import DataError
+
+UNLABELLED = -1
+
+
+class ImageDataset(Dataset):
+    """``(image tensor, class index)`` pairs for the rows of ``table``.
+
+    ``classes`` fixes the label → index mapping (a run's ``classes.json``); rows without a label
+    get index ``-1``; a label outside ``classes`` is an error naming it. ``augment`` is applied to
+    the preprocessed tensor, after the cache, so cached epochs still see fresh augmentation.
+
+    >>> ds = ImageDataset(table, Preprocess(size=(64, 64)))    # doctest: +SKIP
+    >>> x, y = ds[0]; x.shape                                   # doctest: +SKIP
+    torch.Size([1, 64, 64])
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        preprocess: Preprocess,
+        classes: Sequence[str] | None = None,
+        *,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache_max_side: int = 128,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.table = table.reset_index(drop=True)
+        self.preprocess = preprocess
+        self.classes_ = list(classes) if classes is not None else class_names(table)
+        index = {name: i for i, name in enumerate(self.classes_)}
+        unknown = sorted(set(self.table["label"].dropna()) - set(index))
+        if unknown:
+            raise DataError(
+                f"label(s) {unknown} are not among the classes {self.classes_}; "
+                "train on data that includes them or relabel"
+            )
+        self.targets = np.array(
+            [index[label] if label is not None else UNLABELLED for label in self.table["label"]],
+            dtype=np.int64,
+        )
+        self.augment = augment
+        self.max_pixels = max_pixels
+        self._cacheable = max(preprocess.size) <= cache_max_side
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        array = self._cache.get(i)
+        if array is None:
+            image = decode(
+                self.table.at[i, "source"],
+                max_pixels=self.max_pixels,
+                window=self.preprocess.window,
+            )
+            array = self.preprocess(image)
+            if self._cacheable:
+                self._cache[i] = array
+        tensor = torch.from_numpy(array)
+        if self.augment is not None:
+            tensor = self.augment(tensor.clone())
+        return tensor, int(self.targets[i])
+
+    def class_counts(self) -> np.ndarray:
+        """Images per class, in ``classes_`` order (for class weights and balanced sampling)."""
+        labelled = self.targets[self.targets >= 0]
+        return np.bincount(labelled, minlength=len(self.classes_))

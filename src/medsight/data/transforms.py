@@ -1,0 +1,111 @@
+"""Deterministic preprocessing: a decoded image → the model's input tensor, recorded as data.
+
+:class:`Preprocess` is what ``preprocess.json`` holds in a run directory. It is a small
+pipeline in MONAI's spirit — convert channels, resize, normalise — whose every step is named by
+a field, so prediction rebuilds exactly the tensor training saw from the file alone.
+Random augmentation is not part of it: it belongs to training and is never replayed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medsight.data.imaging import DecodedImage
+from medsight.errors import ConfigError
+
+# ITU-R BT.601 luma: how colour photographs of grayscale films are usually turned back to gray.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Turn a :class:`DecodedImage` (float32 ``(C, H, W)`` in ``[0, 1]``) into a model input.
+
+    ``channels`` is what the model takes: grayscale images are replicated to 3 channels for
+    backbones pretrained on colour (``gray_to_rgb = "replicate"``), colour images are reduced to
+    luma for 1-channel models. ``size`` is ``(height, width)``; images are resized with
+    antialiased bilinear interpolation (aspect ratio not kept: medical sets are near-square).
+    ``window`` is a DICOM/NIfTI ``(centre, width)`` applied at decoding.
+
+    >>> prep = Preprocess(size=(64, 64), channels=1, mean=(0.5,), std=(0.5,))
+    >>> prep(decode("chest.png")).shape       # doctest: +SKIP
+    (1, 64, 64)
+    """
+
+    size: tuple[int, int] = (64, 64)
+    channels: int = 1
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    gray_to_rgb: str = "replicate"
+    window: tuple[float, float] | None = None
+    version: int = field(default=1)
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ConfigError(f"size must be (height, width) in pixels, got {self.size}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) not in (1, self.channels):
+                raise ConfigError(
+                    f"{name} needs 1 or {self.channels} values for {self.channels} channels, "
+                    f"got {len(values)}"
+                )
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std values must be positive, got {self.std}")
+        if self.gray_to_rgb != "replicate":
+            raise ConfigError(f"gray_to_rgb must be 'replicate', got {self.gray_to_rgb!r}")
+
+    def __call__(self, image: DecodedImage | np.ndarray) -> np.ndarray:
+        """The normalised float32 ``(channels, *size)`` array for one image."""
+        pixels = image.pixels if isinstance(image, DecodedImage) else np.asarray(image)
+        pixels = self.convert_channels(pixels)
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]
+        if tuple(tensor.shape[-2:]) != tuple(self.size):
+            tensor = F.interpolate(
+                tensor, size=tuple(self.size), mode="bilinear", align_corners=False, antialias=True
+            )
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return ((tensor - mean) / std)[0].numpy()
+
+    def convert_channels(self, pixels: np.ndarray) -> np.ndarray:
+        """Match the model's channel count: replicate gray, or take the luma of colour."""
+        have = pixels.shape[0]
+        if have == self.channels:
+            return pixels
+        if have == 1 and self.channels == 3:
+            return np.repeat(pixels, 3, axis=0)
+        if have == 3 and self.channels == 1:
+            return np.tensordot(_LUMA, pixels, axes=1)[None].astype(np.float32)
+        raise ConfigError(f"cannot turn a {have}-channel image into {self.channels} channels")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"preprocess: unknown field(s) {unknown}; is the run newer?")
+        for key in ("size", "mean", "std", "window"):
+            if known.get(key) is not None:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``preprocess.json``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Preprocess:
+        """Read ``preprocess.json``."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
