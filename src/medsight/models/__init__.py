@@ -1,0 +1,1 @@
+"""Models: timm backbones, custom CNNs, attention blocks and transfer-learning helpers."""
