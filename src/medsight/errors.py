@@ -26,3 +26,7 @@ class ImageDecodeError(DataError):
 
 class ConfigError(MedsightError):
     """A configuration value is missing, unknown or out of range."""
+
+
+class TrainingError(MedsightError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""

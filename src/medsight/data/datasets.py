@@ -26,8 +26,9 @@ class ImageDataset(Dataset):
     """``(image tensor, class index)`` pairs for the rows of ``table``.
 
     ``classes`` fixes the label → index mapping (a run's ``classes.json``); rows without a label
-    get index ``-1``; a label outside ``classes`` is an error naming it. ``augment`` is applied to
-    the preprocessed tensor, after the cache, so cached epochs still see fresh augmentation.
+    get index ``-1``; a label outside ``classes`` is an error naming it. ``augment`` sees the
+    resized image in ``[0, 1]`` after the cache (so cached epochs still get fresh augmentation),
+    before normalisation.
 
     >>> ds = ImageDataset(table, Preprocess(size=(64, 64)))    # doctest: +SKIP
     >>> x, y = ds[0]; x.shape                                   # doctest: +SKIP
@@ -74,13 +75,13 @@ class ImageDataset(Dataset):
                 max_pixels=self.max_pixels,
                 window=self.preprocess.window,
             )
-            array = self.preprocess(image)
+            array = self.preprocess.prepare(image)
             if self._cacheable:
                 self._cache[i] = array
         tensor = torch.from_numpy(array)
         if self.augment is not None:
             tensor = self.augment(tensor.clone())
-        return tensor, int(self.targets[i])
+        return self.preprocess.normalize(tensor), int(self.targets[i])
 
     def class_counts(self) -> np.ndarray:
         """Images per class, in ``classes_`` order (for class weights and balanced sampling)."""

@@ -9,6 +9,7 @@ Random augmentation is not part of it: it belongs to training and is never repla
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,10 @@ class Preprocess:
 
     def __call__(self, image: DecodedImage | np.ndarray) -> np.ndarray:
         """The normalised float32 ``(channels, *size)`` array for one image."""
+        return self.normalize(torch.from_numpy(self.prepare(image))).numpy()
+
+    def prepare(self, image: DecodedImage | np.ndarray) -> np.ndarray:
+        """Channels converted and resized, values still in ``[0, 1]`` (what augmentation sees)."""
         pixels = image.pixels if isinstance(image, DecodedImage) else np.asarray(image)
         pixels = self.convert_channels(pixels)
         tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]
@@ -72,9 +77,14 @@ class Preprocess:
             tensor = F.interpolate(
                 tensor, size=tuple(self.size), mode="bilinear", align_corners=False, antialias=True
             )
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return ((tensor - mean) / std)[0].numpy()
+        return tensor[0].numpy()
+
+    def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` per channel, for a ``(C, H, W)`` or ``(B, C, H, W)`` tensor."""
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=tensor.dtype).view(shape)
+        std = torch.tensor(self.std, dtype=tensor.dtype).view(shape)
+        return (tensor - mean) / std
 
     def convert_channels(self, pixels: np.ndarray) -> np.ndarray:
         """Match the model's channel count: replicate gray, or take the luma of colour."""
@@ -109,3 +119,49 @@ class Preprocess:
     def load(cls, path: str | Path) -> Preprocess:
         """Read ``preprocess.json``."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+#: Augmentation presets by modality. Chest X-rays are never flipped left-right by default
+#: (laterality carries meaning: heart on the left); dermatoscopy and histology have no
+#: canonical orientation, so every flip and right-angle rotation is valid there.
+AUGMENT_PRESETS = ("auto", "xray", "ct", "mri", "derm", "histo", "none")
+
+
+def augmentation(preset: str, channels: int = 1) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A random transform for ``(C, H, W)`` tensors in ``[0, 1]`` (before normalisation).
+
+    ``auto`` is the light, orientation-preserving affine jitter that suits any modality.
+    """
+    from torchvision.transforms import v2
+
+    if preset not in AUGMENT_PRESETS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {preset!r}")
+    if preset == "none":
+        return None
+    light = v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.92, 1.08))
+    steps: list = []
+    if preset in ("auto", "xray"):
+        steps = [light]
+    elif preset in ("ct", "mri"):
+        steps = [v2.RandomHorizontalFlip(), light]
+    else:  # derm, histo
+        steps = [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            _RandomRot90(),
+            v2.RandomAffine(degrees=15, scale=(0.9, 1.1)),
+        ]
+        if channels == 3:
+            steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02))
+    steps.append(_Clamp01())
+    return v2.Compose(steps)
+
+
+class _RandomRot90(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(x, int(torch.randint(0, 4, ()).item()), dims=(-2, -1))
+
+
+class _Clamp01(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_(0.0, 1.0)

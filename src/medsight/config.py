@@ -1,0 +1,141 @@
+"""Configuration for every step, as pydantic models: validated once, saved as YAML in the run.
+
+A run's ``config.yaml`` is a :class:`TrainConfig` dumped in full (every default resolved), so
+``medsight train --config RUN/config.yaml`` reproduces it. CLI flags override file values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medsight.errors import ConfigError
+
+Mode = Literal["features", "finetune", "full", "scratch"]
+Optimizer = Literal["adam", "adamw", "rmsprop", "sgd"]
+Schedule = Literal["cosine", "onecycle", "plateau", "none"]
+Augment = Literal["auto", "xray", "ct", "mri", "derm", "histo", "none"]
+Monitor = Literal["auroc", "accuracy", "balanced_accuracy", "loss"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the images are and how to read and split them."""
+
+    path: str
+    format: str | None = None
+    allow_outside: bool = False
+    path_column: str = "path"
+    label_column: str = "label"
+    patient_column: str | None = None
+    split_column: str | None = None
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    image_size: int | None = Field(
+        default=None, description="input side in px; default: native size up to 128, else model"
+    )
+    channels: Literal["auto", 1, 3] = "auto"
+    window: tuple[float, float] | None = None
+    positive_class: str | None = Field(
+        default=None, description="the class triage treats as urgent; guessed when omitted"
+    )
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, value):
+        if value is not None and not 8 <= value <= 1024:
+            raise ValueError(f"must be between 8 and 1024 px, got {value}")
+        return value
+
+
+class ModelConfig(_Strict):
+    """Which network, from which weights."""
+
+    name: str = "medcnn_s"
+    pretrained: bool = False
+    weights: str | None = None
+    attention: str = "none"
+    drop_rate: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class OptimConfig(_Strict):
+    """How the network learns."""
+
+    mode: Mode = "full"
+    freeze_stages: int | None = None
+    epochs: int = Field(default=15, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    optimizer: Optimizer = "adamw"
+    lr: float = Field(default=3e-3, gt=0)
+    backbone_lr_mult: float = Field(default=0.1, gt=0, le=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    schedule: Schedule = "onecycle"
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    class_weights: Literal["auto", "none"] = "auto"
+    balanced_sampler: bool = False
+    augment: Augment = "auto"
+    monitor: Monitor = "auroc"
+    patience: int = Field(default=6, ge=1)
+    amp: bool = True
+    workers: int | None = None
+
+
+class TrainConfig(_Strict):
+    """Everything ``medsight train`` needs; saved whole as the run's ``config.yaml``."""
+
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    out: str = "runs/run"
+    seed: int = 0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """Read and validate a YAML file; errors name the field and the value."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        return cls.parse(data, origin=str(path))
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], origin: str = "config") -> TrainConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{origin}: {_explain(exc)}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with dotted keys replaced (``{"optim.lr": 0.01}``); None values are ignored."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        return TrainConfig.parse(data, origin="options")
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error["loc"])
+        received = error.get("input")
+        shown = f" (got {received!r})" if not isinstance(received, dict) else ""
+        parts.append(f"{where}: {error['msg']}{shown}")
+    return "; ".join(parts)

@@ -1,0 +1,162 @@
+"""The run directory: the contract between training and everything after it.
+
+``runs/<name>/`` holds the resolved ``config.yaml``, the weights (``model.safetensors``) and the
+architecture (``model.json``), ``preprocess.json``, ``classes.json``, ``history.csv``,
+``splits.csv`` and ``versions.json``. Files are written atomically (temporary file, then
+rename), so a crash never leaves a half-written run that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medsight.config import TrainConfig
+from medsight.data.transforms import Preprocess
+from medsight.errors import ConfigError
+
+CONFIG = "config.yaml"
+WEIGHTS = "model.safetensors"
+MODEL = "model.json"
+PREPROCESS = "preprocess.json"
+CLASSES = "classes.json"
+HISTORY = "history.csv"
+SPLITS = "splits.csv"
+VERSIONS = "versions.json"
+CHECKPOINTS = "checkpoints"
+
+#: Class names that usually mean "nothing found": the other class is the urgent one for triage.
+_BENIGN_NAMES = ("normal", "negative", "healthy", "benign", "no_finding", "no finding", "0")
+
+
+def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create the run folder; an existing run is refused unless ``overwrite`` or ``resume``."""
+    path = Path(path)
+    if resume:
+        if not (path / CHECKPOINTS / "last.pt").exists():
+            raise ConfigError(f"{path}: nothing to resume (no {CHECKPOINTS}/last.pt)")
+        return path
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"{path} already exists; pass --overwrite to replace it, --resume to continue "
+                "it, or choose another --out"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:
+    """Call ``writer(tmp)`` then rename ``tmp`` onto ``path`` (same folder, so atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_weights(path: str | Path, state_dict: dict) -> None:
+    """Save a state dict as safetensors (contiguous CPU tensors), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def load_weights(path: str | Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def guess_positive_class(classes: list[str]) -> str:
+    """The class triage treats as most urgent: for two classes the one not named like 'normal'."""
+    if len(classes) == 2:
+        lowered = [c.lower() for c in classes]
+        if lowered[0] in _BENIGN_NAMES and lowered[1] not in _BENIGN_NAMES:
+            return classes[1]
+        if lowered[1] in _BENIGN_NAMES and lowered[0] not in _BENIGN_NAMES:
+            return classes[0]
+    for hint in ("malignan", "cancer", "tumo", "pneumonia", "abnormal", "positive", "lesion"):
+        for name in classes:
+            if hint in name.lower():
+                return name
+    return classes[-1]
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("medsight", "torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+@dataclass
+class Run:
+    """A finished (or resumable) training run, loaded from its directory."""
+
+    path: Path
+    config: TrainConfig
+    classes: list[str]
+    positive_class: str
+    preprocess: Preprocess
+    model_config: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> Run:
+        path = Path(path)
+        missing = [f for f in (CONFIG, MODEL, PREPROCESS, CLASSES) if not (path / f).exists()]
+        if not path.is_dir() or missing:
+            what = "is not a folder" if not path.is_dir() else f"lacks {', '.join(missing)}"
+            raise ConfigError(f"{path} is not a medsight run: it {what}")
+        classes = json.loads((path / CLASSES).read_text())
+        return cls(
+            path=path,
+            config=TrainConfig.from_yaml(path / CONFIG),
+            classes=list(classes["classes"]),
+            positive_class=classes["positive"],
+            preprocess=Preprocess.load(path / PREPROCESS),
+            model_config=json.loads((path / MODEL).read_text()),
+        )
+
+    def load_model(self, weights: str = WEIGHTS):
+        """The trained network in eval mode, exactly as saved."""
+        from medsight.models import MedsightClassifier
+
+        model = MedsightClassifier.from_config(self.model_config)
+        model.load_state_dict(load_weights(self.path / weights))
+        return model.eval()
+
+    def history(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / HISTORY)
+
+    def splits(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / SPLITS, dtype={"patient_id": str})

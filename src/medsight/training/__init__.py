@@ -1,0 +1,1 @@
+"""Training: optimisers and schedules, the frozen-backbone feature cache, and the Trainer."""

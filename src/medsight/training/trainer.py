@@ -1,0 +1,519 @@
+"""Train a classifier from a :class:`~medsight.config.TrainConfig` into a run directory.
+
+:func:`train` reads and splits the data, builds the model in the chosen transfer mode, and runs
+epochs with early stopping on a validation metric. Every epoch ends with an atomic checkpoint
+(``checkpoints/last.pt``), so a stopped run resumes where it was; randomness is re-seeded per
+epoch, which makes a resumed CPU run end with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+
+from medsight import runs
+from medsight.config import TrainConfig
+from medsight.data.datasets import ImageDataset
+from medsight.data.imaging import decode
+from medsight.data.sources import class_names, load_samples
+from medsight.data.splits import assign_splits
+from medsight.data.transforms import Preprocess, augmentation
+from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
+from medsight.training.features import extract_features
+from medsight.training.optim import build_loss, build_optimizer, build_scheduler, class_weights
+
+HISTORY_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_auroc",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "lr",
+    "seconds",
+]
+
+
+@dataclass
+class _State:
+    """What a checkpoint restores besides weights: where training stood."""
+
+    epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    show_progress: bool = True,
+    console: Console | None = None,
+) -> runs.Run:
+    """Train as ``config`` says and return the finished :class:`~medsight.runs.Run`.
+
+    >>> from medsight.config import TrainConfig, DataConfig
+    >>> run = train(TrainConfig(data=DataConfig(path="phantom/"), out="runs/p"))  # doctest: +SKIP
+    """
+    console = console or Console(stderr=True)
+    out = runs.prepare_run_dir(config.out, overwrite=overwrite, resume=resume)
+    if resume:
+        config = TrainConfig.from_yaml(out / runs.CONFIG)
+    setup = _Setup.build(config, out)
+    if not resume:
+        setup.write_run_files()
+    return _fit(setup, resume=resume, show_progress=show_progress, console=console)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class _Setup:
+    config: TrainConfig
+    out: Path
+    table: pd.DataFrame
+    classes: list[str]
+    positive: str
+    preprocess: Preprocess
+    model: torch.nn.Module
+    train_set: ImageDataset
+    val_set: ImageDataset
+    device: torch.device
+
+    @classmethod
+    def build(cls, config: TrainConfig, out: Path) -> _Setup:
+        from medsight.models import create_model, get_spec
+
+        _seed(config.seed)
+        d = config.data
+        table = load_samples(
+            d.path,
+            format=d.format,
+            allow_outside=d.allow_outside,
+            path_column=d.path_column,
+            label_column=d.label_column,
+            patient_column=d.patient_column,
+            split_column=d.split_column,
+        )
+        table = assign_splits(table, ratios=d.ratios, seed=config.seed)
+        classes = _check_table(table, config.optim.batch_size)
+        positive = d.positive_class or runs.guess_positive_class(classes)
+        if positive not in classes:
+            raise ConfigError(f"positive_class {positive!r} is not a class; classes: {classes}")
+
+        spec = get_spec(config.model.name)
+        mode = config.optim.mode
+        pretrained = config.model.pretrained and mode != "scratch"
+        if mode in ("features", "finetune") and not (pretrained or config.model.weights):
+            raise ConfigError(
+                f"--mode {mode} trains on top of learned features: add --pretrained or "
+                "--weights FILE|RUN (or use --mode full / scratch to train from random weights)"
+            )
+        native_channels, native_side = _probe(table[table["split"] == "train"])
+        side = d.image_size or (native_side if native_side <= 128 else spec.default_size)
+        if spec.family != "custom":
+            side = max(side, 32)  # ImageNet CNNs downsample 32x: smaller inputs vanish
+        in_chans = native_channels if d.channels == "auto" else int(d.channels)
+        if pretrained or config.model.weights:
+            mean = tuple(spec.mean) if in_chans == 3 else (float(np.mean(spec.mean)),)
+            std = tuple(spec.std) if in_chans == 3 else (float(np.mean(spec.std)),)
+        else:
+            mean, std = (0.5,) * in_chans, (0.5,) * in_chans
+        preprocess = Preprocess(
+            size=(side, side), channels=in_chans, mean=mean, std=std, window=d.window
+        )
+
+        model = create_model(
+            config.model.name,
+            len(classes),
+            in_chans=in_chans,
+            pretrained=pretrained,
+            weights=config.model.weights,
+            attention=config.model.attention,
+            drop_rate=config.model.drop_rate,
+        )
+        n_stages = len(model.stage_names())
+        if mode == "features":
+            if spec.family == "custom" and config.model.attention != "none":
+                raise ConfigError(
+                    "--mode features freezes the whole backbone, but a custom CNN's --attention "
+                    "sits inside it and would never train; use --mode full, or a timm/torchvision "
+                    "backbone where attention is added on top of the frozen features"
+                )
+            model.freeze_stages(n_stages)
+        elif mode == "finetune":
+            k = (
+                config.optim.freeze_stages
+                if config.optim.freeze_stages is not None
+                else n_stages - 1
+            )
+            model.freeze_stages(k)
+        elif config.optim.freeze_stages:
+            model.freeze_stages(config.optim.freeze_stages)
+
+        augment = augmentation(config.optim.augment, in_chans) if mode != "features" else None
+        train_rows = table[table["split"] == "train"]
+        val_rows = table[table["split"] == "val"]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(
+            config=config,
+            out=out,
+            table=table,
+            classes=classes,
+            positive=positive,
+            preprocess=preprocess,
+            model=model.to(device),
+            train_set=ImageDataset(train_rows, preprocess, classes, augment=augment),
+            val_set=ImageDataset(val_rows, preprocess, classes),
+            device=device,
+        )
+
+    def write_run_files(self) -> None:
+        out = self.out
+        runs.write_text(out / runs.CONFIG, self.config.to_yaml())
+        model_info = {
+            **self.model.config(),
+            "image_size": list(self.preprocess.size),
+            "mode": self.config.optim.mode,
+            "frozen_stages": self.model.frozen_stages(),
+            "pretrained_source": self.model.pretrained_source,
+        }
+        runs.write_json(out / runs.MODEL, model_info)
+        self.preprocess.save(out / runs.PREPROCESS)
+        runs.write_json(out / runs.CLASSES, {"classes": self.classes, "positive": self.positive})
+        runs.write_json(out / runs.VERSIONS, runs.library_versions())
+        columns = [c for c in ("sample_id", "label", "patient_id", "split") if c in self.table]
+        runs.write_text(out / runs.SPLITS, self.table[columns].to_csv(index=False))
+
+
+def _check_table(table: pd.DataFrame, batch_size: int) -> list[str]:
+    """Refuse data that cannot train a classifier, naming the class and split at fault."""
+    development = table[table["split"].isin(["train", "val"])]
+    unlabelled = development["label"].isna().sum()
+    if unlabelled:
+        raise DataError(
+            f"{unlabelled} training/validation images have no label; training needs labelled data"
+        )
+    classes = class_names(table)
+    if len(classes) < 2:
+        raise DataError(f"training needs at least 2 classes, found {classes}")
+    for split, minimum in (("train", 2), ("val", 1)):
+        counts = development[development["split"] == split]["label"].value_counts()
+        if counts.sum() == 0:
+            raise DataError(f"the {split} split is empty; check the split ratios or split column")
+        for name in classes:
+            if counts.get(name, 0) < minimum:
+                raise DataError(
+                    f"class {name!r} has {counts.get(name, 0)} image(s) in the {split} split; "
+                    f"at least {minimum} needed (add images or merge the class)"
+                )
+    n_train = int((table["split"] == "train").sum())
+    if batch_size > n_train:
+        raise ConfigError(
+            f"batch_size={batch_size} is larger than the training set ({n_train} images); "
+            "lower --batch-size"
+        )
+    return classes
+
+
+def _probe(table: pd.DataFrame, n: int = 16) -> tuple[int, int]:
+    """(channels, typical side) of the training images, from the first readable few."""
+    channels, sides = set(), []
+    for source in table["source"].head(n * 2):
+        try:
+            image = decode(source)
+        except ImageDecodeError:
+            continue
+        channels.add(image.pixels.shape[0])
+        sides.append(max(image.size))
+        if len(sides) == n:
+            break
+    if not sides:
+        raise DataError("none of the first training images can be read; run `medsight data check`")
+    return (3 if 3 in channels else 1), int(np.median(sides))
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) -> runs.Run:
+    config, model, out = setup.config, setup.model, setup.out
+    optim_cfg = config.optim
+    features_mode = optim_cfg.mode == "features"
+
+    train_set, val_set = setup.train_set, setup.val_set
+    if features_mode:
+        with _progress(show_progress, console) as bar:
+            task = bar.add_task("embedding images (once)", total=len(train_set) + len(val_set))
+            kw = {"cache_dir": out / "features", "device": setup.device}
+            kw["progress"] = lambda k: bar.advance(task, k)
+            train_set = TensorDataset(*extract_features(model, setup.train_set, **kw))
+            val_set = TensorDataset(*extract_features(model, setup.val_set, **kw))
+
+    counts = setup.train_set.class_counts()
+    weights = class_weights(counts) if optim_cfg.class_weights == "auto" else None
+    loss_fn = build_loss(
+        weights.to(setup.device) if weights is not None else None, optim_cfg.label_smoothing
+    )
+    backbone_lr = optim_cfg.lr * (optim_cfg.backbone_lr_mult if optim_cfg.mode == "finetune" else 1)
+    groups = model.param_groups(optim_cfg.lr, backbone_lr, optim_cfg.weight_decay)
+    optimizer = build_optimizer(optim_cfg.optimizer, groups, optim_cfg.lr)
+    workers = _workers(optim_cfg.workers, setup.preprocess, features_mode)
+    steps = math.ceil(len(train_set) / optim_cfg.batch_size)
+    schedule = build_scheduler(
+        optim_cfg.schedule,
+        optimizer,
+        epochs=optim_cfg.epochs,
+        steps_per_epoch=steps,
+        warmup_epochs=optim_cfg.warmup_epochs,
+    )
+    use_amp = optim_cfg.amp and setup.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    state = _State()
+    checkpoint = out / runs.CHECKPOINTS / "last.pt"
+    if resume:
+        saved = torch.load(checkpoint, map_location=setup.device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if schedule is not None and saved.get("scheduler") is not None:
+            schedule[1].load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = _State(**saved["state"])
+        console.print(f"resuming {out} after epoch {state.epoch}")
+
+    forward = model.forward_head if features_mode else model
+    val_loader = DataLoader(val_set, batch_size=max(optim_cfg.batch_size, 128), num_workers=0)
+    positive_index = setup.classes.index(setup.positive)
+    stopped_early = False
+    try:
+        with _progress(show_progress, console) as bar:
+            task = bar.add_task("training", total=optim_cfg.epochs * steps)
+            bar.update(task, completed=state.epoch * steps)
+            for epoch in range(state.epoch + 1, optim_cfg.epochs + 1):
+                started = time.perf_counter()
+                loader = _train_loader(train_set, setup, epoch, workers)
+                train_loss = _train_epoch(
+                    forward,
+                    model,
+                    loader,
+                    loss_fn,
+                    optimizer,
+                    schedule,
+                    scaler,
+                    setup,
+                    epoch=epoch,
+                    on_batch=lambda: bar.advance(task),
+                    describe=lambda text: bar.update(task, description=text),
+                )
+                metrics = _validate(
+                    forward, model, val_loader, loss_fn, setup.device, positive_index
+                )
+                score = _monitor_score(optim_cfg.monitor, metrics)
+                if schedule is not None and schedule[0] == "metric":
+                    schedule[1].step(score)
+                row = {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    **{f"val_{k}": v for k, v in metrics.items()},
+                    "lr": optimizer.param_groups[-1]["lr"],
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+                state.history.append(row)
+                state.epoch = epoch
+                improved = score > state.best_score
+                if improved:
+                    state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
+                    runs.save_weights(out / runs.WEIGHTS, model.state_dict())
+                else:
+                    state.bad_epochs += 1
+                _save_checkpoint(checkpoint, model, optimizer, schedule, scaler, state)
+                runs.write_text(
+                    out / runs.HISTORY,
+                    pd.DataFrame(state.history)[HISTORY_COLUMNS].to_csv(index=False),
+                )
+                mark = "  [green]best[/]" if improved else ""
+                console.print(
+                    f"epoch {epoch:>3}/{optim_cfg.epochs}  loss {train_loss:.4f}  "
+                    f"val loss {metrics['loss']:.4f}  auroc {metrics['auroc']:.4f}  "
+                    f"acc {metrics['accuracy']:.4f}  ({row['seconds']:.1f}s){mark}",
+                    highlight=False,
+                )
+                if state.bad_epochs >= optim_cfg.patience:
+                    stopped_early = True
+                    break
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]interrupted[/] after epoch {state.epoch}; continue with "
+            f"`medsight train --resume {out}`"
+        )
+        raise
+    if stopped_early:
+        console.print(f"early stop: no {optim_cfg.monitor} gain for {optim_cfg.patience} epochs")
+    console.print(
+        f"best epoch {state.best_epoch}: val {optim_cfg.monitor} "
+        f"{abs(state.best_score):.4f}; run saved in {out}",
+        highlight=False,
+    )
+    return runs.Run.load(out)
+
+
+def _train_loader(dataset, setup: _Setup, epoch: int, workers: int) -> DataLoader:
+    # Per-epoch seeds: the order, augmentation and dropout of epoch e never depend on how many
+    # epochs ran in this process, which is what makes --resume exact.
+    seed = setup.config.seed
+    torch.manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
+    if setup.config.optim.balanced_sampler:
+        targets = setup.train_set.targets
+        per_class = np.bincount(targets, minlength=len(setup.classes)).astype(float)
+        sample_weights = torch.as_tensor(1.0 / per_class[targets], dtype=torch.double)
+        sampler = WeightedRandomSampler(sample_weights, len(targets), generator=generator)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=setup.config.optim.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=setup.device.type == "cuda",
+        drop_last=len(dataset) > setup.config.optim.batch_size,
+    )
+
+
+def _train_epoch(
+    forward,
+    model,
+    loader,
+    loss_fn,
+    optimizer,
+    schedule,
+    scaler,
+    setup,
+    *,
+    epoch,
+    on_batch,
+    describe,
+) -> float:
+    model.train()
+    total, seen = 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
+    for batch_index, (x, y) in enumerate(loader, start=1):
+        x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
+        with autocast:
+            loss = loss_fn(forward(x), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at epoch {epoch}, batch {batch_index}; "
+                f"training stopped and the last good checkpoint is kept in {setup.out}. "
+                "Lower --lr, or check the images of that batch with `medsight data check`"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if schedule is not None and schedule[0] == "batch":
+            schedule[1].step()
+        total += loss.item() * len(y)
+        seen += len(y)
+        on_batch()
+        if batch_index % 5 == 0:
+            describe(f"epoch {epoch} loss {total / seen:.4f}")
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def _validate(forward, model, loader, loss_fn, device, positive_index) -> dict[str, float]:
+    model.eval()
+    logits, targets = [], []
+    for x, y in loader:
+        logits.append(forward(x.to(device)).float().cpu())
+        targets.append(y)
+    logits_t, targets_t = torch.cat(logits), torch.cat(targets)
+    loss = torch.nn.functional.cross_entropy(logits_t, targets_t).item()
+    probs = torch.softmax(logits_t, dim=1).numpy()
+    return {"loss": loss, **classification_metrics(targets_t.numpy(), probs, positive_index)}
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, positive_index: int = 1) -> dict:
+    """AUROC (binary: of the positive class; else macro one-vs-rest), accuracy, balanced acc."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    predicted = probs.argmax(axis=1)
+    try:
+        if probs.shape[1] == 2:
+            auroc = roc_auc_score(y == positive_index, probs[:, positive_index])
+        else:
+            auroc = roc_auc_score(
+                y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))
+            )
+    except ValueError:  # a class absent from this split
+        auroc = float("nan")
+    return {
+        "auroc": float(auroc),
+        "accuracy": float(accuracy_score(y, predicted)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+    }
+
+
+def _monitor_score(monitor: str, metrics: dict) -> float:
+    if monitor == "loss":
+        return -metrics["loss"]
+    value = metrics[monitor]
+    return metrics["balanced_accuracy"] if math.isnan(value) else value
+
+
+def _save_checkpoint(path: Path, model, optimizer, schedule, scaler, state: _State) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule[1].state_dict() if schedule is not None else None,
+        "scaler": scaler.state_dict(),
+        "state": state.__dict__,
+    }
+    runs.write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _workers(requested: int | None, preprocess: Preprocess, features_mode: bool) -> int:
+    if requested is not None:
+        return requested
+    if features_mode or max(preprocess.size) <= 128:
+        return 0  # cached small images: worker start-up and IPC would cost more than they save
+    return min(4, os.cpu_count() or 1)
+
+
+def _progress(enabled: bool, console: Console):
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not enabled,
+    )

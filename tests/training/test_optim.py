@@ -1,0 +1,87 @@
+"""Optimisers, schedules, class weights and augmentation presets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medsight.data.transforms import augmentation
+from medsight.errors import ConfigError
+from medsight.training.optim import build_optimizer, build_scheduler, class_weights
+
+
+def _groups(lr=0.1):
+    layer = torch.nn.Linear(4, 2)
+    return [{"params": list(layer.parameters()), "lr": lr}]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop", "sgd"])
+def test_each_optimizer_builds_and_steps(name):
+    groups = _groups()
+    optimizer = build_optimizer(name, groups, lr=0.1)
+    before = groups[0]["params"][0].detach().clone()
+    groups[0]["params"][0].sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, groups[0]["params"][0])
+
+
+def test_unknown_optimizer_and_frozen_model_are_refused():
+    with pytest.raises(ConfigError, match="got 'adagrad'"):
+        build_optimizer("adagrad", _groups(), lr=0.1)
+    frozen = _groups()
+    for p in frozen[0]["params"]:
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="every parameter is frozen"):
+        build_optimizer("adam", frozen, lr=0.1)
+
+
+def test_cosine_warms_up_then_decays_to_zero():
+    optimizer = build_optimizer("sgd", _groups(1.0), lr=1.0)
+    when, scheduler = build_scheduler(
+        "cosine", optimizer, epochs=10, steps_per_epoch=10, warmup_epochs=1
+    )
+    assert when == "batch"
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] < 0.01 and max(lrs) == pytest.approx(1.0)
+
+
+def test_onecycle_peaks_at_the_learning_rate():
+    optimizer = build_optimizer("adamw", _groups(0.5), lr=0.5)
+    _, scheduler = build_scheduler(
+        "onecycle", optimizer, epochs=4, steps_per_epoch=5, warmup_epochs=1
+    )
+    lrs = []
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(0.5, rel=0.05) and lrs[-1] < 0.01
+
+
+def test_class_weights_balance_the_classes():
+    weights = class_weights(np.array([90, 10]))
+    assert torch.allclose(weights, torch.tensor([100 / 180, 100 / 20]))
+    assert (weights * torch.tensor([90.0, 10.0])).tolist() == pytest.approx([50.0, 50.0])
+    with pytest.raises(ConfigError, match="every class"):
+        class_weights(np.array([5, 0]))
+
+
+def test_xray_preset_never_flips_but_derm_does():
+    torch.manual_seed(0)
+    image = torch.zeros(1, 16, 16)
+    image[:, :, :4] = 1.0  # a bright band on the left
+    xray = augmentation("xray")
+    assert all(xray(image.clone())[:, :, :3].mean() > 0.5 for _ in range(20))
+    derm = augmentation("derm", channels=3)
+    colour = image.repeat(3, 1, 1)
+    moved = [derm(colour.clone())[:, :, :3].mean() < 0.5 for _ in range(30)]
+    assert any(moved)
+    assert augmentation("none") is None
+    with pytest.raises(ConfigError, match="augment must be one of"):
+        augmentation("sepia")
