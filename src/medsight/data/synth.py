@@ -1,0 +1,434 @@
+"""Procedural "phantom" slices (body, organs, benign or malignant lesions) with lesion masks.
+
+The embedded default dataset: it needs no download, is deterministic for a seed, has patients,
+several slices per patient and per-patient metadata (sex, age, site) for subgroup analysis.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from medsight.errors import ConfigError
+
+CLASSES: tuple[str, ...] = ("normal", "benign", "malignant")
+
+MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "mask", "sex", "age", "site")
+
+# Share of images per class, in the order of CLASSES.
+_CLASS_SHARE = (0.4, 0.3, 0.3)
+_IMAGES_PER_PATIENT = (2, 6)
+_MIN_N = 30
+_SIZE_RANGE = (32, 512)
+
+# Scanner differences per site: noise level, contrast gain and blur (in pixels at size 64).
+_SITES: dict[str, tuple[float, float, float]] = {
+    "site_a": (0.035, 1.00, 0.70),
+    "site_b": (0.045, 0.90, 0.85),
+    "site_c": (0.055, 1.08, 0.60),
+}
+_SITE_SHARE = (0.45, 0.35, 0.20)
+
+_BACKGROUND = 0.04
+_RIM = 0.78
+
+
+@dataclass(frozen=True, eq=False)
+class _Lesion:
+    """A patient's lesion shape; slices jitter it. Lengths are in image units ([-1, 1])."""
+
+    r: float  # position: distance from the body centre (fraction of the room there) ...
+    phi: float  # ... and direction
+    radius: float
+    aspect: float  # benign: minor/major axis ratio
+    angle: float
+    contrast: float  # intensity above soft tissue (like a contrast-enhancing lesion)
+    lobes: np.ndarray  # malignant: amplitudes of boundary harmonics 2..5
+    lobe_phase: np.ndarray
+    spike_angle: np.ndarray  # malignant: spicule directions ...
+    spike_len: np.ndarray  # ... and lengths (in radii)
+    necrosis: float  # malignant: darker centre, 0 for none
+
+
+@dataclass(frozen=True, eq=False)
+class PatientAnatomy:
+    """One synthetic patient: anatomy, the lesion they would show, and their scanner's site.
+
+    Coordinates are normalised to [-1, 1] across the image, so the same patient can be drawn at
+    any size. Organ, vessel and lesion positions are relative to the body ellipse (unit disk).
+    ``lesion`` is the lesion the patient shows, drawn only in slices labelled benign/malignant.
+    """
+
+    body: tuple[float, float, float, float, float]  # centre y, centre x, semi-axis y, x, angle
+    organs: np.ndarray  # (k, 6): v, u, semi-axis y, x (body-relative), angle, intensity
+    vessels: np.ndarray  # (m, 4): v, u, radius (image units), intensity
+    tissue: float  # soft-tissue intensity
+    lesion: _Lesion
+    site: str
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, site: str | None = None) -> PatientAnatomy:
+        """Draw a new patient from ``rng``; ``site`` is drawn too unless given.
+
+        Example:
+            >>> rng = np.random.default_rng(0)
+            >>> patient = PatientAnatomy.sample(rng, site="site_a")
+            >>> image, mask = make_phantom(rng, 64, "benign", patient)
+        """
+        sites = tuple(_SITES)
+        if site is None:
+            site = sites[int(rng.choice(len(sites), p=_SITE_SHARE))]
+        elif site not in _SITES:
+            raise ConfigError(f"site={site!r} is not a phantom site; use one of {sites}")
+        body = (
+            rng.normal(0.0, 0.03),
+            rng.normal(0.0, 0.03),
+            rng.uniform(0.58, 0.74),
+            rng.uniform(0.72, 0.88),
+            rng.normal(0.0, 0.08),
+        )
+        organs = []
+        # Two dark "lungs" left and right, a bright "spine" at the back, a few soft organs.
+        for side in (-1.0, 1.0):
+            organs.append(
+                (
+                    rng.uniform(-0.25, -0.05),
+                    side * rng.uniform(0.38, 0.5),
+                    rng.uniform(0.35, 0.5),
+                    rng.uniform(0.22, 0.3),
+                    rng.normal(0.0, 0.15),
+                    rng.uniform(0.10, 0.18),
+                )
+            )
+        organs.append(
+            (rng.uniform(0.62, 0.72), rng.normal(0, 0.03), 0.13, 0.11, 0.0, rng.uniform(0.8, 0.9))
+        )
+        for _ in range(int(rng.integers(2, 5))):
+            r = math.sqrt(rng.uniform(0.0, 0.3))
+            phi = rng.uniform(0, 2 * math.pi)
+            organs.append(
+                (
+                    r * math.sin(phi) + 0.1,
+                    r * math.cos(phi) * 0.6,
+                    rng.uniform(0.12, 0.28),
+                    rng.uniform(0.12, 0.3),
+                    rng.uniform(0, math.pi),
+                    rng.uniform(0.28, 0.52),
+                )
+            )
+        n_vessels = int(rng.integers(2, 6))
+        r = np.sqrt(rng.uniform(0.0, 0.55, n_vessels))
+        phi = rng.uniform(0, 2 * np.pi, n_vessels)
+        vessels = np.stack(
+            [
+                r * np.sin(phi),
+                r * np.cos(phi),
+                rng.uniform(0.02, 0.035, n_vessels),
+                rng.uniform(0.5, 0.62, n_vessels),
+            ],
+            axis=1,
+        )
+        n_spikes = int(rng.integers(5, 11))
+        lesion = _Lesion(
+            r=math.sqrt(rng.uniform(0.0, 0.8)),
+            phi=rng.uniform(0, 2 * math.pi),
+            radius=rng.uniform(0.15, 0.22),
+            aspect=rng.uniform(0.7, 1.0),
+            angle=rng.uniform(0, math.pi),
+            contrast=rng.uniform(0.25, 0.37),
+            lobes=rng.uniform(0.06, 0.18, 4),
+            lobe_phase=rng.uniform(0, 2 * np.pi, 4),
+            spike_angle=np.sort(rng.uniform(0, 2 * np.pi, n_spikes)),
+            spike_len=rng.uniform(0.7, 1.4, n_spikes),
+            necrosis=rng.uniform(0.1, 0.35) if rng.random() < 0.5 else 0.0,
+        )
+        organs_arr = np.asarray(organs, dtype=np.float64)
+        return cls(body, organs_arr, vessels, rng.uniform(0.38, 0.46), lesion, site)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    c = (np.arange(size, dtype=np.float64) + 0.5) / size * 2.0 - 1.0
+    return c[:, None], c[None, :]
+
+
+def _ellipse_rho(yy, xx, cy, cx, ay, ax, angle) -> np.ndarray:
+    """Normalised elliptic radius: < 1 inside the ellipse."""
+    dy, dx = yy - cy, xx - cx
+    cos, sin = math.cos(angle), math.sin(angle)
+    v = -sin * dx + cos * dy
+    u = cos * dx + sin * dy
+    return np.sqrt((v / ay) ** 2 + (u / ax) ** 2)
+
+
+def _to_image(body, v: float, u: float) -> tuple[float, float]:
+    """Body-relative (v, u) in the unit disk → image coordinates (y, x)."""
+    cy, cx, ay, ax, angle = body
+    vy, ux = v * ay, u * ax
+    cos, sin = math.cos(angle), math.sin(angle)
+    return cy + cos * vy + sin * ux, cx - sin * vy + cos * ux
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="wrap")
+    return field / (field.std() + 1e-9)
+
+
+def _lesion(
+    rng: np.random.Generator,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    patient: PatientAnatomy,
+    body: tuple[float, float, float, float, float],
+    label: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One slice's lesion: opacity (0..1), intensity and mask (opacity above one half)."""
+    les = patient.lesion
+    size = yy.shape[0]
+    radius = les.radius * rng.uniform(0.8, 1.15)
+    angle = les.angle + rng.normal(0, 0.1)
+    lobes = les.lobes * rng.uniform(0.85, 1.15, les.lobes.shape)
+    spike_angle = les.spike_angle + rng.normal(0, 0.08, les.spike_angle.shape)
+    spike_len = les.spike_len * rng.uniform(0.8, 1.2, les.spike_len.shape)
+    if label == "malignant":  # a smaller core, so spicules do not make the lesion much larger
+        radius *= 0.8
+    # Keep the lesion inside the body (minus the rim): shrink the disk it is placed in. The same
+    # margin for both classes, so that position says nothing about the class.
+    reach = 1.8 * les.radius
+    room = max(0.0, 1.0 - (reach + 0.06) / min(body[2], body[3]))
+    r = min(les.r + rng.normal(0, 0.04), 1.0)
+    phi = les.phi + rng.normal(0, 0.08)
+    ly, lx = _to_image(body, room * abs(r) * math.sin(phi), room * abs(r) * math.cos(phi))
+
+    dy, dx = yy - ly, xx - lx
+    theta = np.arctan2(dy, dx) - angle
+    rho = np.sqrt(dy**2 + dx**2)
+    if label == "benign":
+        # Smooth oval, sharp margin, homogeneous.
+        aspect = les.aspect
+        edge = (
+            radius
+            * math.sqrt(aspect)
+            / np.sqrt(np.cos(theta) ** 2 * aspect**2 + np.sin(theta) ** 2)
+        )
+        opacity = 1.0 / (1.0 + np.exp(-(edge - rho) / 0.006))
+        texture = 0.02 * _smooth_noise(rng, size, 1.0)
+        core = np.ones_like(rho)
+    else:
+        # Lobulated core with radial spicules, ill-defined margin, heterogeneous interior.
+        k = np.arange(2, 6)[:, None, None]
+        phase = les.lobe_phase[:, None, None]
+        edge = radius * (1.0 + (lobes[:, None, None] * np.cos(k * theta + phase)).sum(0))
+        diff = np.mod(theta[None] + angle - spike_angle[:, None, None] + np.pi, 2 * np.pi) - np.pi
+        width = 0.22
+        spikes = spike_len[:, None, None] * np.clip(1.0 - np.abs(diff) / width, 0.0, None)
+        spiky_edge = edge + radius * spikes.max(0)
+        opacity = 1.0 / (1.0 + np.exp(-(spiky_edge - rho) / 0.012))
+        # Spicules fade towards their tips.
+        fade = np.clip(1.0 - (rho - edge) / (radius * 2.5), 0.5, 1.0)
+        opacity = opacity * np.where(rho > edge, fade, 1.0)
+        texture = 0.12 * _smooth_noise(rng, size, 0.8 * size / 64)
+        core = 1.0 - les.necrosis * np.exp(-((rho / (0.5 * radius)) ** 2))
+    contrast = les.contrast * rng.uniform(0.85, 1.15)
+    value = patient.tissue + contrast * core + texture
+    return opacity, value, opacity > 0.5
+
+
+def make_phantom(
+    rng: np.random.Generator, size: int, label: str, patient: PatientAnatomy | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one phantom slice and its lesion mask.
+
+    ``patient`` fixes the anatomy (a new one is drawn from ``rng`` when ``None``); each call
+    jitters it slightly, like neighbouring slices. Returns ``(image, mask)``: an 8-bit ``size``×
+    ``size`` grayscale image and a 0/255 mask of the lesion (all zero for ``"normal"``).
+
+    Example:
+        >>> image, mask = make_phantom(np.random.default_rng(0), 64, "malignant")
+        >>> image.shape, image.dtype, int(mask.max())
+        ((64, 64), dtype('uint8'), 255)
+    """
+    _check_size(size)
+    if label not in CLASSES:
+        raise ConfigError(f"label={label!r} is not a phantom class; use one of {CLASSES}")
+    if patient is None:
+        patient = PatientAnatomy.sample(rng)
+    yy, xx = _grid(size)
+    cy, cx, ay, ax, angle = patient.body
+    body = (
+        cy + rng.normal(0, 0.015),
+        cx + rng.normal(0, 0.015),
+        ay * rng.uniform(0.97, 1.03),
+        ax * rng.uniform(0.97, 1.03),
+        angle + rng.normal(0, 0.02),
+    )
+    rho_body = _ellipse_rho(yy, xx, *body)
+    inside = rho_body < 1.0
+    rim_width = 0.045 / min(body[2], body[3])
+    img = np.full((size, size), _BACKGROUND)
+    img[inside] = patient.tissue
+    for v, u, oy, ox, o_angle, value in patient.organs:
+        oy_, ox_ = _to_image(body, v + rng.normal(0, 0.02), u + rng.normal(0, 0.02))
+        rho = _ellipse_rho(
+            yy,
+            xx,
+            oy_,
+            ox_,
+            oy * body[2] * rng.uniform(0.95, 1.05),
+            ox * body[3] * rng.uniform(0.95, 1.05),
+            o_angle + body[4],
+        )
+        img[(rho < 1.0) & inside] = value + rng.normal(0, 0.015)
+    # Low-frequency tissue texture everywhere inside the body.
+    img += inside * 0.035 * _smooth_noise(rng, size, 2.0 * size / 64)
+    for v, u, radius, value in patient.vessels:
+        vy, vx = _to_image(body, v + rng.normal(0, 0.03), u + rng.normal(0, 0.03))
+        rho = np.sqrt((yy - vy) ** 2 + (xx - vx) ** 2) / (radius * rng.uniform(0.85, 1.15))
+        img[(rho < 1.0) & inside] = value
+    mask = np.zeros((size, size), dtype=bool)
+    if label != "normal":
+        opacity, value, mask = _lesion(rng, yy, xx, patient, body, label)
+        interior = rho_body < 1.0 - rim_width
+        opacity = opacity * interior
+        mask &= interior
+        img = img * (1.0 - opacity) + value * opacity
+    img[(rho_body >= 1.0 - rim_width) & inside] = _RIM
+    noise, gain, blur = _SITES[patient.site]
+    img = ndimage.gaussian_filter(img, blur * size / 64 * rng.uniform(0.85, 1.15), mode="nearest")
+    img = img + rng.normal(0.0, noise * rng.uniform(0.85, 1.15), img.shape)
+    img = (img - _BACKGROUND) * gain * rng.uniform(0.88, 1.12) + _BACKGROUND
+    img = img + rng.uniform(-0.04, 0.04)
+    image = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    return image, mask.astype(np.uint8) * 255
+
+
+def _check_size(size: int) -> None:
+    lo, hi = _SIZE_RANGE
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not lo <= size <= hi:
+        raise ConfigError(f"size={size!r} is out of range; use an integer from {lo} to {hi}")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to write into anything but an empty folder or a previous phantom dataset."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"out={str(out)!r} is a file; give a folder for the phantom dataset")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    manifest = out / "manifest.csv"
+    header = ""
+    if manifest.is_file():
+        with manifest.open(newline="") as f:
+            header = f.readline().strip()
+    if header != ",".join(MANIFEST_COLUMNS) or not entries <= {*CLASSES, "masks", "manifest.csv"}:
+        raise ConfigError(
+            f"out={str(out)!r} is a non-empty folder that is not a phantom dataset; "
+            "give an empty or new folder"
+        )
+
+
+def _patient_sizes(rng: np.random.Generator, n: int) -> list[int]:
+    lo, hi = _IMAGES_PER_PATIENT
+    sizes, remaining = [], n
+    while remaining > 0:
+        k = min(int(rng.integers(lo, hi + 1)), remaining)
+        if remaining - k == 1:  # never leave a single-image patient behind
+            k = k - 1 if k > lo else k + 1
+        sizes.append(k)
+        remaining -= k
+    return sizes
+
+
+def _patient_labels(rng: np.random.Generator, sizes: list[int], n: int) -> list[str]:
+    """One class per patient, keeping image counts near the target shares."""
+    target = np.asarray(_CLASS_SHARE) * n
+    count = np.zeros(len(CLASSES))
+    labels = []
+    for k in sizes:
+        deficit = target - count + rng.uniform(0.0, 1.5, len(CLASSES))
+        c = int(np.argmax(deficit))
+        count[c] += k
+        labels.append(CLASSES[c])
+    return labels
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _write_manifest(path: Path, rows: list[tuple]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows)
+
+
+def write_phantom_dataset(
+    out: str | Path,
+    n: int = 1200,
+    size: int = 64,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write ``n`` phantom images, their lesion masks and ``manifest.csv`` under ``out``.
+
+    Layout: ``<class>/<patient>_<slice>.png``, ``masks/<class>/<same name>.png`` and
+    ``manifest.csv`` with columns ``path,label,patient_id,mask,sex,age,site`` (paths relative
+    to ``out``). The same ``(n, size, seed)`` gives byte-identical files. A previous phantom
+    dataset in ``out`` is replaced; any other non-empty folder is refused. ``progress(k)`` is
+    called after each patient with the number of images just written.
+
+    Example:
+        >>> manifest = write_phantom_dataset("phantom", n=300, size=64, seed=0)
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < _MIN_N:
+        raise ConfigError(
+            f"n={n!r} is not allowed; use an integer of at least {_MIN_N} "
+            "(enough images for three classes and train/val/test splits)"
+        )
+    _check_size(size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed={seed!r} is not allowed; use a non-negative integer")
+    out = Path(out)
+    _check_out(out)
+    for name in (*CLASSES, "masks"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    for label in CLASSES:
+        (out / "masks" / label).mkdir(parents=True, exist_ok=True)
+        (out / label).mkdir(exist_ok=True)
+    manifest = out / "manifest.csv"
+    # The header first: an interrupted run still leaves a folder recognised as a phantom dataset.
+    _write_manifest(manifest, [])
+
+    rng = np.random.default_rng(seed)
+    sizes = _patient_sizes(rng, int(n))
+    labels = _patient_labels(rng, sizes, int(n))
+    order = rng.permutation(len(sizes))
+    rows = []
+    for number, i in enumerate(order, start=1):
+        label, k = labels[i], sizes[i]
+        patient_id = f"P{number:04d}"
+        patient = PatientAnatomy.sample(rng)
+        sex = "F" if rng.random() < 0.5 else "M"
+        age = int(np.clip(np.rint(rng.normal(56, 15)), 20, 90))
+        for s in range(1, k + 1):
+            image, mask = make_phantom(rng, size, label, patient)
+            name = f"{patient_id}_{s:02d}.png"
+            _save_png(image, out / label / name)
+            _save_png(mask, out / "masks" / label / name)
+            row = (f"{label}/{name}", label, patient_id, f"masks/{label}/{name}", sex, age)
+            rows.append((*row, patient.site))
+        if progress is not None:
+            progress(k)
+    _write_manifest(manifest, rows)
+    return manifest
