@@ -6,13 +6,23 @@ The public API is small; everything else lives in its subpackage::
     table = medsight.load_samples("data/chest_xray.zip")     # one SampleTable for any layout
     table = medsight.assign_splits(table, seed=0)            # patient-grouped, stratified
     report = medsight.check_samples(table)                   # unreadable, duplicates, leakage
+    run = medsight.train(TrainConfig(data=DataConfig(path="phantom/"), out="runs/p"))
+    probs = medsight.Predictor.from_run("runs/p").predict_files(["scan.dcm"])
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "assign_splits", "check_samples", "decode", "load_samples"]
+__all__ = [
+    "Predictor",
+    "__version__",
+    "assign_splits",
+    "check_samples",
+    "decode",
+    "load_samples",
+    "train",
+]
 
 
 def __getattr__(name: str):
@@ -33,4 +43,12 @@ def __getattr__(name: str):
         from medsight.data.imaging import decode
 
         return decode
+    if name == "train":
+        from medsight.training.trainer import train
+
+        return train
+    if name == "Predictor":
+        from medsight.serving.predictor import Predictor
+
+        return Predictor
     raise AttributeError(f"module 'medsight' has no attribute {name!r}")

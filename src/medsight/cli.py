@@ -347,5 +347,153 @@ def data_preview(
         console.print(f"wrote {out} ({shown} images)")
 
 
+# --------------------------------------------------------------------------- models
+
+
+@app.command("models")
+def models_command(
+    pattern: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'res*'.")] = "*",
+) -> None:
+    """List the supported models: parameters, default input size, freezable stages."""
+    import fnmatch
+
+    from medsight.models import model_table
+
+    with _user_errors():
+        rows = [r for r in model_table() if fnmatch.fnmatch(r["name"], pattern)]
+        table = Table(title="Models (any other timm name also works)", title_justify="left")
+        for column, justify in (
+            ("name", "left"),
+            ("family", "left"),
+            ("params", "right"),
+            ("size", "right"),
+            ("offline weights", "center"),
+            ("stages", "left"),
+        ):
+            table.add_column(column, justify=justify)
+        for r in rows:
+            table.add_row(
+                r["name"],
+                r["family"],
+                f"{r['params'] / 1e6:.2f} M",
+                str(r["default_size"]),
+                "yes" if r["offline_weights"] else "",
+                ", ".join(r["stages"]),
+            )
+        console.print(table)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[str | None, typer.Option("--data", help="Dataset path (any reader).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Run directory to create.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML config; flags override it.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model name (medsight models).")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="features | finetune | full | scratch")
+    ] = None,
+    pretrained: Annotated[
+        bool | None, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet.")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="Start from a state-dict file or a run.")
+    ] = None,
+    attention: Annotated[
+        str | None, typer.Option("--attention", help="none | se | cbam | self | diff | sparse")
+    ] = None,
+    freeze_stages: Annotated[
+        int | None, typer.Option("--freeze-stages", help="Stages frozen in finetune mode.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (head).")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option("--optimizer", help="adam | adamw | rmsprop | sgd")
+    ] = None,
+    schedule: Annotated[
+        str | None, typer.Option("--schedule", help="cosine | onecycle | plateau | none")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
+    label_smoothing: Annotated[float | None, typer.Option("--label-smoothing")] = None,
+    class_weights: Annotated[
+        str | None, typer.Option("--class-weights", help="auto | none")
+    ] = None,
+    balanced: Annotated[
+        bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampler.")
+    ] = None,
+    augment: Annotated[
+        str | None, typer.Option("--augment", help="auto | xray | ct | mri | derm | histo | none")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Input side in px.")
+    ] = None,
+    monitor: Annotated[
+        str | None, typer.Option("--monitor", help="auroc | accuracy | balanced_accuracy | loss")
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option("--patience", help="Early-stopping epochs.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="DataLoader workers.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run.")
+    ] = False,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Continue the stopped run in this folder.")
+    ] = None,
+) -> None:
+    """Train a classifier; writes a run directory (weights, config, preprocessing, history)."""
+    from medsight.config import DataConfig, TrainConfig
+    from medsight.runs import CONFIG
+    from medsight.training.trainer import train
+
+    with _user_errors():
+        if resume:
+            train(TrainConfig.from_yaml(Path(resume) / CONFIG), resume=True)
+            return
+        if config is not None:
+            base = TrainConfig.from_yaml(config)
+        elif data is not None:
+            base = TrainConfig(data=DataConfig(path=data))
+        else:
+            raise MedsightError("give --data PATH (or --config FILE.yaml, or --resume RUN)")
+        overrides = {
+            "data.path": data,
+            "out": out,
+            "seed": seed,
+            "data.image_size": image_size,
+            "model.name": model,
+            "model.pretrained": pretrained,
+            "model.weights": weights,
+            "model.attention": attention,
+            "optim.mode": mode,
+            "optim.freeze_stages": freeze_stages,
+            "optim.epochs": epochs,
+            "optim.batch_size": batch_size,
+            "optim.lr": lr,
+            "optim.optimizer": optimizer,
+            "optim.schedule": schedule,
+            "optim.weight_decay": weight_decay,
+            "optim.label_smoothing": label_smoothing,
+            "optim.class_weights": class_weights,
+            "optim.balanced_sampler": balanced,
+            "optim.augment": augment,
+            "optim.monitor": monitor,
+            "optim.patience": patience,
+            "optim.workers": workers,
+        }
+        resolved = base.with_overrides(overrides)
+        if out is None and config is None:
+            resolved = resolved.with_overrides({"out": f"runs/{Path(resolved.data.path).stem}"})
+        train(resolved, overwrite=overwrite)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -8,6 +8,7 @@ epoch, which makes a resumed CPU run end with the same weights as an uninterrupt
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -128,7 +129,7 @@ class _Setup:
         side = d.image_size or (native_side if native_side <= 128 else spec.default_size)
         if spec.family != "custom":
             side = max(side, 32)  # ImageNet CNNs downsample 32x: smaller inputs vanish
-        in_chans = native_channels if d.channels == "auto" else int(d.channels)
+        in_chans = _input_channels(d.channels, native_channels, pretrained, config.model.weights)
         if pretrained or config.model.weights:
             mean = tuple(spec.mean) if in_chans == 3 else (float(np.mean(spec.mean)),)
             std = tuple(spec.std) if in_chans == 3 else (float(np.mean(spec.std)),)
@@ -246,6 +247,18 @@ def _probe(table: pd.DataFrame, n: int = 16) -> tuple[int, int]:
     if not sides:
         raise DataError("none of the first training images can be read; run `medsight data check`")
     return (3 if 3 in channels else 1), int(np.median(sides))
+
+
+def _input_channels(requested, native: int, pretrained: bool, weights: str | None) -> int:
+    """Gray images feed pretrained colour backbones by replication: exact for per-channel
+    ImageNet normalisation, which a summed first conv can only approximate."""
+    if requested != "auto":
+        return int(requested)
+    if weights and (Path(weights) / runs.MODEL).exists():
+        return int(json.loads((Path(weights) / runs.MODEL).read_text())["in_chans"])
+    if pretrained or weights:
+        return 3
+    return native
 
 
 def _seed(seed: int) -> None:

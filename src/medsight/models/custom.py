@@ -1,0 +1,146 @@
+"""Small CNNs for small medical images (28–128 px), trained from scratch, with attention inside.
+
+``medcnn_s`` and ``medcnn_m`` are VGG-style stacks of 3×3 conv–BN–ReLU layers in four stages
+(``stem``, ``stage1``, ``stage2``, ``stage3``); each stage after the stem starts with a 2×2
+max-pool, skipped when the map is already 1 px high or wide, so any input from 8 px upwards
+works (28 px → 28, 14, 7, 4). An attention block
+(:func:`~medsight.models.attention.create_attention`) closes each of the last two stages.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medsight.errors import ConfigError
+from medsight.models.attention import ATTENTION_KINDS, create_attention
+
+__all__ = ["CUSTOM_ARCHS", "MedCNN", "MedCNNConfig", "attention_kwargs", "create_custom"]
+
+
+@dataclass(frozen=True)
+class MedCNNConfig:
+    """Widths and conv counts of the four stages (stem first)."""
+
+    widths: tuple[int, int, int, int]
+    depths: tuple[int, int, int, int]
+
+
+CUSTOM_ARCHS: dict[str, MedCNNConfig] = {
+    "medcnn_s": MedCNNConfig(widths=(32, 64, 128, 256), depths=(2, 2, 2, 2)),
+    "medcnn_m": MedCNNConfig(widths=(48, 96, 192, 384), depths=(2, 2, 3, 3)),
+}
+
+STAGE_NAMES: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3")
+
+
+def _conv_bn_relu(in_chans: int, out_chans: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_chans),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MaybePool(nn.Module):
+    """2×2 max-pool (ceil mode, so no border row is lost) unless the map is already 1 px thin."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if min(x.shape[-2:]) < 2:
+            return x
+        return F.max_pool2d(x, 2, ceil_mode=True)
+
+
+def attention_kwargs(kind: str, channels: int, layer_index: int = 1) -> dict:
+    """Constructor arguments of an attention block ``kind`` on ``channels`` at ``layer_index``.
+
+    Differential blocks get ``layer_index`` (their λ_init schedule); self-attention gets heads
+    about 128 channels wide.
+    """
+    if kind == "diff":
+        return {"layer_index": layer_index}
+    if kind == "self":
+        heads = max(1, channels // 128)
+        while channels % heads:
+            heads -= 1
+        return {"heads": heads}
+    return {}
+
+
+class MedCNN(nn.Module):
+    """Four-stage 3×3 CNN; ``forward_features`` gives the last stage's map (B, widths[-1], h, w).
+
+    ``attention`` (one of :data:`~medsight.models.attention.ATTENTION_KINDS`) puts one block at
+    the end of each of the last two stages (``stage2.attention``, ``stage3.attention``); the
+    differential blocks get ``layer_index`` 1 and 2.
+
+    Example:
+        >>> net = MedCNN(in_chans=1, attention="cbam")
+        >>> net.forward_features(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 256, 4, 4])
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        depths: tuple[int, ...] = (2, 2, 2, 2),
+        attention: str = "none",
+    ):
+        super().__init__()
+        if len(widths) != len(STAGE_NAMES) or len(depths) != len(STAGE_NAMES):
+            raise ConfigError(
+                f"MedCNN needs {len(STAGE_NAMES)} widths and depths, got {widths} and {depths}"
+            )
+        kind = attention.strip().lower() if isinstance(attention, str) else attention
+        if kind not in ATTENTION_KINDS:
+            raise ConfigError(
+                f"attention {attention!r} is not known; choose one of: {', '.join(ATTENTION_KINDS)}"
+            )
+        self.attention_kind = kind
+        self.num_features = widths[-1]
+        previous = in_chans
+        n_stages = len(STAGE_NAMES)
+        for index, (name, width, depth) in enumerate(zip(STAGE_NAMES, widths, depths)):
+            layers: OrderedDict[str, nn.Module] = OrderedDict()
+            if index > 0:
+                layers["pool"] = MaybePool()
+            for j in range(depth):
+                layers[f"conv{j + 1}"] = _conv_bn_relu(previous, width)
+                previous = width
+            layer_index = index - (n_stages - 2) + 1  # 1 and 2 for the last two stages
+            if kind != "none" and layer_index >= 1:
+                layers["attention"] = create_attention(
+                    kind, width, **attention_kwargs(kind, width, layer_index)
+                )
+            self.add_module(name, nn.Sequential(layers))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for name in STAGE_NAMES:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+
+def create_custom(arch: str, in_chans: int = 1, attention: str = "none") -> MedCNN:
+    """Build the custom backbone ``arch`` (a key of :data:`CUSTOM_ARCHS`)."""
+    if arch not in CUSTOM_ARCHS:
+        raise ConfigError(
+            f"unknown custom architecture {arch!r}; choose one of: {', '.join(CUSTOM_ARCHS)}"
+        )
+    cfg = CUSTOM_ARCHS[arch]
+    return MedCNN(in_chans=in_chans, widths=cfg.widths, depths=cfg.depths, attention=attention)

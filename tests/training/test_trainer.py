@@ -1,0 +1,157 @@
+"""Training end to end on tiny data: run files, round trips, modes, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medsight import runs
+from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from medsight.errors import ConfigError, DataError, TrainingError
+from medsight.serving.predictor import Predictor
+from medsight.training import trainer
+from medsight.training.trainer import train
+
+pytest.importorskip("medsight.models.zoo")
+
+
+def _dataset(root, helpers, n_patients=12, per_patient=2, size=16):
+    """Two classes a small CNN separates in a few epochs: bright vs dark squares."""
+    rng = np.random.default_rng(0)
+    lines = ["path,label,patient_id"]
+    for p in range(n_patients):
+        label = "lesion" if p % 2 else "normal"
+        for i in range(per_patient):
+            base = 170 if label == "lesion" else 80
+            pixels = np.clip(rng.normal(base, 25, (size, size)), 0, 255).astype(np.uint8)
+            rel = f"img/{label}_{p}_{i}.png"
+            helpers.write_png(root / rel, pixels)
+            lines.append(f"{rel},{label},P{p}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _config(data, out, **optim):
+    settings = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "patience": 10, **optim}
+    return TrainConfig(
+        data=DataConfig(path=str(data), ratios=(0.5, 0.25, 0.25)),
+        model=ModelConfig(name="medcnn_s"),
+        optim=OptimConfig(**settings),
+        out=str(out),
+    )
+
+
+def test_training_writes_the_run_directory_and_predicts_the_same_after_loading(tmp_path, helpers):
+    data = _dataset(tmp_path / "data", helpers)
+    run = train(_config(data, tmp_path / "run"), show_progress=False)
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "model.json",
+        "preprocess.json",
+        "classes.json",
+        "history.csv",
+        "splits.csv",
+        "versions.json",
+    ):
+        assert (run.path / name).exists(), name
+    assert run.classes == ["lesion", "normal"] and run.positive_class == "lesion"
+    history = run.history()
+    assert list(history["epoch"]) == [1, 2]
+    assert history["train_loss"].notna().all()
+    splits = run.splits()
+    assert (splits.groupby("patient_id")["split"].nunique() == 1).all()
+    model_info = json.loads((run.path / "model.json").read_text())
+    assert model_info["name"] == "medcnn_s" and model_info["in_chans"] == 1
+    assert model_info["image_size"] == [16, 16]
+
+    predictor = Predictor.from_run(run.path)
+    files = sorted((data / "img").glob("*.png"))[:4]
+    first = predictor.predict_files(files)
+    again = Predictor.from_run(run.path).predict_files(files)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, helpers, monkeypatch):
+    data = _dataset(tmp_path / "data", helpers)
+    straight = train(_config(data, tmp_path / "a", epochs=3), show_progress=False)
+
+    calls = {"n": 0}
+    real_validate = trainer._validate
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data, tmp_path / "b", epochs=3), show_progress=False)
+    monkeypatch.setattr(trainer, "_validate", real_validate)
+    resumed = train(_config(data, tmp_path / "b", epochs=3), resume=True, show_progress=False)
+
+    a = torch.load(straight.path / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(resumed.path / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(resumed.history()["epoch"]) == [1, 2, 3]
+
+
+def test_features_mode_embeds_once_and_trains_only_the_head(tmp_path, helpers, monkeypatch):
+    data = _dataset(tmp_path / "data", helpers)
+    base = train(_config(data, tmp_path / "base", epochs=1), show_progress=False)
+    decoded = {"n": 0}
+    real_decode = trainer.ImageDataset.__getitem__
+
+    def counting(self, i):
+        decoded["n"] += 1
+        return real_decode(self, i)
+
+    monkeypatch.setattr(trainer.ImageDataset, "__getitem__", counting)
+    config = _config(data, tmp_path / "feat", epochs=3, mode="features", lr=1e-2)
+    config = config.with_overrides({"model.weights": str(base.path)})
+    run = train(config, show_progress=False)
+    n_images = len(run.splits().query("split in ['train', 'val']"))
+    assert decoded["n"] == n_images  # each image went through the backbone once, for 3 epochs
+    assert list((run.path / "features").glob("*.pt"))
+    backbone_before = base.load_model().backbone.state_dict()
+    backbone_after = run.load_model().backbone.state_dict()
+    assert all(torch.equal(backbone_before[k], backbone_after[k]) for k in backbone_before)
+
+
+def test_modes_that_need_learned_features_refuse_random_weights(tmp_path, helpers):
+    data = _dataset(tmp_path / "data", helpers)
+    with pytest.raises(ConfigError, match="--mode finetune trains on top of learned features"):
+        train(_config(data, tmp_path / "r", mode="finetune"), show_progress=False)
+
+
+def test_existing_run_is_refused(tmp_path, helpers):
+    data = _dataset(tmp_path / "data", helpers)
+    train(_config(data, tmp_path / "r", epochs=1), show_progress=False)
+    with pytest.raises(ConfigError, match="already exists"):
+        train(_config(data, tmp_path / "r", epochs=1), show_progress=False)
+
+
+def test_class_too_small_and_batch_too_large_are_named(tmp_path, helpers):
+    data = _dataset(tmp_path / "data", helpers, n_patients=4, per_patient=1)
+    with pytest.raises(DataError, match=r"class '\w+' has \d image\(s\) in the \w+ split"):
+        train(_config(data, tmp_path / "r"), show_progress=False)
+    data = _dataset(tmp_path / "data2", helpers)
+    with pytest.raises(ConfigError, match="batch_size=512 is larger than the training set"):
+        train(_config(data, tmp_path / "r2", batch_size=512), show_progress=False)
+
+
+def test_nan_loss_stops_with_the_batch_named(tmp_path, helpers, monkeypatch):
+    data = _dataset(tmp_path / "data", helpers)
+
+    def nan_loss(weights, smoothing):
+        return lambda logits, y: logits.sum() * float("nan")
+
+    monkeypatch.setattr(trainer, "build_loss", nan_loss)
+    with pytest.raises(TrainingError, match="at epoch 1, batch 1"):
+        train(_config(data, tmp_path / "r"), show_progress=False)
+    assert not (tmp_path / "r" / runs.WEIGHTS).exists()
