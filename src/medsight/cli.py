@@ -362,25 +362,25 @@ def models_command(
     with _user_errors():
         rows = [r for r in model_table() if fnmatch.fnmatch(r["name"], pattern)]
         table = Table(title="Models (any other timm name also works)", title_justify="left")
-        for column, justify in (
-            ("name", "left"),
-            ("family", "left"),
-            ("params", "right"),
-            ("size", "right"),
-            ("offline weights", "center"),
-            ("stages", "left"),
-        ):
-            table.add_column(column, justify=justify)
+        table.add_column("name", no_wrap=True)
+        table.add_column("params", justify="right", no_wrap=True)
+        table.add_column("size", justify="right")
+        table.add_column("offline", justify="center")
+        table.add_column("freezable stages, in order", overflow="fold")
         for r in rows:
             table.add_row(
                 r["name"],
-                r["family"],
                 f"{r['params'] / 1e6:.2f} M",
                 str(r["default_size"]),
                 "yes" if r["offline_weights"] else "",
-                ", ".join(r["stages"]),
+                " | ".join(r["stages"]),
             )
         console.print(table)
+        console.print(
+            "offline = genuine ImageNet weights installed here (requirements-weights.txt); "
+            "the others need --weights FILE, or a reachable hub or cache, for --pretrained",
+            style="dim",
+        )
 
 
 # --------------------------------------------------------------------------- train
