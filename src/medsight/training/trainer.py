@@ -42,6 +42,7 @@ HISTORY_COLUMNS = [
     "val_accuracy",
     "val_balanced_accuracy",
     "lr",
+    "train_seconds",
     "seconds",
 ]
 
@@ -342,6 +343,7 @@ def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) 
                     on_batch=lambda: bar.advance(task),
                     describe=lambda text: bar.update(task, description=text),
                 )
+                train_seconds = time.perf_counter() - started
                 metrics = _validate(
                     forward, model, val_loader, loss_fn, setup.device, positive_index
                 )
@@ -353,6 +355,7 @@ def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) 
                     "train_loss": train_loss,
                     **{f"val_{k}": v for k, v in metrics.items()},
                     "lr": optimizer.param_groups[-1]["lr"],
+                    "train_seconds": round(train_seconds, 3),
                     "seconds": round(time.perf_counter() - started, 3),
                 }
                 state.history.append(row)

@@ -1,0 +1,108 @@
+"""Trainer overhead vs a bare PyTorch loop, and `features` vs `full` epoch time.
+
+Both sides of each ratio run in the same process, one after the other, on the phantom set at
+64 px (training split, augmentation off so only the machinery differs). Prints markdown.
+Usage: python benchmarks/trainer_speed.py [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from medsight.data.datasets import ImageDataset
+from medsight.data.sources import load_samples
+from medsight.data.synth import write_phantom_dataset
+from medsight.models import create_model
+from medsight.training.optim import build_scheduler, class_weights
+from medsight.training.trainer import train
+
+
+def medsight_run(data: Path, out: Path, model: str, epochs: int, **extra) -> tuple[float, float]:
+    """(train images/s, whole-epoch seconds) over the epochs after the first."""
+    optim = {"epochs": epochs, "augment": "none", "patience": 99, "batch_size": 64, **extra}
+    model_cfg = {"name": model}
+    if "pretrained" in optim:
+        model_cfg["pretrained"] = optim.pop("pretrained")
+    config = TrainConfig(
+        data=DataConfig(path=str(data), image_size=64),
+        model=ModelConfig(**model_cfg),
+        optim=OptimConfig(**optim),
+        out=str(out),
+    )
+    run = train(config, show_progress=False)
+    history = run.history().iloc[1:]
+    n_train = int((run.splits()["split"] == "train").sum())
+    return n_train / history["train_seconds"].mean(), history["seconds"].mean()
+
+
+def bare_loop(data: Path, model_name: str, epochs: int, batch_size: int = 64) -> float:
+    """A plain loop over in-memory tensors: same model, optimiser, schedule and loss."""
+    table = load_samples(data)
+    from medsight.data.splits import assign_splits
+
+    table = assign_splits(table, seed=0)
+    train_rows = table[table["split"] == "train"]
+    classes = sorted(table["label"].unique())
+    from medsight.data.transforms import Preprocess
+
+    dataset = ImageDataset(train_rows, Preprocess(size=(64, 64)), classes)
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.as_tensor(dataset.targets)
+    torch.manual_seed(0)
+    model = create_model(model_name, len(classes), in_chans=1, drop_rate=0.1)
+    optimizer = torch.optim.AdamW(model.param_groups(3e-3, 3e-3, 1e-4), lr=3e-3)
+    steps = len(x) // batch_size
+    _, scheduler = build_scheduler(
+        "onecycle", optimizer, epochs=epochs, steps_per_epoch=steps, warmup_epochs=1
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(np.bincount(y.numpy())))
+    times = []
+    for _ in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        order = torch.randperm(len(x))
+        for b in range(steps):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            loss = loss_fn(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        times.append(time.perf_counter() - start)
+    return steps * batch_size / np.mean(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = write_phantom_dataset(tmp / "phantom", n=1200, size=64, seed=0).parent
+        print("| model @ 64 px | medsight train img/s | bare loop img/s | ratio |")
+        print("|---|---|---|---|")
+        for name in ("medcnn_s", "resnet18"):
+            ours, _ = medsight_run(data, tmp / f"run_{name}", name, args.epochs)
+            bare = bare_loop(data, name, args.epochs)
+            print(f"| {name} | {ours:.0f} | {bare:.0f} | {ours / bare:.2f} |")
+
+        print("\n| mobilenet_v2 (ImageNet) @ 64 px | epoch s (after the first) |")
+        print("|---|---|")
+        _, full = medsight_run(data, tmp / "full", "mobilenet_v2", args.epochs, pretrained=True)
+        _, feats = medsight_run(
+            data, tmp / "feat", "mobilenet_v2", args.epochs, pretrained=True, mode="features"
+        )
+        print(f"| full | {full:.2f} |\n| features | {feats:.3f} |")
+        print(f"\nfeatures is {full / feats:.0f}x faster per epoch than full")
+
+
+if __name__ == "__main__":
+    main()
