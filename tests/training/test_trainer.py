@@ -155,3 +155,57 @@ def test_nan_loss_stops_with_the_batch_named(tmp_path, helpers, monkeypatch):
     with pytest.raises(TrainingError, match="at epoch 1, batch 1"):
         train(_config(data, tmp_path / "r"), show_progress=False)
     assert not (tmp_path / "r" / runs.WEIGHTS).exists()
+
+
+def test_finetune_freezes_early_stages_and_trains_the_rest(tmp_path, helpers):
+    data = _dataset(tmp_path / "data", helpers)
+    base = train(_config(data, tmp_path / "base", epochs=1), show_progress=False)
+    config = _config(data, tmp_path / "ft", epochs=1, mode="finetune", freeze_stages=2)
+    run = train(config.with_overrides({"model.weights": str(base.path)}), show_progress=False)
+    before, after = base.load_model(), run.load_model()
+    frozen = after.stage_names()[:2]
+    assert json.loads((run.path / "model.json").read_text())["frozen_stages"] == 2
+    for name in ("stem", "stage1"):
+        assert name in frozen
+    changed = {
+        key: not torch.equal(before.state_dict()[key], after.state_dict()[key])
+        for key in after.state_dict()
+        if key.startswith("backbone.") and "num_batches" not in key
+    }
+    stem_keys = [k for k in changed if k.startswith("backbone.stem")]
+    last_keys = [k for k in changed if k.startswith("backbone.stage3")]
+    assert stem_keys and not any(changed[k] for k in stem_keys)
+    assert any(changed[k] for k in last_keys)
+
+
+def test_scratch_ignores_pretrained_and_cli_trains_a_run(tmp_path, helpers):
+    from typer.testing import CliRunner
+
+    from medsight.cli import app
+
+    data = _dataset(tmp_path / "data", helpers)
+    out = tmp_path / "cli-run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--mode",
+            "scratch",
+            "--pretrained",
+            "--attention",
+            "se",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    model_info = json.loads((out / "model.json").read_text())
+    assert model_info["pretrained_source"] is None and model_info["attention"] == "se"
+    again = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
