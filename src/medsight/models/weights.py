@@ -315,19 +315,20 @@ def fit_backbone_state(
         k for k in own if f"backbone.{k}" not in out and not k.endswith("num_batches_tracked")
     ]
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected: {_listing(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape: {_listing(wrong)}")
         raise ConfigError(
             f"{what} does not fit {model.spec.name} ({model.spec.arch}); "
-            + "; ".join(parts)
-            + ". Is it for another architecture?"
+            f"{_mismatches(missing, unexpected, wrong)}. Is it for another architecture?"
         )
     return out
+
+
+def _mismatches(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    parts = [
+        f"{kind}: {_listing(keys)}"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    return "; ".join(parts)
 
 
 def _load(model: MedsightClassifier, state: Mapping[str, Tensor]) -> None:
@@ -361,16 +362,9 @@ def _fit_full_state(
         if k not in state and not k.startswith("head.") and not k.endswith("num_batches_tracked")
     ]
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected: {_listing(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape: {_listing(wrong)}")
         raise ConfigError(
             f"{what} does not fit {model.spec.name} with attention={model.attention_kind!r}; "
-            + "; ".join(parts)
+            f"{_mismatches(missing, unexpected, wrong)}"
         )
     return out
 
