@@ -441,6 +441,9 @@ def train_command(
         int | None, typer.Option("--patience", help="Early-stopping epochs.")
     ] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="DataLoader workers.")] = None,
+    log: Annotated[
+        str | None, typer.Option("--log", help="none | tensorboard | mlflow (if installed)")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run.")
@@ -488,6 +491,7 @@ def train_command(
             "optim.monitor": monitor,
             "optim.patience": patience,
             "optim.workers": workers,
+            "optim.log": log,
         }
         resolved = base.with_overrides(overrides)
         if out is None and config is None:

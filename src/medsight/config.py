@@ -84,6 +84,7 @@ class OptimConfig(_Strict):
     patience: int = Field(default=6, ge=1)
     amp: bool = True
     workers: int | None = None
+    log: Literal["none", "tensorboard", "mlflow"] = "none"
 
 
 class TrainConfig(_Strict):

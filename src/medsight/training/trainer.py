@@ -32,6 +32,7 @@ from medsight.data.splits import assign_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
 from medsight.training.features import extract_features
+from medsight.training.loggers import create_logger
 from medsight.training.optim import build_loss, build_optimizer, build_scheduler, class_weights
 
 HISTORY_COLUMNS = [
@@ -319,6 +320,7 @@ def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) 
         state = _State(**saved["state"])
         console.print(f"resuming {out} after epoch {state.epoch}")
 
+    logger = create_logger(optim_cfg.log, out, config.model_dump(mode="json"))
     forward = model.forward_head if features_mode else model
     val_loader = DataLoader(val_set, batch_size=max(optim_cfg.batch_size, 128), num_workers=0)
     positive_index = setup.classes.index(setup.positive)
@@ -359,6 +361,7 @@ def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) 
                     "seconds": round(time.perf_counter() - started, 3),
                 }
                 state.history.append(row)
+                logger.log(row, epoch)
                 state.epoch = epoch
                 improved = score > state.best_score
                 if improved:
@@ -387,6 +390,8 @@ def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) 
             f"`medsight train --resume {out}`"
         )
         raise
+    finally:
+        logger.close()
     if stopped_early:
         console.print(f"early stop: no {optim_cfg.monitor} gain for {optim_cfg.patience} epochs")
     console.print(
