@@ -142,7 +142,7 @@ def decode(
         if kind == "dicom":
             with open(path, "rb") as fh:
                 return _decode_dicom(fh, source, max_pixels=max_pixels, window=window)
-        if kind in ("raster",):
+        if kind == "raster":
             with open(path, "rb") as fh:
                 return _decode_raster(fh, source, max_pixels=max_pixels)
         if kind in ("nifti", "gzip"):

@@ -22,7 +22,7 @@ import io
 import os
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -94,7 +94,6 @@ class ReadOptions:
     nifti_axis: int = 2
     nifti_slice: int | None = None
     salt: bytes | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def load_samples(path: str | Path, format: str | None = None, **options) -> pd.DataFrame:
