@@ -26,14 +26,17 @@ SETS = {
 }
 
 
-def run_set(name: str, path: Path | None, work: Path) -> dict:
+def run_set(name: str, path: Path | None, work: Path, epochs: int | None = None) -> dict:
     if path is None:
         from medsight.data.synth import write_phantom_dataset
 
         path = work / "phantom"
         write_phantom_dataset(path, n=1200, size=64, seed=0)
     started = time.perf_counter()
-    run = train(TrainConfig(data=DataConfig(path=str(path)), out=str(work / name)))
+    config = TrainConfig(data=DataConfig(path=str(path)), out=str(work / name))
+    if epochs:
+        config = config.with_overrides({"optim.epochs": epochs})
+    run = train(config)
     seconds = time.perf_counter() - started
     result = test_metrics(run, path)
     history = run.history()
@@ -49,6 +52,7 @@ def run_set(name: str, path: Path | None, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sets", default="pneumoniamnist,pneumoniamnist_full,phantom")
+    parser.add_argument("--epochs", type=int, help="override the default epoch count (large sets)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +61,7 @@ def main() -> None:
             if path is not None and not path.exists():
                 print(f"skip {name}: {path} not found")
                 continue
-            rows.append(run_set(name, path, Path(tmp)))
+            rows.append(run_set(name, path, Path(tmp), args.epochs))
     print("\n| set | test n | AUROC (95 % CI) | accuracy (95 % CI) | best / run epochs | wall s |")
     print("|---|---|---|---|---|---|")
     for r in rows:

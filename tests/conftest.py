@@ -80,6 +80,25 @@ def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
     return path
 
 
+def make_two_class_manifest(root: Path, n_patients=12, per_patient=2, size=16, sites=None) -> Path:
+    """Bright ("lesion") vs dark ("normal") noisy squares with patients, sex and site columns:
+    a small CNN separates them in a few epochs."""
+    rng = np.random.default_rng(0)
+    lines = ["path,label,patient_id,sex,site"]
+    for p in range(n_patients):
+        label = "lesion" if p % 2 else "normal"
+        sex = "F" if p % 3 else "M"
+        site = (sites or ["a", "b"])[p % len(sites or ["a", "b"])]
+        for i in range(per_patient):
+            base = 170 if label == "lesion" else 80
+            pixels = np.clip(rng.normal(base, 25, (size, size)), 0, 255).astype(np.uint8)
+            rel = f"img/{label}_{p}_{i}.png"
+            write_png(root / rel, pixels)
+            lines.append(f"{rel},{label},P{p},{sex},{site}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture
 def helpers():
     """The helper functions above, for tests that build their own data."""
@@ -92,4 +111,5 @@ def helpers():
     h.random_image = random_image
     h.make_class_folders = make_class_folders
     h.write_dicom = write_dicom
+    h.make_two_class_manifest = make_two_class_manifest
     return h

@@ -499,5 +499,112 @@ def train_command(
         train(resolved, overwrite=overwrite)
 
 
+# --------------------------------------------------------------------------- evaluate, compare
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Annotated[
+        str | None, typer.Option("--data", help="Other data to evaluate (default: the run's).")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="train | val | test")] = "test",
+    by: Annotated[
+        list[str] | None, typer.Option("--by", help="Subgroup column (repeatable): sex, site...")
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", help="Bootstrap resamples for 95 % CIs (0: none).")
+    ] = 1000,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="Fit temperature scaling on val; kept in the run.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Evaluate a run: metrics with CIs, thresholds, calibration, subgroups → metrics.json."""
+    from medsight.evaluation.evaluate import evaluate_run
+    from medsight.evaluation.metrics import HEADLINE
+
+    with _user_errors():
+        metrics = evaluate_run(
+            run,
+            data=data,
+            split=split,
+            by=by or (),
+            n_bootstrap=bootstrap,
+            calibrate=calibrate,
+            seed=seed,
+        )
+        table = Table(title=f"{run} on {split} (n={metrics['n']:,})", title_justify="left")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_column("95 % CI", justify="right")
+        for name in HEADLINE:
+            table.add_row(name, *_value_ci(metrics[name]))
+        console.print(table)
+        per_class = Table(title="Per class (one-vs-rest)", title_justify="left")
+        per_class.add_column("metric")
+        for name in metrics["per_class"]:
+            per_class.add_column(name, justify="right")
+        for column in ("sensitivity", "specificity", "precision", "npv", "f1"):
+            per_class.add_row(
+                column,
+                *(_value_ci(v[column], compact=True) for v in metrics["per_class"].values()),
+            )
+        per_class.add_row("support", *(str(v["support"]) for v in metrics["per_class"].values()))
+        console.print(per_class)
+        for warning in metrics.get("warnings", []):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        for column, result in metrics["subgroups"].items():
+            for warning in result.get("warnings", []):
+                err_console.print(f"[yellow]warning ({column}):[/] {warning}", highlight=False)
+        console.print(f"wrote {run}/metrics.json and {run}/predictions.csv")
+
+
+def _value_ci(entry: dict, compact: bool = False):
+    value, ci = entry.get("value"), entry.get("ci")
+    shown = "undefined" if value is None else f"{value:.3f}"
+    interval = "" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"
+    if compact:
+        return f"{shown} ({interval})" if interval else shown
+    return shown, interval
+
+
+@app.command("compare")
+def compare_command(
+    runs_: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Evaluated runs.")],
+    bootstrap: Annotated[int, typer.Option("--bootstrap")] = 1000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Compare evaluated runs: headline metrics with CIs, and a paired bootstrap p-value for
+    each run's AUROC against the first run's, on the test samples they share."""
+    from medsight.evaluation.compare import compare_runs
+
+    with _user_errors():
+        result = compare_runs(runs_, n_bootstrap=bootstrap, seed=seed)
+        table = Table(title=f"{result['n_shared']:,} shared samples", title_justify="left")
+        table.add_column("run")
+        for name in ("auroc", "accuracy", "balanced_accuracy", "f1_macro"):
+            table.add_column(name, justify="right")
+        table.add_column("ΔAUROC vs first (95 % CI)", justify="right")
+        table.add_column("p", justify="right")
+        for row in result["runs"]:
+            paired = row.get("paired")
+            delta = (
+                f"{paired['difference']:+.3f} ({paired['ci'][0]:+.3f}–{paired['ci'][1]:+.3f})"
+                if paired
+                else ""
+            )
+            table.add_row(
+                row["run"],
+                *(
+                    _value_ci(row["metrics"][m], compact=True)
+                    for m in ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
+                ),
+                delta,
+                f"{paired['p_value']:.3g}" if paired else "",
+            )
+        console.print(table)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

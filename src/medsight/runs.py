@@ -32,6 +32,9 @@ CLASSES = "classes.json"
 HISTORY = "history.csv"
 SPLITS = "splits.csv"
 VERSIONS = "versions.json"
+CALIBRATION = "calibration.json"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.csv"
 CHECKPOINTS = "checkpoints"
 
 #: Class names that usually mean "nothing found": the other class is the urgent one for triage.
@@ -154,6 +157,11 @@ class Run:
         model = MedsightClassifier.from_config(self.model_config)
         model.load_state_dict(load_weights(self.path / weights))
         return model.eval()
+
+    def calibration(self) -> dict | None:
+        """The fitted calibration (``calibration.json``), or None when the run has none."""
+        path = self.path / CALIBRATION
+        return json.loads(path.read_text()) if path.exists() else None
 
     def history(self) -> pd.DataFrame:
         return pd.read_csv(self.path / HISTORY)

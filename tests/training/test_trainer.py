@@ -19,19 +19,7 @@ pytest.importorskip("medsight.models.zoo")
 
 
 def _dataset(root, helpers, n_patients=12, per_patient=2, size=16):
-    """Two classes a small CNN separates in a few epochs: bright vs dark squares."""
-    rng = np.random.default_rng(0)
-    lines = ["path,label,patient_id"]
-    for p in range(n_patients):
-        label = "lesion" if p % 2 else "normal"
-        for i in range(per_patient):
-            base = 170 if label == "lesion" else 80
-            pixels = np.clip(rng.normal(base, 25, (size, size)), 0, 255).astype(np.uint8)
-            rel = f"img/{label}_{p}_{i}.png"
-            helpers.write_png(root / rel, pixels)
-            lines.append(f"{rel},{label},P{p}")
-    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
-    return root
+    return helpers.make_two_class_manifest(root, n_patients, per_patient, size)
 
 
 def _config(data, out, **optim):

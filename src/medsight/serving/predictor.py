@@ -34,6 +34,7 @@ class Predictor:
         self.device = torch.device(device)
         self.classes_ = list(run.classes)
         self.preprocess = run.preprocess
+        self.calibration = run.calibration()
 
     @classmethod
     def from_run(cls, path: str | Path, backend: str = "torch") -> Predictor:
@@ -48,10 +49,23 @@ class Predictor:
         return (1, self.preprocess.channels, *self.preprocess.size)
 
     @torch.no_grad()
-    def predict_array(self, x: np.ndarray) -> np.ndarray:
-        """A preprocessed float32 ``(N, C, H, W)`` batch → ``(N, K)`` probabilities."""
+    def logits_array(self, x: np.ndarray) -> np.ndarray:
+        """A preprocessed float32 ``(N, C, H, W)`` batch → ``(N, K)`` raw logits."""
         tensor = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
-        return torch.softmax(self.model(tensor).float(), dim=1).cpu().numpy()
+        return self.model(tensor).float().cpu().numpy()
+
+    def predict_array(self, x: np.ndarray) -> np.ndarray:
+        """A preprocessed float32 ``(N, C, H, W)`` batch → ``(N, K)`` probabilities.
+
+        When the run holds a calibration (``medsight evaluate --calibrate``), it is applied.
+        """
+        return self.probabilities(self.logits_array(x))
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Logits → probabilities, through the run's calibration when it has one."""
+        from medsight.evaluation.calibration import apply_calibration
+
+        return apply_calibration(logits, self.calibration)
 
     def predict_files(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Raw image files (any format medsight reads) → ``(N, K)`` probabilities."""
@@ -60,7 +74,11 @@ class Predictor:
 
     def predict_table(self, table: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
         """Every row of a SampleTable → ``(N, K)`` probabilities, in row order."""
+        return self.probabilities(self.logits_table(table, batch_size))
+
+    def logits_table(self, table: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
+        """Every row of a SampleTable → ``(N, K)`` raw logits, in row order."""
         unlabelled = table.assign(label=None)  # labels play no part in prediction
         dataset = ImageDataset(unlabelled, self.preprocess, self.classes_, cache_max_side=0)
-        chunks = [self.predict_array(x.numpy()) for x, _ in DataLoader(dataset, batch_size)]
+        chunks = [self.logits_array(x.numpy()) for x, _ in DataLoader(dataset, batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), np.float32)

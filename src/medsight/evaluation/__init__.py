@@ -1,0 +1,33 @@
+"""Evaluation: metrics with bootstrap confidence intervals, calibration and subgroup analysis."""
+
+from __future__ import annotations
+
+from medsight.evaluation.calibration import (
+    TemperatureScaler,
+    apply_calibration,
+    expected_calibration_error,
+    reliability_curve,
+)
+from medsight.evaluation.metrics import (
+    HEADLINE,
+    compute_metrics,
+    operating_points,
+    paired_bootstrap_auroc,
+    stratified_bootstrap_indices,
+)
+from medsight.evaluation.subgroups import age_bands, bin_numeric, subgroup_metrics
+
+__all__ = [
+    "HEADLINE",
+    "TemperatureScaler",
+    "age_bands",
+    "apply_calibration",
+    "bin_numeric",
+    "compute_metrics",
+    "expected_calibration_error",
+    "operating_points",
+    "paired_bootstrap_auroc",
+    "reliability_curve",
+    "stratified_bootstrap_indices",
+    "subgroup_metrics",
+]

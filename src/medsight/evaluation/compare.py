@@ -1,0 +1,65 @@
+"""``medsight compare``: evaluated runs side by side, with a paired test of AUROC differences."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medsight import runs
+from medsight.errors import DataError
+from medsight.evaluation.metrics import compute_metrics, paired_bootstrap_auroc
+
+
+def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Headline metrics of each run on the samples all of them were evaluated on, and for each
+    run after the first the paired bootstrap AUROC difference against the first."""
+    if len(paths) < 2:
+        raise DataError("compare needs at least two runs")
+    loaded = []
+    for path in paths:
+        run = runs.Run.load(path)
+        predictions_path = run.path / runs.PREDICTIONS
+        if not predictions_path.exists():
+            raise DataError(
+                f"{run.path} has not been evaluated yet: run `medsight evaluate {path}`"
+            )
+        loaded.append((run, pd.read_csv(predictions_path, dtype={"sample_id": str})))
+    first_classes = loaded[0][0].classes
+    for run, _ in loaded[1:]:
+        if run.classes != first_classes:
+            raise DataError(
+                f"{run.path} has classes {run.classes}, {loaded[0][0].path} has {first_classes}; "
+                "only runs of the same task can be compared"
+            )
+    shared = set.intersection(*(set(p["sample_id"]) for _, p in loaded))
+    if not shared:
+        raise DataError("the runs were evaluated on different samples: none in common")
+    order = sorted(shared)
+    columns = [f"p_{c}" for c in first_classes]
+    aligned = [p.set_index("sample_id").loc[order] for _, p in loaded]
+    y = np.array([first_classes.index(v) for v in aligned[0]["label"]])
+    positive = loaded[0][0].positive_class
+    rows = []
+    base_probs = aligned[0][columns].to_numpy()
+    for (run, _), frame in zip(loaded, aligned):
+        probs = frame[columns].to_numpy()
+        metrics = compute_metrics(
+            y, probs, first_classes, positive=positive, n_bootstrap=n_bootstrap, seed=seed
+        )
+        row = {"run": str(run.path), "metrics": metrics}
+        if rows:
+            row["paired"] = paired_bootstrap_auroc(
+                y,
+                probs,
+                base_probs,
+                first_classes,
+                positive=positive,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+            )
+        rows.append(row)
+    return {"n_shared": len(order), "runs": rows}
+

@@ -1,0 +1,127 @@
+"""``medsight evaluate``: predict a run's split, then write predictions.csv and metrics.json.
+
+Reads only the run directory and the data; the numbers come from :mod:`.metrics`,
+:mod:`.calibration` and :mod:`.subgroups`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medsight import runs
+from medsight.data.sources import load_samples
+from medsight.errors import DataError
+from medsight.evaluation.calibration import TemperatureScaler
+from medsight.evaluation.metrics import compute_metrics
+from medsight.evaluation.subgroups import bin_numeric, subgroup_metrics
+from medsight.serving.predictor import Predictor
+
+
+def load_table(run: runs.Run, data: str | Path | None, split: str = "test") -> pd.DataFrame:
+    """The run's own data with its recorded splits, or other data (all of it one split)."""
+    if data is None:
+        d = run.config.data
+        table = load_samples(
+            d.path,
+            format=d.format,
+            allow_outside=d.allow_outside,
+            path_column=d.path_column,
+            label_column=d.label_column,
+            patient_column=d.patient_column,
+            split_column=d.split_column,
+        )
+        assigned = run.splits().set_index("sample_id")["split"]
+        return table.assign(split=table["sample_id"].map(assigned))
+    table = load_samples(data)
+    if table["split"].isna().all():
+        table = table.assign(split=split)  # an external set: all of it is evaluated
+    return table
+
+
+def select_split(run: runs.Run, table: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The labelled rows of ``split``; refuses classes the run does not know."""
+    rows = table[table["split"] == split]
+    if rows.empty:
+        raise DataError(
+            f"the {split} split is empty (splits present: "
+            f"{sorted(table['split'].dropna().unique())}); choose one with --split"
+        )
+    extra = sorted(set(rows["label"].dropna()) - set(run.classes))
+    if extra:
+        raise DataError(
+            f"the data has class(es) {extra} that the run does not know; "
+            f"the run's classes are {run.classes}"
+        )
+    if rows["label"].isna().any():
+        raise DataError(f"{int(rows['label'].isna().sum())} {split} images have no label")
+    return rows.reset_index(drop=True)
+
+
+def evaluate_run(
+    path: str | Path,
+    *,
+    data: str | Path | None = None,
+    split: str = "test",
+    by: Sequence[str] = (),
+    n_bootstrap: int = 1000,
+    calibrate: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Evaluate the run at ``path``; writes ``predictions.csv`` and ``metrics.json`` into it."""
+    run = runs.Run.load(path)
+    if not (run.path / runs.WEIGHTS).exists():
+        raise DataError(f"{run.path} has no {runs.WEIGHTS}: the run never finished an epoch")
+    table = load_table(run, data, split)
+    available = [c for c in table.columns if c not in ("sample_id", "source")]
+    missing = [c for c in by if c not in available]
+    if missing:
+        raise DataError(f"--by column(s) {missing} not in the data; available: {available}")
+    predictor = Predictor.from_run(run.path)
+    if calibrate:
+        val = select_split(run, table, "val")
+        y_val = np.array([run.classes.index(v) for v in val["label"]])
+        scaler = TemperatureScaler().fit(predictor.logits_table(val), y_val)
+        runs.write_json(run.path / runs.CALIBRATION, scaler.to_dict())
+        predictor.calibration = scaler.to_dict()
+    rows = select_split(run, table, split)
+    probs = predictor.predict_table(rows)
+    y = np.array([run.classes.index(v) for v in rows["label"]])
+    metrics = compute_metrics(
+        y, probs, run.classes, positive=run.positive_class, n_bootstrap=n_bootstrap, seed=seed
+    )
+    metrics["split"] = split
+    metrics["data"] = str(data or run.config.data.path)
+    metrics["calibration"] = predictor.calibration
+    metrics["subgroups"] = {}
+    for column in by:
+        groups = rows[column]
+        if pd.api.types.is_numeric_dtype(groups) and groups.nunique() > 10:
+            groups = bin_numeric(groups)
+        metrics["subgroups"][column] = subgroup_metrics(
+            y,
+            probs,
+            run.classes,
+            groups,
+            column=column,
+            positive=run.positive_class,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+    predictions = pd.DataFrame(
+        {
+            "sample_id": rows["sample_id"],
+            "label": rows["label"],
+            "predicted": [run.classes[i] for i in probs.argmax(axis=1)],
+        }
+    )
+    for k, name in enumerate(run.classes):
+        predictions[f"p_{name}"] = probs[:, k]
+    meta = [c for c in rows.columns if c not in ("sample_id", "source", "label", "split")]
+    predictions = pd.concat([predictions, rows[meta].reset_index(drop=True)], axis=1)
+    runs.write_text(run.path / runs.PREDICTIONS, predictions.to_csv(index=False))
+    runs.write_json(run.path / runs.METRICS, metrics)
+    return metrics
