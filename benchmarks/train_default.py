@@ -30,7 +30,7 @@ def run_set(name: str, path: Path | None, work: Path, epochs: int | None = None)
     if path is None:
         from medsight.data.synth import write_phantom_dataset
 
-        path = work / "phantom"
+        path = work / "phantom-data"
         write_phantom_dataset(path, n=1200, size=64, seed=0)
     started = time.perf_counter()
     config = TrainConfig(data=DataConfig(path=str(path)), out=str(work / name))
