@@ -606,5 +606,49 @@ def compare_command(
         console.print(table)
 
 
+# --------------------------------------------------------------------------- report, demo
+
+
+@app.command("report")
+def report_command(
+    run: Annotated[Path, typer.Argument(help="An evaluated run directory.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file (default RUN/report.html).")
+    ] = None,
+) -> None:
+    """Write the self-contained HTML report of an evaluated run."""
+    from medsight.evaluation.report import write_report
+
+    with _user_errors():
+        path = write_report(run, out=out)
+        console.print(f"wrote {path}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for data, run and report.")] = Path(
+        "medsight-demo"
+    ),
+    data: Annotated[
+        str | None, typer.Option("--data", help="Your own data instead of the phantom set.")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 12,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous demo.")
+    ] = False,
+) -> None:
+    """The main job on the embedded default: synth → check → train → evaluate → report."""
+    from medsight.demo import run_demo
+
+    with _user_errors():
+        result = run_demo(out, data=data, epochs=epochs, overwrite=overwrite, console=err_console)
+        console.print(
+            f"\n[bold green]done[/] in {result.seconds:.0f} s\n"
+            f"  data    {result.data}\n  run     {result.run}\n  report  {result.report}\n\n"
+            f"open the report:  python -m webbrowser file://{result.report.resolve()}",
+            highlight=False,
+        )
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

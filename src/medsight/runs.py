@@ -67,6 +67,7 @@ def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be shared and served
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

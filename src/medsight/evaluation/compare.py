@@ -62,4 +62,3 @@ def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: 
             )
         rows.append(row)
     return {"n_shared": len(order), "runs": rows}
-

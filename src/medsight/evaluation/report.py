@@ -1,0 +1,1010 @@
+"""The self-contained HTML report of an evaluated run: headline metrics, curves, calibration,
+operating points, subgroups, training history, example images and a model card, in one file.
+
+It reads only the run directory (and, for the example thumbnails, the run's data). Figures are
+matplotlib PNGs embedded as ``data:`` URIs and the page carries its own CSS, so the file opens
+offline and can be mailed as it is. The page is rendered from ``templates/report.html.j2`` with
+autoescaping on: class names, paths and metadata values are shown, never interpreted.
+
+>>> write_report("runs/pneumonia")            # doctest: +SKIP
+PosixPath('runs/pneumonia/report.html')
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import struct
+from datetime import datetime
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medsight import runs
+from medsight.errors import ConfigError, DataError
+from medsight.evaluation.calibration import bin_index, reliability_curve
+from medsight.evaluation.metrics import ECE_BINS
+
+__all__ = ["REPORT", "write_report"]
+
+REPORT = "report.html"
+TEMPLATE = "report.html.j2"
+
+#: Headline metrics shown as tiles: key in metrics.json, label, whether higher is better.
+HEADLINE_TILES = (
+    ("accuracy", "Accuracy", True),
+    ("balanced_accuracy", "Balanced accuracy", True),
+    ("auroc", "AUROC", True),
+    ("average_precision", "Average precision", True),
+    ("f1_macro", "F1 (macro)", True),
+    ("log_loss", "Log loss", False),
+    ("brier", "Brier score", False),
+    ("ece", "ECE", False),
+)
+OPERATING_POINTS = (
+    ("sensitivity_0.90", "Sensitivity ≥ 0.90"),
+    ("sensitivity_0.95", "Sensitivity ≥ 0.95"),
+    ("youden", "Youden (max sens + spec − 1)"),
+)
+PER_CLASS_COLUMNS = (
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("precision", "Precision (PPV)"),
+    ("npv", "NPV"),
+    ("f1", "F1"),
+)
+SUBGROUP_COLUMNS = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Bal. accuracy"),
+    ("auroc", "AUROC"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("precision", "Precision"),
+)
+#: Colour-blind-safe class colours (Okabe & Ito), then matplotlib's defaults for many classes.
+CLASS_COLOURS = (
+    "#0072B2",
+    "#D55E00",
+    "#009E73",
+    "#CC79A7",
+    "#E69F00",
+    "#56B4E9",
+    "#000000",
+    "#F0E442",
+)
+ACCENT = "#1d4ed8"
+INK = "#1f2933"
+MUTED = "#7b8794"
+DPI = 144
+CSS_PX_PER_INCH = 100  # figure inches → displayed CSS pixels (10 pt text shows at ~14 px)
+SMALL_TEST_SET = 200
+THUMBNAIL_SIDE = 224
+
+_SPLIT_ORDER = ("train", "val", "test")
+_MONITOR_LABELS = {
+    "auroc": "validation AUROC",
+    "accuracy": "validation accuracy",
+    "balanced_accuracy": "validation balanced accuracy",
+    "loss": "validation loss",
+}
+_STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 10,
+    "axes.edgecolor": "#9aa5b1",
+    "axes.labelcolor": INK,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e4e7eb",
+    "grid.linewidth": 0.8,
+    "xtick.color": "#52606d",
+    "ytick.color": "#52606d",
+    "legend.frameon": False,
+    "legend.fontsize": 9,
+    "text.color": INK,
+    "text.parse_math": False,  # class names with "$" are names, not TeX
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+}
+
+
+def write_report(run: str | Path, *, out: str | Path | None = None, examples: int = 4) -> Path:
+    """Write the run's self-contained ``report.html`` (default ``RUN/report.html``), return it.
+
+    Needs the files ``medsight evaluate`` writes (``metrics.json``, ``predictions.csv``).
+    ``examples`` is how many correctly and how many wrongly classified images are shown
+    (0: none, so the report embeds no patient image). When the images cannot be read (the data
+    moved), the report says so instead of showing them.
+
+    >>> write_report("runs/chest", out="chest-report.html", examples=6)   # doctest: +SKIP
+    PosixPath('chest-report.html')
+    """
+    if isinstance(examples, bool) or int(examples) != examples or examples < 0:
+        raise ConfigError(f"examples must be a whole number ≥ 0; got {examples!r}")
+    loaded = runs.Run.load(run)
+    missing = [f for f in (runs.METRICS, runs.PREDICTIONS) if not (loaded.path / f).is_file()]
+    if missing:
+        raise DataError(
+            f"{loaded.path} has no {' or '.join(missing)}: the run has not been evaluated; "
+            f"run `medsight evaluate {loaded.path}` first"
+        )
+    try:
+        metrics = json.loads((loaded.path / runs.METRICS).read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{loaded.path / runs.METRICS} is not valid JSON ({exc}); "
+            f"run `medsight evaluate {loaded.path}` again"
+        ) from None
+    predictions = _read_predictions(loaded.path / runs.PREDICTIONS)
+    y, probs = _labels_and_probs(predictions, loaded.classes, loaded.path)
+
+    target = Path(out) if out is not None else loaded.path / REPORT
+    if target.is_dir():
+        target = target / REPORT
+    context = _build_context(loaded, metrics, predictions, y, probs, int(examples))
+    html = _template().render(**context)
+    runs.write_atomic(target, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    return target
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _template():
+    import jinja2
+
+    text = (files("medsight.evaluation") / "templates" / TEMPLATE).read_text(encoding="utf-8")
+    env = jinja2.Environment(
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env.from_string(text)
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    # Class names such as "NA" or "0" must stay strings: no NA guessing, ids and labels as text.
+    return pd.read_csv(
+        path,
+        dtype={"sample_id": str, "label": str, "predicted": str},
+        keep_default_na=False,
+    )
+
+
+def _labels_and_probs(pred: pd.DataFrame, classes: list[str], run: Path):
+    columns = [f"p_{c}" for c in classes]
+    lacking = [c for c in ("sample_id", "label", "predicted", *columns) if c not in pred.columns]
+    if lacking:
+        raise DataError(
+            f"{run / runs.PREDICTIONS} lacks column(s) {lacking} for the run's classes {classes}; "
+            f"run `medsight evaluate {run}` again"
+        )
+    unknown = sorted(set(pred["label"]) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{run / runs.PREDICTIONS} has labels {unknown} that are not the run's classes "
+            f"{classes}; run `medsight evaluate {run}` again"
+        )
+    y = pred["label"].map(classes.index).to_numpy(dtype=np.int64)
+    probs = pred[columns].to_numpy(dtype=np.float64)
+    return y, probs
+
+
+def _read_optional_csv(path: Path, **kwargs) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        return None
+
+
+def _read_optional_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    if value != 0 and abs(value) < 10 ** (-digits):
+        return f"{value:.1e}"
+    return f"{value:.{digits}f}"
+
+
+def _cell(entry: Any, digits: int = 3) -> dict:
+    """A metric for the template: shown text, CI text, and the exact value for the tooltip."""
+    if isinstance(entry, dict):
+        value, ci = entry.get("value"), entry.get("ci")
+    else:
+        value, ci = entry, None
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return {"undefined": True, "text": "—", "ci": None, "exact": None}
+    ci_text = None
+    if ci and ci[0] is not None and ci[1] is not None:
+        ci_text = f"{_fmt(ci[0], digits)}–{_fmt(ci[1], digits)}"
+    return {"undefined": False, "text": _fmt(value, digits), "ci": ci_text, "exact": repr(value)}
+
+
+def _plot_label(text: str, limit: int = 22) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float, **kwargs):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained", **kwargs)
+
+
+def _embed(fig, alt: str) -> dict:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    data = buf.getvalue()
+    width_px = struct.unpack(">I", data[16:20])[0]
+    return {
+        "src": "data:image/png;base64," + base64.b64encode(data).decode("ascii"),
+        "width": round(width_px / DPI * CSS_PX_PER_INCH),
+        "alt": alt,
+    }
+
+
+def _style():
+    from matplotlib import rc_context
+
+    return rc_context(_STYLE)
+
+
+def _class_colour(k: int) -> str:
+    if k < len(CLASS_COLOURS):
+        return CLASS_COLOURS[k]
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](k % 20)
+
+
+def _confusion_figure(cm: np.ndarray, classes: list[str]) -> dict:
+    k = len(classes)
+    side = max(3.4, 0.5 * k + 1.6)
+    labels = [_plot_label(c, 16) for c in classes]
+    rotate = k > 3 or max(len(s) for s in labels) > 8
+    support = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.where(support > 0, cm / np.maximum(support, 1), np.nan)
+    size = 10 if k <= 6 else 8 if k <= 10 else 6
+    with _style():
+        fig = _figure(2 * side + 0.6, side)
+        axes = fig.subplots(1, 2)
+        panels = (
+            (cm.astype(float), "Counts", lambda v: f"{int(v)}", cm.max() or 1),
+            (normalised, "Row-normalised", lambda v: f"{v:.2f}", 1),
+        )
+        for ax, (values, title, fmt, vmax) in zip(axes, panels):
+            shown = np.nan_to_num(values, nan=0.0)
+            ax.imshow(shown, cmap="Blues", vmin=0, vmax=vmax, aspect="equal")
+            ax.grid(False)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            for i in range(k):
+                for j in range(k):
+                    v = values[i, j]
+                    text = "—" if not np.isfinite(v) else fmt(v)
+                    dark = np.isfinite(v) and v > 0.55 * vmax
+                    ax.text(
+                        j,
+                        i,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=size,
+                        color="white" if dark else INK,
+                        fontweight="bold" if i == j else "normal",
+                    )
+            ax.set_xticks(
+                range(k), labels, rotation=35 if rotate else 0, ha="right" if rotate else "center"
+            )
+            ax.set_yticks(range(k), labels)
+            ax.tick_params(length=0)
+            ax.set_xlabel("Predicted class")
+            ax.set_ylabel("True class")
+            ax.set_title(title, loc="left")
+        return _embed(fig, "Confusion matrix: counts and row-normalised")
+
+
+def _roc_pr_figure(y: np.ndarray, probs: np.ndarray, classes: list[str], metrics: dict):
+    """ROC and precision–recall curves (one-vs-rest), with the operating points on the ROC."""
+    from matplotlib.lines import Line2D
+    from sklearn.metrics import auc as area
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+    k = len(classes)
+    positive = metrics.get("positive")
+    columns = [classes.index(positive)] if k == 2 and positive in classes else range(k)
+    if k == 2 and positive not in classes:
+        columns = [k - 1]
+    skipped = []
+    curves = []
+    for c in columns:
+        yb = y == c
+        if yb.all() or not yb.any():
+            skipped.append(classes[c])
+            continue
+        fpr, tpr, _ = roc_curve(yb, probs[:, c])
+        precision, recall, _ = precision_recall_curve(yb, probs[:, c])
+        curves.append(
+            {
+                "c": c,
+                "fpr": fpr,
+                "tpr": tpr,
+                "precision": precision,
+                "recall": recall,
+                "auroc": area(fpr, tpr),
+                "ap": average_precision_score(yb, probs[:, c]),
+                "prevalence": float(yb.mean()),
+            }
+        )
+    if not curves:
+        return None, skipped
+    markers = {"sensitivity_0.90": "o", "sensitivity_0.95": "s", "youden": "D"}
+    outside = len(curves) > 4
+    with _style():
+        fig = _figure(9.6 if outside else 9.0, 4.1)
+        roc, pr = fig.subplots(1, 2)
+        roc.plot([0, 1], [0, 1], ls="--", lw=1, color=MUTED, label="chance")
+        for curve in curves:
+            c = curve["c"]
+            colour = _class_colour(c)
+            name = _plot_label(classes[c])
+            roc.plot(
+                curve["fpr"],
+                curve["tpr"],
+                color=colour,
+                lw=2,
+                label=f"{name} (AUROC {curve['auroc']:.3f})",
+            )
+            pr.plot(
+                curve["recall"],
+                curve["precision"],
+                color=colour,
+                lw=2,
+                label=f"{name} (AP {curve['ap']:.3f})",
+                drawstyle="steps-post",
+            )
+            points = (metrics.get("thresholds") or {}).get(classes[c]) or {}
+            for key, marker in markers.items():
+                point = points.get(key)
+                if not point or point.get("specificity") is None:
+                    continue
+                roc.plot(
+                    1 - point["specificity"],
+                    point["sensitivity"],
+                    marker=marker,
+                    ms=7,
+                    mfc="white",
+                    mec=colour,
+                    mew=1.8,
+                    ls="none",
+                    zorder=5,
+                )
+        if len(curves) == 1:
+            prevalence = curves[0]["prevalence"]
+            pr.axhline(prevalence, ls="--", lw=1, color=MUTED, label=f"chance ({prevalence:.2f})")
+        roc.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02), xlabel="1 − specificity (FPR)")
+        roc.set_ylabel("Sensitivity (TPR)")
+        roc.set_title("ROC", loc="left")
+        roc.set_aspect("equal")
+        pr.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02), xlabel="Recall (sensitivity)")
+        pr.set_ylabel("Precision (PPV)")
+        pr.set_title("Precision–recall", loc="left")
+        pr.set_aspect("equal")
+        handles = [
+            Line2D([], [], marker=m, ls="none", mfc="white", mec=INK, mew=1.5, ms=7)
+            for m in markers.values()
+        ]
+        where = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if outside else {}
+        roc.legend(**({"loc": "lower right"} | where))
+        fig.legend(
+            handles,
+            ["operating point: sensitivity ≥ 0.90", "sensitivity ≥ 0.95", "Youden"],
+            loc="outside lower center",
+            ncol=3,
+            fontsize=8.5,
+        )
+        pr.legend(**({"loc": "best"} | where))
+        return _embed(fig, "ROC and precision–recall curves"), skipped
+
+
+def _reliability_figure(y: np.ndarray, probs: np.ndarray) -> dict:
+    curve = reliability_curve(y, probs, n_bins=ECE_BINS)
+    width = 1.0 / ECE_BINS
+    confidence = np.asarray(curve["confidence"])
+    accuracy = np.asarray(curve["accuracy"])
+    count = np.asarray(curve["count"])
+    left = bin_index(confidence, ECE_BINS) * width
+    low = math.floor(10 / probs.shape[1]) / 10  # top-label confidence is at least 1/K
+    with _style():
+        fig = _figure(5.2, 5.0)
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        top.bar(
+            left,
+            accuracy,
+            width=width,
+            align="edge",
+            color=ACCENT,
+            alpha=0.85,
+            edgecolor="white",
+            label="accuracy",
+            zorder=2,
+        )
+        top.bar(
+            left,
+            confidence - accuracy,
+            bottom=accuracy,
+            width=width,
+            align="edge",
+            facecolor="none",
+            edgecolor="#dc2626",
+            lw=0.8,
+            hatch="////",
+            label="gap to mean confidence",
+            zorder=3,
+        )
+        top.plot([0, 1], [0, 1], ls="--", lw=1, color=MUTED, label="perfect calibration")
+        top.set(ylim=(0, 1.02), ylabel="Accuracy")
+        top.set_title("Reliability (top-label confidence)", loc="left")
+        fig.legend(loc="outside lower center", ncol=3, fontsize=8.5, handlelength=1.6)
+        bottom.bar(left, count, width=width, align="edge", color="#9aa5b1", edgecolor="white")
+        bottom.set(xlim=(low, 1.0), xlabel="Confidence (highest probability)", ylabel="Images")
+        return _embed(fig, "Reliability diagram")
+
+
+def _best_epoch(history: pd.DataFrame, monitor: str) -> int | None:
+    """The epoch whose weights were saved: the first best score, as the trainer keeps it."""
+    if history.empty or "epoch" not in history:
+        return None
+    if monitor == "loss" and "val_loss" in history:
+        score = -history["val_loss"]
+    elif f"val_{monitor}" in history:
+        score = history[f"val_{monitor}"]
+        if "val_balanced_accuracy" in history:
+            score = score.fillna(history["val_balanced_accuracy"])
+    else:
+        return None
+    if score.isna().all():
+        return None
+    return int(history["epoch"].iloc[int(np.nanargmax(score.to_numpy(dtype=float)))])
+
+
+def _training_figure(history: pd.DataFrame, best: int | None, monitor: str) -> dict:
+    epoch = history["epoch"]
+    with _style():
+        fig = _figure(9.0, 3.4)
+        loss, score = fig.subplots(1, 2)
+        series = (
+            (loss, "train_loss", "train loss", ACCENT, "-"),
+            (loss, "val_loss", "validation loss", "#D55E00", "-"),
+            (score, "val_auroc", "validation AUROC", ACCENT, "-"),
+            (score, "val_accuracy", "validation accuracy", "#009E73", "-"),
+            (score, "val_balanced_accuracy", "validation balanced accuracy", "#009E73", ":"),
+        )
+        for ax, column, label, colour, ls in series:
+            if column in history and history[column].notna().any():
+                ax.plot(
+                    epoch,
+                    history[column],
+                    marker="o",
+                    ms=3.5,
+                    lw=1.8,
+                    ls=ls,
+                    color=colour,
+                    label=label,
+                )
+        for ax in (loss, score):
+            if best is not None:
+                ax.axvline(best, color=MUTED, ls="--", lw=1)
+                ax.annotate(
+                    f"best: epoch {best}",
+                    (best, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(4, -4),
+                    textcoords="offset points",
+                    va="top",
+                    fontsize=8,
+                    color="#52606d",
+                )
+            ax.set_xlabel("Epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="best")
+        loss.set_title("Loss", loc="left")
+        score.set_title("Validation metrics", loc="left")
+        score.set_ylim(0.0, 1.02)
+        return _embed(fig, f"Training curves (best epoch by {monitor})")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _data_summary(run: runs.Run, splits: pd.DataFrame | None) -> dict:
+    classes = run.classes
+    out: dict[str, Any] = {"splits": [], "balance": [], "n_total": None, "patients": None}
+    out["leak_patients"] = 0
+    if splits is None or "split" not in splits:
+        return out
+    splits = splits.assign(split=splits["split"].fillna("unassigned").astype(str))
+    order = [s for s in _SPLIT_ORDER if (splits["split"] == s).any()]
+    order += sorted(set(splits["split"]) - set(order))
+    has_patients = "patient_id" in splits and splits["patient_id"].notna().any()
+    labels = splits["label"].astype(str) if "label" in splits else pd.Series(dtype=str)
+    for name in [*order, "all"]:
+        rows = splits if name == "all" else splits[splits["split"] == name]
+        counts = labels.loc[rows.index].value_counts() if "label" in splits else pd.Series()
+        n = len(rows)
+        out["balance"].append(
+            {
+                "split": name,
+                "n": n,
+                "patients": int(rows["patient_id"].nunique()) if has_patients else None,
+                "cells": [
+                    {
+                        "n": int(counts.get(c, 0)),
+                        "pct": f"{100 * counts.get(c, 0) / n:.0f} %" if n else "—",
+                    }
+                    for c in classes
+                ],
+            }
+        )
+        if name != "all":
+            out["splits"].append({"split": name, "n": n})
+    out["n_total"] = len(splits)
+    if has_patients:
+        known = splits[splits["patient_id"].notna()]
+        per_patient = known.groupby("patient_id")["split"].nunique()
+        out["patients"] = int(per_patient.shape[0])
+        out["leak_patients"] = int((per_patient > 1).sum())
+    return out
+
+
+def _split_method(run: runs.Run, data: dict) -> str:
+    d = run.config.data
+    if d.split_column:
+        how = f"given by the data's column {d.split_column!r}"
+    else:
+        how = (
+            "train / val / test "
+            + " / ".join(f"{r:g}" for r in d.ratios)
+            + f", stratified by class (seed {run.config.seed}) unless the data came split"
+        )
+    if data["patients"]:
+        leak = data["leak_patients"]
+        grouped = (
+            f"grouped by patient ({data['patients']} patients; no patient is in two splits)"
+            if not leak
+            else f"grouped by patient, yet {leak} patient(s) appear in more than one split"
+        )
+        return f"{how}; {grouped}"
+    return (
+        f"{how}; by image, since no patient ID was recorded: images of one patient may sit in "
+        "different splits, which can inflate the metrics"
+    )
+
+
+def _model_summary(run: runs.Run) -> dict:
+    m, prep = run.model_config, run.preprocess
+    cfg = run.config
+    source = m.get("pretrained_source")
+    if source:
+        weights = str(source)
+    elif cfg.model.weights:
+        weights = str(cfg.model.weights)
+    else:
+        weights = "none: trained from random initialisation"
+    channels = {1: "1 (grayscale)", 3: "3 (RGB)"}.get(prep.channels, str(prep.channels))
+    return {
+        "name": m.get("name", cfg.model.name),
+        "attention": m.get("attention", cfg.model.attention),
+        "mode": m.get("mode", cfg.optim.mode),
+        "frozen_stages": m.get("frozen_stages"),
+        "weights": weights,
+        "size": f"{prep.size[0]} × {prep.size[1]} px",
+        "channels": channels,
+        "window": (f"centre {prep.window[0]:g}, width {prep.window[1]:g}" if prep.window else None),
+        "normalisation": f"mean {', '.join(f'{v:.3g}' for v in prep.mean)}; "
+        f"std {', '.join(f'{v:.3g}' for v in prep.std)}",
+    }
+
+
+def _training_summary(run: runs.Run, history: pd.DataFrame | None) -> dict:
+    o = run.config.optim
+    monitor = o.monitor
+    out: dict[str, Any] = {
+        "figure": None,
+        "best": None,
+        "monitor": _MONITOR_LABELS.get(monitor, monitor),
+        "epochs_run": 0,
+        "epochs_planned": o.epochs,
+        "stopped_early": False,
+        "seconds": None,
+        "settings": [
+            (
+                "Optimiser",
+                f"{o.optimizer}, learning rate {o.lr:g}, weight decay {o.weight_decay:g}",
+            ),
+            ("Schedule", f"{o.schedule}, {o.warmup_epochs:g} warm-up epoch(s)"),
+            ("Batch size", str(o.batch_size)),
+            ("Augmentation", o.augment),
+            (
+                "Class weights",
+                o.class_weights + (", balanced sampler" if o.balanced_sampler else ""),
+            ),
+            ("Early stopping", f"patience {o.patience} epochs on {_MONITOR_LABELS.get(monitor)}"),
+            ("Seed", str(run.config.seed)),
+        ],
+    }
+    if history is None or history.empty or "epoch" not in history:
+        return out
+    best = _best_epoch(history, monitor)
+    out.update(
+        best=best,
+        epochs_run=int(history["epoch"].max()),
+        stopped_early=int(history["epoch"].max()) < o.epochs,
+        figure=_training_figure(history, best, out["monitor"]),
+    )
+    if "seconds" in history:
+        out["seconds"] = f"{history['seconds'].sum():.0f} s"
+    if best is not None:
+        row = history[history["epoch"] == best].iloc[0]
+        out["best_row"] = [
+            (label, _fmt(row[column]))
+            for column, label in (
+                ("val_loss", "val loss"),
+                ("val_auroc", "val AUROC"),
+                ("val_accuracy", "val accuracy"),
+            )
+            if column in row
+        ]
+    return out
+
+
+def _subgroups(metrics: dict) -> list[dict]:
+    tables = []
+    for column, result in (metrics.get("subgroups") or {}).items():
+        rows = []
+        for name, entry in (result.get("groups") or {}).items():
+            rows.append(
+                {
+                    "name": name,
+                    "n": entry.get("n"),
+                    "cells": [_cell(entry.get(key)) for key, _ in SUBGROUP_COLUMNS],
+                    "warning": entry.get("warning"),
+                }
+            )
+        gaps = []
+        for key, _ in SUBGROUP_COLUMNS:
+            gap = (result.get("gaps") or {}).get(key) or {}
+            if gap.get("gap") is None:
+                gaps.append({"undefined": True, "text": "—", "detail": None})
+            else:
+                gaps.append(
+                    {
+                        "undefined": False,
+                        "text": _fmt(gap["gap"]),
+                        "exact": repr(gap["gap"]),
+                        "detail": f"{gap['highest']} vs {gap['lowest']}",
+                    }
+                )
+        tables.append(
+            {"column": column, "rows": rows, "gaps": gaps, "warnings": result.get("warnings", [])}
+        )
+    return tables
+
+
+def _largest_gaps(metrics: dict) -> list[str]:
+    """One sentence per subgroup column: its largest AUROC / sensitivity gap."""
+    findings = []
+    for column, result in (metrics.get("subgroups") or {}).items():
+        groups = result.get("groups") or {}
+        parts = []
+        for key, label in (("auroc", "AUROC"), ("sensitivity", "sensitivity")):
+            gap = (result.get("gaps") or {}).get(key) or {}
+            if gap.get("gap") is None:
+                continue
+            hi, lo = gap["highest"], gap["lowest"]
+            parts.append(
+                f"{label} differs by {gap['gap']:.3f} between {hi} "
+                f"({groups[hi][key]['value']:.3f}, n={groups[hi]['n']}) and {lo} "
+                f"({groups[lo][key]['value']:.3f}, n={groups[lo]['n']})"
+            )
+        if parts:
+            findings.append(f"By {column}: " + "; ".join(parts) + ".")
+        else:
+            findings.append(f"By {column}: no gap could be computed (too few defined groups).")
+    return findings
+
+
+def _pick_examples(y: np.ndarray, predicted: np.ndarray, probs: np.ndarray, n: int):
+    """Indices of up to ``n`` right and ``n`` wrong predictions, the most confident first, taken
+    from the true classes in turn so that every class is shown."""
+    confidence = probs[np.arange(len(y)), predicted]
+
+    def pick(mask: np.ndarray) -> list[int]:
+        queues = []
+        for c in np.unique(y[mask]):
+            members = np.flatnonzero(mask & (y == c))
+            queues.append(list(members[np.argsort(-confidence[members], kind="stable")]))
+        chosen: list[int] = []
+        while len(chosen) < n and any(queues):
+            for queue in queues:
+                if queue and len(chosen) < n:
+                    chosen.append(int(queue.pop(0)))
+        return chosen
+
+    right = predicted == y
+    return pick(right), pick(~right)
+
+
+def _thumbnail(source: str, window) -> tuple[str, bool]:
+    from PIL import Image
+
+    from medsight.data.imaging import decode
+
+    pixels = np.clip(decode(source, window=window).pixels, 0.0, 1.0)
+    array = (pixels * 255 + 0.5).astype(np.uint8)
+    image = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+    small = max(image.size) < 128
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), small
+
+
+def _examples(run, metrics, pred, y, probs, n: int) -> dict:
+    """Thumbnails of right and wrong predictions; a note instead when the images are gone."""
+    out: dict[str, Any] = {"groups": [], "note": None, "requested": n}
+    if n == 0:
+        out["note"] = "No example images were requested (examples=0)."
+        return out
+    classes = run.classes
+    predicted = pred["predicted"].map(lambda v: classes.index(v) if v in classes else -1)
+    predicted = np.where(predicted >= 0, predicted, probs.argmax(axis=1)).astype(np.int64)
+    right, wrong = _pick_examples(y, predicted, probs, n)
+    d = run.config.data
+    data = metrics.get("data") or d.path
+    try:
+        from medsight.data.sources import load_samples
+
+        if str(data) == str(d.path):
+            table = load_samples(
+                d.path,
+                format=d.format,
+                allow_outside=d.allow_outside,
+                path_column=d.path_column,
+                label_column=d.label_column,
+                patient_column=d.patient_column,
+                split_column=d.split_column,
+            )
+        else:
+            table = load_samples(data)
+        sources = dict(zip(table["sample_id"].astype(str), table["source"]))
+    except Exception as exc:  # noqa: BLE001 - a report never fails for want of its pictures
+        out["note"] = (
+            f"Example images are not shown: the data at {data} could not be read ({exc}). "
+            "Restore the data at that path and write the report again to include them."
+        )
+        return out
+    failed = 0
+    for title, indices in (("Correctly classified", right), ("Misclassified", wrong)):
+        items = []
+        for i in indices:
+            sample = str(pred["sample_id"].iloc[i])
+            try:
+                src, small = _thumbnail(sources[sample], run.preprocess.window)
+            except Exception:  # noqa: BLE001 - a missing or unreadable image is skipped
+                failed += 1
+                continue
+            items.append(
+                {
+                    "src": src,
+                    "pixelated": small,
+                    "sample_id": sample,
+                    "truth": classes[y[i]],
+                    "predicted": classes[predicted[i]],
+                    "p": f"{probs[i, predicted[i]]:.2f}",
+                    "p_truth": f"{probs[i, y[i]]:.2f}",
+                    "correct": bool(predicted[i] == y[i]),
+                }
+            )
+        out["groups"].append({"title": title, "items": items, "empty": not indices})
+    shown = sum(len(g["items"]) for g in out["groups"])
+    if failed and not shown:
+        out["groups"] = []
+        out["note"] = (
+            f"Example images are not shown: none of the {failed} chosen images could be read "
+            f"from {data} (moved or deleted?)."
+        )
+    elif failed:
+        out["note"] = f"{failed} chosen image(s) could not be read from {data} and are left out."
+    return out
+
+
+def _limitations(run, metrics: dict, pred: pd.DataFrame, data: dict, calibration) -> list[str]:
+    notes = []
+    n = int(metrics.get("n") or len(pred))
+    if n < SMALL_TEST_SET:
+        notes.append(
+            f"Small evaluation set: {n} images. Every estimate here is uncertain; read the 95 % "
+            "confidence intervals, not the point values."
+        )
+    auroc = metrics.get("auroc") or {}
+    if auroc.get("ci"):
+        lo, hi = auroc["ci"]
+        notes.append(
+            f"The 95 % CI of AUROC spans {hi - lo:.3f} ({lo:.3f}–{hi:.3f}): differences between "
+            "models smaller than that are not evidence of a better model."
+        )
+    if "site" in pred.columns:
+        sites = sorted({str(s) for s in pred["site"] if str(s) != ""})
+        if len(sites) == 1:
+            notes.append(
+                f"Single site ({sites[0]}): performance at other hospitals, scanners or "
+                "populations is untested."
+            )
+        else:
+            notes.append(
+                f"{len(sites)} sites in the evaluated split, all from the same data collection: "
+                "an external test set from an unseen site is still needed."
+            )
+    else:
+        notes.append(
+            "No site was recorded: the test images come from the same collection as the training "
+            "images, so performance at other hospitals or on other scanners is untested."
+        )
+    ece = (metrics.get("ece") or {}).get("value")
+    if calibration:
+        notes.append(
+            "Probabilities were calibrated by temperature scaling on the validation split; "
+            "calibration can drift on data from other sources."
+        )
+    elif ece is not None:
+        notes.append(
+            f"Probabilities are not calibrated (ECE {ece:.3f}); do not read them as risks. "
+            f"`medsight evaluate {run.path} --calibrate` fits a temperature on the validation "
+            "split."
+        )
+    prep = run.preprocess
+    notes.append(
+        f"Images are resized to {prep.size[0]} × {prep.size[1]} px: findings smaller than "
+        "that resolution can show cannot be detected."
+    )
+    if not data["patients"]:
+        notes.append(
+            "No patient IDs: images of one patient may be in both training and test splits, "
+            "which inflates the metrics."
+        )
+    return notes
+
+
+def _build_context(run, metrics, pred, y, probs, examples: int) -> dict:
+    import medsight
+
+    classes = run.classes
+    k = len(classes)
+    splits = _read_optional_csv(run.path / runs.SPLITS, dtype={"patient_id": str})
+    history = _read_optional_csv(run.path / runs.HISTORY)
+    versions = _read_optional_json(run.path / runs.VERSIONS) or {}
+    calibration = metrics.get("calibration") or run.calibration()
+    data = _data_summary(run, splits)
+    positive = metrics.get("positive") or run.positive_class
+
+    tiles = []
+    for key, label, higher in HEADLINE_TILES:
+        if key in ("auroc", "average_precision"):
+            label += f" ({positive})" if k == 2 else " (macro, one-vs-rest)"
+        tiles.append({"key": key, "label": label, "higher": higher, **_cell(metrics.get(key))})
+
+    warnings = list(metrics.get("warnings") or [])
+    if data["leak_patients"]:
+        warnings.append(
+            f"{data['leak_patients']} patient(s) have images in more than one split (see "
+            "splits.csv): the test metrics may be optimistic."
+        )
+    evaluated_on = str(metrics.get("data") or run.config.data.path)
+    external = evaluated_on != str(run.config.data.path)
+    subgroup_warnings = sum(
+        len(s.get("warnings") or []) for s in (metrics.get("subgroups") or {}).values()
+    )
+
+    cm = np.asarray(metrics.get("confusion_matrix") or np.zeros((k, k)), dtype=np.int64)
+    roc, skipped = _roc_pr_figure(y, probs, classes, metrics)
+
+    thresholds = []
+    for name, points in (metrics.get("thresholds") or {}).items():
+        for key, label in OPERATING_POINTS:
+            point = (points or {}).get(key)
+            thresholds.append(
+                {
+                    "class": name,
+                    "point": label,
+                    "cells": [
+                        _cell((point or {}).get(m), digits=4 if m == "threshold" else 3)
+                        for m in ("threshold", "sensitivity", "specificity", "ppv", "npv")
+                    ],
+                }
+            )
+    per_class = []
+    for name in classes:
+        entry = (metrics.get("per_class") or {}).get(name) or {}
+        per_class.append(
+            {
+                "class": name,
+                "positive": name == positive,
+                "cells": [_cell(entry.get(m)) for m, _ in PER_CLASS_COLUMNS],
+                "support": entry.get("support"),
+            }
+        )
+
+    metadata = [
+        c
+        for c in pred.columns
+        if c not in ("sample_id", "label", "predicted", "patient_id", "mask", "path")
+        and not c.startswith("p_")
+    ]
+    subgroups = _subgroups(metrics)
+    ece = metrics.get("ece") or {}
+    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
+    return {
+        "title": run.path.resolve().name,
+        "run_path": str(run.path),
+        "generated": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "medsight_version": getattr(medsight, "__version__", versions.get("medsight", "")),
+        "classes": classes,
+        "positive": positive,
+        "binary": k == 2,
+        "tiles": tiles,
+        "warnings": warnings,
+        "subgroup_warnings": subgroup_warnings,
+        "split": metrics.get("split", "test"),
+        "n_eval": metrics.get("n", len(pred)),
+        "evaluated_on": evaluated_on,
+        "external": external,
+        "data_path": str(run.config.data.path),
+        "data_format": run.config.data.format or "detected from the path",
+        "data": data,
+        "split_method": _split_method(run, data),
+        "model": _model_summary(run),
+        "confusion": _confusion_figure(cm, classes),
+        "roc": roc,
+        "roc_skipped": skipped,
+        "reliability": _reliability_figure(y, probs),
+        "ece": _cell(ece),
+        "ece_points": None if ece.get("value") is None else f"{100 * ece['value']:.1f}",
+        "log_loss": _cell(metrics.get("log_loss")),
+        "brier": _cell(metrics.get("brier")),
+        "temperature": None if temperature is None else f"{temperature:.3f}",
+        "ece_bins": ECE_BINS,
+        "thresholds": thresholds,
+        "per_class": per_class,
+        "per_class_columns": [label for _, label in PER_CLASS_COLUMNS],
+        "subgroups": subgroups,
+        "subgroup_columns": [label for _, label in SUBGROUP_COLUMNS],
+        "metadata_columns": metadata,
+        "gap_findings": _largest_gaps(metrics),
+        "training": _training_summary(run, history),
+        "examples": _examples(run, metrics, pred, y, probs, examples),
+        "limitations": _limitations(run, metrics, pred, data, calibration),
+        "versions": sorted(versions.items()) if isinstance(versions, dict) else [],
+    }
