@@ -45,6 +45,20 @@ class DataConfig(_Strict):
         default=None, description="the class triage treats as urgent; guessed when omitted"
     )
 
+    def load_samples(self):
+        """Read :attr:`path` with these reader options into a SampleTable."""
+        from medsight.data.sources import load_samples
+
+        return load_samples(
+            self.path,
+            format=self.format,
+            allow_outside=self.allow_outside,
+            path_column=self.path_column,
+            label_column=self.label_column,
+            patient_column=self.patient_column,
+            split_column=self.split_column,
+        )
+
     @field_validator("image_size")
     @classmethod
     def _size(cls, value):

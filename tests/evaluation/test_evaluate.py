@@ -15,19 +15,8 @@ from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import DataError
 from medsight.evaluation.compare import compare_runs
 from medsight.evaluation.evaluate import evaluate_run
+from medsight.evaluation.metrics import HEADLINE
 from medsight.training.trainer import train
-
-HEADLINE = (
-    "accuracy",
-    "balanced_accuracy",
-    "auroc",
-    "average_precision",
-    "f1_macro",
-    "f1_weighted",
-    "log_loss",
-    "brier",
-    "ece",
-)
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,7 @@ def load_table(run: runs.Run, data: str | Path | None, split: str = "test") -> p
     """The run's own data with its recorded splits, or other data (all of it one split)."""
     if data is None:
         d = run.config.data
-        table = load_samples(
-            d.path,
-            format=d.format,
-            allow_outside=d.allow_outside,
-            path_column=d.path_column,
-            label_column=d.label_column,
-            patient_column=d.patient_column,
-            split_column=d.split_column,
-        )
+        table = d.load_samples()
         assigned = run.splits().set_index("sample_id")["split"]
         return table.assign(split=table["sample_id"].map(assigned))
     table = load_samples(data)

@@ -787,18 +787,7 @@ def _examples(run, metrics, pred, y, probs, n: int) -> dict:
     try:
         from medsight.data.sources import load_samples
 
-        if str(data) == str(d.path):
-            table = load_samples(
-                d.path,
-                format=d.format,
-                allow_outside=d.allow_outside,
-                path_column=d.path_column,
-                label_column=d.label_column,
-                patient_column=d.patient_column,
-                split_column=d.split_column,
-            )
-        else:
-            table = load_samples(data)
+        table = d.load_samples() if str(data) == str(d.path) else load_samples(data)
         sources = dict(zip(table["sample_id"].astype(str), table["source"]))
     except Exception as exc:  # noqa: BLE001 - a report never fails for want of its pictures
         out["note"] = (

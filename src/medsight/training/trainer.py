@@ -27,7 +27,7 @@ from medsight import runs
 from medsight.config import TrainConfig
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
-from medsight.data.sources import class_names, load_samples
+from medsight.data.sources import class_names
 from medsight.data.splits import assign_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
@@ -104,15 +104,7 @@ class _Setup:
 
         _seed(config.seed)
         d = config.data
-        table = load_samples(
-            d.path,
-            format=d.format,
-            allow_outside=d.allow_outside,
-            path_column=d.path_column,
-            label_column=d.label_column,
-            patient_column=d.patient_column,
-            split_column=d.split_column,
-        )
+        table = d.load_samples()
         table = assign_splits(table, ratios=d.ratios, seed=config.seed)
         classes = _check_table(table, config.optim.batch_size)
         positive = d.positive_class or runs.guess_positive_class(classes)
