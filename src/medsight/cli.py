@@ -46,6 +46,11 @@ class DataFormat(str, Enum):
     nifti = "nifti"
 
 
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
 FormatOption = Annotated[
     DataFormat | None, typer.Option("--format", help="Reader to use (detected from the path).")
 ]
@@ -519,6 +524,9 @@ def evaluate_command(
         bool, typer.Option("--calibrate", help="Fit temperature scaling on val; kept in the run.")
     ] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    backend: Annotated[
+        Backend, typer.Option("--backend", help="Run the network with torch or ONNX Runtime.")
+    ] = Backend.torch,
 ) -> None:
     """Evaluate a run: metrics with CIs, thresholds, calibration, subgroups → metrics.json."""
     from medsight.evaluation.evaluate import evaluate_run
@@ -533,6 +541,7 @@ def evaluate_command(
             n_bootstrap=bootstrap,
             calibrate=calibrate,
             seed=seed,
+            backend=backend.value,
         )
         table = Table(title=f"{run} on {split} (n={metrics['n']:,})", title_justify="left")
         table.add_column("metric")
@@ -647,6 +656,36 @@ def demo_command(
             f"  data    {result.data}\n  run     {result.run}\n  report  {result.report}\n\n"
             f"open the report:  python -m webbrowser file://{result.report.resolve()}",
             highlight=False,
+        )
+
+
+# --------------------------------------------------------------------------- export
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="onnx | torchscript")] = (
+        ExportFormat.onnx
+    ),
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: 17).")] = None,
+    dynamic_batch: Annotated[
+        bool, typer.Option("--dynamic-batch/--static", help="Allow any batch size.")
+    ] = True,
+) -> None:
+    """Export a run's model (ONNX or TorchScript) next to its weights, checking parity."""
+    from medsight.export import export_run
+
+    with _user_errors():
+        result = export_run(run, format=fmt.value, opset=opset, dynamic_batch=dynamic_batch)
+        console.print(
+            f"wrote {result['path']} ({result['format']}); max |Δprobability| vs PyTorch "
+            f"{result['max_abs_diff_prob']:.2e}"
         )
 
 

@@ -62,8 +62,12 @@ def evaluate_run(
     n_bootstrap: int = 1000,
     calibrate: bool = False,
     seed: int = 0,
+    backend: str = "torch",
 ) -> dict:
-    """Evaluate the run at ``path``; writes ``predictions.csv`` and ``metrics.json`` into it."""
+    """Evaluate the run at ``path``; writes ``predictions.csv`` and ``metrics.json`` into it.
+
+    ``backend`` runs the network with torch or ONNX Runtime (see :class:`Predictor`).
+    """
     run = runs.Run.load(path)
     if not (run.path / runs.WEIGHTS).exists():
         raise DataError(f"{run.path} has no {runs.WEIGHTS}: the run never finished an epoch")
@@ -72,7 +76,7 @@ def evaluate_run(
     missing = [c for c in by if c not in available]
     if missing:
         raise DataError(f"--by column(s) {missing} not in the data; available: {available}")
-    predictor = Predictor.from_run(run.path)
+    predictor = Predictor.from_run(run.path, backend=backend)
     if calibrate:
         val = select_split(run, table, "val")
         y_val = np.array([run.classes.index(v) for v in val["label"]])

@@ -2,12 +2,18 @@
 
 ``Predictor.from_run(RUN)`` rebuilds the network from ``model.json`` + ``model.safetensors``
 and the input pipeline from ``preprocess.json``; callers never re-implement preprocessing.
+The network runs on a *backend*: torch (the default) or ONNX Runtime
+(``backend="onnx"``, from ``RUN/model.onnx``, exported on first use). Both turn a preprocessed
+batch into logits; softmax and calibration are applied here, the same way for both.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -17,7 +23,99 @@ from torch.utils.data import DataLoader
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
 from medsight.errors import ConfigError
-from medsight.runs import Run
+from medsight.runs import WEIGHTS, Run
+
+#: Names accepted by ``Predictor.from_run(..., backend=)``.
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
+
+
+class Backend(Protocol):
+    """What runs the network: a preprocessed float32 ``(N, C, H, W)`` batch → ``(N, K)`` logits."""
+
+    name: str
+
+    def logits(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class TorchBackend:
+    """The torch module itself, in eval mode, on ``device``."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @torch.no_grad()
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        tensor = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+        return self.model(tensor).float().cpu().numpy()
+
+
+class OnnxBackend:
+    """An ONNX Runtime CPU session on an exported ``model.onnx``.
+
+    Tuned for CPU inference: all graph optimisations, one intra-op thread per core, sequential
+    execution. A model exported with a fixed batch size is fed that many images at a time.
+    """
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = os.cpu_count() or 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # errors only
+        self.path = Path(path)
+        self.session = ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        batch = first.shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        step = self.fixed_batch
+        if step is None or len(x) == step:
+            return self.session.run(None, {self.input_name: x})[0]
+        if len(x) % step:
+            raise ConfigError(
+                f"{self.path} was exported for batches of {step}, got {len(x)} images; "
+                "re-export it with a dynamic batch (medsight export RUN)"
+            )
+        chunks = [
+            self.session.run(None, {self.input_name: x[i : i + step]})[0]
+            for i in range(0, len(x), step)
+        ]
+        return np.concatenate(chunks)
+
+
+def _onnx_backend(run: Run) -> OnnxBackend:
+    """The run's ``model.onnx``, exported first when missing or older than the weights.
+
+    A stale file (older than ``model.safetensors``, e.g. after ``--resume``) is never used:
+    it is re-exported, with a warning, because silently serving old weights is worse than the
+    second or so an export takes.
+    """
+    from medsight.export import EXPORT_FILES, export_run
+
+    path = run.path / EXPORT_FILES["onnx"]
+    if path.exists() and path.stat().st_mtime_ns < (run.path / WEIGHTS).stat().st_mtime_ns:
+        warnings.warn(
+            f"{path} is older than {WEIGHTS} (the weights changed since it was exported);"
+            " re-exporting it",
+            UserWarning,
+            stacklevel=3,
+        )
+        export_run(run.path, format="onnx")
+    elif not path.exists():
+        export_run(run.path, format="onnx")
+    return OnnxBackend(path)
 
 
 class Predictor:
@@ -28,19 +126,50 @@ class Predictor:
     array([[0.02 , 0.031, 0.949]], dtype=float32)
     """
 
-    def __init__(self, run: Run, model: torch.nn.Module, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        run: Run,
+        model: torch.nn.Module | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        backend: Backend | None = None,
+    ):
+        if (model is None) == (backend is None):
+            raise ConfigError("Predictor needs a torch model or a backend (exactly one of them)")
         self.run = run
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
+        self.backend: Backend = backend if backend is not None else TorchBackend(model, device)
+        #: The torch module (None when another backend runs the network).
+        self.model = getattr(self.backend, "model", None)
+        self.device = getattr(self.backend, "device", torch.device("cpu"))
         self.classes_ = list(run.classes)
         self.preprocess = run.preprocess
         self.calibration = run.calibration()
 
     @classmethod
     def from_run(cls, path: str | Path, backend: str = "torch") -> Predictor:
-        if backend != "torch":
-            raise ConfigError(f"backend {backend!r} is not available yet; use 'torch'")
+        """Load a run for prediction on ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime).
+
+        ``"onnx"`` uses ``RUN/model.onnx``, exporting it first when it is missing or older than
+        ``model.safetensors`` (with a warning); without onnxruntime installed it warns and
+        falls back to torch.
+        """
+        name = backend.strip().lower() if isinstance(backend, str) else backend
+        if name not in BACKENDS:
+            raise ConfigError(
+                f"backend {backend!r} is not known; choose one of: {', '.join(BACKENDS)}"
+            )
         run = Run.load(path)
+        if name == "onnx":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                warnings.warn(
+                    "onnxruntime is not installed; using the torch backend",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            else:
+                return cls(run, backend=_onnx_backend(run))
         return cls(run, run.load_model())
 
     @property
@@ -48,11 +177,9 @@ class Predictor:
         """``(1, C, H, W)``: one preprocessed image."""
         return (1, self.preprocess.channels, *self.preprocess.size)
 
-    @torch.no_grad()
     def logits_array(self, x: np.ndarray) -> np.ndarray:
         """A preprocessed float32 ``(N, C, H, W)`` batch → ``(N, K)`` raw logits."""
-        tensor = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
-        return self.model(tensor).float().cpu().numpy()
+        return self.backend.logits(x)
 
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         """A preprocessed float32 ``(N, C, H, W)`` batch → ``(N, K)`` probabilities.
