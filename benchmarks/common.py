@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,23 @@ from medsight.serving.predictor import Predictor
 from medsight.training.trainer import classification_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory measurement for this process (Linux: clear_refs 5 resets VmHWM)."""
+    # Not Linux, or not allowed: the peak then covers the whole process.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM) since start or :func:`reset_peak_rss`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bootstrap_ci(y, probs, positive, key, n=1000, seed=0):

@@ -1,13 +1,15 @@
-"""Trainer overhead vs a bare PyTorch loop, and `features` vs `full` epoch time.
+"""Trainer overhead vs a bare PyTorch loop, the decoded-image cache, `features` vs `full`.
 
 Both sides of each ratio run in the same process, one after the other, on the phantom set at
-64 px (training split, augmentation off so only the machinery differs). Prints markdown.
+64 px (PNG files; training split, augmentation off so only the machinery differs), with the peak
+resident memory of each. Prints markdown.
 Usage: python benchmarks/trainer_speed.py [--epochs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +25,20 @@ from medsight.models import create_model
 from medsight.training.optim import build_scheduler, class_weights
 from medsight.training.trainer import train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import peak_rss_mib, reset_peak_rss  # noqa: E402
 
-def medsight_run(data: Path, out: Path, model: str, epochs: int, **extra) -> tuple[float, float]:
+
+def medsight_run(
+    data: Path, out: Path, model: str, epochs: int, cache: bool = True, **extra
+) -> tuple[float, float]:
     """(train images/s, whole-epoch seconds) over the epochs after the first."""
     optim = {"epochs": epochs, "augment": "none", "patience": 99, "batch_size": 64, **extra}
     model_cfg = {"name": model}
     if "pretrained" in optim:
         model_cfg["pretrained"] = optim.pop("pretrained")
     config = TrainConfig(
-        data=DataConfig(path=str(data), image_size=64),
+        data=DataConfig(path=str(data), image_size=64, cache=cache),
         model=ModelConfig(**model_cfg),
         optim=OptimConfig(**optim),
         out=str(out),
@@ -87,20 +94,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_phantom_dataset(tmp / "phantom", n=1200, size=64, seed=0).parent
-        print("| model @ 64 px | medsight train img/s | bare loop img/s | ratio |")
-        print("|---|---|---|---|")
+        print("| model @ 64 px | medsight train img/s | bare loop img/s | ratio | peak RSS MiB |")
+        print("|---|---|---|---|---|")
         for name in ("medcnn_s", "resnet18"):
+            reset_peak_rss()
             ours, _ = medsight_run(data, tmp / f"run_{name}", name, args.epochs)
+            rss = peak_rss_mib()
             bare = bare_loop(data, name, args.epochs)
-            print(f"| {name} | {ours:.0f} | {bare:.0f} | {ours / bare:.2f} |")
+            print(f"| {name} | {ours:.0f} | {bare:.0f} | {ours / bare:.2f} | {rss:.0f} |")
 
-        print("\n| mobilenet_v2 (ImageNet) @ 64 px | epoch s (after the first) |")
-        print("|---|---|")
+        print(
+            "\n| medcnn_s @ 64 px, PNG files | epoch s (after the first) | img/s "
+            "| vs no cache | peak RSS MiB |"
+        )
+        print("|---|---|---|---|---|")
+        rows = {}
+        for label, cache, workers in (
+            ("decoded-image cache (default, 0 workers)", True, None),
+            ("no cache, decode every epoch (auto workers)", False, None),
+            ("no cache, decode every epoch, 0 workers", False, 0),
+        ):
+            reset_peak_rss()
+            out = tmp / f"cache_{cache}_{workers}"
+            ips, epoch = medsight_run(data, out, "medcnn_s", args.epochs, cache, workers=workers)
+            rows[label] = (ips, epoch, peak_rss_mib())
+        base = rows["no cache, decode every epoch (auto workers)"][1]
+        for label, (ips, epoch, rss) in rows.items():
+            print(f"| {label} | {epoch:.2f} | {ips:.0f} | {base / epoch:.2f}× | {rss:.0f} |")
+
+        print("\n| mobilenet_v2 (ImageNet) @ 64 px | epoch s (after the first) | peak RSS MiB |")
+        print("|---|---|---|")
+        reset_peak_rss()
         _, full = medsight_run(data, tmp / "full", "mobilenet_v2", args.epochs, pretrained=True)
+        full_rss = peak_rss_mib()
+        reset_peak_rss()
         _, feats = medsight_run(
             data, tmp / "feat", "mobilenet_v2", args.epochs, pretrained=True, mode="features"
         )
-        print(f"| full | {full:.2f} |\n| features | {feats:.3f} |")
+        print(
+            f"| full | {full:.2f} | {full_rss:.0f} |\n| features | {feats:.3f} "
+            f"| {peak_rss_mib():.0f} |"
+        )
         print(f"\nfeatures is {full / feats:.0f}x faster per epoch than full")
 
 

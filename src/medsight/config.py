@@ -41,6 +41,10 @@ class DataConfig(_Strict):
     )
     channels: Literal["auto", 1, 3] = "auto"
     window: tuple[float, float] | None = None
+    cache: bool = Field(
+        default=True,
+        description="keep decoded images of up to 128 px in memory after the first epoch",
+    )
     positive_class: str | None = Field(
         default=None, description="the class triage treats as urgent; guessed when omitted"
     )

@@ -74,6 +74,17 @@ def test_dataset_caches_small_images_and_augments_after_the_cache(tmp_path, help
     assert torch.equal(first, again) and len(flips) == 2
 
 
+def test_dataset_without_cache_decodes_every_time(tmp_path, helpers):
+    root = helpers.make_class_folders(tmp_path / "d", {"a": 1, "b": 1})
+    dataset = ImageDataset(load_samples(root), Preprocess(size=(16, 16)), cache_max_side=0)
+    assert not dataset.caches
+    dataset[0]
+    (root / "a" / "a_0.png").unlink()
+    with pytest.raises(DataError):
+        dataset[0]
+    assert ImageDataset(load_samples(root), Preprocess(size=(16, 16))).caches
+
+
 def test_dataset_refuses_labels_outside_the_run_classes(tmp_path, helpers):
     root = helpers.make_class_folders(tmp_path / "d", {"a": 1, "c": 1})
     with pytest.raises(DataError, match=r"label\(s\) \['c'\] are not among the classes"):

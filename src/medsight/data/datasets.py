@@ -64,6 +64,11 @@ class ImageDataset(Dataset):
         self._cacheable = max(preprocess.size) <= cache_max_side
         self._cache: dict[int, np.ndarray] = {}
 
+    @property
+    def caches(self) -> bool:
+        """Whether decoded images are kept in memory (images no larger than ``cache_max_side``)."""
+        return self._cacheable
+
     def __len__(self) -> int:
         return len(self.table)
 

@@ -163,6 +163,7 @@ class _Setup:
 
         augment = augmentation(config.optim.augment, in_chans) if mode != "features" else None
         train_rows = table[table["split"] == "train"]
+        cache_side = 128 if config.data.cache else 0
         val_rows = table[table["split"] == "val"]
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return cls(
@@ -173,8 +174,10 @@ class _Setup:
             positive=positive,
             preprocess=preprocess,
             model=model.to(device),
-            train_set=ImageDataset(train_rows, preprocess, classes, augment=augment),
-            val_set=ImageDataset(val_rows, preprocess, classes),
+            train_set=ImageDataset(
+                train_rows, preprocess, classes, augment=augment, cache_max_side=cache_side
+            ),
+            val_set=ImageDataset(val_rows, preprocess, classes, cache_max_side=cache_side),
             device=device,
         )
 
@@ -288,7 +291,7 @@ def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) 
     backbone_lr = optim_cfg.lr * (optim_cfg.backbone_lr_mult if optim_cfg.mode == "finetune" else 1)
     groups = model.param_groups(optim_cfg.lr, backbone_lr, optim_cfg.weight_decay)
     optimizer = build_optimizer(optim_cfg.optimizer, groups, optim_cfg.lr)
-    workers = _workers(optim_cfg.workers, setup.preprocess, features_mode)
+    workers = _workers(optim_cfg.workers, setup.train_set.caches, features_mode)
     steps = math.ceil(len(train_set) / optim_cfg.batch_size)
     schedule = build_scheduler(
         optim_cfg.schedule,
@@ -511,11 +514,12 @@ def _save_checkpoint(path: Path, model, optimizer, schedule, scaler, state: _Sta
     runs.write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _workers(requested: int | None, preprocess: Preprocess, features_mode: bool) -> int:
+def _workers(requested: int | None, cached: bool, features_mode: bool) -> int:
+    """DataLoader workers: none when images come from memory, else one per core up to 4."""
     if requested is not None:
         return requested
-    if features_mode or max(preprocess.size) <= 128:
-        return 0  # cached small images: worker start-up and IPC would cost more than they save
+    if features_mode or cached:
+        return 0  # worker start-up and IPC would cost more than reading the in-memory cache
     return min(4, os.cpu_count() or 1)
 
 
