@@ -830,6 +830,158 @@ def _examples(run, metrics, pred, y, probs, n: int) -> dict:
     return out
 
 
+#: Localisation/faithfulness columns: key, label, where it lives in localisation.json, digits.
+EXPLAIN_COLUMNS = (
+    ("pointing_game", "Pointing game ↑", "methods", 3),
+    ("box_iou", "Box IoU ↑", "methods", 3),
+    ("energy_in_mask", "Energy in mask ↑", "methods", 3),
+    ("deletion_auc", "Deletion AUC ↓", "faithfulness", 3),
+    ("insertion_auc", "Insertion AUC ↑", "faithfulness", 3),
+    ("spearman", "Sanity ρ ↓", "sanity", 2),
+)
+#: Overlay colours of the lesion's box (ground truth) and the map's box.
+TRUTH_BOX = (0, 200, 83)
+MAP_BOX = (0, 176, 255)
+
+
+def _explanation_table(scores: dict) -> list[dict]:
+    rows = []
+    for method, entry in (scores.get("methods") or {}).items():
+        cells = []
+        for key, _, where, digits in EXPLAIN_COLUMNS:
+            block = entry if where == "methods" else (scores.get(where) or {}).get(method) or {}
+            cells.append(_cell(block.get(key), digits))
+        seconds = entry.get("seconds_per_image")
+        rows.append(
+            {
+                "method": method,
+                "layer": entry.get("layer", ""),
+                "best": method == scores.get("best_method"),
+                "cells": cells,
+                "seconds": "—" if seconds is None else f"{seconds:.3f}",
+            }
+        )
+    return rows
+
+
+def _explained_thumbnail(explainer, source: str, mask_source, target: int, window) -> str:
+    from PIL import Image, ImageDraw
+
+    from medsight.data.imaging import decode
+    from medsight.explain.localisation import box_from_map, mask_box, read_mask
+    from medsight.explain.overlay import display_image, overlay
+
+    picture = decode(source, window=window)
+    heatmap = explainer.explain(explainer.preprocess(picture)[None], target=target)
+    shown = display_image(picture.pixels, min_side=THUMBNAIL_SIDE)
+    image = overlay(shown, heatmap)
+    draw = ImageDraw.Draw(image)
+    sy, sx = image.height / heatmap.shape[0], image.width / heatmap.shape[1]
+    mask = read_mask(mask_source)
+    boxes = [(box_from_map(heatmap), MAP_BOX)]
+    if mask is not None and mask.any():
+        my, mx = image.height / mask.shape[0], image.width / mask.shape[1]
+        truth = mask_box(mask)
+        boxes.append(((truth[0] * mx / sx, truth[1] * my / sy, truth[2] * mx / sx,
+                       truth[3] * my / sy), TRUTH_BOX))  # fmt: skip
+    for box, colour in boxes:
+        if box is not None:
+            x0, y0, x1, y1 = box
+            draw.rectangle((x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1), outline=colour, width=2)
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _explanations(run, metrics, pred, y, probs, n: int) -> dict | None:
+    """Localisation/faithfulness table and a gallery of true positives, false positives and false
+    negatives (of the positive class) with heat-maps; None until ``medsight explain --masks``
+    has written ``RUN/localisation.json``."""
+    from medsight.explain.cam import LOCALISATION
+
+    scores = _read_optional_json(run.path / LOCALISATION)
+    if not isinstance(scores, dict) or not scores.get("methods"):
+        return None
+    out: dict[str, Any] = {
+        "table": _explanation_table(scores),
+        "columns": [label for _, label, _, _ in EXPLAIN_COLUMNS],
+        "n_images": scores.get("n_images"),
+        "n_missing": scores.get("n_missing_masks", 0),
+        "n_faithfulness": scores.get("n_faithfulness_images"),
+        "split": scores.get("split", ""),
+        "method": None,
+        "layer": None,
+        "groups": [],
+        "note": None,
+    }
+    if n == 0:
+        out["note"] = "No example images were requested (examples=0), so no overlays are shown."
+        return out
+    classes = run.classes
+    positive = metrics.get("positive") or run.positive_class
+    pos = classes.index(positive) if positive in classes else len(classes) - 1
+    predicted = probs.argmax(axis=1)
+    confidence = probs[:, pos]
+    truth_pos, called_pos = y == pos, predicted == pos
+    groups = (
+        ("True positives", truth_pos & called_pos, -confidence),
+        ("False positives", ~truth_pos & called_pos, -confidence),
+        ("False negatives", truth_pos & ~called_pos, confidence),
+    )
+    try:
+        from medsight.data.sources import load_samples
+        from medsight.explain.cam import Explainer
+
+        d = run.config.data
+        data = metrics.get("data") or d.path
+        table = d.load_samples() if str(data) == str(d.path) else load_samples(data)
+        sources = dict(zip(table["sample_id"].astype(str), table["source"]))
+        masks = (
+            dict(zip(table["sample_id"].astype(str), table["mask"]))
+            if "mask" in table.columns
+            else {}
+        )
+        explainer = Explainer.from_run(run, method="auto")
+    except Exception as exc:  # noqa: BLE001 - a report never fails for want of its pictures
+        out["note"] = f"Overlays are not shown: {exc}"
+        return out
+    out["method"], out["layer"] = explainer.method, explainer.layer
+    failed = 0
+    for title, members, order in groups:
+        chosen = np.flatnonzero(members)
+        chosen = chosen[np.argsort(order[chosen], kind="stable")][:n]
+        items = []
+        for i in chosen:
+            sample = str(pred["sample_id"].iloc[i])
+            try:
+                src = _explained_thumbnail(
+                    explainer,
+                    sources[sample],
+                    masks.get(sample),
+                    int(predicted[i]),
+                    run.preprocess.window,
+                )
+            except Exception:  # noqa: BLE001 - a missing or unreadable image is skipped
+                failed += 1
+                continue
+            items.append(
+                {
+                    "src": src,
+                    "sample_id": sample,
+                    "truth": classes[y[i]],
+                    "predicted": classes[predicted[i]],
+                    "p": f"{probs[i, predicted[i]]:.2f}",
+                    "correct": bool(predicted[i] == y[i]),
+                }
+            )
+        out["groups"].append({"title": title, "items": items, "empty": chosen.size == 0})
+    explainer.close()
+    if failed:
+        out["note"] = f"{failed} chosen image(s) could not be read from {data} and are left out."
+    return out
+
+
 def _limitations(run, metrics: dict, pred: pd.DataFrame, data: dict, calibration) -> list[str]:
     notes = []
     n = int(metrics.get("n") or len(pred))
@@ -994,6 +1146,7 @@ def _build_context(run, metrics, pred, y, probs, examples: int) -> dict:
         "gap_findings": _largest_gaps(metrics),
         "training": _training_summary(run, history),
         "examples": _examples(run, metrics, pred, y, probs, examples),
+        "explanations": _explanations(run, metrics, pred, y, probs, examples),
         "limitations": _limitations(run, metrics, pred, data, calibration),
         "versions": sorted(versions.items()) if isinstance(versions, dict) else [],
     }

@@ -1,0 +1,117 @@
+"""``medsight explain RUN IMAGE...``: explain image files and write overlays, maps and a log.
+
+For each image: ``<stem>_<method>.png`` (the heat-map over the image, with the predicted class
+and its probability written on it), ``<stem>_<method>.npy`` (the raw float32 map at the model's
+input size) and one JSON line in ``explanations.jsonl`` (appended, so several methods can share
+a folder).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsight.errors import DataError, MedsightError
+
+__all__ = ["EXPLANATIONS", "explain_files"]
+
+EXPLANATIONS = "explanations.jsonl"
+
+
+def _safe_stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
+
+
+def explain_files(
+    run: str | Path,
+    images: Sequence[str | Path],
+    out: str | Path,
+    *,
+    method: str = "auto",
+    target: str | None = None,
+    layer: str | None = None,
+) -> list[dict[str, Any]]:
+    """Explain each file in ``images`` with the run's model and write the results to ``out``.
+
+    ``target`` is a class name (default: each image's predicted class). Returns the records
+    written to ``out/explanations.jsonl``. An image the run cannot read or preprocess stops
+    with a :class:`~medsight.errors.DataError` naming it, before anything is written.
+
+    Example:
+        >>> explain_files("runs/phantom", ["scan.png"], "out", method="gradcam")  # doctest: +SKIP
+    """
+    from medsight.data.imaging import decode
+    from medsight.explain.cam import Explainer
+    from medsight.explain.overlay import display_image, overlay
+    from medsight.runs import write_atomic
+
+    if not images:
+        raise DataError("no image to explain; give one or more image files after the run")
+    from medsight.serving.predictor import Predictor
+
+    explainer = Explainer.from_run(run, method=method, layer=layer)
+    # Probabilities exactly as serving reports them (with the run's calibration, if any),
+    # from the same network the maps come from.
+    predictor = Predictor(explainer.run, explainer.model)
+    prep = explainer.preprocess
+    decoded, inputs = [], []
+    for image in images:
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(f"{path}: no such image file; check the path")
+        try:
+            picture = decode(str(path), window=prep.window)
+            x = prep(picture)
+        except MedsightError as exc:
+            raise DataError(
+                f"{path} cannot be explained: the run cannot read or preprocess it ({exc}); "
+                "give a PNG, JPEG, DICOM or NIfTI image"
+            ) from None
+        decoded.append(picture)
+        inputs.append(x[None].astype(np.float32))
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = explainer.classes or []
+    records, used = [], set()
+    for path, picture, x in zip(map(Path, images), decoded, inputs):
+        probs = predictor.predict_array(x)[0]
+        predicted = int(np.argmax(probs))
+        heatmap = explainer.explain(x, target=target)
+        explained = classes.index(target) if target is not None else predicted
+        stem = _safe_stem(path)
+        name, k = f"{stem}_{explainer.method}", 1
+        while name in used:  # two files with one stem (different folders) keep both results
+            k += 1
+            name = f"{stem}-{k}_{explainer.method}"
+        used.add(name)
+        label = f"{classes[predicted]} {probs[predicted]:.2f}"
+        if explained != predicted:
+            label += f" | map: {classes[explained]}"
+        picture_out = overlay(display_image(picture.pixels), heatmap, label=label)
+        png, npy = out / f"{name}.png", out / f"{name}.npy"
+        write_atomic(png, lambda tmp, im=picture_out: im.save(tmp, format="PNG"))
+        write_atomic(npy, lambda tmp, m=heatmap: np.save(tmp.open("wb"), m))
+        records.append(
+            {
+                "image": str(path),
+                "predicted": classes[predicted],
+                "probability": float(probs[predicted]),
+                "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+                "target": classes[explained],
+                "method": explainer.method,
+                "layer": explainer.layer,
+                "overlay": png.name,
+                "map": npy.name,
+            }
+        )
+    explainer.close()
+    with (out / EXPLANATIONS).open("a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return records

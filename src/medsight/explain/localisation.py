@@ -1,0 +1,429 @@
+"""Does the map point at the lesion? Boxes, regions and scores against ground-truth masks.
+
+From a heat-map: a binary *region* (the largest connected component of the map at or above a
+threshold of its maximum) and its bounding *box*. Against a lesion mask: the **pointing game**
+(is the map's maximum inside the lesion), the **IoU** of the map's box with the lesion's box,
+and the **energy in mask** (the fraction of the map's mass inside the lesion).
+:func:`score_localisation` scores every method on a dataset with masks (the manifest's ``mask``
+column, as ``medsight data synth`` writes) and writes ``RUN/localisation.json``::
+
+    {"methods": {"gradcam": {"pointing_game": {"value": 0.9, "ci": [0.84, 0.95]},
+                             "box_iou": {...}, "energy_in_mask": {...},
+                             "layer": "backbone.stage3", "seconds_per_image": 0.01}, ...},
+     "faithfulness": {"gradcam": {"deletion_auc": {...}, "insertion_auc": {...}}, ...},
+     "sanity": {"gradcam": {"spearman": {...}}, ...},
+     "n_images": 120, "n_missing_masks": 0, ...}
+
+Maps are computed for the image's *true* class: the question is whether the model's evidence
+for the lesion class lies on the lesion, whatever it predicted.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from medsight.errors import ConfigError, DataError, MedsightError
+
+__all__ = [
+    "Box",
+    "bootstrap_ci",
+    "box_from_map",
+    "box_iou",
+    "energy_in_mask",
+    "mask_box",
+    "pointing_game",
+    "region_from_map",
+    "score_localisation",
+]
+
+#: ``(x0, y0, x1, y1)`` in pixels, ``x1``/``y1`` exclusive (so width = x1 − x0).
+Box = tuple[int, int, int, int]
+#: A map's region: pixels at or above this fraction of the map's maximum.
+THRESHOLD = 0.5
+N_BOOTSTRAP = 1000
+#: Images per method for deletion/insertion and the randomisation check (both cost passes).
+N_FAITHFULNESS = 16
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+# --------------------------------------------------------------------------- map geometry
+
+
+def _check_2d(name: str, array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise DataError(f"{name} must be a 2-D (H, W) array, got shape {array.shape}")
+    return array
+
+
+def region_from_map(heatmap: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """The largest 8-connected component of ``heatmap ≥ threshold · max`` as a bool mask.
+
+    The map is min–max normalised first; a flat map has no region (all False).
+
+    Example:
+        >>> m = np.zeros((5, 5)); m[1:3, 1:3] = 1; m[4, 4] = 0.9
+        >>> region_from_map(m).sum()
+        4
+    """
+    heat = _check_2d("heatmap", heatmap).astype(np.float64)
+    lo, hi = float(np.nanmin(heat)), float(np.nanmax(heat))
+    if not np.isfinite(hi - lo) or hi - lo <= 1e-12:
+        return np.zeros(heat.shape, dtype=bool)
+    hot = (heat - lo) / (hi - lo) >= threshold
+    labels, n = ndimage.label(hot, structure=_EIGHT_CONNECTED)
+    if n <= 1:
+        return hot
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def mask_box(mask: np.ndarray) -> Box | None:
+    """The bounding box of the True (non-zero) pixels of ``mask``, or None when it has none."""
+    mask = _check_2d("mask", mask) > 0
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def box_from_map(heatmap: np.ndarray, threshold: float = THRESHOLD) -> Box | None:
+    """The box around :func:`region_from_map`; None for a flat map."""
+    return mask_box(region_from_map(heatmap, threshold))
+
+
+def box_iou(a: Box | None, b: Box | None) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes (0 when either is None).
+
+    Example:
+        >>> box_iou((0, 0, 2, 2), (1, 0, 3, 2))    # overlap 2 px, union 6 px
+        0.3333333333333333
+    """
+    if a is None or b is None:
+        return 0.0
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def _fit_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    mask = _check_2d("mask", mask) > 0
+    if mask.shape == tuple(shape):
+        return mask
+    from PIL import Image
+
+    # Maps and masks both cover the whole image; nearest keeps the mask binary.
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        (shape[1], shape[0]), Image.Resampling.NEAREST
+    )
+    return np.asarray(resized) > 127
+
+
+def pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> bool:
+    """True when the map's maximum lies inside the lesion ``mask`` (resized to the map).
+
+    With several equal maxima the first in row-major order counts; a flat map has no maximum
+    and misses.
+    """
+    heat = _check_2d("heatmap", heatmap)
+    if float(np.nanmax(heat) - np.nanmin(heat)) <= 1e-12:
+        return False
+    inside = _fit_mask(mask, heat.shape)
+    y, x = np.unravel_index(int(np.nanargmax(heat)), heat.shape)
+    return bool(inside[y, x])
+
+
+def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's mass (negatives clipped to 0) inside ``mask``; 0 for an empty map."""
+    heat = np.clip(np.nan_to_num(_check_2d("heatmap", heatmap).astype(np.float64)), 0, None)
+    total = heat.sum()
+    if total <= 0:
+        return 0.0
+    return float(heat[_fit_mask(mask, heat.shape)].sum() / total)
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    n_bootstrap: int = N_BOOTSTRAP,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """``{"value": mean, "ci": [lo, hi]}``: the mean with a seeded percentile-bootstrap interval.
+
+    Kept here rather than borrowed from ``evaluation.metrics``: explain sits below evaluation.
+    """
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return {"value": None, "ci": None}
+    mean = float(v.mean())
+    if v.size == 1 or n_bootstrap <= 0:
+        return {"value": mean, "ci": None}
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(int(n_bootstrap), v.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.percentile(means, [100 * alpha, 100 * (1 - alpha)])
+    return {"value": mean, "ci": [float(lo), float(hi)]}
+
+
+def score_map(heatmap: np.ndarray, mask: np.ndarray, threshold: float = THRESHOLD) -> dict:
+    """The three localisation scores of one map against one (non-empty) mask."""
+    inside = _fit_mask(mask, np.asarray(heatmap).shape)
+    return {
+        "pointing_game": float(pointing_game(heatmap, inside)),
+        "box_iou": box_iou(box_from_map(heatmap, threshold), mask_box(inside)),
+        "energy_in_mask": energy_in_mask(heatmap, inside),
+    }
+
+
+# --------------------------------------------------------------------------- dataset scoring
+
+
+def read_mask(value: Any) -> np.ndarray | None:
+    """The mask at ``value`` as bool, or None when there is no path or it cannot be read."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return None
+    from medsight.data.imaging import decode
+
+    try:
+        pixels = decode(str(value)).pixels
+    except MedsightError:
+        return None
+    return pixels.max(axis=0) > 0.5
+
+
+def _benign_name(name: str) -> bool:
+    from medsight.runs import _BENIGN_NAMES
+
+    return str(name).strip().lower() in _BENIGN_NAMES
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, TypeError):
+        return False
+
+
+def _select_rows(
+    run, table: pd.DataFrame, split: str | None, own: bool
+) -> tuple[pd.DataFrame, str]:
+    """The rows to score: the run's ``split`` when ``table`` is the run's own data (``own``),
+    the data's own ``split`` column when it has one, else every row (an external set)."""
+    if split is None:
+        return table, "all"
+    try:
+        assigned = run.splits().set_index("sample_id")["split"] if own else None
+    except (FileNotFoundError, KeyError):
+        assigned = None
+    if assigned is not None and table["sample_id"].isin(assigned.index).any():
+        rows = table[table["sample_id"].map(assigned) == split]
+        if rows.empty:
+            raise DataError(f"the run's {split} split has no image in this data; choose --split")
+        return rows, split
+    if "split" in table and table["split"].notna().any():
+        rows = table[table["split"] == split]
+        if not rows.empty:
+            return rows, split
+    return table, "all"
+
+
+def _lesion_rows(rows: pd.DataFrame) -> tuple[list[tuple[int, np.ndarray]], int, int, list[str]]:
+    """``[(row position, mask)]`` of images to score, the missing and empty mask counts, and
+    the lesion classes (those with a non-empty mask somewhere, or unnamed-normal classes whose
+    masks are all missing)."""
+    masks = [read_mask(v) for v in rows["mask"]]
+    labels = rows["label"].astype(str).tolist()
+    lesion = {lab for lab, m in zip(labels, masks) if m is not None and m.any()}
+    for lab in set(labels) - lesion:
+        if not _benign_name(lab) and all(m is None for x, m in zip(labels, masks) if x == lab):
+            lesion.add(lab)
+    scored, missing, empty = [], 0, 0
+    for i, (lab, m) in enumerate(zip(labels, masks)):
+        if lab not in lesion:
+            continue
+        if m is None:
+            missing += 1
+        elif not m.any():
+            empty += 1
+        else:
+            scored.append((i, m))
+    return scored, missing, empty, sorted(lesion)
+
+
+def _applicable(model, methods: Sequence[str] | None) -> list[str]:
+    from medsight.explain.attention_maps import token_blocks
+    from medsight.explain.cam import METHODS, check_method
+
+    if methods:
+        return list(dict.fromkeys(check_method(m) for m in methods))
+    return [m for m in METHODS if m != "attention" or token_blocks(model)]
+
+
+def _layer_for(model, method: str, layer: str | None) -> str | None:
+    """``layer`` for the CAM methods; for ``attention`` only when it names an attention block
+    (one --layer serves a whole table of methods); never for ``ig``."""
+    from medsight.explain.attention_maps import TOKEN_BLOCKS
+
+    if layer is None or method == "ig":
+        return None
+    if method == "attention":
+        named = dict(model.named_modules()).get(layer)
+        return layer if isinstance(named, TOKEN_BLOCKS) else None
+    return layer
+
+
+def score_localisation(
+    run_path: str | Path,
+    data: str | Path | None = None,
+    *,
+    methods: Sequence[str] | None = None,
+    limit: int | None = None,
+    split: str | None = "test",
+    layer: str | None = None,
+    threshold: float = THRESHOLD,
+    faithfulness: int = N_FAITHFULNESS,
+    seed: int = 0,
+    n_bootstrap: int = N_BOOTSTRAP,
+    batch_size: int = 16,
+    write: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Score each method's maps against the lesion masks of ``data`` (default: the run's data).
+
+    Only images of lesion classes with a non-empty mask are scored; images of those classes
+    without a readable mask are counted in ``n_missing_masks`` and skipped. ``split`` picks the
+    run's split when ``data`` is the run's own data (``None``: every image). ``limit`` scores a
+    seeded random sample of that many images. ``methods`` default to every method the model
+    supports; ``layer`` overrides the CAM methods' target layer (and attention's when it names
+    an attention block). ``faithfulness`` images per method also get deletion/insertion AUCs and the
+    randomised-weights check (0: skip). Writes ``RUN/localisation.json`` unless ``write`` is
+    False, and returns its content.
+
+    Example:
+        >>> score_localisation("runs/phantom", methods=["gradcam"], limit=100)  # doctest: +SKIP
+    """
+    from medsight.data.imaging import decode
+    from medsight.data.sources import load_samples
+    from medsight.explain import faithfulness as FA
+    from medsight.explain.cam import Explainer, rank_key
+    from medsight.runs import Run, write_json
+
+    say = progress or (lambda message: None)
+    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+        raise ConfigError(f"limit={limit!r} must be a whole number of 1 or more")
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"threshold={threshold!r} must be between 0 and 1 (e.g. 0.5)")
+    run = Run.load(run_path)
+    table = run.config.data.load_samples() if data is None else load_samples(data)
+    where = run.config.data.path if data is None else data
+    if "mask" not in table.columns:
+        raise DataError(
+            f"{where} has no 'mask' column, so there is nothing to score the maps against;"
+            " give a manifest with a mask column (path of each image's lesion mask, empty for"
+            " normal images), as `medsight data synth` writes"
+        )
+    own = data is None or _same_path(data, run.config.data.path)
+    rows, used_split = _select_rows(run, table, split, own)
+    rows = rows[rows["label"].astype(str).isin(run.classes)].reset_index(drop=True)
+    scored, n_missing, n_empty, lesion_classes = _lesion_rows(rows)
+    if n_missing:
+        warnings.warn(
+            f"{n_missing} image(s) of lesion classes have no readable mask; they are not scored",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not scored:
+        raise DataError(
+            f"no image in {where} ({used_split} split) has a non-empty lesion mask to score"
+            f" against ({n_missing} missing, {n_empty} empty)"
+        )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(scored))
+    if limit is not None:
+        order = order[: int(limit)]
+    scored = [scored[i] for i in sorted(order)]
+
+    xs, masks, targets, unreadable = [], [], [], 0
+    for position, mask in scored:
+        row = rows.iloc[position]
+        try:
+            xs.append(run.preprocess(decode(str(row["source"]), window=run.preprocess.window)))
+        except MedsightError:
+            unreadable += 1
+            continue
+        masks.append(mask)
+        targets.append(run.classes.index(str(row["label"])))
+    if not xs:
+        raise DataError(f"none of the {len(scored)} images to score could be read from {where}")
+    x = np.stack(xs).astype(np.float32)
+    model = run.load_model()
+    result: dict[str, Any] = {
+        "methods": {},
+        "n_images": len(xs),
+        "n_missing_masks": n_missing,
+        "n_empty_masks": n_empty,
+        "n_unreadable": unreadable,
+        "lesion_classes": lesion_classes,
+        "split": used_split,
+        "data": str(where),
+        "target": "true class",
+        "threshold": threshold,
+    }
+    faith: dict[str, Any] = {}
+    sanity: dict[str, Any] = {}
+    n_faith = min(int(faithfulness), len(xs))
+    for method in _applicable(model, methods):
+        explainer = Explainer(
+            model,
+            method,
+            _layer_for(model, method, layer),
+            classes=run.classes,
+            preprocess=run.preprocess,
+        )
+        say(f"{method}: {len(xs)} images")
+        started = time.perf_counter()
+        maps = np.concatenate(
+            [
+                explainer.explain_batch(x[i : i + batch_size], targets[i : i + batch_size])
+                for i in range(0, len(x), batch_size)
+            ]
+        )
+        seconds = (time.perf_counter() - started) / len(x)
+        scores = [score_map(m, mask, threshold) for m, mask in zip(maps, masks)]
+        entry: dict[str, Any] = {
+            key: bootstrap_ci([s[key] for s in scores], n_bootstrap, seed)
+            for key in ("pointing_game", "box_iou", "energy_in_mask")
+        }
+        entry.update(layer=explainer.layer, seconds_per_image=seconds)
+        result["methods"][method] = entry
+        if n_faith:
+            say(f"{method}: faithfulness on {n_faith} images")
+            sample = slice(0, n_faith)
+            faith[method] = FA.deletion_insertion_summary(
+                model, x[sample], maps[sample], targets[sample], run.preprocess, n_bootstrap, seed
+            )
+            sanity[method] = FA.sanity_summary(
+                explainer, x[sample], maps[sample], targets[sample], seed, n_bootstrap
+            )
+        explainer.close()
+    if n_faith:
+        result["faithfulness"] = faith
+        result["sanity"] = sanity
+        result["n_faithfulness_images"] = n_faith
+    result["best_method"] = max(result["methods"], key=lambda m: rank_key(result["methods"][m]))
+    if write:
+        from medsight.explain.cam import LOCALISATION
+
+        write_json(run.path / LOCALISATION, result)
+    return result

@@ -1,0 +1,190 @@
+"""Explainer: map shape and range, maps that find the region a model reads, layers, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medsight.errors import ConfigError, DataError
+from medsight.explain import METHODS, Explainer, candidate_layers, overlay
+from medsight.models import create_model
+
+SIZE = 32
+#: The only region RegionNet's lesion logit reads: rows 4–11, columns 18–25.
+REGION = (slice(4, 12), slice(18, 26))
+
+
+class Gate(nn.Module):
+    """Multiply the feature map by a learnt spatial weight."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class RegionNet(nn.Module):
+    """Hand-built: logit 1 is the mean brightness of REGION (a gate is zero elsewhere)."""
+
+    in_chans = 1
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Identity()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        weight = torch.zeros(1, 1, SIZE, SIZE)
+        weight[0, 0][REGION] = 1.0
+        self.gate = Gate(weight)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.features[0].weight.fill_(1 / 9)
+            self.features[0].bias.zero_()
+            self.fc.weight.copy_(torch.tensor([[-1.0] * 4, [1.0] * 4]))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.pool(self.gate(self.features(self.pre(x)))).flatten(1))
+
+
+def region_image() -> np.ndarray:
+    """Dim noise, a bright blob inside REGION and a brighter distractor outside it."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 0.2, (1, 1, SIZE, SIZE)).astype(np.float32)
+    image[0, 0, 6:10, 20:24] = 0.8
+    image[0, 0, 20:28, 4:12] = 1.0
+    return image
+
+
+def in_region(heatmap: np.ndarray) -> bool:
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return REGION[0].start <= y < REGION[0].stop and REGION[1].start <= x < REGION[1].stop
+
+
+@pytest.fixture(scope="module")
+def attention_model():
+    torch.manual_seed(0)
+    return create_model("medcnn_s", 3, in_chans=1, attention="diff").eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gives_a_map_at_input_size_in_unit_range(attention_model, method):
+    x = np.random.default_rng(1).normal(size=(2, 1, 16, 16)).astype(np.float32)
+    with Explainer(attention_model, method) as explainer:
+        one = explainer.explain(x[:1])
+        both = explainer.explain_batch(x, [0, 2])
+    assert one.shape == (16, 16) and one.dtype == np.float32
+    assert both.shape == (2, 16, 16)
+    for heatmap in (one, *both):
+        assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0
+        assert heatmap.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "ig"])
+def test_map_maximum_lies_in_the_only_region_the_logit_reads(method):
+    model = RegionNet()
+    layer = None if method == "ig" else "gate"
+    heatmap = Explainer(model, method, layer).explain(region_image(), target=1)
+    assert in_region(heatmap), np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+
+
+def test_ig_gives_no_weight_to_a_distractor_the_model_never_reads():
+    heatmap = Explainer(RegionNet(), "ig").explain(region_image(), target=1)
+    assert heatmap[22:26, 6:10].max() < 0.05
+
+
+def test_default_layers_follow_the_architecture(attention_model):
+    plain = create_model("medcnn_s", 2, in_chans=1)
+    assert Explainer(plain, "gradcam").layer == "backbone.stage3"
+    assert Explainer(attention_model, "attention").layer == "backbone.stage3.attention"
+    assert Explainer(attention_model, "ig").layer == "input"
+    resnet = create_model("resnet18", 2, in_chans=1, attention="self")
+    assert Explainer(resnet, "gradcam").layer == "attention"
+    assert Explainer(resnet, "attention").layer == "attention"
+    assert "backbone.layer4" in candidate_layers(resnet)
+    assert Explainer(resnet, "gradcam", layer="backbone.layer3").layer == "backbone.layer3"
+
+
+def test_attention_on_a_model_without_attention_says_which_models_have_it():
+    model = create_model("medcnn_s", 2, in_chans=1, attention="cbam")
+    with pytest.raises(ConfigError, match=r"attention 'cbam'.*self, diff, sparse.*gradcam"):
+        Explainer(model, "attention")
+
+
+def test_unknown_layer_lists_the_candidates():
+    model = create_model("medcnn_s", 2, in_chans=1)
+    with pytest.raises(ConfigError, match=r"'backbone.stage7'.*backbone.stage2, backbone.stage3"):
+        Explainer(model, "gradcam", layer="backbone.stage7")
+    with pytest.raises(ConfigError, match="not a token-attention block"):
+        Explainer(create_model("medcnn_s", 2, attention="diff"), "attention", "backbone.stem")
+    with pytest.raises(ConfigError, match="does not apply to ig"):
+        Explainer(model, "ig", layer="backbone.stage3")
+
+
+def test_bad_method_target_and_input_are_refused_with_the_fix():
+    model = create_model("medcnn_s", 2, in_chans=1)
+    with pytest.raises(ConfigError, match="choose one of: gradcam"):
+        Explainer(model, "saliency")
+    explainer = Explainer(model, "gradcam", classes=["normal", "lesion"])
+    x = np.zeros((1, 1, 16, 16), np.float32)
+    with pytest.raises(DataError, match=r"shaped \(1, 1, H, W\).*shape \(1, 16, 16\)"):
+        explainer.explain(x[0])
+    with pytest.raises(DataError, match="3 channel"):
+        explainer.explain(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(ConfigError, match="'tumour' is not one of the run's classes: normal"):
+        explainer.explain(x, target="tumour")
+    with pytest.raises(ConfigError, match="out of range"):
+        explainer.explain(x, target=2)
+    assert explainer.explain(x, target="lesion").shape == (16, 16)
+
+
+def test_method_aliases_are_accepted():
+    model = create_model("medcnn_s", 2, in_chans=1)
+    assert Explainer(model, "Grad-CAM++").method == "gradcam++"
+
+
+def test_auto_uses_the_best_method_recorded_in_the_run(tiny_run):
+    assert Explainer.from_run(tiny_run).method == "gradcam"
+    scores = {
+        "gradcam": {"pointing_game": {"value": 0.5}},
+        "attention": {"pointing_game": {"value": 0.9}},
+    }
+    (tiny_run / "localisation.json").write_text(json.dumps({"methods": scores}))
+    explainer = Explainer.from_run(tiny_run, method="auto")
+    assert (explainer.method, explainer.layer) == ("attention", "backbone.stage3.attention")
+    assert explainer.classes == ["normal", "lesion"]
+    heatmap = explainer.explain(np.zeros((1, 1, 16, 16), np.float32))
+    assert heatmap.shape == (16, 16)
+    # A CAM method scored on another layer (--layer) comes back with that layer.
+    scores["gradcam++"] = {"pointing_game": {"value": 0.95}, "layer": "backbone.stage2"}
+    (tiny_run / "localisation.json").write_text(json.dumps({"methods": scores}))
+    explainer = Explainer.from_run(tiny_run)
+    assert (explainer.method, explainer.layer) == ("gradcam++", "backbone.stage2")
+
+
+def test_overlay_blends_at_the_display_size_and_writes_the_label():
+    display = np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)
+    heatmap = np.zeros((8, 8), np.float32)
+    heatmap[2, 6] = 1.0
+    plain = overlay(display, heatmap)
+    assert plain.mode == "RGB" and plain.size == (50, 40)
+    labelled = np.asarray(overlay(display, heatmap, label="lesion 0.93"))
+    assert (labelled != np.asarray(plain)).any()
+    rgb = overlay(np.zeros((12, 12, 3), np.uint8), np.ones((12, 12)))
+    assert np.asarray(rgb).mean() > 0  # the hot map shows on black
+    with pytest.raises(DataError, match="2-D heat-map"):
+        overlay(display, np.zeros((2, 2, 2)))
+
+
+def test_explain_works_inside_inference_mode_as_a_server_may_call_it():
+    explainer = Explainer(RegionNet(), "gradcam", "gate")
+    with torch.inference_mode():
+        heatmap = explainer.explain(region_image(), target=1)
+    assert in_region(heatmap)
