@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from medsight.data.datasets import ImageDataset
-from medsight.data.imaging import decode
-from medsight.errors import ConfigError
+from medsight.data.imaging import DEFAULT_MAX_PIXELS, decode, decode_bytes
+from medsight.errors import ConfigError, MedsightError
 from medsight.runs import WEIGHTS, Run
 
 #: Names accepted by ``Predictor.from_run(..., backend=)``.
@@ -199,6 +199,14 @@ class Predictor:
         batch = np.stack([self.preprocess(decode(str(p))) for p in paths])
         return self.predict_array(batch)
 
+    def predict_bytes(self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """One in-memory file (format judged from its content) → ``(K,)`` probabilities.
+
+        Raises :class:`~medsight.errors.ImageDecodeError` when it is not a readable image.
+        """
+        image = decode_bytes(data, name="upload", max_pixels=max_pixels)
+        return self.predict_array(self.preprocess(image)[None])[0]
+
     def predict_table(self, table: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
         """Every row of a SampleTable → ``(N, K)`` probabilities, in row order."""
         return self.probabilities(self.logits_table(table, batch_size))
@@ -209,3 +217,44 @@ class Predictor:
         dataset = ImageDataset(unlabelled, self.preprocess, self.classes_, cache_max_side=0)
         chunks = [self.logits_array(x.numpy()) for x, _ in DataLoader(dataset, batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), np.float32)
+
+
+def predict_paths(
+    run: str | Path,
+    paths: Sequence[str | Path],
+    *,
+    backend: str = "torch",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Predict image files with a run: one row per file (``file, label, confidence,
+    p_<class>..., error``); a file that cannot be read gets its reason in ``error``, not a crash.
+
+    >>> predict_paths("runs/phantom", ["a.png", "b.dcm"]).label.tolist()   # doctest: +SKIP
+    ['lesion', 'normal']
+    """
+    predictor = Predictor.from_run(run, backend=backend)
+    classes = predictor.classes_
+    rows: list[dict] = []
+    ready: list[tuple[int, np.ndarray]] = []
+    for path in paths:
+        row: dict = {"file": str(path), "label": "", "confidence": np.nan}
+        row.update({f"p_{name}": np.nan for name in classes})
+        row["error"] = ""
+        try:
+            ready.append(
+                (len(rows), predictor.preprocess(decode(str(path), max_pixels=max_pixels)))
+            )
+        except MedsightError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start : start + batch_size]
+        probs = predictor.predict_array(np.stack([x for _, x in chunk]))
+        for (i, _), p in zip(chunk, probs):
+            rows[i].update({f"p_{name}": float(v) for name, v in zip(classes, p)})
+            rows[i]["label"] = classes[int(np.argmax(p))]
+            rows[i]["confidence"] = float(np.max(p))
+    return pd.DataFrame(
+        rows, columns=["file", "label", "confidence", *(f"p_{c}" for c in classes), "error"]
+    )

@@ -1,0 +1,489 @@
+"""The REST API, web page and triage worklist of a trained run (``medsight serve RUN``).
+
+``create_app(settings)`` builds a FastAPI application; the loaded model
+(:class:`~medsight.serving.service.ModelService`) and the worklist
+(:class:`~medsight.serving.worklist.WorklistStore`) are shared through dependency injection,
+so tests swap them with ``app.dependency_overrides``. Every ``/v1`` route needs the bearer
+token when one is configured, and one is required whenever the server listens beyond
+loopback. Uploads are judged by their content, limited in size, and never cause a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from medsight import __version__
+from medsight.data.imaging import DEFAULT_MAX_PIXELS
+from medsight.errors import ConfigError
+from medsight.serving import schemas
+from medsight.serving.predictor import Predictor
+from medsight.serving.service import (
+    INTENDED_USE,
+    BadImage,
+    ExplanationsUnavailable,
+    ModelService,
+    UnsupportedImage,
+)
+from medsight.serving.worklist import Study, WorklistStore, deidentify_dicom, utc
+
+TOKEN_ENV = "MEDSIGHT_TOKEN"
+WEB_DIR = Path(__file__).parent / "web"
+DEFAULT_MAX_UPLOAD = 50 * 1024 * 1024
+
+log = logging.getLogger("medsight.serving")
+
+
+class ServeSettings(BaseModel):
+    """Everything ``medsight serve`` is configured with; validated once, here."""
+
+    run: Path
+    backend: Literal["torch", "onnx"] = "torch"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    db: str | None = Field(None, description="SQLAlchemy URL (default: SQLite in data_dir).")
+    data_dir: Path | None = Field(None, description="Uploads and the SQLite file (RUN/worklist).")
+    token: str | None = None
+    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD, gt=0)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir or self.run / "worklist"
+
+    def resolved_db(self) -> str:
+        return self.db or f"sqlite:///{self.resolved_data_dir().resolve() / 'worklist.db'}"
+
+    def resolved_token(self) -> str | None:
+        return self.token or os.environ.get(TOKEN_ENV) or None
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: ServeSettings) -> None:
+    """Refuse to listen beyond loopback without a token: patient images would be open to all."""
+    if not is_loopback(settings.host) and not settings.resolved_token():
+        raise ConfigError(
+            f"--host {settings.host} is reachable from other machines, so a bearer token is "
+            f"required; pass --token TOKEN or set {TOKEN_ENV} (or bind to 127.0.0.1)"
+        )
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def get_model(request: Request) -> ModelService:
+    """The loaded model, shared by every request."""
+    return request.app.state.model
+
+
+def get_worklist(request: Request) -> WorklistStore:
+    """The worklist store, shared by every request."""
+    return request.app.state.worklist
+
+
+_bearer = HTTPBearer(auto_error=False, description="Needed when the server has a token.")
+
+
+def require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """401 unless the request carries the configured bearer token (no token: open)."""
+    expected = request.app.state.token
+    if expected is None:
+        return
+    given = credentials.credentials if credentials else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(
+            401,
+            "missing or wrong bearer token; send the header 'Authorization: Bearer TOKEN'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+Model = Annotated[ModelService, Depends(get_model)]
+Store = Annotated[WorklistStore, Depends(get_worklist)]
+Upload = Annotated[UploadFile, File(description="PNG, JPEG, TIFF, BMP or DICOM image.")]
+
+_ERRORS = {
+    400: {"model": schemas.ErrorBody, "description": "Corrupt or unusable image"},
+    401: {"model": schemas.ErrorBody, "description": "Missing or wrong bearer token"},
+    413: {"model": schemas.ErrorBody, "description": "Upload above the size limit"},
+    415: {"model": schemas.ErrorBody, "description": "Not an image format medsight reads"},
+}
+
+
+# --------------------------------------------------------------------------- routes
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=_ERRORS)
+
+
+async def _read(file: Upload) -> bytes:
+    """The uploaded bytes; the client's file name is deliberately ignored."""
+    return await file.read()
+
+
+def _prediction(model: ModelService, scored) -> dict:
+    probs = scored.probabilities
+    return {
+        "label": model.label(probs),
+        "probabilities": model.probabilities(probs),
+        "confidence": round(float(probs.max()), 6),
+        "threshold_flags": model.threshold_flags(probs),
+        "model": model.model_ref,
+        "latency_ms": round(scored.seconds * 1000, 2),
+    }
+
+
+@v1.post("/predict", response_model=schemas.Prediction, summary="Classify one image")
+def predict(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
+    """Class probabilities for one uploaded image (format judged from the content)."""
+    scored = model.score(data)
+    result = _prediction(model, scored)
+    log.info("predict label=%s latency_ms=%.1f", result["label"], result["latency_ms"])
+    return result
+
+
+@v1.post(
+    "/explain",
+    response_model=schemas.Explanation,
+    summary="Classify one image and show why",
+    responses={501: {"model": schemas.ErrorBody, "description": "Explanations unavailable"}},
+)
+def explain(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
+    """The prediction plus a heat map of the regions that drove it, over the image (PNG)."""
+    start = time.perf_counter()
+    scored = model.score(data)
+    method, layer, png = model.explain(scored)
+    scored.seconds = time.perf_counter() - start
+    log.info("explain method=%s latency_ms=%.1f", method, scored.seconds * 1000)
+    return {**_prediction(model, scored), "method": method, "layer": layer, "overlay_png": png}
+
+
+@v1.get("/model", response_model=schemas.ModelInfo, summary="The served model")
+def model_info(model: Model, request: Request) -> dict:
+    """Classes, input, headline metrics with 95 % CIs, operating points and intended use."""
+    prep = model.predictor.preprocess
+    metrics = model.metrics or {}
+    headline = {}
+    for name in ("auroc", "accuracy", "balanced_accuracy", "average_precision", "f1_macro"):
+        entry = metrics.get(name)
+        if isinstance(entry, dict) and "value" in entry:
+            headline[name] = {"value": entry.get("value"), "ci": entry.get("ci")}
+    points = model.operating_points().get(model.positive, {})
+    return {
+        "model": model.model_ref,
+        "backend": model.backend,
+        "classes": model.classes,
+        "positive_class": model.positive,
+        "input": {
+            "channels": prep.channels,
+            "height": prep.size[0],
+            "width": prep.size[1],
+            "mean": list(prep.mean),
+            "std": list(prep.std),
+            "window": list(prep.window) if prep.window else None,
+        },
+        "evaluated": bool(metrics),
+        "evaluated_split": metrics.get("split"),
+        "n_evaluated": metrics.get("n"),
+        "metrics": headline,
+        "operating_points": {
+            k: {"threshold": v["threshold"], **_ratios(v)} for k, v in points.items()
+        },
+        "intended_use": INTENDED_USE.format(classes=", ".join(model.classes)),
+        "explanations": model.explanations_available(),
+        "max_upload_bytes": request.app.state.max_upload_bytes,
+    }
+
+
+def _ratios(point: dict) -> dict:
+    return {k: point.get(k) for k in ("sensitivity", "specificity", "ppv", "npv")}
+
+
+def _item(study: Study) -> dict:
+    return {
+        "id": study.id,
+        "urgency": study.urgency,
+        "label": study.label,
+        "probabilities": study.probabilities,
+        "flag": study.flag,
+        "status": study.status,
+        "received_at": utc(study.received_at),
+        "reviewer_label": study.reviewer_label,
+        "reviewed_at": utc(study.reviewed_at),
+        "agreement": None if study.reviewer_label is None else study.reviewer_label == study.label,
+        "format": study.format,
+        "modality": study.modality,
+        "patient": study.patient,
+        "model": {"name": study.model_name, "run": study.model_run, "version": study.model_version},
+    }
+
+
+@v1.post("/studies", response_model=schemas.StudyItem, status_code=201, summary="Queue a study")
+def add_study(model: Model, store: Store, data: Annotated[bytes, Depends(_read)]) -> dict:
+    """Score an uploaded study and queue it on the worklist (DICOM is de-identified first)."""
+    scored = model.score(data)
+    fmt = scored.image.meta.get("format", "raster")
+    if fmt == "dicom":
+        try:
+            data, meta = deidentify_dicom(data)
+        except Exception as exc:  # noqa: BLE001 - decodable yet not re-writable: refuse it
+            raise BadImage(
+                f"the DICOM file cannot be de-identified: {type(exc).__name__}"
+            ) from None
+        extension = ".dcm"
+    else:
+        fmt, extension = _raster_kind(data)
+        meta = {}
+    probs = scored.probabilities
+    study = store.add(
+        data=data,
+        extension=extension,
+        format=fmt,
+        meta=meta,
+        label=model.label(probs),
+        probabilities=model.probabilities(probs),
+        urgency=round(model.urgency(probs), 6),
+        flag=model.flag(probs),
+        model=model.model_ref.model_dump(),
+    )
+    log.info("study %d queued urgency=%.3f flag=%s", study.id, study.urgency, study.flag)
+    return _item(study)
+
+
+@v1.get("/worklist", response_model=schemas.Worklist, summary="Studies by urgency")
+def worklist(
+    store: Store,
+    status: Annotated[
+        schemas.StudyStatus | None, Query(description="Only studies in this state.")
+    ] = None,
+) -> dict:
+    """Studies, most urgent first (probability of the urgent class); ties by arrival time."""
+    return {"items": [_item(s) for s in store.list(status)]}
+
+
+@v1.get("/studies/{study_id}", response_model=schemas.StudyItem, summary="One study")
+def get_study(study_id: int, store: Store) -> dict:
+    study = store.get(study_id)
+    if study is None:
+        raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
+    return _item(study)
+
+
+@v1.get("/studies/{study_id}/image", summary="The stored (de-identified) image")
+def study_image(study_id: int, store: Store) -> FileResponse:
+    study = store.get(study_id)
+    if study is None:
+        raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
+    media = {"dicom": "application/dicom", "png": "image/png", "jpeg": "image/jpeg"}
+    path = store.data_dir / study.stored_as
+    return FileResponse(path, media_type=media.get(study.format, "application/octet-stream"))
+
+
+@v1.patch("/studies/{study_id}", response_model=schemas.StudyItem, summary="Review a study")
+def update_study(study_id: int, update: schemas.StudyUpdate, store: Store, model: Model) -> dict:
+    """Set the status (pending, in_review, reviewed) and optionally the reviewer's label."""
+    if update.reviewer_label is not None and update.reviewer_label not in model.classes:
+        raise HTTPException(
+            422,
+            f"reviewer_label {update.reviewer_label!r} is not a class of this model; "
+            f"use one of: {', '.join(model.classes)}",
+        )
+    study = store.update(study_id, update.status, update.reviewer_label)
+    if study is None:
+        raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
+    log.info("study %d status=%s", study.id, study.status)
+    return _item(study)
+
+
+def _raster_kind(data: bytes) -> tuple[str, str]:
+    head = data[:8]
+    if head.startswith(b"\x89PNG"):
+        return "png", ".png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg", ".jpg"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff", ".tif"
+    return "bmp", ".bmp"
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class _TooLarge(HTTPException):
+    # An HTTPException, because FastAPI turns any other error raised while it parses a form
+    # into "400 error parsing the body".
+    def __init__(self, limit: int):
+        mb = limit / 1024 / 1024
+        super().__init__(413, f"upload is larger than the limit of {mb:g} MB; send a smaller file")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies above ``limit`` bytes, declared or streamed.
+
+    Checked before any route reads the body, so an oversized upload is never spooled to disk.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(self.limit)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(scope, receive, send)
+
+    async def _reject(self, scope, receive, send):
+        response = JSONResponse({"detail": _TooLarge(self.limit).detail}, status_code=413)
+        await response(scope, receive, send)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UnsupportedImage)
+    async def _unsupported(request: Request, exc: UnsupportedImage):
+        return JSONResponse({"detail": str(exc)}, status_code=415)
+
+    @app.exception_handler(BadImage)
+    async def _bad(request: Request, exc: BadImage):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(ExplanationsUnavailable)
+    async def _no_explain(request: Request, exc: ExplanationsUnavailable):
+        return JSONResponse({"detail": str(exc)}, status_code=501)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # A missing 'file' field is the usual mistake: say so in words, not only in a list.
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'request'}: {error.get('msg')}")
+        missing_file = any(tuple(e.get("loc", ()))[-1:] == ("file",) for e in exc.errors())
+        hint = "; send the image as multipart form field 'file'" if missing_file else ""
+        return JSONResponse(
+            {"detail": "; ".join(problems) + hint, "errors": jsonable(exc.errors())},
+            status_code=422,
+        )
+
+
+def jsonable(value):
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(value, custom_encoder={Exception: str, bytes: lambda b: "<bytes>"})
+
+
+def create_app(
+    settings: ServeSettings,
+    *,
+    model: ModelService | None = None,
+    worklist: WorklistStore | None = None,
+) -> FastAPI:
+    """Build the application for ``settings``: load the run, open the worklist, mount the page.
+
+    ``model`` and ``worklist`` replace what the settings would load (tests, embedding).
+    Raises :class:`ConfigError` when the server would be exposed without a token.
+
+    >>> app = create_app(ServeSettings(run="runs/phantom"))       # doctest: +SKIP
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)             # doctest: +SKIP
+    """
+    check_exposure(settings)
+    if model is None:
+        model = ModelService(
+            Predictor.from_run(settings.run, backend=settings.backend),
+            max_pixels=settings.max_pixels,
+        )
+    if worklist is None:
+        worklist = WorklistStore(settings.resolved_db(), settings.resolved_data_dir())
+
+    app = FastAPI(
+        title="medsight",
+        version=__version__,
+        summary=f"{model.model_ref.name} from run {model.model_ref.run}: research use only.",
+        description=INTENDED_USE.format(classes=", ".join(model.classes)),
+    )
+    app.state.model = model
+    app.state.worklist = worklist
+    app.state.token = settings.resolved_token()
+    app.state.max_upload_bytes = settings.max_upload_bytes
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    _install_error_handlers(app)
+    app.include_router(v1)
+
+    @app.get("/health", response_model=schemas.Health, summary="The process is up")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=schemas.Ready, summary="Model and database are usable")
+    def ready(request: Request) -> JSONResponse:
+        state = request.app.state
+        database = "ok" if state.worklist.ping() else "unreachable"
+        body = {"ready": database == "ok", "model": state.model.model_ref.run, "database": database}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    return app
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run the app with uvicorn until interrupted (what ``medsight serve`` does)."""
+    import uvicorn
+
+    app = create_app(settings)
+    log.info(
+        "serving %s (%s) on http://%s:%d",
+        settings.run,
+        settings.backend,
+        settings.host,
+        settings.port,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)

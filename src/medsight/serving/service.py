@@ -1,0 +1,267 @@
+"""The model as the API sees it: uploaded bytes in, a typed prediction (or explanation) out.
+
+:class:`ModelService` wraps a :class:`Predictor` with what serving adds: decoding uploads from
+their content, the evaluated operating points (``metrics.json``), the model's identity for
+audit trails, and lazily loaded explanations. It knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medsight.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_bytes, sniff
+from medsight.errors import ImageDecodeError, MedsightError
+from medsight.runs import METRICS, WEIGHTS
+from medsight.serving.predictor import Predictor
+from medsight.serving.schemas import ModelRef, ThresholdFlag
+
+#: The same words as the model card in report.html: serving must not promise more than it.
+INTENDED_USE = (
+    "Research and teaching: studying how image classifiers behave on {classes} images, and at "
+    "most a second reader in a research setting, always after a qualified clinician has read "
+    "the image. Not for diagnosis: not a medical device, not clinically validated, not for "
+    "diagnosing, triaging or treating patients, and not for any decision about a person."
+)
+
+#: Side of the heat-map overlay PNG: large enough to read on a page, whatever the input size.
+OVERLAY_SIDE = 384
+
+
+class UnsupportedImage(MedsightError):
+    """The upload is not an image format medsight reads (HTTP 415)."""
+
+
+class BadImage(MedsightError):
+    """The upload looks like an image but cannot be decoded or used (HTTP 400)."""
+
+
+class ExplanationsUnavailable(MedsightError):
+    """Heat maps cannot be made here (``medsight.explain`` missing or failing) (HTTP 501)."""
+
+
+@dataclass
+class Scored:
+    """One decoded, preprocessed and scored upload."""
+
+    image: DecodedImage
+    x: np.ndarray  # (1, C, H, W) float32, the model input
+    probabilities: np.ndarray  # (K,)
+    seconds: float
+
+
+class ModelService:
+    """A loaded run ready to score uploads; safe to share between request threads.
+
+    >>> service = ModelService(Predictor.from_run("runs/phantom"))    # doctest: +SKIP
+    >>> service.score(open("scan.dcm", "rb").read()).probabilities    # doctest: +SKIP
+    """
+
+    def __init__(self, predictor: Predictor, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.predictor = predictor
+        self.run = predictor.run
+        self.max_pixels = max_pixels
+        self.classes = list(predictor.classes_)
+        self.positive = self.run.positive_class
+        self.metrics = _read_json(self.run.path / METRICS)
+        self.model_ref = ModelRef(
+            name=str(self.run.model_config.get("name", "unknown")),
+            run=self.run.path.name,
+            version=_weights_digest(self.run.path / WEIGHTS),
+        )
+        # One inference at a time: concurrent torch/ORT calls on a few cores only fight over
+        # them (each call already uses every core), while decoding still runs in parallel.
+        self._infer_lock = threading.Lock()
+        self._explainer = None
+        self._explainer_error: str | None = None
+        self._explainer_lock = threading.Lock()
+
+    @property
+    def backend(self) -> str:
+        return self.predictor.backend.name
+
+    # ------------------------------------------------------------------ scoring
+
+    def decode(self, data: bytes) -> DecodedImage:
+        """Decode an upload from its content; raise :class:`UnsupportedImage` / :class:`BadImage`.
+
+        The client's file name is never used: it may hold patient names or path tricks.
+        """
+        if not data:
+            raise BadImage("the uploaded file is empty; send the image in the form field 'file'")
+        if sniff(data[:512]) is None:
+            raise UnsupportedImage(
+                "the upload is not a PNG, JPEG, TIFF, BMP or DICOM image (judged from its "
+                "content, not its name); send one of those"
+            )
+        try:
+            return decode_bytes(data, name="upload", max_pixels=self.max_pixels)
+        except ImageDecodeError as exc:
+            raise BadImage(f"the image cannot be decoded: {exc.reason}") from None
+
+    def score(self, data: bytes) -> Scored:
+        """Decode, preprocess and predict one upload."""
+        start = time.perf_counter()
+        image = self.decode(data)
+        try:
+            x = self.predictor.preprocess(image)[None]
+        except MedsightError as exc:
+            raise BadImage(f"the image cannot be prepared for the model: {exc}") from None
+        with self._infer_lock:
+            probs = self.predictor.predict_array(x)[0]
+        return Scored(image, x, np.asarray(probs, dtype=np.float64), time.perf_counter() - start)
+
+    def label(self, probs: np.ndarray) -> str:
+        return self.classes[int(np.argmax(probs))]
+
+    def probabilities(self, probs: np.ndarray) -> dict[str, float]:
+        return {name: round(float(p), 6) for name, p in zip(self.classes, probs)}
+
+    # ------------------------------------------------------------------ operating points
+
+    def operating_points(self) -> dict[str, dict[str, dict]]:
+        """``{class: {point: {threshold, sensitivity, ...}}}`` from metrics.json (may be empty)."""
+        found = (self.metrics or {}).get("thresholds") or {}
+        return {
+            name: {k: v for k, v in points.items() if v and v.get("threshold") is not None}
+            for name, points in found.items()
+            if name in self.classes and points
+        }
+
+    def threshold_flags(self, probs: np.ndarray) -> list[ThresholdFlag]:
+        """Every evaluated operating point, and whether this image's probability reaches it."""
+        flags = []
+        for name, points in self.operating_points().items():
+            p = float(probs[self.classes.index(name)])
+            for point, values in points.items():
+                flags.append(
+                    ThresholdFlag(
+                        class_name=name,
+                        operating_point=point,
+                        threshold=float(values["threshold"]),
+                        flagged=p >= float(values["threshold"]),
+                        sensitivity=values.get("sensitivity"),
+                        specificity=values.get("specificity"),
+                    )
+                )
+        return flags
+
+    def urgency(self, probs: np.ndarray) -> float:
+        """Probability of the urgent class (classes.json ``positive``): the worklist order."""
+        return float(probs[self.classes.index(self.positive)])
+
+    def flag(self, probs: np.ndarray) -> str | None:
+        """The strictest (highest-threshold) operating point of the urgent class reached."""
+        points = self.operating_points().get(self.positive, {})
+        urgency = self.urgency(probs)
+        reached = [(v["threshold"], k) for k, v in points.items() if urgency >= v["threshold"]]
+        return max(reached)[1] if reached else None
+
+    # ------------------------------------------------------------------ explanations
+
+    def explainer(self):
+        """The run's explainer, built on first use; :class:`ExplanationsUnavailable` if none."""
+        with self._explainer_lock:
+            if self._explainer is None and self._explainer_error is None:
+                try:
+                    from medsight.explain import Explainer
+
+                    self._explainer = Explainer.from_run(self.run.path, method="auto")
+                except ImportError as exc:
+                    self._explainer_error = (
+                        f"explanations are not available in this installation ({exc}); "
+                        "install a medsight with the medsight.explain module"
+                    )
+                except Exception as exc:  # noqa: BLE001 - a broken explainer must not kill serving
+                    self._explainer_error = f"explanations cannot be built for this run: {exc}"
+            if self._explainer is None:
+                raise ExplanationsUnavailable(self._explainer_error)
+            return self._explainer
+
+    def explanations_available(self) -> bool:
+        """True when ``medsight.explain`` can be imported (the explainer itself loads lazily)."""
+        if self._explainer is not None:
+            return True
+        if self._explainer_error is not None:
+            return False
+        import importlib.util
+
+        try:
+            return importlib.util.find_spec("medsight.explain") is not None
+        except (ImportError, ValueError):
+            return False
+
+    def explain(self, scored: Scored) -> tuple[str, str | None, str]:
+        """``(method, layer, base64 PNG)`` of the heat map over the image for a scored upload."""
+        explainer = self.explainer()
+        try:
+            from medsight.explain import overlay
+
+            with self._infer_lock:
+                heatmap = np.asarray(explainer.explain(scored.x), dtype=np.float32)
+            display = _display_image(self.predictor, scored.image)
+            heatmap = _resize(heatmap, display.shape[:2])
+            label = f"{self.label(scored.probabilities)} {scored.probabilities.max():.0%}"
+            picture = overlay(display, heatmap, label=label)
+        except ExplanationsUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an explainer failure is reported, never a 500
+            raise ExplanationsUnavailable(f"the heat map could not be computed: {exc}") from exc
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        method = str(getattr(explainer, "method", "unknown"))
+        layer = getattr(explainer, "layer", None)
+        return (
+            method,
+            (str(layer) if layer is not None else None),
+            base64.b64encode(buffer.getvalue()).decode("ascii"),
+        )
+
+
+def _display_image(predictor: Predictor, image: DecodedImage) -> np.ndarray:
+    """The image as the model saw it (channels, aspect), at a size people can look at."""
+    import torch
+    import torch.nn.functional as F
+
+    pixels = np.clip(image.pixels, 0.0, 1.0)
+    pixels = pixels if pixels.shape[0] in (1, 3) else pixels[:1]
+    side = max(OVERLAY_SIDE, *predictor.preprocess.size)
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]
+    tensor = F.interpolate(tensor, size=(side, side), mode="bilinear", antialias=True)
+    out = tensor[0].clamp(0, 1).numpy()
+    return out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
+
+
+def _resize(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if heatmap.shape == tuple(shape):
+        return heatmap
+    picture = Image.fromarray(np.asarray(heatmap, dtype=np.float32))
+    resized = picture.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _weights_digest(path: Path) -> str:
+    if not path.exists():
+        return "unknown"
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]

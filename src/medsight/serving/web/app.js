@@ -1,0 +1,335 @@
+// medsight web page: plain JavaScript over the /v1 API (no build step, no network beyond it).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { model: null, file: null, selected: null, token: sessionStorage.getItem("medsight-token") || "" };
+
+// ------------------------------------------------------------------ API
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (state.token) headers["Authorization"] = "Bearer " + state.token;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (response.status === 401) {
+    $("token-form").hidden = false;
+    throw new Error("This server needs an access token: enter it at the top right.");
+  }
+  return response;
+}
+
+async function json(response) {
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON */ }
+  if (!response.ok) {
+    const detail = body && body.detail ? body.detail : response.statusText;
+    const error = new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function upload(path, file) {
+  const form = new FormData();
+  form.append("file", file, "upload");  // the real file name stays on this computer
+  return api(path, { method: "POST", body: form });
+}
+
+// ------------------------------------------------------------------ helpers
+
+function showBanner(message, kind) {
+  const banner = $("banner");
+  if (!message) { banner.hidden = true; return; }
+  banner.textContent = message;
+  banner.className = "banner" + (kind ? " " + kind : "");
+  banner.hidden = false;
+}
+
+function pct(p) { return (100 * p).toFixed(p >= 0.995 || p < 0.005 ? 0 : 1) + " %"; }
+function pretty(name) { return String(name).replace(/_/g, " "); }
+function pointName(name) {
+  // "sensitivity_0.90" → "90 % sensitivity": the operating point chosen at evaluation
+  const m = /^sensitivity_(\d\.\d+)$/.exec(name);
+  return m ? Math.round(100 * parseFloat(m[1])) + " % sensitivity" : name === "youden" ? "Youden" : pretty(name);
+}
+function el(tag, attrs = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+function sizeText(bytes) {
+  return bytes > 1048576 ? (bytes / 1048576).toFixed(1) + " MB" : Math.max(1, Math.round(bytes / 1024)) + " kB";
+}
+
+function renderBars(container, probabilities) {
+  container.replaceChildren();
+  const urgent = state.model ? state.model.positive_class : null;
+  const top = Object.entries(probabilities).sort((a, b) => b[1] - a[1])[0][0];
+  for (const [name, p] of Object.entries(probabilities)) {
+    const fill = el("div", { class: "fill" });
+    fill.style.width = "0%";
+    const row = el("div", { class: "bar" + (name === urgent ? " urgent" : "") + (name === top ? " top" : ""), "data-class": name }, [
+      el("span", { class: "cls", text: pretty(name), title: name }),
+      el("div", { class: "track" }, [fill]),
+      el("span", { class: "pct", text: pct(p) }),
+    ]);
+    container.append(row);
+    requestAnimationFrame(() => { fill.style.width = (100 * p).toFixed(1) + "%"; });
+  }
+}
+
+// ------------------------------------------------------------------ model
+
+async function loadModel() {
+  try {
+    const model = await json(await api("/v1/model"));
+    state.model = model;
+    $("model-chip").textContent = `${model.model.name} · ${model.model.run} · ${model.backend}`;
+    $("intended-use").textContent = model.intended_use;
+    $("max-size").textContent = sizeText(model.max_upload_bytes);
+    const facts = $("model-facts");
+    facts.replaceChildren();
+    const add = (k, v) => facts.append(el("dt", { text: k }), el("dd", { text: v }));
+    add("Classes", model.classes.map(pretty).join(", "));
+    add("Urgent class", pretty(model.positive_class));
+    add("Input", `${model.input.channels === 1 ? "grayscale" : "colour"}, ${model.input.width}×${model.input.height} px`);
+    if (model.evaluated) {
+      for (const [name, m] of Object.entries(model.metrics)) {
+        if (!["auroc", "accuracy"].includes(name) || m.value === null) continue;
+        const ci = m.ci ? ` (95 % CI ${m.ci[0].toFixed(2)}–${m.ci[1].toFixed(2)})` : "";
+        add(name === "auroc" ? "AUROC" : "Accuracy", m.value.toFixed(3) + ci);
+      }
+      add("Evaluated on", `${model.evaluated_split} split, n = ${model.n_evaluated}`);
+    } else {
+      add("Evaluation", "not evaluated yet (medsight evaluate RUN)");
+    }
+    add("Version", model.model.version);
+    const select = $("reviewer-label");
+    select.replaceChildren(el("option", { value: "", text: "— no finding recorded —" }));
+    for (const c of model.classes) select.append(el("option", { value: c, text: pretty(c) }));
+    refreshCount();
+  } catch (error) {
+    $("model-chip").textContent = "model unavailable";
+    showBanner(error.message);
+  }
+}
+
+// ------------------------------------------------------------------ analyse
+
+async function analyse(file) {
+  showBanner(null);
+  state.file = file;
+  if (state.model && file.size > state.model.max_upload_bytes) {
+    showBanner(`${file.name} is ${sizeText(file.size)}, above this server's limit of ${sizeText(state.model.max_upload_bytes)}.`);
+    return;
+  }
+  $("file-line").hidden = false;
+  $("file-name").textContent = file.name;
+  $("file-size").textContent = sizeText(file.size);
+  $("figures").hidden = false;
+  const preview = $("preview-img");
+  const browserCanShow = /^image\/(png|jpeg|gif|bmp|webp)$/.test(file.type);
+  preview.hidden = !browserCanShow;
+  $("preview-note").hidden = browserCanShow;
+  if (browserCanShow) preview.src = URL.createObjectURL(file);
+  $("overlay-img").hidden = true;
+  $("overlay-note").hidden = false;
+  $("overlay-note").textContent = "Computing heat map…";
+  $("overlay-caption").textContent = "Heat map";
+  $("result").hidden = true;
+  $("result-empty").hidden = false;
+  $("result-empty").textContent = "Analysing…";
+  $("queue-btn").disabled = false;
+  $("queue-btn").textContent = "Add to worklist";
+
+  const prediction = upload("/v1/predict", file).then(json);
+  const explanation = upload("/v1/explain", file).then(json);
+  try {
+    showPrediction(await prediction);
+  } catch (error) {
+    $("result-empty").textContent = "No prediction.";
+    $("overlay-note").textContent = "—";
+    showBanner(error.message);
+    return;
+  }
+  try {
+    const body = await explanation;
+    const img = $("overlay-img");
+    img.src = "data:image/png;base64," + body.overlay_png;
+    img.hidden = false;
+    $("overlay-note").hidden = true;
+    $("overlay-caption").textContent = `Heat map (${pretty(body.method)}${body.layer ? ", " + body.layer : ""})`;
+  } catch (error) {
+    $("overlay-note").textContent = error.status === 501 ? "Heat maps are not available on this server." : "Heat map failed: " + error.message;
+  }
+}
+
+function showPrediction(body) {
+  $("result-empty").hidden = true;
+  $("result").hidden = false;
+  const label = $("result-label");
+  label.textContent = pretty(body.label);
+  label.classList.toggle("urgent", state.model && body.label === state.model.positive_class);
+  $("result-confidence").textContent = pct(body.confidence);
+  renderBars($("bars"), body.probabilities);
+  const flags = $("flags");
+  flags.replaceChildren();
+  for (const f of body.threshold_flags) {
+    const text = `${pretty(f.class_name)} ${f.flagged ? "above" : "below"} the ${pointName(f.operating_point)} threshold (${f.threshold.toFixed(2)})`;
+    flags.append(el("span", { class: "chip" + (f.flagged ? " on" : ""), text, title: `sensitivity ${f.sensitivity}, specificity ${f.specificity} on the evaluated split` }));
+  }
+  $("latency").textContent = `${body.latency_ms.toFixed(0)} ms on the server`;
+}
+
+async function queueCurrent() {
+  if (!state.file) return;
+  const button = $("queue-btn");
+  button.disabled = true;
+  try {
+    const study = await json(await upload("/v1/studies", state.file));
+    button.textContent = `Queued as study #${study.id}`;
+    refreshCount();
+  } catch (error) {
+    button.disabled = false;
+    showBanner(error.message);
+  }
+}
+
+// ------------------------------------------------------------------ worklist
+
+async function refreshCount() {
+  try {
+    const body = await json(await api("/v1/worklist?status=pending"));
+    $("pending-count").textContent = body.items.length ? String(body.items.length) : "";
+  } catch (_) { /* the badge is a nicety */ }
+}
+
+async function loadWorklist() {
+  const status = $("status-filter").value;
+  try {
+    const body = await json(await api("/v1/worklist" + (status ? "?status=" + status : "")));
+    const rows = $("worklist-body");
+    rows.replaceChildren();
+    for (const item of body.items) {
+      const fill = el("div", { class: "fill" });
+      fill.style.width = (100 * item.urgency).toFixed(1) + "%";
+      const row = el("tr", { class: "wl-row" + (state.selected === item.id ? " selected" : ""), "data-id": String(item.id) }, [
+        el("td", { text: String(item.id) }),
+        el("td", {}, [el("div", { class: "urgency" }, [el("div", { class: "track" }, [fill]), el("span", { text: pct(item.urgency) })])]),
+        el("td", { text: pretty(item.label) }),
+        el("td", {}, [item.flag ? el("span", { class: "chip on", text: "≥ " + pointName(item.flag), title: "at or above the " + pointName(item.flag) + " threshold" }) : el("span", { class: "muted", text: "—" })]),
+        el("td", {}, [el("span", { class: "chip " + item.status, text: pretty(item.status) })]),
+        el("td", { class: "muted", text: new Date(item.received_at).toLocaleString() }),
+      ]);
+      row.addEventListener("click", () => openStudy(item));
+      rows.append(row);
+    }
+    $("worklist-empty").hidden = body.items.length > 0;
+    refreshCount();
+  } catch (error) {
+    showBanner(error.message);
+  }
+}
+
+async function openStudy(item) {
+  state.selected = item.id;
+  for (const row of document.querySelectorAll(".wl-row")) row.classList.toggle("selected", row.dataset.id === String(item.id));
+  $("study-empty").hidden = true;
+  $("study").hidden = false;
+  $("study-title").textContent = `Study #${item.id}`;
+  renderBars($("study-bars"), item.probabilities);
+  const facts = $("study-facts");
+  facts.replaceChildren();
+  const add = (k, v) => facts.append(el("dt", { text: k }), el("dd", { text: v }));
+  add("Model label", pretty(item.label));
+  add("Urgency", pct(item.urgency));
+  add("Flag", item.flag ? `at or above the ${pointName(item.flag)} threshold` : state.model && state.model.evaluated ? "below every operating point" : "none (run not evaluated)");
+  add("Status", pretty(item.status));
+  add("Format", item.format + (item.modality ? " · " + item.modality : ""));
+  if (item.patient) add("Patient", item.patient + " (pseudonym)");
+  add("Received", new Date(item.received_at).toLocaleString());
+  if (item.reviewer_label) add("Reviewer", pretty(item.reviewer_label) + (item.agreement ? " (agrees)" : " (disagrees)"));
+  $("reviewer-label").value = item.reviewer_label || "";
+  $("mark-reviewed").disabled = item.status === "reviewed";
+  $("start-review").disabled = item.status !== "pending";
+
+  const img = $("study-img");
+  img.hidden = true;
+  $("study-img-note").textContent = item.format === "dicom" ? "DICOM image (open it in your viewer)" : "Loading image…";
+  if (item.format !== "dicom") {
+    try {
+      const response = await api(`/v1/studies/${item.id}/image`);
+      if (!response.ok) throw new Error(response.statusText);
+      img.src = URL.createObjectURL(await response.blob());
+      img.hidden = false;
+      $("study-img-note").textContent = "";
+    } catch (_) {
+      $("study-img-note").textContent = "Image unavailable";
+    }
+  }
+}
+
+async function setStatus(status) {
+  if (state.selected === null) return;
+  const reviewer = $("reviewer-label").value || null;
+  try {
+    const item = await json(await api(`/v1/studies/${state.selected}`, {
+      method: "PATCH",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ status, reviewer_label: status === "reviewed" ? reviewer : null }),
+    }));
+    await loadWorklist();
+    openStudy(item);
+    showBanner(status === "reviewed" ? `Study #${item.id} marked reviewed.` : `Study #${item.id} is in review.`, "info");
+  } catch (error) {
+    showBanner(error.message);
+  }
+}
+
+// ------------------------------------------------------------------ wiring
+
+function switchView(view) {
+  for (const tab of document.querySelectorAll(".tab")) {
+    const on = tab.dataset.view === view;
+    tab.classList.toggle("active", on);
+    tab.setAttribute("aria-selected", String(on));
+  }
+  $("view-analyse").hidden = view !== "analyse";
+  $("view-worklist").hidden = view !== "worklist";
+  showBanner(null);
+  if (view === "worklist") loadWorklist();
+}
+
+function wire() {
+  for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => switchView(tab.dataset.view));
+  const drop = $("drop");
+  $("file-input").addEventListener("change", (e) => { if (e.target.files[0]) analyse(e.target.files[0]); e.target.value = ""; });
+  for (const name of ["dragenter", "dragover"]) drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  for (const name of ["dragleave", "drop"]) drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  drop.addEventListener("drop", (e) => { const f = e.dataTransfer.files[0]; if (f) analyse(f); });
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file-input").click(); } });
+  // Dropping a file elsewhere on the page must not navigate away from it.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+  $("queue-btn").addEventListener("click", queueCurrent);
+  $("status-filter").addEventListener("change", loadWorklist);
+  $("refresh-btn").addEventListener("click", loadWorklist);
+  $("start-review").addEventListener("click", () => setStatus("in_review"));
+  $("mark-reviewed").addEventListener("click", () => setStatus("reviewed"));
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.token = $("token-input").value.trim();
+    sessionStorage.setItem("medsight-token", state.token);
+    $("token-form").hidden = true;
+    showBanner(null);
+    loadModel();
+  });
+  loadModel();
+}
+
+wire();

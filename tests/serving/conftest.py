@@ -1,0 +1,51 @@
+"""A tiny trained and evaluated run shared by the serving tests, and small upload builders."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory) -> Path:
+    """A 1-epoch medcnn_s at 16 px on bright ("lesion") vs dark ("normal") squares, evaluated
+    (so metrics.json holds operating points) in a few seconds."""
+    from tests.conftest import make_two_class_manifest
+
+    from medsight.evaluation.evaluate import evaluate_run
+    from medsight.training.trainer import train
+
+    root = tmp_path_factory.mktemp("serving")
+    data = make_two_class_manifest(root / "data", 12, 2, 16)
+    config = TrainConfig(
+        data=DataConfig(path=str(data), ratios=(0.5, 0.25, 0.25)),
+        model=ModelConfig(name="medcnn_s"),
+        optim=OptimConfig(epochs=1, batch_size=8, lr=3e-3),
+        out=str(root / "run"),
+    )
+    run = train(config, show_progress=False)
+    evaluate_run(run.path, n_bootstrap=20)
+    return run.path
+
+
+def png_bytes(value: int = 128, size: int = 16, seed: int = 0) -> bytes:
+    """A noisy gray square around ``value`` as PNG bytes (distinct per seed)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(value, 20, (size, size)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encoded(value: int, fmt: str, size: int = 16) -> bytes:
+    """The same kind of square in another container (JPEG, TIFF)."""
+    pixels = np.full((size, size), value, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()

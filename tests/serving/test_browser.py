@@ -1,0 +1,135 @@
+"""The web page in a real browser: Debian's Chromium driven by Playwright, against a live server.
+
+Skipped (with the reason) when Playwright or Chromium cannot start here; never passed silently.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tests.serving.conftest import png_bytes
+
+from medsight.serving.api import ServeSettings, create_app
+
+CHROMIUM = "/usr/bin/chromium"
+#: Where the page's pictures go (set it to keep them; by default the test's own tmp folder).
+SCREENSHOTS_ENV = "MEDSIGHT_SCREENSHOTS"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(served_run, tmp_path_factory):
+    """The real app under uvicorn in a background thread, on a free loopback port."""
+    import uvicorn
+
+    data_dir = tmp_path_factory.mktemp("browser-serve")
+    app = create_app(ServeSettings(run=served_run, data_dir=data_dir))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the test server did not start within 20 s")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        reason = f"playwright is not installed ({exc}); pip install -e '.[dev]'"
+        print(reason)
+        pytest.skip(reason)
+    manager = sync_playwright().start()
+    try:
+        chromium = manager.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
+    except Exception as exc:  # noqa: BLE001 - any launch failure means "no browser here"
+        manager.stop()
+        reason = f"Chromium cannot start from {CHROMIUM}: {str(exc).splitlines()[0]}"
+        print(reason)
+        pytest.skip(reason)
+    yield chromium
+    chromium.close()
+    manager.stop()
+
+
+def _explanations_available() -> bool:
+    try:
+        from medsight.explain import Explainer, overlay  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_upload_shows_prediction_and_heat_map_then_review_from_the_worklist(
+    live_server, browser, tmp_path
+):
+    url, app = live_server
+    image = tmp_path / "chest.png"
+    image.write_bytes(png_bytes(200, size=64, seed=7))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+
+    page.wait_for_function("document.getElementById('intended-use').textContent.length > 20")
+    assert "Not for diagnosis" in page.text_content("#intended-use")
+    page.set_input_files("#file-input", str(image))
+    page.wait_for_selector("#result:not([hidden])")
+    label = page.text_content("#result-label").strip()
+    assert label in ("lesion", "normal")
+    bars = page.locator("#bars .bar")
+    assert bars.count() == 2
+    assert "%" in bars.first.text_content()
+    if _explanations_available():
+        page.wait_for_selector("#overlay-img:not([hidden])", timeout=30_000)
+        src = page.get_attribute("#overlay-img", "src")
+        assert src.startswith("data:image/png;base64,")
+        width = page.evaluate("document.getElementById('overlay-img').naturalWidth")
+        assert width >= 64
+    else:  # the page says so plainly rather than showing a broken image
+        page.wait_for_function(
+            "document.getElementById('overlay-note').textContent.includes('not available')"
+        )
+    page.wait_for_timeout(500)  # let the bars finish their transition for the picture
+    shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "serve-predict.png"), full_page=True)
+
+    page.click("#queue-btn")
+    page.wait_for_function("document.getElementById('queue-btn').textContent.includes('study #')")
+    page.click("#tab-worklist")
+    page.wait_for_selector(".wl-row")
+    rows = page.locator(".wl-row")
+    assert rows.count() == 1
+    rows.first.click()
+    page.wait_for_selector("#study:not([hidden])")
+    page.wait_for_selector("#study-img:not([hidden])")
+    page.select_option("#reviewer-label", label)
+    page.screenshot(path=str(shots / "serve-worklist.png"), full_page=True)
+    page.click("#mark-reviewed")
+    page.wait_for_function("document.getElementById('banner').textContent.includes('reviewed')")
+    page.wait_for_selector("#worklist-empty:not([hidden])")  # gone from the pending list
+
+    items = app.state.worklist.list("reviewed")
+    assert len(items) == 1 and items[0].reviewer_label == label
+    assert errors == []
+    page.close()
