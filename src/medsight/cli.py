@@ -446,6 +446,10 @@ def train_command(
         int | None, typer.Option("--patience", help="Early-stopping epochs.")
     ] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="DataLoader workers.")] = None,
+    cache: Annotated[
+        bool | None,
+        typer.Option("--cache/--no-cache", help="Keep decoded images ≤128 px in memory."),
+    ] = None,
     log: Annotated[
         str | None, typer.Option("--log", help="none | tensorboard | mlflow (if installed)")
     ] = None,
@@ -477,6 +481,7 @@ def train_command(
             "out": out,
             "seed": seed,
             "data.image_size": image_size,
+            "data.cache": cache,
             "model.name": model,
             "model.pretrained": pretrained,
             "model.weights": weights,
@@ -645,8 +650,12 @@ def demo_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a previous demo.")
     ] = False,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Then serve the model on http://127.0.0.1:PORT.")
+    ] = False,
+    port: Annotated[int, typer.Option("--port", help="Port for --serve.")] = 8000,
 ) -> None:
-    """The main job on the embedded default: synth → check → train → evaluate → report."""
+    """The main job on the embedded default: synth → check → train → evaluate → explain → report."""
     from medsight.demo import run_demo
 
     with _user_errors():
@@ -657,6 +666,15 @@ def demo_command(
             f"open the report:  python -m webbrowser file://{result.report.resolve()}",
             highlight=False,
         )
+        if serve:
+            from medsight.serving.api import ServeSettings
+            from medsight.serving.api import serve as serve_app
+
+            console.print(
+                f"serving the demo model on http://127.0.0.1:{port}/ (Ctrl-C to stop)",
+                highlight=False,
+            )
+            serve_app(ServeSettings(run=result.run, port=port))
 
 
 # --------------------------------------------------------------------------- export
@@ -687,6 +705,227 @@ def export_command(
             f"wrote {result['path']} ({result['format']}); max |Δprobability| vs PyTorch "
             f"{result['max_abs_diff_prob']:.2e}"
         )
+
+
+# --------------------------------------------------------------------------- serve, predict
+
+
+@app.command("serve")
+def serve_command(
+    run: Annotated[Path, typer.Argument(help="Run directory to serve.")],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (beyond loopback needs --token).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    backend: Annotated[Backend, typer.Option("--backend", help="torch | onnx")] = Backend.torch,
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Worklist database URL (default sqlite:///RUN/worklist/…)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Folder for uploads (default RUN/worklist).")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token", help="Bearer token for /v1 routes (or $MEDSIGHT_TOKEN).", show_default=False
+        ),
+    ] = None,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", help="Largest upload accepted (413 above).")
+    ] = 50.0,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Serve a run: REST API (/docs), web page (/) and triage worklist."""
+    import logging
+
+    from pydantic import ValidationError
+
+    from medsight.serving.api import ServeSettings, check_exposure, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
+    with _user_errors():
+        try:
+            settings = ServeSettings(
+                run=run,
+                backend=backend.value,
+                host=host,
+                port=port,
+                db=db,
+                data_dir=data_dir,
+                token=token,
+                max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                max_pixels=max_pixels,
+            )
+        except ValidationError as exc:
+            problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise MedsightError(f"serve: {problems}") from None
+        check_exposure(settings)
+        err_console.print(
+            f"medsight serving {run} on http://{host}:{port}/  (API docs: /docs)", highlight=False
+        )
+        serve(settings)
+
+
+@app.command("predict")
+def predict_command(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    files: Annotated[
+        list[Path], typer.Argument(metavar="FILE...", help="Images (PNG, JPEG, TIFF, DICOM...).")
+    ],
+    backend: Annotated[Backend, typer.Option("--backend", help="torch | onnx")] = Backend.torch,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="CSV to write: file, label, p_<class>, error.")
+    ] = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Predict files with a run, preprocessing exactly as serving does; unreadable files are
+    reported and skipped (exit 2 only when none can be read)."""
+    from medsight.serving.predictor import predict_paths
+
+    with _user_errors():
+        table = predict_paths(run, files, backend=backend.value, max_pixels=max_pixels)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(out, index=False)
+        shown = Table(title=f"{run.name}: {len(table)} file(s)", title_justify="left")
+        for column in table.columns:
+            shown.add_column(column, overflow="fold")
+        for row in table.itertuples(index=False):
+            shown.add_row(
+                *(
+                    "" if v != v or v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+                    for v in row
+                )
+            )
+        console.print(shown)
+        failed = table["error"].astype(bool).sum()
+        if failed:
+            err_console.print(f"[yellow]warning:[/] {failed} file(s) could not be read")
+        if failed == len(table):
+            raise MedsightError("none of the files could be read; see the error column")
+        if out is not None:
+            console.print(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@app.command("explain")
+def explain_command(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    images: Annotated[
+        list[Path] | None, typer.Argument(help="Image files to explain (PNG, JPEG, DICOM, NIfTI).")
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="auto | gradcam | gradcam++ | scorecam | eigencam | layercam | ig | attention"
+            " (auto: the best in RUN/localisation.json, else gradcam).",
+        ),
+    ] = "auto",
+    target: Annotated[
+        str | None, typer.Option("--class", help="Class to explain (default: the predicted one).")
+    ] = None,
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="Target layer (default: chosen per model).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for overlays, maps and the JSONL log.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Data with masks to score (default: the run's).")
+    ] = None,
+    masks: Annotated[
+        bool,
+        typer.Option("--masks", help="Score maps against lesion masks → RUN/localisation.json."),
+    ] = False,
+    methods: Annotated[
+        str | None, typer.Option("--methods", help="With --masks: comma-separated methods.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="With --masks: score a sample of N images.")
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="With --masks: the run's split to score.")
+    ] = "test",
+    faithfulness: Annotated[
+        int, typer.Option("--faithfulness", help="With --masks: images for deletion/insertion.")
+    ] = 16,
+) -> None:
+    """Explain predictions (overlays + maps), or score maps against lesion masks (--masks)."""
+    from medsight.errors import ConfigError
+
+    with _user_errors():
+        if masks:
+            from medsight.explain.localisation import score_localisation
+
+            chosen = [m for m in (methods or "").split(",") if m.strip()] or None
+            if chosen is None and method != "auto":
+                chosen = [method]
+            with err_console.status("explaining…") as status:
+                result = score_localisation(
+                    run,
+                    data,
+                    methods=chosen,
+                    limit=limit,
+                    split=split,
+                    layer=layer,
+                    faithfulness=faithfulness,
+                    progress=lambda message: status.update(message),
+                )
+            _print_localisation(result)
+            console.print(f"wrote {Path(run) / 'localisation.json'}")
+            return
+        if not images:
+            raise ConfigError(
+                "give image files to explain (medsight explain RUN scan.png --out DIR), or"
+                " --masks to score the maps against lesion masks"
+            )
+        if out is None:
+            raise ConfigError("give --out DIR: the folder for overlays, maps and the JSONL log")
+        from medsight.explain.files import EXPLANATIONS, explain_files
+
+        records = explain_files(run, images, out, method=method, target=target, layer=layer)
+        for r in records:
+            console.print(
+                f"{r['image']}: {r['predicted']} {r['probability']:.3f} → {out / r['overlay']}",
+                highlight=False,
+            )
+        console.print(f"wrote {len(records)} explanation(s) to {out / EXPLANATIONS}")
+
+
+def _print_localisation(result: dict) -> None:
+    faith, sanity = result.get("faithfulness") or {}, result.get("sanity") or {}
+    from rich import box
+
+    table = Table(
+        title=f"Localisation on {result['n_images']} lesion images ({result['split']})",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    columns = ["method", "point", "IoU", "energy"]
+    if faith:
+        columns += ["del ↓", "ins ↑", "rand ρ"]
+    for column in (*columns, "s/img"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    for name, entry in result["methods"].items():
+        entries = [entry[k] for k in ("pointing_game", "box_iou", "energy_in_mask")]
+        if faith:
+            f = faith.get(name) or {}
+            entries += [f.get("deletion_auc"), f.get("insertion_auc")]
+            entries.append((sanity.get(name) or {}).get("spearman"))
+        cells = [_value_ci(e or {})[0] for e in entries]  # the CIs are in the JSON
+        table.add_row(name, *(str(c) for c in cells), f"{entry['seconds_per_image']:.3f}")
+    console.print(table)
+    console.print(
+        "point: pointing game · IoU: box IoU · energy: in mask · del/ins: deletion/insertion"
+        " AUC · rand ρ: Spearman vs random weights (near 0 is good); CIs in localisation.json",
+        highlight=False,
+    )
+    if result.get("n_missing_masks"):
+        err_console.print(f"{result['n_missing_masks']} lesion image(s) had no mask (not scored)")
 
 
 if __name__ == "__main__":  # pragma: no cover
