@@ -195,3 +195,18 @@ def test_missing_metrics_asks_for_evaluate(tmp_path):
     with pytest.raises(DataError, match="medsight evaluate"):
         write_report(run)
     assert not (run / "report.html").exists()
+
+
+def test_model_card_states_a_tie_instead_of_a_gap_between_one_group_and_itself():
+    from medsight.evaluation.report import _largest_gaps
+
+    groups = {g: {"n": 40, "auroc": {"value": 1.0}, "sensitivity": {"value": 0.9}} for g in "FM"}
+    gaps = {
+        "auroc": {"gap": 0.0, "highest": "F", "lowest": "M"},
+        "sensitivity": {"gap": 0.0, "highest": "M", "lowest": "F"},
+    }
+    findings = _largest_gaps({"subgroups": {"sex": {"groups": groups, "gaps": gaps}}})
+    assert findings == [
+        "By sex: AUROC is the same (1.000) in every group; "
+        "sensitivity is the same (0.900) in every group."
+    ]

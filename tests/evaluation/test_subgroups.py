@@ -30,6 +30,14 @@ def _two_sites():
     return np.r_[y_a, y_b], np.r_[p_a, p_b], groups
 
 
+def test_a_tie_is_a_zero_gap_between_two_different_groups():
+    y, p = _binary(80, signal=6.0, seed=2)  # perfectly separated: AUROC 1 in both groups
+    groups = ["F", "M"] * 40
+    out = subgroup_metrics(y, p, BINARY, groups, column="sex", n_bootstrap=0)
+    gap = out["gaps"]["auroc"]
+    assert gap["gap"] == 0 and {gap["highest"], gap["lowest"]} == {"F", "M"}
+
+
 def test_gap_names_the_better_and_worse_group():
     y, p, groups = _two_sites()
     out = subgroup_metrics(y, p, BINARY, groups, column="site", n_bootstrap=100)

@@ -724,6 +724,10 @@ def _largest_gaps(metrics: dict) -> list[str]:
             if gap.get("gap") is None:
                 continue
             hi, lo = gap["highest"], gap["lowest"]
+            if gap["gap"] == 0:
+                value = groups[hi][key]["value"]
+                parts.append(f"{label} is the same ({value:.3f}) in every group")
+                continue
             parts.append(
                 f"{label} differs by {gap['gap']:.3f} between {hi} "
                 f"({groups[hi][key]['value']:.3f}, n={groups[hi]['n']}) and {lo} "

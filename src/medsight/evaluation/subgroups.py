@@ -216,7 +216,8 @@ def subgroup_metrics(
             gaps[metric] = {"gap": None, "highest": None, "lowest": None}
             continue
         highest = max(defined, key=defined.get)
-        lowest = min(defined, key=defined.get)
+        # Another group than the highest, even when all are tied (a gap is between two groups).
+        lowest = min((g for g in defined if g != highest), key=defined.get)
         gaps[metric] = {
             "gap": float(defined[highest] - defined[lowest]),
             "highest": highest,
