@@ -27,6 +27,7 @@ import pandas as pd
 
 from medsight import runs
 from medsight.errors import ConfigError, DataError
+from medsight.evaluation import modelcard
 from medsight.evaluation.calibration import bin_index, reliability_curve
 from medsight.evaluation.metrics import ECE_BINS
 
@@ -1117,6 +1118,8 @@ def _build_context(run, metrics, pred, y, probs, examples: int) -> dict:
         "generated": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "medsight_version": getattr(medsight, "__version__", versions.get("medsight", "")),
         "classes": classes,
+        "intended_use": modelcard.INTENDED_USE.format(classes=", ".join(classes)),
+        "not_for_diagnosis": modelcard.NOT_FOR_DIAGNOSIS,
         "positive": positive,
         "binary": k == 2,
         "tiles": tiles,

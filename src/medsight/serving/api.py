@@ -28,10 +28,10 @@ from pydantic import BaseModel, Field
 from medsight import __version__
 from medsight.data.imaging import DEFAULT_MAX_PIXELS
 from medsight.errors import ConfigError
+from medsight.evaluation.modelcard import intended_use
 from medsight.serving import schemas
 from medsight.serving.predictor import Predictor
 from medsight.serving.service import (
-    INTENDED_USE,
     BadImage,
     ExplanationsUnavailable,
     ModelService,
@@ -211,7 +211,7 @@ def model_info(model: Model, request: Request) -> dict:
         "operating_points": {
             k: {"threshold": v["threshold"], **_ratios(v)} for k, v in points.items()
         },
-        "intended_use": INTENDED_USE.format(classes=", ".join(model.classes)),
+        "intended_use": intended_use(model.classes),
         "explanations": model.explanations_available(),
         "max_upload_bytes": request.app.state.max_upload_bytes,
     }
@@ -445,7 +445,7 @@ def create_app(
         title="medsight",
         version=__version__,
         summary=f"{model.model_ref.name} from run {model.model_ref.run}: research use only.",
-        description=INTENDED_USE.format(classes=", ".join(model.classes)),
+        description=intended_use(model.classes),
     )
     app.state.model = model
     app.state.worklist = worklist

@@ -25,12 +25,6 @@ from medsight.serving.predictor import Predictor
 from medsight.serving.schemas import ModelRef, ThresholdFlag
 
 #: The same words as the model card in report.html: serving must not promise more than it.
-INTENDED_USE = (
-    "Research and teaching: studying how image classifiers behave on {classes} images, and at "
-    "most a second reader in a research setting, always after a qualified clinician has read "
-    "the image. Not for diagnosis: not a medical device, not clinically validated, not for "
-    "diagnosing, triaging or treating patients, and not for any decision about a person."
-)
 
 #: Side of the heat-map overlay PNG: large enough to read on a page, whatever the input size.
 OVERLAY_SIDE = 384
