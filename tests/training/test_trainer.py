@@ -197,3 +197,13 @@ def test_scratch_ignores_pretrained_and_cli_trains_a_run(tmp_path, helpers):
     assert model_info["pretrained_source"] is None and model_info["attention"] == "se"
     again = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_dataloader_workers_follow_the_cache_and_the_cores(monkeypatch):
+    monkeypatch.setattr(trainer.os, "cpu_count", lambda: 16)
+    assert trainer._workers(None, cached=True, features_mode=False) == 0
+    assert trainer._workers(None, cached=False, features_mode=True) == 0
+    assert trainer._workers(None, cached=False, features_mode=False) == 4
+    assert trainer._workers(3, cached=True, features_mode=False) == 3  # asked for: obeyed
+    monkeypatch.setattr(trainer.os, "cpu_count", lambda: 2)
+    assert trainer._workers(None, cached=False, features_mode=False) == 0

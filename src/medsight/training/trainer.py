@@ -515,12 +515,15 @@ def _save_checkpoint(path: Path, model, optimizer, schedule, scaler, state: _Sta
 
 
 def _workers(requested: int | None, cached: bool, features_mode: bool) -> int:
-    """DataLoader workers: none when images come from memory, else one per core up to 4."""
+    """DataLoader workers: none when images come from memory or the machine has ≤ 2 cores
+    (there, workers decoding beside torch's compute threads made most epochs 4–30 % slower:
+    benchmarks/README.md), else half the cores up to 4."""
     if requested is not None:
         return requested
-    if features_mode or cached:
-        return 0  # worker start-up and IPC would cost more than reading the in-memory cache
-    return min(4, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    if features_mode or cached or cores <= 2:
+        return 0
+    return min(4, cores // 2)
 
 
 def _progress(enabled: bool, console: Console):
