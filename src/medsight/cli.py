@@ -51,6 +51,20 @@ class Backend(str, Enum):
     onnx = "onnx"
 
 
+class Tta(str, Enum):
+    flip = "flip"
+    rot = "rot"
+
+
+TtaOption = Annotated[
+    Tta | None,
+    typer.Option(
+        "--tta",
+        help="Test-time augmentation: average over mirrored (flip) or rotated (rot) views; "
+        "refused where the modality forbids it (flip on chest X-rays).",
+    ),
+]
+
 FormatOption = Annotated[
     DataFormat | None, typer.Option("--format", help="Reader to use (detected from the path).")
 ]
@@ -436,6 +450,10 @@ def train_command(
     augment: Annotated[
         str | None, typer.Option("--augment", help="auto | xray | ct | mri | derm | histo | none")
     ] = None,
+    augment_strength: Annotated[
+        float | None,
+        typer.Option("--augment-strength", help="Scale the augmentation jitter (0: none, ≤ 3)."),
+    ] = None,
     image_size: Annotated[
         int | None, typer.Option("--image-size", help="Input side in px.")
     ] = None,
@@ -462,7 +480,7 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a classifier; writes a run directory (weights, config, preprocessing, history)."""
-    from medsight.config import DataConfig, TrainConfig
+    from medsight.config import TrainConfig
     from medsight.runs import CONFIG
     from medsight.training.trainer import train
 
@@ -470,43 +488,228 @@ def train_command(
         if resume:
             train(TrainConfig.from_yaml(Path(resume) / CONFIG), resume=True)
             return
-        if config is not None:
-            base = TrainConfig.from_yaml(config)
-        elif data is not None:
-            base = TrainConfig(data=DataConfig(path=data))
-        else:
-            raise MedsightError("give --data PATH (or --config FILE.yaml, or --resume RUN)")
-        overrides = {
-            "data.path": data,
-            "out": out,
-            "seed": seed,
-            "data.image_size": image_size,
-            "data.cache": cache,
-            "model.name": model,
-            "model.pretrained": pretrained,
-            "model.weights": weights,
-            "model.attention": attention,
-            "optim.mode": mode,
-            "optim.freeze_stages": freeze_stages,
-            "optim.epochs": epochs,
-            "optim.batch_size": batch_size,
-            "optim.lr": lr,
-            "optim.optimizer": optimizer,
-            "optim.schedule": schedule,
-            "optim.weight_decay": weight_decay,
-            "optim.label_smoothing": label_smoothing,
-            "optim.class_weights": class_weights,
-            "optim.balanced_sampler": balanced,
-            "optim.augment": augment,
-            "optim.monitor": monitor,
-            "optim.patience": patience,
-            "optim.workers": workers,
-            "optim.log": log,
-        }
-        resolved = base.with_overrides(overrides)
-        if out is None and config is None:
-            resolved = resolved.with_overrides({"out": f"runs/{Path(resolved.data.path).stem}"})
-        train(resolved, overwrite=overwrite)
+        options = dict(locals())
+        train(_train_config(options), overwrite=overwrite)
+
+
+def _train_config(options: dict, default_out: str = "runs/{stem}"):
+    """The TrainConfig that ``medsight train``'s options describe (``--config`` then flags)."""
+    from medsight.config import DataConfig, TrainConfig
+
+    config, data, out = options.get("config"), options.get("data"), options.get("out")
+    if config is not None:
+        base = TrainConfig.from_yaml(config)
+    elif data is not None:
+        base = TrainConfig(data=DataConfig(path=data))
+    else:
+        raise MedsightError("give --data PATH (or --config FILE.yaml)")
+    overrides = {key: options.get(name) for name, key in _TRAIN_OPTION_KEYS.items()}
+    resolved = base.with_overrides(overrides)
+    if out is None and config is None:
+        stem = Path(resolved.data.path).stem
+        resolved = resolved.with_overrides({"out": default_out.format(stem=stem)})
+    return resolved
+
+
+#: ``medsight train`` option → the dotted TrainConfig field it sets.
+_TRAIN_OPTION_KEYS = {
+    "data": "data.path",
+    "out": "out",
+    "seed": "seed",
+    "image_size": "data.image_size",
+    "cache": "data.cache",
+    "model": "model.name",
+    "pretrained": "model.pretrained",
+    "weights": "model.weights",
+    "attention": "model.attention",
+    "mode": "optim.mode",
+    "freeze_stages": "optim.freeze_stages",
+    "epochs": "optim.epochs",
+    "batch_size": "optim.batch_size",
+    "lr": "optim.lr",
+    "optimizer": "optim.optimizer",
+    "schedule": "optim.schedule",
+    "weight_decay": "optim.weight_decay",
+    "label_smoothing": "optim.label_smoothing",
+    "class_weights": "optim.class_weights",
+    "balanced": "optim.balanced_sampler",
+    "augment": "optim.augment",
+    "augment_strength": "optim.augment_strength",
+    "monitor": "optim.monitor",
+    "patience": "optim.patience",
+    "workers": "optim.workers",
+    "log": "optim.log",
+}
+
+
+def _with_train_options(func):
+    """Give a command ``medsight train``'s options after its own (``cv`` and ``tune`` train
+    the same way): Typer reads the combined signature, the command receives ``**options``."""
+    import inspect
+
+    own = list(inspect.signature(func, eval_str=True).parameters.values())
+    own = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in own}
+    shared = [
+        p
+        for name, p in inspect.signature(train_command, eval_str=True).parameters.items()
+        if name not in names and name != "resume"
+    ]
+    func.__signature__ = inspect.Signature(own + shared)
+    func.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return func
+
+
+# --------------------------------------------------------------------------- tune, cv, ensemble
+
+
+class Pruner(str, Enum):
+    median = "median"
+    hyperband = "hyperband"
+    none = "none"
+
+
+class TuneMetric(str, Enum):
+    auroc = "auroc"
+    accuracy = "accuracy"
+    balanced_accuracy = "balanced_accuracy"
+    loss = "loss"
+
+
+@app.command("tune")
+@_with_train_options
+def tune_command(
+    trials: Annotated[
+        int, typer.Option("--trials", help="Finished trials the study should hold.")
+    ] = 20,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Stop starting trials after MIN minutes.")
+    ] = None,
+    space: Annotated[
+        Path | None, typer.Option("--space", help="YAML search space (default: built in).")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage", help="Study database: sqlite:///tune.db, postgresql://… (resumable)."
+        ),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name (default: medsight-<data>).")
+    ] = None,
+    metric: Annotated[
+        TuneMetric, typer.Option("--metric", help="Validation metric to optimise.")
+    ] = TuneMetric.auroc,
+    pruner: Annotated[
+        Pruner, typer.Option("--pruner", help="Stop weak trials early: median | hyperband | none.")
+    ] = Pruner.median,
+    **options,
+) -> None:
+    """Search hyperparameters with Optuna; the best trial becomes the run at --out (with
+    tune.html). Start the same command in several processes on one --storage to tune in
+    parallel; run it again to resume."""
+    from medsight.tuning import SearchSpace, tune
+
+    with _user_errors():
+        base = _train_config(options, default_out="runs/{stem}-tuned")
+        tune(
+            base,
+            trials=trials,
+            timeout_min=timeout,
+            space=SearchSpace.from_yaml(space) if space else None,
+            storage=storage,
+            study_name=study,
+            metric=metric.value,
+            pruner=pruner.value,
+            out=base.out,
+            overwrite=options.get("overwrite", False),
+            console=err_console,
+        )
+
+
+@app.command("cv")
+@_with_train_options
+def cv_command(
+    folds: Annotated[int, typer.Option("--folds", help="Number of folds (k).")] = 5,
+    ensemble: Annotated[
+        bool,
+        typer.Option("--ensemble/--no-ensemble", help="Combine the fold models and test them."),
+    ] = True,
+    weighted: Annotated[
+        bool, typer.Option("--weighted", help="Weight the fold models by validation AUROC.")
+    ] = False,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", help="Bootstrap resamples for 95 % CIs.")
+    ] = 1000,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Keep the folds already finished in --out.")
+    ] = False,
+    **options,
+) -> None:
+    """Cross-validate a training recipe: patient-grouped stratified k-fold over train+val, one
+    run per fold under --out, cv.json + cv.html (mean ± sd, pooled out-of-fold metrics)."""
+    from medsight.cv import CV_HTML, cross_validate
+
+    with _user_errors():
+        config = _train_config(options, default_out="runs/{stem}-cv")
+        summary = cross_validate(
+            config,
+            folds,
+            ensemble=ensemble,
+            weighted=weighted,
+            n_bootstrap=bootstrap,
+            overwrite=options.get("overwrite", False),
+            resume=resume,
+            console=err_console,
+        )
+        table = Table(title=f"{folds}-fold cross-validation", title_justify="left")
+        for column in ("metric", "folds: mean ± sd (val)", "pooled OOF (95 % CI)", "ensemble"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for name in ("auroc", "accuracy", "balanced_accuracy", "f1_macro"):
+            ms = summary["mean_sd"]["val"][name]
+            mean_sd = "–" if ms["mean"] is None else f"{ms['mean']:.3f} ± {ms['sd']:.3f}"
+            ens = summary["ensemble"] or {}
+            table.add_row(
+                name,
+                mean_sd,
+                _value_ci(summary["oof"][name], compact=True),
+                _value_ci(ens[name], compact=True) if name in ens else "–",
+            )
+        console.print(table)
+        console.print(f"wrote {config.out}/cv.json and {config.out}/{CV_HTML}")
+
+
+@app.command("ensemble")
+def ensemble_command(
+    runs_: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Runs of one task.")],
+    out: Annotated[Path, typer.Option("--out", help="Ensemble run directory to create.")],
+    weighted: Annotated[
+        bool, typer.Option("--weighted", help="Weight members by validation AUROC above chance.")
+    ] = False,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate/--no-calibrate", help="Temperature-scale each member on its val split."
+        ),
+    ] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run.")
+    ] = False,
+) -> None:
+    """Combine runs into one that averages their calibrated probabilities; evaluate, report,
+    explain, export, predict and serve it like any run."""
+    from medsight.ensemble import build_ensemble
+
+    with _user_errors():
+        build_ensemble(
+            runs_,
+            out,
+            weighted=weighted,
+            calibrate=calibrate,
+            overwrite=overwrite,
+            console=err_console,
+        )
+        console.print(f"next: medsight evaluate {out}")
 
 
 # --------------------------------------------------------------------------- evaluate, compare
@@ -532,6 +735,7 @@ def evaluate_command(
     backend: Annotated[
         Backend, typer.Option("--backend", help="Run the network with torch or ONNX Runtime.")
     ] = Backend.torch,
+    tta: TtaOption = None,
 ) -> None:
     """Evaluate a run: metrics with CIs, thresholds, calibration, subgroups → metrics.json."""
     from medsight.evaluation.evaluate import evaluate_run
@@ -547,8 +751,10 @@ def evaluate_command(
             calibrate=calibrate,
             seed=seed,
             backend=backend.value,
+            tta=tta.value if tta else None,
         )
-        table = Table(title=f"{run} on {split} (n={metrics['n']:,})", title_justify="left")
+        title = f"{run} on {split} (n={metrics['n']:,})" + (f", TTA {tta.value}" if tta else "")
+        table = Table(title=title, title_justify="left")
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_column("95 % CI", justify="right")
@@ -778,13 +984,16 @@ def predict_command(
         Path | None, typer.Option("--out", help="CSV to write: file, label, p_<class>, error.")
     ] = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    tta: TtaOption = None,
 ) -> None:
     """Predict files with a run, preprocessing exactly as serving does; unreadable files are
     reported and skipped (exit 2 only when none can be read)."""
     from medsight.serving.predictor import predict_paths
 
     with _user_errors():
-        table = predict_paths(run, files, backend=backend.value, max_pixels=max_pixels)
+        table = predict_paths(
+            run, files, backend=backend.value, max_pixels=max_pixels, tta=tta.value if tta else None
+        )
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             table.to_csv(out, index=False)

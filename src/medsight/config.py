@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medsight.errors import ConfigError
 
@@ -48,6 +48,14 @@ class DataConfig(_Strict):
     positive_class: str | None = Field(
         default=None, description="the class triage treats as urgent; guessed when omitted"
     )
+    folds: int | None = Field(
+        default=None,
+        ge=2,
+        description="cross-validation: split train+val into this many patient-grouped folds",
+    )
+    fold: int | None = Field(
+        default=None, ge=0, description="cross-validation: the fold used for validation"
+    )
 
     def load_samples(self):
         """Read :attr:`path` with these reader options into a SampleTable."""
@@ -62,6 +70,14 @@ class DataConfig(_Strict):
             patient_column=self.patient_column,
             split_column=self.split_column,
         )
+
+    @model_validator(mode="after")
+    def _fold_pair(self):
+        if (self.folds is None) != (self.fold is None):
+            raise ValueError("folds and fold go together: give both or neither")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"fold must be below folds ({self.folds}), got {self.fold}")
+        return self
 
     @field_validator("image_size")
     @classmethod
@@ -98,6 +114,9 @@ class OptimConfig(_Strict):
     class_weights: Literal["auto", "none"] = "auto"
     balanced_sampler: bool = False
     augment: Augment = "auto"
+    augment_strength: float = Field(
+        default=1.0, ge=0, le=3, description="scales the augmentation jitter (0: none)"
+    )
     monitor: Monitor = "auroc"
     patience: int = Field(default=6, ge=1)
     amp: bool = True

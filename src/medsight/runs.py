@@ -153,9 +153,9 @@ class Run:
 
     def load_model(self, weights: str = WEIGHTS):
         """The trained network in eval mode, exactly as saved."""
-        from medsight.models import MedsightClassifier
+        from medsight.models import model_from_config
 
-        model = MedsightClassifier.from_config(self.model_config)
+        model = model_from_config(self.model_config)
         model.load_state_dict(load_weights(self.path / weights))
         return model.eval()
 

@@ -104,6 +104,24 @@ def kfold_assignments(table: pd.DataFrame, folds: int = 5, seed: int = 0) -> pd.
     return pd.Series(fold, index=table.index, name="fold")
 
 
+def fold_splits(table: pd.DataFrame, folds: int, fold: int, seed: int = 0) -> pd.DataFrame:
+    """A copy of a split table where fold ``fold`` of the train+val rows is ``val`` and the
+    other folds ``train``; the test rows stay untouched (cross-validation never sees them).
+
+    Folds come from :func:`kfold_assignments` over train+val, so they are patient-grouped and
+    stratified, and the same ``seed`` gives every fold run the same partition.
+    """
+    if not 0 <= fold < folds:
+        raise ConfigError(f"fold must be between 0 and {folds - 1}, got {fold}")
+    development = table["split"].isin(["train", "val"])
+    if not development.any():
+        raise DataError("cross-validation needs train or val rows; the table has none")
+    assigned = kfold_assignments(table[development], folds=folds, seed=seed)
+    out = table.copy()
+    out.loc[development, "split"] = np.where(assigned == fold, "val", "train")
+    return out
+
+
 def _check_ratios(ratios) -> tuple[float, float, float]:
     values = tuple(float(r) for r in ratios)
     if len(values) != 3:

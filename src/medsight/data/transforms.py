@@ -127,18 +127,27 @@ class Preprocess:
 AUGMENT_PRESETS = ("auto", "xray", "ct", "mri", "derm", "histo", "none")
 
 
-def augmentation(preset: str, channels: int = 1) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def augmentation(
+    preset: str, channels: int = 1, strength: float = 1.0
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A random transform for ``(C, H, W)`` tensors in ``[0, 1]`` (before normalisation).
 
     ``auto`` is the light, orientation-preserving affine jitter that suits any modality.
+    ``strength`` scales the continuous jitter (rotation, shift, zoom, colour): 0 turns
+    augmentation off, 2 doubles it; flips and right-angle turns are kept whenever it is > 0.
     """
     from torchvision.transforms import v2
 
     if preset not in AUGMENT_PRESETS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {preset!r}")
-    if preset == "none":
+    if not 0 <= strength <= 3:
+        raise ConfigError(f"augmentation strength must be between 0 and 3, got {strength}")
+    if preset == "none" or strength == 0:
         return None
-    light = v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.92, 1.08))
+    s = float(strength)
+    light = v2.RandomAffine(
+        degrees=10 * s, translate=(0.05 * s, 0.05 * s), scale=(1 - 0.08 * s, 1 + 0.08 * s)
+    )
     steps: list = []
     if preset in ("auto", "xray"):
         steps = [light]
@@ -149,10 +158,15 @@ def augmentation(preset: str, channels: int = 1) -> Callable[[torch.Tensor], tor
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             _RandomRot90(),
-            v2.RandomAffine(degrees=15, scale=(0.9, 1.1)),
+            v2.RandomAffine(degrees=15 * s, scale=(1 - 0.1 * s, 1 + 0.1 * s)),
         ]
         if channels == 3:
-            steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02))
+            jitter = min(0.2 * s, 0.9)
+            steps.append(
+                v2.ColorJitter(
+                    brightness=jitter, contrast=jitter, saturation=jitter, hue=min(0.02 * s, 0.5)
+                )
+            )
     steps.append(_Clamp01())
     return v2.Compose(steps)
 

@@ -63,10 +63,12 @@ def evaluate_run(
     calibrate: bool = False,
     seed: int = 0,
     backend: str = "torch",
+    tta: str | None = None,
 ) -> dict:
     """Evaluate the run at ``path``; writes ``predictions.csv`` and ``metrics.json`` into it.
 
-    ``backend`` runs the network with torch or ONNX Runtime (see :class:`Predictor`).
+    ``backend`` runs the network with torch or ONNX Runtime (see :class:`Predictor`); ``tta``
+    averages test-time augmented views (``"flip"`` or ``"rot"``, where the modality allows).
     """
     run = runs.Run.load(path)
     if not (run.path / runs.WEIGHTS).exists():
@@ -76,7 +78,7 @@ def evaluate_run(
     missing = [c for c in by if c not in available]
     if missing:
         raise DataError(f"--by column(s) {missing} not in the data; available: {available}")
-    predictor = Predictor.from_run(run.path, backend=backend)
+    predictor = Predictor.from_run(run.path, backend=backend, tta=tta)
     if calibrate:
         val = select_split(run, table, "val")
         y_val = np.array([run.classes.index(v) for v in val["label"]])
@@ -92,6 +94,7 @@ def evaluate_run(
     metrics["split"] = split
     metrics["data"] = str(data or run.config.data.path)
     metrics["calibration"] = predictor.calibration
+    metrics["tta"] = predictor.tta
     metrics["subgroups"] = {}
     for column in by:
         groups = rows[column]

@@ -162,6 +162,9 @@ def default_layer(model: nn.Module, method: str) -> str:
 
 
 def _check_layer(model: nn.Module, layer: str, method: str) -> str:
+    if "," in layer and method not in ("ig", "attention"):
+        # several target layers (an ensemble's members): pytorch-grad-cam averages their maps
+        return ",".join(_check_layer(model, part.strip(), method) for part in layer.split(","))
     modules = dict(model.named_modules())
     if method == "ig":
         if layer not in ("input", ""):
@@ -385,8 +388,8 @@ class Explainer:
             import pytorch_grad_cam
 
             cls = getattr(pytorch_grad_cam, CAM_METHODS[self.method])
-            layer = self.model.get_submodule(self.layer)
-            self._cam = cls(model=self.model, target_layers=[layer])
+            layers = [self.model.get_submodule(name) for name in self.layer.split(",")]
+            self._cam = cls(model=self.model, target_layers=layers)
             if self.method == "scorecam":
                 self._cam.batch_size = SCORECAM_BATCH
         return self._cam

@@ -6,6 +6,7 @@ show the registered ones, :func:`get_spec` what medsight knows about one.
 
 from medsight.models.attention import ATTENTION_KINDS, create_attention
 from medsight.models.custom import MedCNN
+from medsight.models.ensemble import EnsembleClassifier, model_from_config
 from medsight.models.transfer import ClassifierHead, MedsightClassifier
 from medsight.models.weights import hub_reachable, load_weights, verify_sha256
 from medsight.models.zoo import ModelSpec, create_model, get_spec, list_models, model_table
@@ -13,6 +14,7 @@ from medsight.models.zoo import ModelSpec, create_model, get_spec, list_models, 
 __all__ = [
     "ATTENTION_KINDS",
     "ClassifierHead",
+    "EnsembleClassifier",
     "MedCNN",
     "MedsightClassifier",
     "ModelSpec",
@@ -22,6 +24,7 @@ __all__ = [
     "hub_reachable",
     "list_models",
     "load_weights",
+    "model_from_config",
     "model_table",
     "verify_sha256",
 ]

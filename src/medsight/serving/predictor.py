@@ -118,6 +118,57 @@ def _onnx_backend(run: Run) -> OnnxBackend:
     return OnnxBackend(path)
 
 
+#: Test-time augmentation modes: the prediction is the mean over these views of the image.
+TTA_MODES: dict[str, str] = {
+    "flip": "the image and its left-right mirror",
+    "rot": "the image turned by 0, 90, 180 and 270 degrees",
+}
+#: Training augmentation presets (the modality) under which a TTA view is a valid image.
+_TTA_VALID = {"flip": ("ct", "mri", "derm", "histo"), "rot": ("derm", "histo")}
+_TTA_WHY = {
+    "xray": "chest X-rays carry laterality (the heart is on the left)",
+    "ct": "CT and MRI slices have a fixed anterior-posterior orientation",
+    "mri": "CT and MRI slices have a fixed anterior-posterior orientation",
+}
+
+
+def check_tta(tta: str | None, run: Run) -> str | None:
+    """The TTA mode to use with ``run``, or None; refuses a view that is not a valid image of
+    the run's modality (its augmentation preset) and warns when the modality is unknown."""
+    if tta is None or str(tta).strip().lower() in ("", "none"):
+        return None
+    mode = str(tta).strip().lower()
+    if mode not in TTA_MODES:
+        raise ConfigError(f"--tta {tta!r} is not known; choose one of: {', '.join(TTA_MODES)}")
+    preset = run.config.optim.augment
+    if preset in _TTA_WHY and preset not in _TTA_VALID[mode]:
+        raise ConfigError(
+            f"--tta {mode} would show the model images that cannot occur: {_TTA_WHY[preset]} "
+            f"(the run was trained with --augment {preset}); valid for: "
+            f"{', '.join(_TTA_VALID[mode])}"
+        )
+    if preset not in _TTA_VALID[mode]:
+        warnings.warn(
+            f"the run's modality is not recorded (--augment {preset}), so medsight cannot check "
+            f"that --tta {mode} ({TTA_MODES[mode]}) gives valid images; use it only where "
+            "orientation carries no meaning",
+            UserWarning,
+            stacklevel=3,
+        )
+    if mode == "rot" and run.preprocess.size[0] != run.preprocess.size[1]:
+        raise ConfigError(f"--tta rot needs square inputs; the run takes {run.preprocess.size}")
+    return mode
+
+
+def tta_views(x: np.ndarray, mode: str | None) -> list[np.ndarray]:
+    """The views of a ``(N, C, H, W)`` batch that ``mode`` averages over (the batch first)."""
+    if mode is None:
+        return [x]
+    if mode == "flip":
+        return [x, np.ascontiguousarray(x[..., ::-1])]
+    return [x] + [np.ascontiguousarray(np.rot90(x, k, axes=(-2, -1))) for k in (1, 2, 3)]
+
+
 class Predictor:
     """Class probabilities for raw files, SampleTables or preprocessed batches.
 
@@ -133,6 +184,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         *,
         backend: Backend | None = None,
+        tta: str | None = None,
     ):
         if (model is None) == (backend is None):
             raise ConfigError("Predictor needs a torch model or a backend (exactly one of them)")
@@ -144,10 +196,15 @@ class Predictor:
         self.classes_ = list(run.classes)
         self.preprocess = run.preprocess
         self.calibration = run.calibration()
+        #: Test-time augmentation (:data:`TTA_MODES`) applied by the ``predict_*`` methods.
+        self.tta = check_tta(tta, run)
 
     @classmethod
-    def from_run(cls, path: str | Path, backend: str = "torch") -> Predictor:
+    def from_run(
+        cls, path: str | Path, backend: str = "torch", tta: str | None = None
+    ) -> Predictor:
         """Load a run for prediction on ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime).
+        ``tta`` (``"flip"`` or ``"rot"``) averages the probabilities of transformed views.
 
         ``"onnx"`` uses ``RUN/model.onnx``, exporting it first when it is missing or older than
         ``model.safetensors`` (with a warning); without onnxruntime installed it warns and
@@ -169,8 +226,8 @@ class Predictor:
                     stacklevel=2,
                 )
             else:
-                return cls(run, backend=_onnx_backend(run))
-        return cls(run, run.load_model())
+                return cls(run, backend=_onnx_backend(run), tta=tta)
+        return cls(run, run.load_model(), tta=tta)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -184,9 +241,13 @@ class Predictor:
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         """A preprocessed float32 ``(N, C, H, W)`` batch → ``(N, K)`` probabilities.
 
-        When the run holds a calibration (``medsight evaluate --calibrate``), it is applied.
+        When the run holds a calibration (``medsight evaluate --calibrate``), it is applied;
+        with :attr:`tta`, the calibrated probabilities of every view are averaged.
         """
-        return self.probabilities(self.logits_array(x))
+        views = tta_views(np.asarray(x, dtype=np.float32), self.tta)
+        if len(views) == 1:
+            return self.probabilities(self.logits_array(views[0]))
+        return np.mean([self.probabilities(self.logits_array(v)) for v in views], axis=0)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Logits → probabilities, through the run's calibration when it has one."""
@@ -209,7 +270,12 @@ class Predictor:
 
     def predict_table(self, table: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
         """Every row of a SampleTable → ``(N, K)`` probabilities, in row order."""
-        return self.probabilities(self.logits_table(table, batch_size))
+        if self.tta is None:
+            return self.probabilities(self.logits_table(table, batch_size))
+        unlabelled = table.assign(label=None)
+        dataset = ImageDataset(unlabelled, self.preprocess, self.classes_, cache_max_side=0)
+        chunks = [self.predict_array(x.numpy()) for x, _ in DataLoader(dataset, batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), np.float32)
 
     def logits_table(self, table: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
         """Every row of a SampleTable → ``(N, K)`` raw logits, in row order."""
@@ -226,6 +292,7 @@ def predict_paths(
     backend: str = "torch",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     batch_size: int = 64,
+    tta: str | None = None,
 ) -> pd.DataFrame:
     """Predict image files with a run: one row per file (``file, label, confidence,
     p_<class>..., error``); a file that cannot be read gets its reason in ``error``, not a crash.
@@ -233,7 +300,7 @@ def predict_paths(
     >>> predict_paths("runs/phantom", ["a.png", "b.dcm"]).label.tolist()   # doctest: +SKIP
     ['lesion', 'normal']
     """
-    predictor = Predictor.from_run(run, backend=backend)
+    predictor = Predictor.from_run(run, backend=backend, tta=tta)
     classes = predictor.classes_
     rows: list[dict] = []
     ready: list[tuple[int, np.ndarray]] = []

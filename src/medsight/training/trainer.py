@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from medsight.config import TrainConfig
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
 from medsight.data.sources import class_names
-from medsight.data.splits import assign_splits
+from medsight.data.splits import assign_splits, fold_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
 from medsight.training.features import extract_features
@@ -66,8 +67,13 @@ def train(
     resume: bool = False,
     show_progress: bool = True,
     console: Console | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
 ) -> runs.Run:
     """Train as ``config`` says and return the finished :class:`~medsight.runs.Run`.
+
+    ``on_epoch(epoch, row)`` is called after each epoch with its history row (``val_auroc``…);
+    an exception it raises (a tuning trial being pruned) stops training there, with the best
+    weights and the checkpoint already saved.
 
     >>> from medsight.config import TrainConfig, DataConfig
     >>> run = train(TrainConfig(data=DataConfig(path="phantom/"), out="runs/p"))  # doctest: +SKIP
@@ -79,7 +85,9 @@ def train(
     setup = _Setup.build(config, out)
     if not resume:
         setup.write_run_files()
-    return _fit(setup, resume=resume, show_progress=show_progress, console=console)
+    return _fit(
+        setup, resume=resume, show_progress=show_progress, console=console, on_epoch=on_epoch
+    )
 
 
 # --------------------------------------------------------------------------- set-up
@@ -106,6 +114,8 @@ class _Setup:
         d = config.data
         table = d.load_samples()
         table = assign_splits(table, ratios=d.ratios, seed=config.seed)
+        if d.folds is not None:
+            table = fold_splits(table, d.folds, d.fold, seed=config.seed)
         classes = _check_table(table, config.optim.batch_size)
         positive = d.positive_class or runs.guess_positive_class(classes)
         if positive not in classes:
@@ -161,7 +171,11 @@ class _Setup:
         elif config.optim.freeze_stages:
             model.freeze_stages(config.optim.freeze_stages)
 
-        augment = augmentation(config.optim.augment, in_chans) if mode != "features" else None
+        augment = (
+            augmentation(config.optim.augment, in_chans, config.optim.augment_strength)
+            if mode != "features"
+            else None
+        )
         train_rows = table[table["split"] == "train"]
         cache_side = 128 if config.data.cache else 0
         val_rows = table[table["split"] == "val"]
@@ -269,7 +283,14 @@ def _seed(seed: int) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) -> runs.Run:
+def _fit(
+    setup: _Setup,
+    *,
+    resume: bool,
+    show_progress: bool,
+    console: Console,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> runs.Run:
     config, model, out = setup.config, setup.model, setup.out
     optim_cfg = config.optim
     features_mode = optim_cfg.mode == "features"
@@ -376,6 +397,8 @@ def _fit(setup: _Setup, *, resume: bool, show_progress: bool, console: Console) 
                     f"acc {metrics['accuracy']:.4f}  ({row['seconds']:.1f}s){mark}",
                     highlight=False,
                 )
+                if on_epoch is not None:
+                    on_epoch(epoch, row)
                 if state.bad_epochs >= optim_cfg.patience:
                     stopped_early = True
                     break
