@@ -180,3 +180,21 @@ def test_tta_is_refused_where_the_modality_forbids_it(members, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--bootstrap", "0", "--tta", "rot"])
     assert result.exit_code == 0, result.output
     assert json.loads((Path(run_dir) / "metrics.json").read_text())["tta"] == "rot"
+
+
+def test_an_ensemble_is_served_with_a_heat_map(members, tmp_path):
+    from fastapi.testclient import TestClient
+    from tests.serving.conftest import png_bytes
+
+    from medsight.serving.api import ServeSettings, create_app
+
+    root, _, paths = members
+    run = build_ensemble(paths, tmp_path / "ens")
+    client = TestClient(create_app(ServeSettings(run=run.path, data_dir=tmp_path / "serve")))
+    assert client.get("/v1/model").json()["model"]["name"] == "ensemble"
+    files = {"file": ("scan.png", png_bytes(170), "application/octet-stream")}
+    predicted = client.post("/v1/predict", files=files)
+    assert predicted.status_code == 200, predicted.text
+    assert sum(predicted.json()["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    explained = client.post("/v1/explain", files=files)
+    assert explained.status_code == 200, explained.text
