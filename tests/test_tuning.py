@@ -255,3 +255,11 @@ def test_tune_cli_runs_a_study_and_reports_bad_input(data, tmp_path):
     bad_storage = ["--storage", "sqlite:////no/such/dir/t.db", "--overwrite"]
     result = runner.invoke(app, [*args, *bad_storage])
     assert result.exit_code == 2 and "cannot open the study storage" in result.output
+
+
+def test_the_default_space_only_lists_networks_that_train_offline():
+    from medsight.models import get_spec
+
+    for name in tuning.DEFAULT_SPACE["model.name"]:
+        spec = get_spec(name)
+        assert spec.family == "custom" or spec.offline_weights, name
