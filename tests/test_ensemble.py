@@ -68,6 +68,10 @@ def test_an_ensemble_run_is_evaluated_exported_and_explained_like_any_run(member
     assert isinstance(run.load_model(), EnsembleClassifier)
     metrics = evaluate_run(run.path, n_bootstrap=0)
     assert metrics["n"] == int((Run.load(paths[0]).splits()["split"] == "test").sum())
+    from medsight.evaluation.report import write_report
+
+    page = write_report(run.path, examples=0).read_text()
+    assert "ensemble of 2: medcnn_s (none), medcnn_s (se)" in page
     onnx = Predictor.from_run(run.path, backend="onnx")
     torch_backend = Predictor.from_run(run.path)
     x = np.random.default_rng(1).normal(size=(3, 1, 16, 16)).astype(np.float32)

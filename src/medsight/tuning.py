@@ -681,6 +681,9 @@ def _figures(study, summary: dict) -> tuple[str, str | None]:
             color="grey",
             label="pruned (last value)",
         )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation {summary['metric']}")
     ax.legend(loc="lower right")

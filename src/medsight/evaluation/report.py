@@ -615,9 +615,16 @@ def _model_summary(run: runs.Run) -> dict:
     else:
         weights = "none: trained from random initialisation"
     channels = {1: "1 (grayscale)", 3: "3 (RGB)"}.get(prep.channels, str(prep.channels))
+    name, attention = m.get("name", cfg.model.name), m.get("attention", cfg.model.attention)
+    if name == "ensemble":
+        members = m.get("members", [])
+        parts = [f"{x.get('name')} ({x.get('attention', 'none')})" for x in members]
+        name = f"ensemble of {len(members)}: " + ", ".join(parts)
+        attention = "per member"
+        weights = "each member's own (ensemble.json lists the member runs and weights)"
     return {
-        "name": m.get("name", cfg.model.name),
-        "attention": m.get("attention", cfg.model.attention),
+        "name": name,
+        "attention": attention,
         "mode": m.get("mode", cfg.optim.mode),
         "frozen_stages": m.get("frozen_stages"),
         "weights": weights,
