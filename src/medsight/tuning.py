@@ -464,7 +464,8 @@ def _pruner(name: str, epochs: int):
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+        # the first epochs of a one-cycle schedule say little: judge from a quarter in
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(2, epochs // 4))
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max(epochs, 3))
     return optuna.pruners.NopPruner()
