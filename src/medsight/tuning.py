@@ -350,7 +350,8 @@ def tune(
     trials_dir = out.with_name(out.name + "-trials") / _safe(study_name)
     direction = "minimize" if metric == "loss" else "maximize"
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # failed trials are reported in one line below, not as Optuna's logged tracebacks
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
         study_name=study_name,
         storage=open_storage(storage),
@@ -403,6 +404,7 @@ def tune(
         except (TrainingError, ConfigError) as exc:
             trial.set_user_attr("error", str(exc))
             shutil.rmtree(config.out, ignore_errors=True)
+            console.print(f"[yellow]trial {trial.number} failed:[/] {exc}", highlight=False)
             raise
         return best
 
