@@ -263,3 +263,20 @@ def test_the_default_space_only_lists_networks_that_train_offline():
     for name in tuning.DEFAULT_SPACE["model.name"]:
         spec = get_spec(name)
         assert spec.family == "custom" or spec.offline_weights, name
+
+
+def test_failed_trials_are_reported_and_an_all_failed_study_says_why(data, tmp_path):
+    console_file = tmp_path / "console.txt"
+    from rich.console import Console
+
+    with console_file.open("w") as handle, pytest.raises(MedsightError, match="batch_size=4096"):
+        tune(
+            base_config(data, tmp_path / "t"),
+            trials=2,
+            space=SearchSpace.from_dict({"optim.batch_size": [4096]}),
+            live=False,
+            console=Console(file=handle, width=200),
+        )
+    assert "trial 0 failed: batch_size=4096 is larger than the training set" in (
+        console_file.read_text()
+    )
