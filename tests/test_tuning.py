@@ -280,3 +280,28 @@ def test_failed_trials_are_reported_and_an_all_failed_study_says_why(data, tmp_p
     assert "trial 0 failed: batch_size=4096 is larger than the training set" in (
         console_file.read_text()
     )
+
+
+def test_the_best_trial_is_retrained_when_its_run_is_not_on_this_machine(data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    space = SearchSpace.from_dict(TINY_SPACE)
+    first = tune(
+        base_config(data, tmp_path / "a"),
+        trials=2,
+        space=space,
+        storage=storage,
+        pruner="hyperband",
+        live=False,
+    )
+    import shutil
+
+    shutil.rmtree(tmp_path / "a-trials")  # as if the trials had run on another machine
+    again = tune(
+        base_config(data, tmp_path / "b"), trials=2, space=space, storage=storage, live=False
+    )
+    assert again["best"] == first["best"]
+    from medsight.runs import Run
+
+    run = Run.load(tmp_path / "b")
+    assert run.config.optim.lr == pytest.approx(first["best"]["params"]["optim.lr"])
+    assert (tmp_path / "b" / "model.safetensors").exists()
