@@ -136,14 +136,7 @@ class TrainConfig(_Strict):
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         """Read and validate a YAML file; errors name the field and the value."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        return cls.parse(data, origin=str(path))
+        return cls.parse(read_yaml(path, "config file") or {}, origin=str(path))
 
     @classmethod
     def parse(cls, data: dict[str, Any], origin: str = "config") -> TrainConfig:
@@ -167,6 +160,17 @@ class TrainConfig(_Strict):
                 node = node.setdefault(key, {})
             node[leaf] = value
         return TrainConfig.parse(data, origin="options")
+
+
+def read_yaml(path: str | Path, what: str = "file") -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a ConfigError naming the path."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
 
 
 def _explain(exc: ValidationError) -> str:

@@ -10,9 +10,7 @@ shows them. By default the fold models are then combined into ``PARENT/ensemble`
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import statistics
 from pathlib import Path
 
@@ -257,19 +255,18 @@ over train+val (seed {summary["seed"]}); the test split was held out from every 
 (n = {summary["oof"]["n"]}). {ensemble_note}</p>
 <table><tr><th>metric</th><th>pooled OOF</th><th>ensemble, test</th></tr>{pooled}</table>
 <h2>Out-of-fold ROC curves ({e(positive)} vs rest)</h2>
-<img alt="ROC curves per fold" src="data:image/png;base64,{figure}" width="520">
+<img alt="ROC curves per fold" src="{figure}" width="520">
 </body></html>
 """
 
 
 def _roc_figure(oof: pd.DataFrame, classes: list[str], positive: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(5.2, 5.2), dpi=100)
+    from medsight.evaluation.report import embed_figure, new_figure
+
+    fig = new_figure(5.2, 5.2)
+    ax = fig.add_subplot()
     for fold, part in oof.groupby("fold"):
         truth = part["label"] == positive
         if truth.nunique() < 2:
@@ -284,8 +281,4 @@ def _roc_figure(oof: pd.DataFrame, classes: list[str], positive: str) -> str:
     ax.set_xlabel("1 − specificity")
     ax.set_ylabel("sensitivity")
     ax.legend(loc="lower right")
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return embed_figure(fig, "Out-of-fold ROC curves")["src"]

@@ -20,7 +20,6 @@ with ``tune.json`` and ``tune.html`` (optimisation history, parameter importance
 
 from __future__ import annotations
 
-import base64
 import difflib
 import html
 import io
@@ -35,13 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from medsight import runs
-from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, read_yaml
 from medsight.errors import ConfigError, MedsightError, TrainingError
 
 TUNE_JSON = "tune.json"
@@ -118,14 +116,7 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: search space file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        return cls.from_dict(data, origin=str(path))
+        return cls.from_dict(read_yaml(path, "search space file"), origin=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping, origin: str = "search space") -> SearchSpace:
@@ -607,7 +598,7 @@ def render_html(study, summary: dict) -> str:
         for k, v in best["params"].items()
     )
     importance_img = (
-        f'<img alt="parameter importances" src="data:image/png;base64,{importance}" width="560">'
+        f'<img alt="parameter importances" src="{importance}" width="560">'
         if importance
         else "<p>Importances need at least two finished trials that differ.</p>"
     )
@@ -627,7 +618,7 @@ td.p,th.p,td:first-child{{text-align:left}}
 Validation scores of many trials are optimistic for the best one: judge it on the test split
 (<code>medsight evaluate</code>).</p>
 <h2>Optimisation history</h2>
-<img alt="optimisation history" src="data:image/png;base64,{history}" width="640">
+<img alt="optimisation history" src="{history}" width="640">
 <h2>Best parameters and importances</h2>
 <table><tr><th>parameter</th><th>best value</th><th>importance</th></tr>{params}</table>
 {importance_img}
@@ -650,19 +641,13 @@ def _trial_row(trial: dict) -> str:
 
 
 def _figures(study, summary: dict) -> tuple[str, str | None]:
-    import matplotlib
+    """Optimisation history and importances as embedded PNGs (``data:`` URLs)."""
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from medsight.evaluation.report import embed_figure, new_figure
 
-    def encode(fig) -> str:
-        buffer = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buffer, format="png")
-        plt.close(fig)
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    fig = new_figure(6.4, 3.6)
+    ax = fig.add_subplot()
     done = [t for t in summary["trials"] if t["state"] == "complete" and t["value"] is not None]
     pruned = [t for t in study.trials if t.state.name == "PRUNED" and t.intermediate_values]
     if done:
@@ -684,20 +669,19 @@ def _figures(study, summary: dict) -> tuple[str, str | None]:
             color="grey",
             label="pruned (last value)",
         )
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation {summary['metric']}")
     ax.legend(loc="lower right")
-    history = encode(fig)
+    history = embed_figure(fig, "Optimisation history")["src"]
     importance = None
     if summary["importances"]:
         names = list(summary["importances"])[::-1]
-        fig, ax = plt.subplots(figsize=(5.6, 0.35 * len(names) + 1), dpi=100)
+        fig = new_figure(5.6, 0.35 * len(names) + 1)
+        ax = fig.add_subplot()
         ax.barh(names, [summary["importances"][n] for n in names], color="#1f6f8b")
         ax.set_xlabel("importance (fANOVA)")
-        importance = encode(fig)
+        importance = embed_figure(fig, "Parameter importances")["src"]
     return history, importance
 
 

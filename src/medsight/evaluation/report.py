@@ -246,13 +246,15 @@ def _plot_label(text: str, limit: int = 22) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def _figure(width: float, height: float, **kwargs):
+def new_figure(width: float, height: float, **kwargs):
+    """A matplotlib Figure (no pyplot: safe in threads) sized in inches, at the report's DPI."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained", **kwargs)
 
 
-def _embed(fig, alt: str) -> dict:
+def embed_figure(fig, alt: str) -> dict:
+    """The figure as an embedded PNG: ``{"src": "data:image/png;base64,…", "width", "alt"}``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     data = buf.getvalue()
@@ -288,7 +290,7 @@ def _confusion_figure(cm: np.ndarray, classes: list[str]) -> dict:
         normalised = np.where(support > 0, cm / np.maximum(support, 1), np.nan)
     size = 10 if k <= 6 else 8 if k <= 10 else 6
     with _style():
-        fig = _figure(2 * side + 0.6, side)
+        fig = new_figure(2 * side + 0.6, side)
         axes = fig.subplots(1, 2)
         panels = (
             (cm.astype(float), "Counts", lambda v: f"{int(v)}", cm.max() or 1),
@@ -323,7 +325,7 @@ def _confusion_figure(cm: np.ndarray, classes: list[str]) -> dict:
             ax.set_xlabel("Predicted class")
             ax.set_ylabel("True class")
             ax.set_title(title, loc="left")
-        return _embed(fig, "Confusion matrix: counts and row-normalised")
+        return embed_figure(fig, "Confusion matrix: counts and row-normalised")
 
 
 def _roc_pr_figure(y: np.ndarray, probs: np.ndarray, classes: list[str], metrics: dict):
@@ -363,7 +365,7 @@ def _roc_pr_figure(y: np.ndarray, probs: np.ndarray, classes: list[str], metrics
     markers = {"sensitivity_0.90": "o", "sensitivity_0.95": "s", "youden": "D"}
     outside = len(curves) > 4
     with _style():
-        fig = _figure(9.6 if outside else 9.0, 4.1)
+        fig = new_figure(9.6 if outside else 9.0, 4.1)
         roc, pr = fig.subplots(1, 2)
         roc.plot([0, 1], [0, 1], ls="--", lw=1, color=MUTED, label="chance")
         for curve in curves:
@@ -426,7 +428,7 @@ def _roc_pr_figure(y: np.ndarray, probs: np.ndarray, classes: list[str], metrics
             fontsize=8.5,
         )
         pr.legend(**({"loc": "best"} | where))
-        return _embed(fig, "ROC and precision–recall curves"), skipped
+        return embed_figure(fig, "ROC and precision–recall curves"), skipped
 
 
 def _reliability_figure(y: np.ndarray, probs: np.ndarray) -> dict:
@@ -438,7 +440,7 @@ def _reliability_figure(y: np.ndarray, probs: np.ndarray) -> dict:
     left = bin_index(confidence, ECE_BINS) * width
     low = math.floor(10 / probs.shape[1]) / 10  # top-label confidence is at least 1/K
     with _style():
-        fig = _figure(5.2, 5.0)
+        fig = new_figure(5.2, 5.0)
         top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
         top.bar(
             left,
@@ -470,7 +472,7 @@ def _reliability_figure(y: np.ndarray, probs: np.ndarray) -> dict:
         fig.legend(loc="outside lower center", ncol=3, fontsize=8.5, handlelength=1.6)
         bottom.bar(left, count, width=width, align="edge", color="#9aa5b1", edgecolor="white")
         bottom.set(xlim=(low, 1.0), xlabel="Confidence (highest probability)", ylabel="Images")
-        return _embed(fig, "Reliability diagram")
+        return embed_figure(fig, "Reliability diagram")
 
 
 def _best_epoch(history: pd.DataFrame, monitor: str) -> int | None:
@@ -493,7 +495,7 @@ def _best_epoch(history: pd.DataFrame, monitor: str) -> int | None:
 def _training_figure(history: pd.DataFrame, best: int | None, monitor: str) -> dict:
     epoch = history["epoch"]
     with _style():
-        fig = _figure(9.0, 3.4)
+        fig = new_figure(9.0, 3.4)
         loss, score = fig.subplots(1, 2)
         series = (
             (loss, "train_loss", "train loss", ACCENT, "-"),
@@ -534,7 +536,7 @@ def _training_figure(history: pd.DataFrame, best: int | None, monitor: str) -> d
         loss.set_title("Loss", loc="left")
         score.set_title("Validation metrics", loc="left")
         score.set_ylim(0.0, 1.02)
-        return _embed(fig, f"Training curves (best epoch by {monitor})")
+        return embed_figure(fig, f"Training curves (best epoch by {monitor})")
 
 
 # --------------------------------------------------------------------------- sections
