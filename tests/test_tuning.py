@@ -95,7 +95,13 @@ def test_two_workers_share_one_sqlite_study_without_corrupting_it(data, tmp_path
         import sys
         from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
         from medsight.tuning import SearchSpace, tune
+        import time
+        from pathlib import Path
         worker = sys.argv[1]
+        # start together (after the imports), so both really share the study
+        Path({str(tmp_path)!r}, "ready" + worker).touch()
+        while not all(Path({str(tmp_path)!r}, "ready" + k).exists() for k in "12"):
+            time.sleep(0.05)
         base = TrainConfig(
             data=DataConfig(path={str(data)!r}, ratios=(0.5, 0.25, 0.25)),
             model=ModelConfig(name="medcnn_s"),
