@@ -11,6 +11,7 @@ shows them. By default the fold models are then combined into ``PARENT/ensemble`
 from __future__ import annotations
 
 import html
+import json
 import statistics
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def cross_validate(
         probs = Predictor(run, run.load_model()).predict_table(val)
         y = np.array([classes.index(v) for v in val["label"]])
         val_metrics = compute_metrics(y, probs, classes, positive=positive, n_bootstrap=0)
-        test_metrics = runs_metrics(fold_dir)
+        test_metrics = _read_metrics(fold_dir)
         per_fold.append(
             {
                 "fold": k,
@@ -150,9 +151,7 @@ def cross_validate(
     return summary
 
 
-def runs_metrics(run_dir: Path) -> dict:
-    import json
-
+def _read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / runs.METRICS).read_text())
 
 

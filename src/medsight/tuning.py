@@ -23,7 +23,6 @@ from __future__ import annotations
 import difflib
 import html
 import io
-import json
 import math
 import os
 import shutil
@@ -683,8 +682,3 @@ def _figures(study, summary: dict) -> tuple[str, str | None]:
         ax.set_xlabel("importance (fANOVA)")
         importance = embed_figure(fig, "Parameter importances")["src"]
     return history, importance
-
-
-def load_summary(run: str | Path) -> dict:
-    """A tuned run's ``tune.json``."""
-    return json.loads((Path(run) / TUNE_JSON).read_text())
