@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from medsight.data.sources import load_samples
+from medsight.inference import Predictor
 from medsight.runs import Run
-from medsight.serving.predictor import Predictor
 from medsight.training.trainer import classification_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

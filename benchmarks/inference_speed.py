@@ -78,7 +78,7 @@ def _median_seconds(fns: dict, budget_s: float, rounds: int = 3) -> dict[str, fl
 def child_speed(run: str, compile_: bool, budget_s: float) -> dict:
     import torch
 
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
 
     eager = Predictor.from_run(run)
     onnx = Predictor.from_run(run, backend="onnx")
@@ -108,7 +108,7 @@ def child_speed(run: str, compile_: bool, budget_s: float) -> dict:
 
 
 def child_rss(run: str, backend: str) -> dict:
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
 
     predictor = Predictor.from_run(run, backend=backend)
     x = np.zeros((64, *predictor.input_shape[1:]), dtype=np.float32)

@@ -129,7 +129,7 @@ async def load(url: str, good, bad, n: int, concurrency: int, bad_share: float, 
 def in_process_p50(run: Path, backend: str, good: list[bytes], repeats: int = 300) -> float:
     """p50 of Predictor.predict_array on one preprocessed image, same backend, no HTTP."""
     from medsight.data.imaging import decode_bytes
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
 
     predictor = Predictor.from_run(run, backend=backend)
     x = predictor.preprocess(decode_bytes(good[0]))[None]

@@ -15,7 +15,7 @@ from medsight import runs
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import ConfigError
 from medsight.export import PARITY_TOLERANCE, ExportError, export_run
-from medsight.serving.predictor import Predictor
+from medsight.inference import Predictor
 from medsight.training.trainer import train
 
 pytest.importorskip("onnxruntime")

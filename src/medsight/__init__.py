@@ -48,7 +48,7 @@ def __getattr__(name: str):
 
         return train
     if name == "Predictor":
-        from medsight.serving.predictor import Predictor
+        from medsight.inference import Predictor
 
         return Predictor
     raise AttributeError(f"module 'medsight' has no attribute {name!r}")

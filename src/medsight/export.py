@@ -2,7 +2,7 @@
 
 ``export_run(RUN)`` writes ``RUN/model.onnx``: the eval-mode network from ``model.json`` +
 ``model.safetensors``, input ``(N, C, H, W)`` as ``preprocess.json`` describes it, output the
-raw logits (softmax and calibration stay in :class:`~medsight.serving.predictor.Predictor`).
+raw logits (softmax and calibration stay in :class:`~medsight.inference.Predictor`).
 The file is written atomically and only after its outputs match torch's on a sample batch, so a
 ``model.onnx`` in a run directory is always one that passed the parity check.
 

@@ -36,6 +36,16 @@ CALIBRATION = "calibration.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 CHECKPOINTS = "checkpoints"
+# Written by the later stages and workflows into a run (or a workflow's parent folder).
+REPORT = "report.html"
+LOCALISATION = "localisation.json"
+EXPLANATIONS = "explanations.jsonl"
+ENSEMBLE = "ensemble.json"
+CV_JSON = "cv.json"
+CV_HTML = "cv.html"
+CV_OOF = "oof_predictions.csv"
+TUNE_JSON = "tune.json"
+TUNE_HTML = "tune.html"
 
 #: Class names that usually mean "nothing found": the other class is the urgent one for triage.
 _BENIGN_NAMES = ("normal", "negative", "healthy", "benign", "no_finding", "no finding", "0")
@@ -169,3 +179,28 @@ class Run:
 
     def splits(self) -> pd.DataFrame:
         return pd.read_csv(self.path / SPLITS, dtype={"patient_id": str})
+
+    def is_own_data(self, data: str | Path | None) -> bool:
+        """Whether ``data`` (None: yes) is the collection this run was trained on."""
+        if data is None:
+            return True
+        try:
+            return Path(data).resolve() == Path(self.config.data.path).resolve()
+        except (OSError, TypeError):
+            return False
+
+    def load_data(self, data: str | Path | None = None) -> pd.DataFrame:
+        """The run's own data with the splits it was trained with (``data`` None or the run's
+        own path), or another collection as its reader returns it.
+
+        Samples of the run's data that ``splits.csv`` does not list get no split.
+        """
+        from medsight.data.sources import load_samples
+
+        if not self.is_own_data(data):
+            return load_samples(data)
+        table = self.config.data.load_samples()
+        if (self.path / SPLITS).exists():
+            assigned = self.splits().set_index("sample_id")["split"]
+            table = table.assign(split=table["sample_id"].map(assigned))
+        return table

@@ -77,7 +77,7 @@ def test_evaluate_writes_metrics_that_agree_with_sklearn(trained):
 
 
 def test_calibrate_stores_a_temperature_used_by_prediction(trained):
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
 
     _, (run, _) = trained
     metrics = evaluate_run(run, n_bootstrap=0, calibrate=True)

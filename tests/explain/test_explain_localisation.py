@@ -17,7 +17,7 @@ from medsight.explain import (
     region_from_map,
     score_localisation,
 )
-from medsight.explain.localisation import bootstrap_ci
+from medsight.stats import bootstrap_ci
 
 
 def test_region_is_the_largest_component_above_half_the_maximum():

@@ -12,6 +12,7 @@ from medsight.errors import ConfigError
 from medsight.models import (
     MedsightClassifier,
     ModelSpec,
+    classifier_from_config,
     create_model,
     get_spec,
     list_models,
@@ -216,7 +217,7 @@ def test_config_round_trip_rebuilds_the_same_model(name, kwargs):
         "drop_rate": kwargs.get("drop_rate", 0.0),
         "default_size": get_spec(name).default_size,
     }
-    rebuilt = MedsightClassifier.from_config(config)
+    rebuilt = classifier_from_config(config)
     rebuilt.load_state_dict(model.state_dict())
     x = torch.randn(2, kwargs["in_chans"], 40, 40)
     model.eval()
@@ -226,13 +227,13 @@ def test_config_round_trip_rebuilds_the_same_model(name, kwargs):
 
 
 def test_from_config_never_loads_pretrained_weights():
-    rebuilt = MedsightClassifier.from_config({"name": "mobilenet_v2", "num_classes": 2})
+    rebuilt = classifier_from_config({"name": "mobilenet_v2", "num_classes": 2})
     assert rebuilt.pretrained_source is None
 
 
 def test_from_config_rejects_incomplete_config():
     with pytest.raises(ConfigError, match="num_classes"):
-        MedsightClassifier.from_config({"name": "resnet18"})
+        classifier_from_config({"name": "resnet18"})
 
 
 def test_model_table_lists_every_registered_model_without_allocating():

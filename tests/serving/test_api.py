@@ -75,7 +75,7 @@ def test_predict_reads_png_jpeg_tiff_and_dicom_by_content_not_name(client, tmp_p
 
 
 def test_predict_matches_the_in_process_predictor(client, served_run):
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
 
     data = png_bytes(90, seed=3)
     expected = Predictor.from_run(served_run).predict_bytes(data)
@@ -258,7 +258,7 @@ def test_predict_command_writes_a_csv_and_reports_bad_files(served_run, tmp_path
     assert list(table.columns) == ["file", "label", "confidence", "p_lesion", "p_normal", "error"]
     assert table["label"].tolist()[:2] != ["", ""] and table["label"][2] == ""
     assert "c.png" in table["error"][2]
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
 
     expected = Predictor.from_run(served_run).predict_files([good])[0]
     got = [float(table["p_lesion"][0]), float(table["p_normal"][0])]

@@ -11,7 +11,7 @@ import torch
 from medsight import runs
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import ConfigError, DataError, TrainingError
-from medsight.serving.predictor import Predictor
+from medsight.inference import Predictor
 from medsight.training import trainer
 from medsight.training.trainer import train
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medsight.evaluation.calibration import (
+from medsight.calibration import (
     TemperatureScaler,
     apply_calibration,
     expected_calibration_error,

@@ -13,23 +13,17 @@ import numpy as np
 import pandas as pd
 
 from medsight import runs
-from medsight.data.sources import load_samples
+from medsight.calibration import TemperatureScaler
 from medsight.errors import DataError
-from medsight.evaluation.calibration import TemperatureScaler
 from medsight.evaluation.metrics import compute_metrics
 from medsight.evaluation.subgroups import bin_numeric, subgroup_metrics
-from medsight.serving.predictor import Predictor
+from medsight.inference import Predictor
 
 
 def load_table(run: runs.Run, data: str | Path | None, split: str = "test") -> pd.DataFrame:
     """The run's own data with its recorded splits, or other data (all of it one split)."""
-    if data is None:
-        d = run.config.data
-        table = d.load_samples()
-        assigned = run.splits().set_index("sample_id")["split"]
-        return table.assign(split=table["sample_id"].map(assigned))
-    table = load_samples(data)
-    if table["split"].isna().all():
+    table = run.load_data(data)
+    if data is not None and table["split"].isna().all():
         table = table.assign(split=split)  # an external set: all of it is evaluated
     return table
 

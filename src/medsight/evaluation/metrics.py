@@ -31,13 +31,14 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from medsight.errors import ConfigError
-from medsight.evaluation.calibration import (
+from medsight.calibration import (
     bin_index,
     check_labels,
     check_probs,
     expected_calibration_error,
 )
+from medsight.errors import ConfigError
+from medsight.stats import interval
 
 __all__ = [
     "HEADLINE",
@@ -237,22 +238,11 @@ def _bootstrap(ctx: _Context, y: np.ndarray, n_bootstrap: int, seed: int) -> dic
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def _ci(values: np.ndarray | None, confidence: float) -> list[float] | None:
-    if values is None:
-        return None
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return None
-    alpha = (1 - confidence) / 2
-    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
-    return [float(lo), float(hi)]
-
-
 def _entry(value, values: np.ndarray | None, confidence: float, *, reach: bool = False) -> dict:
     """``{"value", "ci"}``; ``reach`` extends the interval to include the point value."""
     if value is None or not math.isfinite(value):
         return {"value": None, "ci": None}
-    ci = _ci(values, confidence)
+    ci = interval(values, confidence)
     if ci is not None and reach:
         ci = [min(ci[0], float(value)), max(ci[1], float(value))]
     return {"value": float(value), "ci": ci}
@@ -495,5 +485,5 @@ def paired_bootstrap_auroc(
         d = np.where(np.abs(d) < 1e-12, 0.0, d)  # rounding noise of identical models is a tie
         m = d.shape[0]
         p_value = 2 * min((1 + (d <= 0).sum()) / (m + 1), (1 + (d >= 0).sum()) / (m + 1))
-        result.update(ci=_ci(d, confidence), p_value=float(min(1.0, p_value)))
+        result.update(ci=interval(d, confidence), p_value=float(min(1.0, p_value)))
     return {**result, "warnings": []}

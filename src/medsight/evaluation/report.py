@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 
 from medsight import runs
+from medsight.calibration import bin_index, reliability_curve
 from medsight.errors import ConfigError, DataError
 from medsight.evaluation import modelcard
-from medsight.evaluation.calibration import bin_index, reliability_curve
 from medsight.evaluation.metrics import ECE_BINS
+from medsight.stats import UNDEFINED, format_ci, format_number
 
-__all__ = ["REPORT", "write_report"]
+__all__ = ["write_report"]
 
-REPORT = "report.html"
 TEMPLATE = "report.html.j2"
 
 #: Headline metrics shown as tiles: key in metrics.json, label, whether higher is better.
@@ -146,9 +146,9 @@ def write_report(run: str | Path, *, out: str | Path | None = None, examples: in
     predictions = _read_predictions(loaded.path / runs.PREDICTIONS)
     y, probs = _labels_and_probs(predictions, loaded.classes, loaded.path)
 
-    target = Path(out) if out is not None else loaded.path / REPORT
+    target = Path(out) if out is not None else loaded.path / runs.REPORT
     if target.is_dir():
-        target = target / REPORT
+        target = target / runs.REPORT
     context = _build_context(loaded, metrics, predictions, y, probs, int(examples))
     html = _template().render(**context)
     runs.write_atomic(target, lambda tmp: tmp.write_text(html, encoding="utf-8"))
@@ -216,26 +216,16 @@ def _read_optional_json(path: Path) -> Any:
 # --------------------------------------------------------------------------- formatting
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or not math.isfinite(value):
-        return "—"
-    if value != 0 and abs(value) < 10 ** (-digits):
-        return f"{value:.1e}"
-    return f"{value:.{digits}f}"
-
-
 def _cell(entry: Any, digits: int = 3) -> dict:
     """A metric for the template: shown text, CI text, and the exact value for the tooltip."""
     if isinstance(entry, dict):
         value, ci = entry.get("value"), entry.get("ci")
     else:
         value, ci = entry, None
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return {"undefined": True, "text": "—", "ci": None, "exact": None}
-    ci_text = None
-    if ci and ci[0] is not None and ci[1] is not None:
-        ci_text = f"{_fmt(ci[0], digits)}–{_fmt(ci[1], digits)}"
-    return {"undefined": False, "text": _fmt(value, digits), "ci": ci_text, "exact": repr(value)}
+    text = format_number(value, digits)
+    if text == UNDEFINED:
+        return {"undefined": True, "text": UNDEFINED, "ci": None, "exact": None}
+    return {"undefined": False, "text": text, "ci": format_ci(ci, digits), "exact": repr(value)}
 
 
 def _plot_label(text: str, limit: int = 22) -> str:
@@ -679,7 +669,7 @@ def _training_summary(run: runs.Run, history: pd.DataFrame | None) -> dict:
     if best is not None:
         row = history[history["epoch"] == best].iloc[0]
         out["best_row"] = [
-            (label, _fmt(row[column]))
+            (label, format_number(row[column]))
             for column, label in (
                 ("val_loss", "val loss"),
                 ("val_auroc", "val AUROC"),
@@ -712,7 +702,7 @@ def _subgroups(metrics: dict) -> list[dict]:
                 gaps.append(
                     {
                         "undefined": False,
-                        "text": _fmt(gap["gap"]),
+                        "text": format_number(gap["gap"]),
                         "exact": repr(gap["gap"]),
                         "detail": f"{gap['highest']} vs {gap['lowest']}",
                     }
@@ -796,12 +786,9 @@ def _examples(run, metrics, pred, y, probs, n: int) -> dict:
     predicted = pred["predicted"].map(lambda v: classes.index(v) if v in classes else -1)
     predicted = np.where(predicted >= 0, predicted, probs.argmax(axis=1)).astype(np.int64)
     right, wrong = _pick_examples(y, predicted, probs, n)
-    d = run.config.data
-    data = metrics.get("data") or d.path
+    data = metrics.get("data") or run.config.data.path
     try:
-        from medsight.data.sources import load_samples
-
-        table = d.load_samples() if str(data) == str(d.path) else load_samples(data)
+        table = run.load_data(data)
         sources = dict(zip(table["sample_id"].astype(str), table["source"]))
     except Exception as exc:  # noqa: BLE001 - a report never fails for want of its pictures
         out["note"] = (
@@ -912,9 +899,7 @@ def _explanations(run, metrics, pred, y, probs, n: int) -> dict | None:
     """Localisation/faithfulness table and a gallery of true positives, false positives and false
     negatives (of the positive class) with heat-maps; None until ``medsight explain --masks``
     has written ``RUN/localisation.json``."""
-    from medsight.explain.cam import LOCALISATION
-
-    scores = _read_optional_json(run.path / LOCALISATION)
+    scores = _read_optional_json(run.path / runs.LOCALISATION)
     if not isinstance(scores, dict) or not scores.get("methods"):
         return None
     out: dict[str, Any] = {
@@ -944,12 +929,10 @@ def _explanations(run, metrics, pred, y, probs, n: int) -> dict | None:
         ("False negatives", truth_pos & ~called_pos, confidence),
     )
     try:
-        from medsight.data.sources import load_samples
         from medsight.explain.cam import Explainer
 
-        d = run.config.data
-        data = metrics.get("data") or d.path
-        table = d.load_samples() if str(data) == str(d.path) else load_samples(data)
+        data = metrics.get("data") or run.config.data.path
+        table = run.load_data(data)
         sources = dict(zip(table["sample_id"].astype(str), table["source"]))
         masks = (
             dict(zip(table["sample_id"].astype(str), table["mask"]))

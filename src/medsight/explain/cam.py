@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsight import runs
 from medsight.errors import ConfigError, DataError
 from medsight.explain.attention_maps import (
     TOKEN_BLOCKS,
@@ -57,7 +58,6 @@ CAM_METHODS: dict[str, str] = {
 #: Every method :class:`Explainer` knows, in the order tables list them.
 METHODS: tuple[str, ...] = (*CAM_METHODS, "ig", "attention")
 #: Where ``method="auto"`` looks for the best method of a run.
-LOCALISATION = "localisation.json"
 #: Integrated Gradients: Riemann steps along the path from the baseline.
 IG_STEPS = 32
 #: Integrated Gradients maps are smoothed with a Gaussian this wide (fraction of the image side):
@@ -85,7 +85,7 @@ def check_method(method: str) -> str:
 def best_method(run_path: str | Path) -> str | None:
     """The method with the highest pointing game in ``RUN/localisation.json`` (energy in mask
     breaks ties), or None when the run has not been scored."""
-    path = Path(run_path) / LOCALISATION
+    path = Path(run_path) / runs.LOCALISATION
     try:
         methods = json.loads(path.read_text()).get("methods") or {}
     except (FileNotFoundError, json.JSONDecodeError, AttributeError):
@@ -112,7 +112,7 @@ def _scored_layer(run_path: Path, method: str) -> str | None:
     """The layer ``method`` was scored with in ``RUN/localisation.json`` (``--layer`` then), so
     ``auto`` reuses the combination that localised best."""
     try:
-        entry = json.loads((Path(run_path) / LOCALISATION).read_text())["methods"][method]
+        entry = json.loads((Path(run_path) / runs.LOCALISATION).read_text())["methods"][method]
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         return None
     layer = entry.get("layer") if isinstance(entry, dict) else None

@@ -21,6 +21,8 @@ import torch
 from scipy import ndimage, stats
 from torch import nn
 
+from medsight.stats import bootstrap_ci
+
 __all__ = [
     "deletion_insertion",
     "deletion_insertion_summary",
@@ -100,7 +102,6 @@ def deletion_insertion_summary(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Mean deletion and insertion AUC over a batch, each ``{"value", "ci"}``, and ``n_images``."""
-    from medsight.explain.localisation import bootstrap_ci
 
     per = [
         deletion_insertion(model, x[i : i + 1], maps[i], targets[i], preprocess=preprocess)
@@ -182,7 +183,6 @@ def sanity_summary(
     n_bootstrap: int = 1000,
 ) -> dict[str, Any]:
     """Mean Spearman correlation trained vs randomised, ``{"value", "ci"}``, and ``n_images``."""
-    from medsight.explain.localisation import bootstrap_ci
 
     values = sanity_check(explainer, x, targets, seed=seed, maps=maps)
     return {"spearman": bootstrap_ci(values, n_bootstrap, seed), "n_images": len(values)}

@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from medsight import runs
 from medsight.errors import DataError, MedsightError
 
-__all__ = ["EXPLANATIONS", "explain_files"]
-
-EXPLANATIONS = "explanations.jsonl"
+__all__ = ["explain_files"]
 
 
 def _safe_stem(path: Path) -> str:
@@ -52,7 +51,7 @@ def explain_files(
 
     if not images:
         raise DataError("no image to explain; give one or more image files after the run")
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
 
     explainer = Explainer.from_run(run, method=method, layer=layer)
     # Probabilities exactly as serving reports them (with the run's calibration, if any),
@@ -111,7 +110,7 @@ def explain_files(
             }
         )
     explainer.close()
-    with (out / EXPLANATIONS).open("a", encoding="utf-8") as f:
+    with (out / runs.EXPLANATIONS).open("a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
     return records

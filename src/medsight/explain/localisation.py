@@ -31,10 +31,10 @@ import pandas as pd
 from scipy import ndimage
 
 from medsight.errors import ConfigError, DataError, MedsightError
+from medsight.stats import bootstrap_ci
 
 __all__ = [
     "Box",
-    "bootstrap_ci",
     "box_from_map",
     "box_iou",
     "energy_in_mask",
@@ -153,29 +153,6 @@ def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
     return float(heat[_fit_mask(mask, heat.shape)].sum() / total)
 
 
-def bootstrap_ci(
-    values: Sequence[float],
-    n_bootstrap: int = N_BOOTSTRAP,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> dict[str, Any]:
-    """``{"value": mean, "ci": [lo, hi]}``: the mean with a seeded percentile-bootstrap interval.
-
-    Kept here rather than borrowed from ``evaluation.metrics``: explain sits below evaluation.
-    """
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return {"value": None, "ci": None}
-    mean = float(v.mean())
-    if v.size == 1 or n_bootstrap <= 0:
-        return {"value": mean, "ci": None}
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(int(n_bootstrap), v.size))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.percentile(means, [100 * alpha, 100 * (1 - alpha)])
-    return {"value": mean, "ci": [float(lo), float(hi)]}
-
-
 def score_map(heatmap: np.ndarray, mask: np.ndarray, threshold: float = THRESHOLD) -> dict:
     """The three localisation scores of one map against one (non-empty) mask."""
     inside = _fit_mask(mask, np.asarray(heatmap).shape)
@@ -208,26 +185,13 @@ def _benign_name(name: str) -> bool:
     return str(name).strip().lower() in _BENIGN_NAMES
 
 
-def _same_path(a, b) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, TypeError):
-        return False
-
-
-def _select_rows(
-    run, table: pd.DataFrame, split: str | None, own: bool
-) -> tuple[pd.DataFrame, str]:
+def _select_rows(table: pd.DataFrame, split: str | None, own: bool) -> tuple[pd.DataFrame, str]:
     """The rows to score: the run's ``split`` when ``table`` is the run's own data (``own``),
     the data's own ``split`` column when it has one, else every row (an external set)."""
     if split is None:
         return table, "all"
-    try:
-        assigned = run.splits().set_index("sample_id")["split"] if own else None
-    except (FileNotFoundError, KeyError):
-        assigned = None
-    if assigned is not None and table["sample_id"].isin(assigned.index).any():
-        rows = table[table["sample_id"].map(assigned) == split]
+    if own and table["split"].notna().any():
+        rows = table[table["split"] == split]
         if rows.empty:
             raise DataError(f"the run's {split} split has no image in this data; choose --split")
         return rows, split
@@ -314,10 +278,9 @@ def score_localisation(
         >>> score_localisation("runs/phantom", methods=["gradcam"], limit=100)  # doctest: +SKIP
     """
     from medsight.data.imaging import decode
-    from medsight.data.sources import load_samples
     from medsight.explain import faithfulness as FA
     from medsight.explain.cam import Explainer, rank_key
-    from medsight.runs import Run, write_json
+    from medsight.runs import LOCALISATION, Run, write_json
 
     say = progress or (lambda message: None)
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
@@ -325,7 +288,7 @@ def score_localisation(
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold={threshold!r} must be between 0 and 1 (e.g. 0.5)")
     run = Run.load(run_path)
-    table = run.config.data.load_samples() if data is None else load_samples(data)
+    table = run.load_data(data)
     where = run.config.data.path if data is None else data
     if "mask" not in table.columns:
         raise DataError(
@@ -333,8 +296,7 @@ def score_localisation(
             " give a manifest with a mask column (path of each image's lesion mask, empty for"
             " normal images), as `medsight data synth` writes"
         )
-    own = data is None or _same_path(data, run.config.data.path)
-    rows, used_split = _select_rows(run, table, split, own)
+    rows, used_split = _select_rows(table, split, run.is_own_data(data))
     rows = rows[rows["label"].astype(str).isin(run.classes)].reset_index(drop=True)
     scored, n_missing, n_empty, lesion_classes = _lesion_rows(rows)
     if n_missing:
@@ -423,7 +385,5 @@ def score_localisation(
         result["n_faithfulness_images"] = n_faith
     result["best_method"] = max(result["methods"], key=lambda m: rank_key(result["methods"][m]))
     if write:
-        from medsight.explain.cam import LOCALISATION
-
         write_json(run.path / LOCALISATION, result)
     return result

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medsight.errors import ConfigError
+from medsight.models.zoo import classifier_from_config
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -141,10 +142,8 @@ class EnsembleClassifier(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> EnsembleClassifier:
         """Rebuild the architecture (random weights); load the state dict next."""
-        from medsight.models.transfer import MedsightClassifier
-
         try:
-            members = [MedsightClassifier.from_config(m) for m in config["members"]]
+            members = [classifier_from_config(m) for m in config["members"]]
             return cls(
                 members,
                 weights=list(config["weights"]),
@@ -162,8 +161,6 @@ class EnsembleClassifier(nn.Module):
 
 def model_from_config(config: dict[str, Any]) -> nn.Module:
     """Any medsight network from its ``model.json``: one classifier or an ensemble of them."""
-    from medsight.models.transfer import MedsightClassifier
-
     if isinstance(config, dict) and config.get("name") == "ensemble":
         return EnsembleClassifier.from_config(config)
-    return MedsightClassifier.from_config(config)
+    return classifier_from_config(config)

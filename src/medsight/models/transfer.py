@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from medsight.errors import ConfigError
 
 if TYPE_CHECKING:
-    from medsight.models.zoo import ModelSpec
+    from medsight.models.spec import ModelSpec
 
 __all__ = ["ClassifierHead", "MedsightClassifier", "Stage", "StagePlan", "plan_stages"]
 
@@ -136,7 +136,7 @@ def _remove_unused_top_level(backbone: nn.Module, trace: _Trace) -> list[str]:
     return removed
 
 
-def _resolution_boundaries(trace: _Trace, container: str) -> list[str]:
+def resolution_boundaries(trace: _Trace, container: str) -> list[str]:
     """The last child of ``container`` at each output resolution (torchvision-style Sequentials)."""
     depth = container.count(".") + 1 if container else 0
     children = [
@@ -254,7 +254,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 class MedsightClassifier(nn.Module):
     """backbone → attention → head (pool → dropout → linear); built by :func:`create_model`.
 
-    Attributes: ``spec`` (:class:`~medsight.models.zoo.ModelSpec`), ``num_classes``,
+    Attributes: ``spec`` (:class:`~medsight.models.spec.ModelSpec`), ``num_classes``,
     ``in_chans``, ``attention_kind``, ``drop_rate``, ``num_features``, ``pretrained_source``
     (``"package:<dist>"``, ``"file:<path>"``, ``"run:<dir>"``, ``"timm-cache:<file>"``,
     ``"hub:<id>"``, or ``None`` for random initialisation).
@@ -409,7 +409,8 @@ class MedsightClassifier(nn.Module):
     # configuration ------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
-        """What ``model.json`` holds: enough to rebuild the architecture (:meth:`from_config`)."""
+        """What ``model.json`` holds: enough to rebuild the architecture
+        (:func:`~medsight.models.zoo.classifier_from_config`)."""
         return {
             "name": self.spec.name,
             "num_classes": self.num_classes,
@@ -418,29 +419,6 @@ class MedsightClassifier(nn.Module):
             "drop_rate": self.drop_rate,
             "default_size": self.spec.default_size,
         }
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> MedsightClassifier:
-        """Rebuild the architecture (random weights, nothing downloaded); load the state dict next.
-
-        Example:
-            >>> model = MedsightClassifier.from_config(json.loads(Path("model.json").read_text()))
-            >>> model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
-        """
-        from medsight.models.zoo import create_model
-
-        if not isinstance(config, dict):
-            raise ConfigError(f"model config must be a mapping, got {type(config).__name__}")
-        missing = [k for k in ("name", "num_classes") if k not in config]
-        if missing:
-            raise ConfigError(f"model config lacks {', '.join(missing)}; is model.json complete?")
-        return create_model(
-            config["name"],
-            int(config["num_classes"]),
-            in_chans=int(config.get("in_chans", 1)),
-            attention=config.get("attention", "none"),
-            drop_rate=float(config.get("drop_rate", 0.0)),
-        )
 
     def extra_repr(self) -> str:
         return (

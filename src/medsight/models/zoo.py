@@ -30,32 +30,22 @@ from medsight.errors import ConfigError
 from medsight.models import weights as W
 from medsight.models.attention import ATTENTION_KINDS, create_attention
 from medsight.models.custom import STAGE_NAMES, attention_kwargs, create_custom
-from medsight.models.transfer import MedsightClassifier, _resolution_boundaries, plan_stages
+from medsight.models.spec import ModelSpec
+from medsight.models.transfer import MedsightClassifier, plan_stages, resolution_boundaries
 
-__all__ = ["ModelSpec", "create_model", "get_spec", "list_models", "model_table"]
+__all__ = [
+    "ModelSpec",
+    "classifier_from_config",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "model_table",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 TORCHVISION_MOBILENET_V2_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What medsight knows about a model besides its architecture (timm's ``PretrainedCfg`` idea).
-
-    ``mean``/``std`` are the normalisation its pretrained weights expect; ``offline_weights`` is
-    True when an installed weight package provides genuine pretrained weights.
-    """
-
-    name: str
-    family: str  # "timm" | "torchvision" | "custom"
-    arch: str
-    default_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    offline_weights: bool
-    description: str = ""
 
 
 def _spec(name, family, arch, size, mean, std, description) -> ModelSpec:
@@ -221,7 +211,7 @@ def _timm_boundaries(backbone: nn.Module) -> Callable[[Any], Sequence[str]]:
     modules = [f["module"] for f in info] if isinstance(info, list) else []
     if modules:
         return lambda trace: modules
-    return lambda trace: _resolution_boundaries(trace, "")
+    return lambda trace: resolution_boundaries(trace, "")
 
 
 def _classifier_state(model: nn.Module) -> dict[str, Tensor] | None:
@@ -308,7 +298,7 @@ def _tv_mobilenet_v2(in_chans: int) -> TorchvisionFeatures:
 
 def _build_torchvision(spec: ModelSpec, in_chans: int, pretrained: bool) -> _Built:
     backbone = _tv_mobilenet_v2(in_chans)
-    built = _Built(backbone, lambda trace: _resolution_boundaries(trace, "features"), "classifier")
+    built = _Built(backbone, lambda trace: resolution_boundaries(trace, "features"), "classifier")
     if not pretrained:
         return built
     package = W.package_weights_file(spec.arch)
@@ -450,3 +440,25 @@ def model_table(pattern: str = "*") -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def classifier_from_config(config: dict[str, Any]) -> MedsightClassifier:
+    """Rebuild a classifier from its ``model.json`` (random weights, nothing downloaded); load the
+    state dict next.
+
+    Example:
+        >>> model = classifier_from_config(json.loads(Path("model.json").read_text()))
+        >>> model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"model config must be a mapping, got {type(config).__name__}")
+    missing = [k for k in ("name", "num_classes") if k not in config]
+    if missing:
+        raise ConfigError(f"model config lacks {', '.join(missing)}; is model.json complete?")
+    return create_model(
+        config["name"],
+        int(config["num_classes"]),
+        in_chans=int(config.get("in_chans", 1)),
+        attention=config.get("attention", "none"),
+        drop_rate=float(config.get("drop_rate", 0.0)),
+    )

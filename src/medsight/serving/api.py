@@ -29,8 +29,8 @@ from medsight import __version__
 from medsight.data.imaging import DEFAULT_MAX_PIXELS
 from medsight.errors import ConfigError
 from medsight.evaluation.modelcard import intended_use
+from medsight.inference import Predictor
 from medsight.serving import schemas
-from medsight.serving.predictor import Predictor
 from medsight.serving.service import (
     BadImage,
     ExplanationsUnavailable,

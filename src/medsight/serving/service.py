@@ -20,8 +20,8 @@ import numpy as np
 
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_bytes, sniff
 from medsight.errors import ImageDecodeError, MedsightError
+from medsight.inference import Predictor
 from medsight.runs import METRICS, WEIGHTS
-from medsight.serving.predictor import Predictor
 from medsight.serving.schemas import ModelRef, ThresholdFlag
 
 #: The same words as the model card in report.html: serving must not promise more than it.

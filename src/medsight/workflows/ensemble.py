@@ -19,8 +19,6 @@ from rich.console import Console
 from medsight import runs
 from medsight.errors import ConfigError, DataError
 
-ENSEMBLE = "ensemble.json"
-
 
 def build_ensemble(
     members: Sequence[str | Path],
@@ -98,7 +96,7 @@ def build_ensemble(
     runs.write_text(target / runs.SPLITS, splits.to_csv(index=False))
     total = float(sum(weights))
     runs.write_json(
-        target / ENSEMBLE,
+        target / runs.ENSEMBLE,
         {
             "members": [
                 {
@@ -144,9 +142,9 @@ def _load_members(members: Sequence[str | Path]) -> list[runs.Run]:
 
 def _member_calibration(run: runs.Run, calibrate: bool, need_skill: bool) -> tuple[float, float]:
     """(temperature, validation AUROC) of one member; AUROC is NaN when not needed."""
-    from medsight.evaluation.calibration import TemperatureScaler, apply_calibration
+    from medsight.calibration import TemperatureScaler, apply_calibration
     from medsight.evaluation.evaluate import load_table, select_split
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
     from medsight.training.trainer import classification_metrics
 
     saved = run.calibration()

@@ -608,7 +608,7 @@ def tune_command(
     """Search hyperparameters with Optuna; the best trial becomes the run at --out (with
     tune.html). Start the same command in several processes on one --storage to tune in
     parallel; run it again to resume."""
-    from medsight.tuning import SearchSpace, tune
+    from medsight.workflows.tune import SearchSpace, tune
 
     with _user_errors():
         base = _train_config(options, default_out="runs/{stem}-tuned")
@@ -648,7 +648,8 @@ def cv_command(
 ) -> None:
     """Cross-validate a training recipe: patient-grouped stratified k-fold over train+val, one
     run per fold under --out, cv.json + cv.html (mean ± sd, pooled out-of-fold metrics)."""
-    from medsight.cv import CV_HTML, cross_validate
+    from medsight.runs import CV_HTML
+    from medsight.workflows.cv import cross_validate
 
     with _user_errors():
         config = _train_config(options, default_out="runs/{stem}-cv")
@@ -698,7 +699,7 @@ def ensemble_command(
 ) -> None:
     """Combine runs into one that averages their calibrated probabilities; evaluate, report,
     explain, export, predict and serve it like any run."""
-    from medsight.ensemble import build_ensemble
+    from medsight.workflows.ensemble import build_ensemble
 
     with _user_errors():
         build_ensemble(
@@ -781,12 +782,11 @@ def evaluate_command(
 
 
 def _value_ci(entry: dict, compact: bool = False):
-    value, ci = entry.get("value"), entry.get("ci")
-    shown = "undefined" if value is None else f"{value:.3f}"
-    interval = "" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"
+    from medsight.stats import format_ci, format_number, format_value_ci
+
     if compact:
-        return f"{shown} ({interval})" if interval else shown
-    return shown, interval
+        return format_value_ci(entry)
+    return format_number(entry.get("value")), format_ci(entry.get("ci")) or ""
 
 
 @app.command("compare")
@@ -862,7 +862,7 @@ def demo_command(
     port: Annotated[int, typer.Option("--port", help="Port for --serve.")] = 8000,
 ) -> None:
     """The main job on the embedded default: synth → check → train → evaluate → explain → report."""
-    from medsight.demo import run_demo
+    from medsight.workflows.demo import run_demo
 
     with _user_errors():
         result = run_demo(out, data=data, epochs=epochs, overwrite=overwrite, console=err_console)
@@ -988,7 +988,7 @@ def predict_command(
 ) -> None:
     """Predict files with a run, preprocessing exactly as serving does; unreadable files are
     reported and skipped (exit 2 only when none can be read)."""
-    from medsight.serving.predictor import predict_paths
+    from medsight.inference import predict_paths
 
     with _user_errors():
         table = predict_paths(
@@ -1094,7 +1094,8 @@ def explain_command(
             )
         if out is None:
             raise ConfigError("give --out DIR: the folder for overlays, maps and the JSONL log")
-        from medsight.explain.files import EXPLANATIONS, explain_files
+        from medsight.explain.files import explain_files
+        from medsight.runs import EXPLANATIONS
 
         records = explain_files(run, images, out, method=method, target=target, layer=layer)
         for r in records:

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from medsight.cli import app
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from medsight.cv import cross_validate
 from medsight.data.sources import load_samples
 from medsight.data.splits import assign_splits, fold_splits
 from medsight.errors import ConfigError
 from medsight.runs import Run
+from medsight.workflows.cv import cross_validate
 
 
 @pytest.fixture(scope="module")

@@ -251,7 +251,7 @@ class Predictor:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Logits → probabilities, through the run's calibration when it has one."""
-        from medsight.evaluation.calibration import apply_calibration
+        from medsight.calibration import apply_calibration
 
         return apply_calibration(logits, self.calibration)
 

@@ -15,11 +15,11 @@ import pytest
 from tests.conftest import make_two_class_manifest
 from typer.testing import CliRunner
 
-from medsight import tuning
 from medsight.cli import app
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import ConfigError, MedsightError
-from medsight.tuning import SearchSpace, open_storage, tune
+from medsight.workflows import tune as tuning
+from medsight.workflows.tune import SearchSpace, open_storage, tune
 
 TINY_SPACE = {
     "optim.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
@@ -94,7 +94,7 @@ def test_two_workers_share_one_sqlite_study_without_corrupting_it(data, tmp_path
         f"""
         import sys
         from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-        from medsight.tuning import SearchSpace, tune
+        from medsight.workflows.tune import SearchSpace, tune
         import time
         from pathlib import Path
         worker = sys.argv[1]

@@ -22,10 +22,8 @@ from rich.console import Console
 from medsight import runs
 from medsight.config import TrainConfig
 from medsight.errors import ConfigError
+from medsight.stats import UNDEFINED, format_number, format_value_ci
 
-CV_JSON = "cv.json"
-CV_HTML = "cv.html"
-OOF = "oof_predictions.csv"
 HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "f1_macro", "brier", "ece")
 
 
@@ -56,11 +54,11 @@ def cross_validate(
 
     ``resume`` keeps the folds already finished in ``config.out`` and trains the rest.
     """
-    from medsight.ensemble import build_ensemble
     from medsight.evaluation.evaluate import evaluate_run, load_table, select_split
     from medsight.evaluation.metrics import compute_metrics
-    from medsight.serving.predictor import Predictor
+    from medsight.inference import Predictor
     from medsight.training.trainer import train
+    from medsight.workflows.ensemble import build_ensemble
 
     console = console or Console(stderr=True)
     if config.data.folds is not None:
@@ -110,7 +108,7 @@ def cross_validate(
         oof_parts.append(part)
 
     oof = pd.concat(oof_parts, ignore_index=True)
-    runs.write_text(parent / OOF, oof.to_csv(index=False))
+    runs.write_text(parent / runs.CV_OOF, oof.to_csv(index=False))
     y_oof = np.array([classes.index(v) for v in oof["label"]])
     probs_oof = oof[[f"p_{c}" for c in classes]].to_numpy()
     pooled = compute_metrics(
@@ -146,8 +144,8 @@ def cross_validate(
             "n_test": metrics.get("n"),
             **{m: metrics[m] for m in HEADLINE if m in metrics},
         }
-    runs.write_json(parent / CV_JSON, summary)
-    runs.write_text(parent / CV_HTML, render_html(summary, oof, classes, positive))
+    runs.write_json(parent / runs.CV_JSON, summary)
+    runs.write_text(parent / runs.CV_HTML, render_html(summary, oof, classes, positive))
     return summary
 
 
@@ -186,17 +184,7 @@ def render_html(summary: dict, oof: pd.DataFrame, classes: list[str], positive: 
     metrics and the per-fold OOF ROC curves (embedded PNG)."""
     e = html.escape
 
-    def cell(value) -> str:
-        return "–" if value is None or not np.isfinite(value) else f"{value:.3f}"
-
-    def ci(entry) -> str:
-        if not isinstance(entry, dict):
-            return "–"
-        text = cell(entry.get("value"))
-        if entry.get("ci"):
-            low, high = entry["ci"]
-            text += f" ({low:.3f}–{high:.3f})"
-        return text
+    cell, ci = format_number, format_value_ci
 
     head = "".join(f"<th>{e(m)}</th>" for m in HEADLINE)
     rows = []
@@ -211,7 +199,7 @@ def render_html(summary: dict, oof: pd.DataFrame, classes: list[str], positive: 
 
     def mean_sd(split, m) -> str:
         entry = ms[split][m]
-        return "–" if entry["mean"] is None else f"{entry['mean']:.3f} ± {entry['sd']:.3f}"
+        return UNDEFINED if entry["mean"] is None else f"{entry['mean']:.3f} ± {entry['sd']:.3f}"
 
     rows.append(
         "<tr class='sum'><td>mean ± sd</td><td></td>"

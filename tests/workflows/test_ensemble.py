@@ -11,16 +11,16 @@ import torch
 from tests.conftest import make_two_class_manifest
 from typer.testing import CliRunner
 
+from medsight.calibration import apply_calibration
 from medsight.cli import app
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from medsight.ensemble import build_ensemble
 from medsight.errors import ConfigError, DataError
-from medsight.evaluation.calibration import apply_calibration
 from medsight.evaluation.evaluate import evaluate_run
+from medsight.inference import Predictor
 from medsight.models.ensemble import EnsembleClassifier, _InputAdapter
 from medsight.runs import Run
-from medsight.serving.predictor import Predictor
 from medsight.training.trainer import train
+from medsight.workflows.ensemble import build_ensemble
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import DataError
+from medsight.stats import format_value_ci
 
 DEMO_SUBGROUPS = ("sex", "site")
 #: The explain step's sample: enough for a rough pointing game, well under 30 s on 2 cores.
@@ -78,7 +79,10 @@ def run_demo(
     console.print(f"[bold]4/6[/] evaluating on the held-out test split (subgroups: {by or 'none'})")
     metrics = evaluate_run(run_dir, by=by)
     auroc, accuracy = metrics["auroc"], metrics["accuracy"]
-    console.print(f"      test AUROC {_fmt(auroc)}, accuracy {_fmt(accuracy)} (n={metrics['n']})")
+    console.print(
+        f"      test AUROC {format_value_ci(auroc)}, accuracy {format_value_ci(accuracy)}"
+        f" (n={metrics['n']})"
+    )
     console.print(
         f"[bold]5/6[/] explaining: saliency maps of {DEMO_EXPLAIN_IMAGES} test lesions scored"
         " against their masks"
@@ -120,13 +124,7 @@ def _explain_step(run_dir: Path, console: Console) -> dict | None:
     best = result["best_method"]
     pointing = result["methods"][best]["pointing_game"]
     console.print(
-        f"      best map: {best}, pointing game {_fmt(pointing)} (n={result['n_images']})"
+        f"      best map: {best}, pointing game {format_value_ci(pointing)}"
+        f" (n={result['n_images']})"
     )
     return result
-
-
-def _fmt(entry: dict) -> str:
-    if entry["value"] is None:
-        return "undefined"
-    ci = entry.get("ci")
-    return f"{entry['value']:.3f}" + (f" (95 % CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else "")

@@ -41,8 +41,6 @@ from medsight import runs
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, read_yaml
 from medsight.errors import ConfigError, MedsightError, TrainingError
 
-TUNE_JSON = "tune.json"
-TUNE_HTML = "tune.html"
 METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss")
 PRUNERS = ("median", "hyperband", "none")
 
@@ -433,11 +431,11 @@ def tune(
         )
     best_run = _finalize(study, out, console)
     summary = _summary(study, metric, storage, elapsed, best_run)
-    runs.write_json(best_run / TUNE_JSON, summary)
-    runs.write_text(best_run / TUNE_HTML, render_html(study, summary))
+    runs.write_json(best_run / runs.TUNE_JSON, summary)
+    runs.write_text(best_run / runs.TUNE_HTML, render_html(study, summary))
     console.print(
         f"best trial {summary['best']['number']}: val {metric} {summary['best']['value']:.4f}; "
-        f"its run is {best_run}, the study's summary {best_run / TUNE_HTML}",
+        f"its run is {best_run}, the study's summary {best_run / runs.TUNE_HTML}",
         highlight=False,
     )
     return summary
