@@ -25,16 +25,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
-    """Where the images are and how to read and split them."""
+class ReadOptions(_Strict):
+    """How to read a collection (``medsight.data.sources.load_samples``); every field has the
+    default people expect."""
 
-    path: str
     format: str | None = None
     allow_outside: bool = False
     path_column: str = "path"
     label_column: str = "label"
     patient_column: str | None = None
     split_column: str | None = None
+    nifti_axis: int = Field(default=2, ge=0, le=2, description="slice axis of 3-D NIfTI (RAS+)")
+    nifti_slice: int | None = Field(
+        default=None, ge=0, description="slice index of 3-D NIfTI volumes (default: middle)"
+    )
+
+
+class DataConfig(ReadOptions):
+    """Where the images are and how to read and split them (the reader's options included)."""
+
+    path: str
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     image_size: int | None = Field(
         default=None, description="input side in px; default: native size up to 128, else model"
@@ -56,20 +66,6 @@ class DataConfig(_Strict):
     fold: int | None = Field(
         default=None, ge=0, description="cross-validation: the fold used for validation"
     )
-
-    def load_samples(self):
-        """Read :attr:`path` with these reader options into a SampleTable."""
-        from medsight.data.sources import load_samples
-
-        return load_samples(
-            self.path,
-            format=self.format,
-            allow_outside=self.allow_outside,
-            path_column=self.path_column,
-            label_column=self.label_column,
-            patient_column=self.patient_column,
-            split_column=self.split_column,
-        )
 
     @model_validator(mode="after")
     def _fold_pair(self):
@@ -143,7 +139,7 @@ class TrainConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{origin}: {_explain(exc)}") from None
+            raise ConfigError(f"{origin}: {explain_validation(exc)}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -173,7 +169,8 @@ def read_yaml(path: str | Path, what: str = "file") -> Any:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
 
 
-def _explain(exc: ValidationError) -> str:
+def explain_validation(exc: ValidationError) -> str:
+    """A pydantic error as one line naming each field, the problem and the value received."""
     parts = []
     for error in exc.errors()[:5]:
         where = ".".join(str(p) for p in error["loc"])

@@ -199,7 +199,7 @@ class Run:
 
         if not self.is_own_data(data):
             return load_samples(data)
-        table = self.config.data.load_samples()
+        table = load_samples(self.config.data.path, options=self.config.data)
         if (self.path / SPLITS).exists():
             assigned = self.splits().set_index("sample_id")["split"]
             table = table.assign(split=table["sample_id"].map(assigned))

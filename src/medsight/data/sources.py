@@ -22,15 +22,16 @@ import io
 import os
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
+from medsight.config import ReadOptions, explain_validation
 from medsight.data import imaging
 from medsight.data.privacy import pseudonym_salt, pseudonymise
-from medsight.errors import DataError, ImageDecodeError
+from medsight.errors import ConfigError, DataError, ImageDecodeError
 
 REQUIRED_COLUMNS = ("sample_id", "source", "label")
 OPTIONAL_COLUMNS = ("patient_id", "split")
@@ -81,34 +82,28 @@ _JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 MANIFEST_NAME = "manifest.csv"
 
 
-@dataclass
-class ReadOptions:
-    """How to read a collection; every field has the default people expect."""
-
-    format: str | None = None
-    allow_outside: bool = False
-    path_column: str = "path"
-    label_column: str = "label"
-    patient_column: str | None = None
-    split_column: str | None = None
-    nifti_axis: int = 2
-    nifti_slice: int | None = None
-    salt: bytes | None = None
-
-
-def load_samples(path: str | Path, format: str | None = None, **options) -> pd.DataFrame:
+def load_samples(
+    path: str | Path,
+    format: str | None = None,
+    *,
+    options: ReadOptions | None = None,
+    salt: bytes | None = None,
+    **kwargs,
+) -> pd.DataFrame:
     """Read the collection at ``path`` into a validated SampleTable.
 
     ``format`` is one of ``folder, zip, csv, npz, dicom, nifti`` (detected when omitted).
     Other options: ``allow_outside`` (manifest paths may leave the manifest's folder),
     ``path_column``/``label_column``/``patient_column``/``split_column`` (manifest column names),
-    ``nifti_axis``/``nifti_slice`` (which slice of 3-D volumes), ``salt`` (pseudonym key).
+    ``nifti_axis``/``nifti_slice`` (which slice of 3-D volumes), as keywords or as one
+    :class:`~medsight.config.ReadOptions` (a run's ``DataConfig`` is one); ``salt`` is the
+    pseudonym key (default: the machine's).
 
     >>> table = load_samples("data/pneumoniamnist.npz")            # doctest: +SKIP
     >>> table.groupby("split").size().to_dict()                    # doctest: +SKIP
     {'test': 624, 'train': 3882, 'val': 524}
     """
-    opts = ReadOptions(format=format, **options)
+    opts = _read_options(options, format, kwargs)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; check the path (it is read as given)")
@@ -123,7 +118,7 @@ def load_samples(path: str | Path, format: str | None = None, **options) -> pd.D
         "csv": _read_manifest,
         "npz": _read_medmnist,
     }
-    table = readers[fmt](path, fmt, opts)
+    table = readers[fmt](path, fmt, opts, salt)
     table = validate_table(table, origin=str(path))
     table.attrs.setdefault("format", fmt)
     table.attrs["root"] = str(path.resolve())
@@ -193,7 +188,7 @@ def class_names(table: pd.DataFrame) -> list[str]:
 # --------------------------------------------------------------------------- folders and zips
 
 
-def _read_tree(path: Path, fmt: str, opts: ReadOptions) -> pd.DataFrame:
+def _read_tree(path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = None) -> pd.DataFrame:
     """Class folders (optionally under split folders), in a directory or a zip, or single files."""
     if path.is_file() and fmt != "zip" and not path.name.lower().endswith(".zip"):
         files = [path.name]
@@ -241,7 +236,7 @@ def _read_tree(path: Path, fmt: str, opts: ReadOptions) -> pd.DataFrame:
             source = str((root / rel).resolve())
         records.append({"sample_id": stripped, "source": source, "label": label, "split": split})
     table = pd.DataFrame.from_records(records)
-    table = _add_medical_metadata(table, opts)
+    table = _add_medical_metadata(table, opts, salt)
     table.attrs["ignored"] = dict(ignored)
     return table
 
@@ -316,7 +311,19 @@ def _layout(images: list[str], origin: str) -> list[tuple[str, str, str | None, 
     return rows
 
 
-def _add_medical_metadata(table: pd.DataFrame, opts: ReadOptions) -> pd.DataFrame:
+def _read_options(options: ReadOptions | None, format: str | None, kwargs: dict) -> ReadOptions:
+    given = {} if options is None else options.model_dump(include=set(ReadOptions.model_fields))
+    if format is not None:
+        given["format"] = format
+    try:
+        return ReadOptions.model_validate({**given, **kwargs})
+    except ValidationError as exc:
+        raise ConfigError(f"reader options: {explain_validation(exc)}") from None
+
+
+def _add_medical_metadata(
+    table: pd.DataFrame, opts: ReadOptions, salt: bytes | None = None
+) -> pd.DataFrame:
     """Header metadata for DICOM rows (pseudonymised ids) and slice addresses for NIfTI rows."""
     is_dicom = [
         imaging.has_extension(imaging.source_name(s), imaging.DICOM_EXTENSIONS)
@@ -324,7 +331,7 @@ def _add_medical_metadata(table: pd.DataFrame, opts: ReadOptions) -> pd.DataFram
         for s in table["source"]
     ]
     if any(is_dicom):
-        salt = opts.salt if opts.salt is not None else pseudonym_salt()
+        salt = salt if salt is not None else pseudonym_salt()
         meta = [
             _dicom_fields(source, salt) if flag else {}
             for source, flag in zip(table["source"], is_dicom)
@@ -383,7 +390,9 @@ def _dicom_age(text: str) -> float | None:
 # --------------------------------------------------------------------------- CSV manifest
 
 
-def _read_manifest(path: Path, fmt: str, opts: ReadOptions) -> pd.DataFrame:
+def _read_manifest(
+    path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = None
+) -> pd.DataFrame:
     manifest = path / MANIFEST_NAME if path.is_dir() else path
     try:
         frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, skipinitialspace=True)
@@ -501,7 +510,9 @@ def _optional_text(values: pd.Series) -> pd.Series:
 # --------------------------------------------------------------------------- MedMNIST npz
 
 
-def _read_medmnist(path: Path, fmt: str, opts: ReadOptions) -> pd.DataFrame:
+def _read_medmnist(
+    path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = None
+) -> pd.DataFrame:
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:

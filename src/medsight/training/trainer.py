@@ -28,7 +28,7 @@ from medsight import runs
 from medsight.config import TrainConfig
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
-from medsight.data.sources import class_names
+from medsight.data.sources import class_names, load_samples
 from medsight.data.splits import assign_splits, fold_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
@@ -112,7 +112,7 @@ class _Setup:
 
         _seed(config.seed)
         d = config.data
-        table = d.load_samples()
+        table = load_samples(d.path, options=d)
         table = assign_splits(table, ratios=d.ratios, seed=config.seed)
         if d.folds is not None:
             table = fold_splits(table, d.folds, d.fold, seed=config.seed)

@@ -30,9 +30,14 @@ HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "f1_macro", "brier", "ece"
 def check_folds(config: TrainConfig, folds: int) -> pd.DataFrame:
     """Read and split the data once, and refuse ``folds`` the data cannot support (the error
     names the maximum: the patient count of the smallest class). Returns the split table."""
+    from medsight.data.sources import load_samples
     from medsight.data.splits import assign_splits, kfold_assignments
 
-    table = assign_splits(config.data.load_samples(), ratios=config.data.ratios, seed=config.seed)
+    table = assign_splits(
+        load_samples(config.data.path, options=config.data),
+        ratios=config.data.ratios,
+        seed=config.seed,
+    )
     development = table[table["split"].isin(["train", "val"])]
     kfold_assignments(development, folds=folds, seed=config.seed)
     return table

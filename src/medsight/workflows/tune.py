@@ -39,6 +39,7 @@ from rich.table import Table
 
 from medsight import runs
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, read_yaml
+from medsight.data.sources import load_samples
 from medsight.errors import ConfigError, MedsightError, TrainingError
 
 METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss")
@@ -443,7 +444,7 @@ def tune(
 
 def _check_data(base: TrainConfig) -> None:
     """Read the data once before any trial, so a wrong path fails now, not in every trial."""
-    base.data.load_samples()
+    load_samples(base.data.path, options=base.data)
 
 
 def _safe(name: str) -> str:
