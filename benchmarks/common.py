@@ -10,7 +10,7 @@ import numpy as np
 from medsight.data.sources import load_samples
 from medsight.inference import Predictor
 from medsight.runs import Run
-from medsight.training.trainer import classification_metrics
+from medsight.tasks.classify_metrics import headline_scores as classification_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -123,6 +123,7 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     """Everything ``medsight train`` needs; saved whole as the run's ``config.yaml``."""
 
+    task: str = Field(default="classify", description="kind of problem (medsight.tasks): classify")
     data: DataConfig
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()

@@ -15,7 +15,7 @@ from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import DataError
 from medsight.evaluation.compare import compare_runs
 from medsight.evaluation.evaluate import evaluate_run
-from medsight.evaluation.metrics import HEADLINE
+from medsight.tasks.classify_metrics import HEADLINE
 from medsight.training.trainer import train
 
 

@@ -18,9 +18,9 @@ import pytest
 from medsight.config import DataConfig, TrainConfig
 from medsight.data.transforms import Preprocess
 from medsight.errors import DataError
-from medsight.evaluation.metrics import compute_metrics
 from medsight.evaluation.report import write_report
 from medsight.evaluation.subgroups import subgroup_metrics
+from medsight.tasks.classify_metrics import compute_metrics
 
 SECTIONS = (
     "Summary",

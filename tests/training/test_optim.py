@@ -8,7 +8,8 @@ import torch
 
 from medsight.data.transforms import augmentation
 from medsight.errors import ConfigError
-from medsight.training.optim import build_optimizer, build_scheduler, class_weights
+from medsight.tasks.classify import class_weights
+from medsight.training.optim import build_optimizer, build_scheduler
 
 
 def _groups(lr=0.1):

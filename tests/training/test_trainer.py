@@ -12,6 +12,7 @@ from medsight import runs
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import ConfigError, DataError, TrainingError
 from medsight.inference import Predictor
+from medsight.tasks.classify import ClassifyTask
 from medsight.training import trainer
 from medsight.training.trainer import train
 
@@ -136,10 +137,11 @@ def test_class_too_small_and_batch_too_large_are_named(tmp_path, helpers):
 def test_nan_loss_stops_with_the_batch_named(tmp_path, helpers, monkeypatch):
     data = _dataset(tmp_path / "data", helpers)
 
-    def nan_loss(weights, smoothing):
-        return lambda logits, y: logits.sum() * float("nan")
+    class NanLoss(torch.nn.Module):
+        def forward(self, logits, y):
+            return logits.sum() * float("nan")
 
-    monkeypatch.setattr(trainer, "build_loss", nan_loss)
+    monkeypatch.setattr(ClassifyTask, "build_loss", lambda self, counts, smoothing: NanLoss())
     with pytest.raises(TrainingError, match="at epoch 1, batch 1"):
         train(_config(data, tmp_path / "r"), show_progress=False)
     assert not (tmp_path / "r" / runs.WEIGHTS).exists()

@@ -740,7 +740,7 @@ def evaluate_command(
 ) -> None:
     """Evaluate a run: metrics with CIs, thresholds, calibration, subgroups → metrics.json."""
     from medsight.evaluation.evaluate import evaluate_run
-    from medsight.evaluation.metrics import HEADLINE
+    from medsight.tasks.classify_metrics import HEADLINE
 
     with _user_errors():
         metrics = evaluate_run(

@@ -8,14 +8,14 @@ from medsight.calibration import (
     expected_calibration_error,
     reliability_curve,
 )
-from medsight.evaluation.metrics import (
+from medsight.evaluation.subgroups import age_bands, bin_numeric, subgroup_metrics
+from medsight.tasks.classify_metrics import (
     HEADLINE,
     compute_metrics,
     operating_points,
     paired_bootstrap_auroc,
     stratified_bootstrap_indices,
 )
-from medsight.evaluation.subgroups import age_bands, bin_numeric, subgroup_metrics
 
 __all__ = [
     "HEADLINE",

@@ -10,7 +10,7 @@ import pandas as pd
 
 from medsight import runs
 from medsight.errors import DataError
-from medsight.evaluation.metrics import compute_metrics, paired_bootstrap_auroc
+from medsight.tasks.classify_metrics import compute_metrics, paired_bootstrap_auroc
 
 
 def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: int = 0) -> dict:

@@ -15,9 +15,9 @@ import pandas as pd
 from medsight import runs
 from medsight.calibration import TemperatureScaler
 from medsight.errors import DataError
-from medsight.evaluation.metrics import compute_metrics
 from medsight.evaluation.subgroups import bin_numeric, subgroup_metrics
 from medsight.inference import Predictor
+from medsight.tasks.classify_metrics import compute_metrics
 
 
 def load_table(run: runs.Run, data: str | Path | None, split: str = "test") -> pd.DataFrame:

@@ -29,8 +29,8 @@ from medsight import runs
 from medsight.calibration import bin_index, reliability_curve
 from medsight.errors import ConfigError, DataError
 from medsight.evaluation import modelcard
-from medsight.evaluation.metrics import ECE_BINS
 from medsight.stats import UNDEFINED, format_ci, format_number
+from medsight.tasks.classify_metrics import ECE_BINS
 
 __all__ = ["write_report"]
 

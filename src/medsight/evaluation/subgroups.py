@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from medsight.errors import ConfigError, DataError
-from medsight.evaluation.metrics import (
+from medsight.tasks.classify_metrics import (
     _bootstrap,
     _check_bootstrap,
     _Context,
@@ -168,7 +168,7 @@ def subgroup_metrics(
     A group smaller than ``min_size`` or lacking a class gets a warning. ``gaps`` gives, per
     metric, ``max − min`` over the groups where it is defined and which groups those are (all
     None with fewer than two such groups). CIs are stratified bootstrap intervals within each
-    group, as in :func:`~medsight.evaluation.metrics.compute_metrics`.
+    group, as in :func:`~medsight.tasks.classify_metrics.compute_metrics`.
     """
     y, p, names, pos = _validate(y_true, probs, classes, positive)
     _check_bootstrap(n_bootstrap, confidence)

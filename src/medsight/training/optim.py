@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-from torch import nn
 
 from medsight.errors import ConfigError
 
@@ -63,15 +61,3 @@ def build_scheduler(
             optimizer, mode="max", factor=0.3, patience=2
         )
     raise ConfigError(f"schedule must be cosine, onecycle, plateau or none, got {name!r}")
-
-
-def class_weights(counts: np.ndarray) -> torch.Tensor:
-    """Inverse-frequency weights ``N / (K · n_k)``: each class contributes equally to the loss."""
-    counts = np.asarray(counts, dtype=np.float64)
-    if (counts == 0).any():
-        raise ConfigError("class weights need at least one training image of every class")
-    return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
-
-
-def build_loss(weights: torch.Tensor | None, label_smoothing: float) -> nn.Module:
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)

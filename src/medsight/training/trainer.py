@@ -32,21 +32,17 @@ from medsight.data.sources import class_names, load_samples
 from medsight.data.splits import assign_splits, fold_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
+from medsight.stats import format_number
+from medsight.tasks import Task, get_task
 from medsight.training.features import extract_features
 from medsight.training.loggers import create_logger
-from medsight.training.optim import build_loss, build_optimizer, build_scheduler, class_weights
+from medsight.training.optim import build_optimizer, build_scheduler
 
-HISTORY_COLUMNS = [
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_auroc",
-    "val_accuracy",
-    "val_balanced_accuracy",
-    "lr",
-    "train_seconds",
-    "seconds",
-]
+
+def history_columns(task: Task) -> list[str]:
+    """The columns of ``history.csv``: the task's validation metrics between loss and timing."""
+    metrics = [f"val_{name}" for name in task.validation_metrics]
+    return ["epoch", "train_loss", "val_loss", *metrics, "lr", "train_seconds", "seconds"]
 
 
 @dataclass
@@ -97,6 +93,7 @@ def train(
 class _Setup:
     config: TrainConfig
     out: Path
+    task: Task
     table: pd.DataFrame
     classes: list[str]
     positive: str
@@ -111,6 +108,7 @@ class _Setup:
         from medsight.models import create_model, get_spec
 
         _seed(config.seed)
+        task = get_task(config.task)
         d = config.data
         table = load_samples(d.path, options=d)
         table = assign_splits(table, ratios=d.ratios, seed=config.seed)
@@ -183,6 +181,7 @@ class _Setup:
         return cls(
             config=config,
             out=out,
+            task=task,
             table=table,
             classes=classes,
             positive=positive,
@@ -199,6 +198,7 @@ class _Setup:
         out = self.out
         runs.write_text(out / runs.CONFIG, self.config.to_yaml())
         model_info = {
+            "task": self.task.name,
             **self.model.config(),
             "image_size": list(self.preprocess.size),
             "mode": self.config.optim.mode,
@@ -304,11 +304,8 @@ def _fit(
             train_set = TensorDataset(*extract_features(model, setup.train_set, **kw))
             val_set = TensorDataset(*extract_features(model, setup.val_set, **kw))
 
-    counts = setup.train_set.class_counts()
-    weights = class_weights(counts) if optim_cfg.class_weights == "auto" else None
-    loss_fn = build_loss(
-        weights.to(setup.device) if weights is not None else None, optim_cfg.label_smoothing
-    )
+    counts = setup.train_set.class_counts() if optim_cfg.class_weights == "auto" else None
+    loss_fn = setup.task.build_loss(counts, optim_cfg.label_smoothing).to(setup.device)
     backbone_lr = optim_cfg.lr * (optim_cfg.backbone_lr_mult if optim_cfg.mode == "finetune" else 1)
     groups = model.param_groups(optim_cfg.lr, backbone_lr, optim_cfg.weight_decay)
     optimizer = build_optimizer(optim_cfg.optimizer, groups, optim_cfg.lr)
@@ -362,10 +359,8 @@ def _fit(
                     describe=lambda text: bar.update(task, description=text),
                 )
                 train_seconds = time.perf_counter() - started
-                metrics = _validate(
-                    forward, model, val_loader, loss_fn, setup.device, positive_index
-                )
-                score = _monitor_score(optim_cfg.monitor, metrics)
+                metrics = _validate(forward, model, val_loader, setup, positive_index)
+                score = setup.task.monitor_score(optim_cfg.monitor, metrics)
                 if schedule is not None and schedule[0] == "metric":
                     schedule[1].step(score)
                 row = {
@@ -388,13 +383,14 @@ def _fit(
                 _save_checkpoint(checkpoint, model, optimizer, schedule, scaler, state)
                 runs.write_text(
                     out / runs.HISTORY,
-                    pd.DataFrame(state.history)[HISTORY_COLUMNS].to_csv(index=False),
+                    pd.DataFrame(state.history)[history_columns(setup.task)].to_csv(index=False),
                 )
                 mark = "  [green]best[/]" if improved else ""
                 console.print(
                     f"epoch {epoch:>3}/{optim_cfg.epochs}  loss {train_loss:.4f}  "
-                    f"val loss {metrics['loss']:.4f}  auroc {metrics['auroc']:.4f}  "
-                    f"acc {metrics['accuracy']:.4f}  ({row['seconds']:.1f}s){mark}",
+                    f"val loss {metrics['loss']:.4f}  "
+                    f"auroc {format_number(metrics['auroc'], 4)}  "
+                    f"acc {format_number(metrics['accuracy'], 4)}  ({row['seconds']:.1f}s){mark}",
                     highlight=False,
                 )
                 if on_epoch is not None:
@@ -486,44 +482,13 @@ def _train_epoch(
 
 
 @torch.no_grad()
-def _validate(forward, model, loader, loss_fn, device, positive_index) -> dict[str, float]:
+def _validate(forward, model, loader, setup: _Setup, positive_index: int) -> dict:
     model.eval()
     logits, targets = [], []
     for x, y in loader:
-        logits.append(forward(x.to(device)).float().cpu())
+        logits.append(forward(x.to(setup.device)).float().cpu())
         targets.append(y)
-    logits_t, targets_t = torch.cat(logits), torch.cat(targets)
-    loss = torch.nn.functional.cross_entropy(logits_t, targets_t).item()
-    probs = torch.softmax(logits_t, dim=1).numpy()
-    return {"loss": loss, **classification_metrics(targets_t.numpy(), probs, positive_index)}
-
-
-def classification_metrics(y: np.ndarray, probs: np.ndarray, positive_index: int = 1) -> dict:
-    """AUROC (binary: of the positive class; else macro one-vs-rest), accuracy, balanced acc."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
-
-    predicted = probs.argmax(axis=1)
-    try:
-        if probs.shape[1] == 2:
-            auroc = roc_auc_score(y == positive_index, probs[:, positive_index])
-        else:
-            auroc = roc_auc_score(
-                y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))
-            )
-    except ValueError:  # a class absent from this split
-        auroc = float("nan")
-    return {
-        "auroc": float(auroc),
-        "accuracy": float(accuracy_score(y, predicted)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
-    }
-
-
-def _monitor_score(monitor: str, metrics: dict) -> float:
-    if monitor == "loss":
-        return -metrics["loss"]
-    value = metrics[monitor]
-    return metrics["balanced_accuracy"] if math.isnan(value) else value
+    return setup.task.validation_scores(torch.cat(logits), torch.cat(targets), positive_index)
 
 
 def _save_checkpoint(path: Path, model, optimizer, schedule, scaler, state: _State) -> None:

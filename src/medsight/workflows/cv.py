@@ -60,8 +60,8 @@ def cross_validate(
     ``resume`` keeps the folds already finished in ``config.out`` and trains the rest.
     """
     from medsight.evaluation.evaluate import evaluate_run, load_table, select_split
-    from medsight.evaluation.metrics import compute_metrics
     from medsight.inference import Predictor
+    from medsight.tasks.classify_metrics import compute_metrics
     from medsight.training.trainer import train
     from medsight.workflows.ensemble import build_ensemble
 

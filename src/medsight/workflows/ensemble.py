@@ -145,7 +145,7 @@ def _member_calibration(run: runs.Run, calibrate: bool, need_skill: bool) -> tup
     from medsight.calibration import TemperatureScaler, apply_calibration
     from medsight.evaluation.evaluate import load_table, select_split
     from medsight.inference import Predictor
-    from medsight.training.trainer import classification_metrics
+    from medsight.tasks.classify_metrics import headline_scores
 
     saved = run.calibration()
     if saved is not None and saved.get("method") != "temperature":
@@ -169,8 +169,8 @@ def _member_calibration(run: runs.Run, calibrate: bool, need_skill: bool) -> tup
         temperature = float(TemperatureScaler().fit(logits, y).temperature_)
     probs = apply_calibration(logits, {"method": "temperature", "temperature": temperature})
     positive = run.classes.index(run.positive_class)
-    skill = classification_metrics(y, probs, positive)["auroc"]
-    return temperature, float(skill) if np.isfinite(skill) else 0.5
+    skill = headline_scores(y, probs, positive)["auroc"]
+    return temperature, 0.5 if skill is None else float(skill)
 
 
 def _ensemble_splits(loaded: list[runs.Run]) -> tuple[pd.DataFrame, int]:

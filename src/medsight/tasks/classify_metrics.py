@@ -42,6 +42,7 @@ from medsight.stats import interval
 
 __all__ = [
     "HEADLINE",
+    "headline_scores",
     "compute_metrics",
     "operating_points",
     "paired_bootstrap_auroc",
@@ -251,6 +252,35 @@ def _entry(value, values: np.ndarray | None, confidence: float, *, reach: bool =
 # --------------------------------------------------------------------------- point values
 
 
+def headline_scores(y: np.ndarray, p: np.ndarray, pos: int | None) -> dict:
+    """AUROC (binary: of the positive class; else macro one-vs-rest), accuracy and balanced
+    accuracy; AUROC is None when a class is absent. The trainer's validation metrics and the
+    evaluation's point values both come from here.
+
+    >>> headline_scores(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), 1)["auroc"]
+    1.0
+    """
+    k = p.shape[1]
+    pred = p.argmax(axis=1)
+    present = np.bincount(y, minlength=k) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true")
+        scores = {
+            "auroc": None,
+            "accuracy": float(accuracy_score(y, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        }
+        if present.all():
+            if k == 2:
+                scores["auroc"] = float(roc_auc_score(y == pos, p[:, pos]))
+            else:
+                scores["auroc"] = float(
+                    roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(k)))
+                )
+    return scores
+
+
 def _point_values(y: np.ndarray, p: np.ndarray, pos: int | None) -> dict:
     """Headline metrics (scikit-learn) and per-class ratios; None where undefined."""
     n, k = p.shape
@@ -263,12 +293,10 @@ def _point_values(y: np.ndarray, p: np.ndarray, pos: int | None) -> dict:
         warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true")
         warnings.filterwarnings("ignore", message=".*single label was found in 'y_true'")
         values = {
-            "accuracy": accuracy_score(y, pred),
-            "balanced_accuracy": balanced_accuracy_score(y, pred),
+            **headline_scores(y, p, pos),
             "f1_macro": f1_score(y, pred, labels=labels, average="macro", zero_division=0),
             "f1_weighted": f1_score(y, pred, labels=labels, average="weighted", zero_division=0),
             "log_loss": log_loss(y, p, labels=labels),
-            "auroc": None,
             "average_precision": None,
         }
         if k == 2:
@@ -277,12 +305,8 @@ def _point_values(y: np.ndarray, p: np.ndarray, pos: int | None) -> dict:
             values["brier"] = float(((p - np.eye(k)[y]) ** 2).sum(axis=1).mean())
         if present.all():
             if k == 2:
-                values["auroc"] = roc_auc_score(y == pos, p[:, pos])
                 values["average_precision"] = average_precision_score(y == pos, p[:, pos])
             else:
-                values["auroc"] = roc_auc_score(
-                    y, p, multi_class="ovr", average="macro", labels=labels
-                )
                 values["average_precision"] = float(
                     np.mean([average_precision_score(y == c, p[:, c]) for c in labels])
                 )

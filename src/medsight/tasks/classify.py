@@ -1,0 +1,93 @@
+"""Single-label classification: one class per image, softmax outputs, cross-entropy.
+
+The urgency of an image for triage is the probability of the run's urgent (positive) class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from medsight.calibration import apply_calibration
+from medsight.errors import ConfigError, DataError
+from medsight.tasks.base import Task
+from medsight.tasks.classify_metrics import HEADLINE, compute_metrics, headline_scores
+
+
+class ClassifyTask(Task):
+    """Softmax over mutually exclusive classes."""
+
+    name = "classify"
+    validation_metrics = ("auroc", "accuracy", "balanced_accuracy")
+    headline_metrics = HEADLINE
+    report_sections = (
+        "summary",
+        "confusion",
+        "curves",
+        "calibration",
+        "thresholds",
+        "per_class",
+        "subgroups",
+        "training",
+        "examples",
+        "explanations",
+        "model_card",
+    )
+
+    def targets(self, labels: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({str(v) for v in labels if v not in index})
+        if unknown:
+            raise DataError(f"label(s) {unknown} are not classes of this run; classes: {classes}")
+        return np.array([index[v] for v in labels], dtype=np.int64)
+
+    def build_loss(self, class_counts: np.ndarray | None, label_smoothing: float) -> nn.Module:
+        weight = class_weights(class_counts) if class_counts is not None else None
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+    def validation_scores(
+        self, logits: Tensor, targets: Tensor, positive_index: int
+    ) -> dict[str, float | None]:
+        logits = logits.float()
+        loss = nn.functional.cross_entropy(logits, targets).item()
+        probs = torch.softmax(logits, dim=1).numpy()
+        return {"loss": loss, **headline_scores(targets.numpy(), probs, positive_index)}
+
+    def probabilities(self, logits: np.ndarray, calibration: dict | None = None) -> np.ndarray:
+        return apply_calibration(logits, calibration)
+
+    def decode(self, probs: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
+        best = np.asarray(probs).argmax(axis=1)
+        return [
+            {"label": classes[int(i)], "confidence": float(row[i])}
+            for i, row in zip(best, np.asarray(probs))
+        ]
+
+    def urgency(self, probs: np.ndarray, classes: Sequence[str], positive: str) -> float:
+        return float(np.asarray(probs)[list(classes).index(positive)])
+
+    def metrics(
+        self,
+        y: np.ndarray,
+        probs: np.ndarray,
+        classes: Sequence[str],
+        positive: str | None,
+        *,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        return compute_metrics(
+            y, probs, list(classes), positive=positive, n_bootstrap=n_bootstrap, seed=seed
+        )
+
+
+def class_weights(counts: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency weights ``N / (K · n_k)``: each class contributes equally to the loss."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if (counts == 0).any():
+        raise ConfigError("class weights need at least one training image of every class")
+    return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
