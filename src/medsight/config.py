@@ -2,10 +2,16 @@
 
 A run's ``config.yaml`` is a :class:`TrainConfig` dumped in full (every default resolved), so
 ``medsight train --config RUN/config.yaml`` reproduces it. CLI flags override file values.
+
+The fields are also the single source of ``medsight train``'s options: a field marked
+``json_schema_extra=flag("--batch-size")`` is that flag, its ``description`` the flag's help and
+its ``Literal`` (or ``choices``) the values the flag accepts (:mod:`medsight.cli.options` reads
+them). Every field, marked or not, is reachable as ``--set optim.warmup_epochs=0.5``.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +25,31 @@ Optimizer = Literal["adam", "adamw", "rmsprop", "sgd"]
 Schedule = Literal["cosine", "onecycle", "plateau", "none"]
 Augment = Literal["auto", "xray", "ct", "mri", "derm", "histo", "none"]
 Monitor = Literal["auroc", "accuracy", "balanced_accuracy", "loss"]
+#: Attention blocks on a network's features (:mod:`medsight.models.attention` builds them).
+Attention = Literal["none", "se", "cbam", "self", "diff", "sparse"]
+Logger = Literal["none", "tensorboard", "mlflow"]
+
+#: Collection layouts the readers know (:func:`medsight.data.sources.load_samples`).
+READ_FORMATS: tuple[str, ...] = ("folder", "zip", "csv", "npz", "dicom", "nifti")
+
+
+def flag(name: str, *, choices: tuple[str, ...] | None = None, show_default: bool = True) -> dict:
+    """Field metadata that makes the field a ``medsight train`` option.
+
+    ``name`` is the flag as typed (``"--lr"``, ``"--cache/--no-cache"`` for an on/off pair);
+    ``choices`` lists the values of a ``str`` field whose values come from a registry rather
+    than a ``Literal``; ``show_default=False`` keeps the field's default out of the help (where
+    the command line has its own default).
+
+    >>> flag("--batch-size")
+    {'cli': '--batch-size'}
+    """
+    extra: dict[str, Any] = {"cli": name}
+    if choices is not None:
+        extra["choices"] = choices
+    if not show_default:
+        extra["show_default"] = False
+    return extra
 
 
 class _Strict(BaseModel):
@@ -29,31 +60,51 @@ class ReadOptions(_Strict):
     """How to read a collection (``medsight.data.sources.load_samples``); every field has the
     default people expect."""
 
-    format: str | None = None
-    allow_outside: bool = False
+    format: str | None = Field(
+        default=None,
+        description="reader to use (detected from the path)",
+        json_schema_extra=flag("--format", choices=READ_FORMATS),
+    )
+    allow_outside: bool = Field(
+        default=False,
+        description="let manifest paths point outside the CSV's folder",
+        json_schema_extra=flag("--allow-outside"),
+    )
     path_column: str = "path"
     label_column: str = "label"
     patient_column: str | None = None
     split_column: str | None = None
-    nifti_axis: int = Field(default=2, ge=0, le=2, description="slice axis of 3-D NIfTI (RAS+)")
+    nifti_axis: int = Field(
+        default=2,
+        ge=0,
+        le=2,
+        description="slice axis of 3-D NIfTI volumes (RAS+)",
+        json_schema_extra=flag("--axis"),
+    )
     nifti_slice: int | None = Field(
-        default=None, ge=0, description="slice index of 3-D NIfTI volumes (default: middle)"
+        default=None,
+        ge=0,
+        description="slice index of 3-D NIfTI volumes (default: middle)",
+        json_schema_extra=flag("--slice"),
     )
 
 
 class DataConfig(ReadOptions):
     """Where the images are and how to read and split them (the reader's options included)."""
 
-    path: str
+    path: str = Field(description="dataset path (any reader)", json_schema_extra=flag("--data"))
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     image_size: int | None = Field(
-        default=None, description="input side in px; default: native size up to 128, else model"
+        default=None,
+        description="input side in px; default: native size up to 128, else model",
+        json_schema_extra=flag("--image-size"),
     )
     channels: Literal["auto", 1, 3] = "auto"
     window: tuple[float, float] | None = None
     cache: bool = Field(
         default=True,
         description="keep decoded images of up to 128 px in memory after the first epoch",
+        json_schema_extra=flag("--cache/--no-cache"),
     )
     positive_class: str | None = Field(
         default=None, description="the class triage treats as urgent; guessed when omitted"
@@ -86,49 +137,136 @@ class DataConfig(ReadOptions):
 class ModelConfig(_Strict):
     """Which network, from which weights."""
 
-    name: str = "medcnn_s"
-    pretrained: bool = False
-    weights: str | None = None
-    attention: str = "none"
+    name: str = Field(
+        default="medcnn_s",
+        description="network name (medsight models lists them; any timm name works)",
+        json_schema_extra=flag("--model"),
+    )
+    pretrained: bool = Field(
+        default=False,
+        description="start from ImageNet weights",
+        json_schema_extra=flag("--pretrained/--no-pretrained"),
+    )
+    weights: str | None = Field(
+        default=None,
+        description="start from a state-dict file (.safetensors, .pth) or a run directory",
+        json_schema_extra=flag("--weights"),
+    )
+    attention: Attention = Field(
+        default="none",
+        description="attention block on the network's features",
+        json_schema_extra=flag("--attention"),
+    )
     drop_rate: float = Field(default=0.1, ge=0.0, lt=1.0)
 
 
 class OptimConfig(_Strict):
     """How the network learns."""
 
-    mode: Mode = "full"
-    freeze_stages: int | None = None
-    epochs: int = Field(default=15, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    optimizer: Optimizer = "adamw"
-    lr: float = Field(default=3e-3, gt=0)
-    backbone_lr_mult: float = Field(default=0.1, gt=0, le=1)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    schedule: Schedule = "onecycle"
-    warmup_epochs: float = Field(default=1.0, ge=0)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    class_weights: Literal["auto", "none"] = "auto"
-    balanced_sampler: bool = False
-    augment: Augment = "auto"
-    augment_strength: float = Field(
-        default=1.0, ge=0, le=3, description="scales the augmentation jitter (0: none)"
+    mode: Mode = Field(
+        default="full",
+        description="transfer mode: features (frozen backbone, cached embeddings), finetune "
+        "(--freeze-stages, lower backbone LR), full, scratch",
+        json_schema_extra=flag("--mode"),
     )
-    monitor: Monitor = "auroc"
-    patience: int = Field(default=6, ge=1)
+    freeze_stages: int | None = Field(
+        default=None,
+        description="stages frozen in finetune mode",
+        json_schema_extra=flag("--freeze-stages"),
+    )
+    epochs: int = Field(
+        default=15, ge=1, description="training epochs", json_schema_extra=flag("--epochs")
+    )
+    batch_size: int = Field(
+        default=64, ge=1, description="images per step", json_schema_extra=flag("--batch-size")
+    )
+    optimizer: Optimizer = Field(
+        default="adamw", description="optimiser", json_schema_extra=flag("--optimizer")
+    )
+    lr: float = Field(
+        default=3e-3, gt=0, description="learning rate (head)", json_schema_extra=flag("--lr")
+    )
+    backbone_lr_mult: float = Field(default=0.1, gt=0, le=1)
+    weight_decay: float = Field(
+        default=1e-4, ge=0, description="weight decay", json_schema_extra=flag("--weight-decay")
+    )
+    schedule: Schedule = Field(
+        default="onecycle",
+        description="learning-rate schedule",
+        json_schema_extra=flag("--schedule"),
+    )
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="label smoothing of the cross-entropy",
+        json_schema_extra=flag("--label-smoothing"),
+    )
+    class_weights: Literal["auto", "none"] = Field(
+        default="auto",
+        description="weight the loss by inverse class frequency (auto) or not",
+        json_schema_extra=flag("--class-weights"),
+    )
+    balanced_sampler: bool = Field(
+        default=False,
+        description="class-balanced sampler",
+        json_schema_extra=flag("--balanced/--no-balanced"),
+    )
+    augment: Augment = Field(
+        default="auto",
+        description="augmentation recipe (X-rays are never flipped left-right)",
+        json_schema_extra=flag("--augment"),
+    )
+    augment_strength: float = Field(
+        default=1.0,
+        ge=0,
+        le=3,
+        description="scales the augmentation jitter (0: none, at most 3)",
+        json_schema_extra=flag("--augment-strength"),
+    )
+    monitor: Monitor = Field(
+        default="auroc",
+        description="validation metric for early stopping and the kept checkpoint",
+        json_schema_extra=flag("--monitor"),
+    )
+    patience: int = Field(
+        default=6, ge=1, description="early-stopping epochs", json_schema_extra=flag("--patience")
+    )
     amp: bool = True
-    workers: int | None = None
-    log: Literal["none", "tensorboard", "mlflow"] = "none"
+    workers: int | None = Field(
+        default=None,
+        description="DataLoader workers (default: fitted to the cache and the cores)",
+        json_schema_extra=flag("--workers"),
+    )
+    log: Logger = Field(
+        default="none",
+        description="experiment logger (tensorboard, mlflow: when that package is installed)",
+        json_schema_extra=flag("--log"),
+    )
 
 
 class TrainConfig(_Strict):
     """Everything ``medsight train`` needs; saved whole as the run's ``config.yaml``."""
 
-    task: str = Field(default="classify", description="kind of problem (medsight.tasks): classify")
+    task: str = Field(
+        default="classify",
+        description="kind of problem, by its medsight.tasks name",
+        json_schema_extra=flag("--task"),
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
-    out: str = "runs/run"
-    seed: int = 0
+    out: str = Field(
+        default="runs/run",
+        description="run directory to create (default: runs/<data name>)",
+        json_schema_extra=flag("--out", show_default=False),
+    )
+    seed: int = Field(
+        default=0,
+        description="random seed: splits, initialisation and sampling",
+        json_schema_extra=flag("--seed"),
+    )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -145,18 +283,58 @@ class TrainConfig(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
-        """A copy with dotted keys replaced (``{"optim.lr": 0.01}``); None values are ignored."""
+    @classmethod
+    def field_keys(cls) -> list[str]:
+        """Every dotted field name, sections included (``"optim"``, ``"optim.lr"``, ...)."""
+        return _keys(cls)
+
+    def with_overrides(self, overrides: dict[str, Any], *, keep_none: bool = False) -> TrainConfig:
+        """A copy with dotted keys replaced (``{"optim.lr": 0.01}``).
+
+        None values are ignored unless ``keep_none`` (then they set the field to None); a key
+        that is no field is a ConfigError naming it, the closest field names and the valid ones.
+        """
         data = self.model_dump(mode="json")
         for dotted, value in overrides.items():
-            if value is None:
+            if value is None and not keep_none:
                 continue
+            _check_key(dotted)
             node = data
             *parents, leaf = dotted.split(".")
             for key in parents:
                 node = node.setdefault(key, {})
             node[leaf] = value
         return TrainConfig.parse(data, origin="options")
+
+
+def _check_key(dotted: str) -> None:
+    known = TrainConfig.field_keys()
+    if dotted in known:
+        return
+    sections = {k.rpartition(".")[0] for k in known}
+    section, _, leaf = dotted.rpartition(".")
+    if section not in sections:
+        section, leaf = "", dotted
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
+    close = [k for k in siblings if k.startswith(leaf)] if section else []
+    close += difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6) if section else []
+    close = [f"{section}.{k}" for k in dict.fromkeys(close)][:3]
+    close = close or [k for k in known if k.endswith(f".{dotted}")]  # "lr" → "optim.lr"
+    close = close or difflib.get_close_matches(dotted, known, n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    where = f" in {section}" if section else ""
+    raise ConfigError(
+        f"unknown config key {dotted!r}; {hint}valid keys{where}: {', '.join(siblings)}"
+    )
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, info in model.model_fields.items():
+        keys.append(prefix + name)
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            keys += _keys(info.annotation, f"{prefix}{name}.")
+    return keys
 
 
 def read_yaml(path: str | Path, what: str = "file") -> Any:

@@ -19,6 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medsight import __version__
+from medsight.cli.options import train_config as _train_config
+from medsight.cli.options import with_train_options
+from medsight.config import READ_FORMATS
 from medsight.data.imaging import DEFAULT_MAX_PIXELS
 from medsight.errors import MedsightError
 
@@ -37,13 +40,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class DataFormat(str, Enum):
-    folder = "folder"
-    zip = "zip"
-    csv = "csv"
-    npz = "npz"
-    dicom = "dicom"
-    nifti = "nifti"
+DataFormat = Enum("DataFormat", {name: name for name in READ_FORMATS}, type=str)
 
 
 class Backend(str, Enum):
@@ -406,80 +403,18 @@ def models_command(
 
 
 @app.command("train")
+@with_train_options
 def train_command(
-    data: Annotated[str | None, typer.Option("--data", help="Dataset path (any reader).")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Run directory to create.")] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", help="YAML config; flags override it.")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", help="Model name (medsight models).")
-    ] = None,
-    mode: Annotated[
-        str | None, typer.Option("--mode", help="features | finetune | full | scratch")
-    ] = None,
-    pretrained: Annotated[
-        bool | None, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet.")
-    ] = None,
-    weights: Annotated[
-        str | None, typer.Option("--weights", help="Start from a state-dict file or a run.")
-    ] = None,
-    attention: Annotated[
-        str | None, typer.Option("--attention", help="none | se | cbam | self | diff | sparse")
-    ] = None,
-    freeze_stages: Annotated[
-        int | None, typer.Option("--freeze-stages", help="Stages frozen in finetune mode.")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (head).")] = None,
-    optimizer: Annotated[
-        str | None, typer.Option("--optimizer", help="adam | adamw | rmsprop | sgd")
-    ] = None,
-    schedule: Annotated[
-        str | None, typer.Option("--schedule", help="cosine | onecycle | plateau | none")
-    ] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
-    label_smoothing: Annotated[float | None, typer.Option("--label-smoothing")] = None,
-    class_weights: Annotated[
-        str | None, typer.Option("--class-weights", help="auto | none")
-    ] = None,
-    balanced: Annotated[
-        bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampler.")
-    ] = None,
-    augment: Annotated[
-        str | None, typer.Option("--augment", help="auto | xray | ct | mri | derm | histo | none")
-    ] = None,
-    augment_strength: Annotated[
-        float | None,
-        typer.Option("--augment-strength", help="Scale the augmentation jitter (0: none, ≤ 3)."),
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option("--image-size", help="Input side in px.")
-    ] = None,
-    monitor: Annotated[
-        str | None, typer.Option("--monitor", help="auroc | accuracy | balanced_accuracy | loss")
-    ] = None,
-    patience: Annotated[
-        int | None, typer.Option("--patience", help="Early-stopping epochs.")
-    ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="DataLoader workers.")] = None,
-    cache: Annotated[
-        bool | None,
-        typer.Option("--cache/--no-cache", help="Keep decoded images ≤128 px in memory."),
-    ] = None,
-    log: Annotated[
-        str | None, typer.Option("--log", help="none | tensorboard | mlflow (if installed)")
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing run.")
-    ] = False,
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue the stopped run in this folder.")
     ] = None,
+    **options,
 ) -> None:
-    """Train a classifier; writes a run directory (weights, config, preprocessing, history)."""
+    """Train a classifier; writes a run directory (weights, config, preprocessing, history).
+
+    Every option sets a field of the run's config.yaml (medsight.config.TrainConfig); --set
+    reaches the fields without a flag of their own.
+    """
     from medsight.config import TrainConfig
     from medsight.runs import CONFIG
     from medsight.training.trainer import train
@@ -488,76 +423,7 @@ def train_command(
         if resume:
             train(TrainConfig.from_yaml(Path(resume) / CONFIG), resume=True)
             return
-        options = dict(locals())
-        train(_train_config(options), overwrite=overwrite)
-
-
-def _train_config(options: dict, default_out: str = "runs/{stem}"):
-    """The TrainConfig that ``medsight train``'s options describe (``--config`` then flags)."""
-    from medsight.config import DataConfig, TrainConfig
-
-    config, data, out = options.get("config"), options.get("data"), options.get("out")
-    if config is not None:
-        base = TrainConfig.from_yaml(config)
-    elif data is not None:
-        base = TrainConfig(data=DataConfig(path=data))
-    else:
-        raise MedsightError("give --data PATH (or --config FILE.yaml)")
-    overrides = {key: options.get(name) for name, key in _TRAIN_OPTION_KEYS.items()}
-    resolved = base.with_overrides(overrides)
-    if out is None and config is None:
-        stem = Path(resolved.data.path).stem
-        resolved = resolved.with_overrides({"out": default_out.format(stem=stem)})
-    return resolved
-
-
-#: ``medsight train`` option → the dotted TrainConfig field it sets.
-_TRAIN_OPTION_KEYS = {
-    "data": "data.path",
-    "out": "out",
-    "seed": "seed",
-    "image_size": "data.image_size",
-    "cache": "data.cache",
-    "model": "model.name",
-    "pretrained": "model.pretrained",
-    "weights": "model.weights",
-    "attention": "model.attention",
-    "mode": "optim.mode",
-    "freeze_stages": "optim.freeze_stages",
-    "epochs": "optim.epochs",
-    "batch_size": "optim.batch_size",
-    "lr": "optim.lr",
-    "optimizer": "optim.optimizer",
-    "schedule": "optim.schedule",
-    "weight_decay": "optim.weight_decay",
-    "label_smoothing": "optim.label_smoothing",
-    "class_weights": "optim.class_weights",
-    "balanced": "optim.balanced_sampler",
-    "augment": "optim.augment",
-    "augment_strength": "optim.augment_strength",
-    "monitor": "optim.monitor",
-    "patience": "optim.patience",
-    "workers": "optim.workers",
-    "log": "optim.log",
-}
-
-
-def _with_train_options(func):
-    """Give a command ``medsight train``'s options after its own (``cv`` and ``tune`` train
-    the same way): Typer reads the combined signature, the command receives ``**options``."""
-    import inspect
-
-    own = list(inspect.signature(func, eval_str=True).parameters.values())
-    own = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    names = {p.name for p in own}
-    shared = [
-        p
-        for name, p in inspect.signature(train_command, eval_str=True).parameters.items()
-        if name not in names and name != "resume"
-    ]
-    func.__signature__ = inspect.Signature(own + shared)
-    func.__annotations__ = {p.name: p.annotation for p in own + shared}
-    return func
+        train(_train_config(options), overwrite=options["overwrite"])
 
 
 # --------------------------------------------------------------------------- tune, cv, ensemble
@@ -577,7 +443,7 @@ class TuneMetric(str, Enum):
 
 
 @app.command("tune")
-@_with_train_options
+@with_train_options
 def tune_command(
     trials: Annotated[
         int, typer.Option("--trials", help="Finished trials the study should hold.")
@@ -628,7 +494,7 @@ def tune_command(
 
 
 @app.command("cv")
-@_with_train_options
+@with_train_options
 def cv_command(
     folds: Annotated[int, typer.Option("--folds", help="Number of folds (k).")] = 5,
     ensemble: Annotated[

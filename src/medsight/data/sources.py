@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from medsight.config import ReadOptions, explain_validation
+from medsight.config import READ_FORMATS, ReadOptions, explain_validation
 from medsight.data import imaging
 from medsight.data.privacy import pseudonym_salt, pseudonymise
 from medsight.errors import ConfigError, DataError, ImageDecodeError
@@ -36,7 +36,7 @@ from medsight.errors import ConfigError, DataError, ImageDecodeError
 REQUIRED_COLUMNS = ("sample_id", "source", "label")
 OPTIONAL_COLUMNS = ("patient_id", "split")
 SPLITS = ("train", "val", "test")
-FORMATS = ("folder", "zip", "csv", "npz", "dicom", "nifti")
+FORMATS = READ_FORMATS  # the list lives in config, where the CLI reads it without pandas
 
 #: Split names as people write them (folder names, manifest values) → the canonical name.
 SPLIT_ALIASES = {

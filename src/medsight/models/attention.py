@@ -13,11 +13,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medsight.config import Attention
 from medsight.errors import ConfigError
 
 __all__ = [
@@ -362,7 +364,9 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "diff": DifferentialAttention2d,
     "sparse": SparseAttention2d,
 }
-ATTENTION_KINDS: tuple[str, ...] = tuple(_BUILDERS)
+#: The kinds, in the order of :data:`medsight.config.Attention` (the one list; a kind added
+#: there needs a builder here).
+ATTENTION_KINDS: tuple[str, ...] = get_args(Attention)
 
 
 def create_attention(kind: str, channels: int, **kwargs) -> nn.Module:
