@@ -4,7 +4,8 @@
 and the input pipeline from ``preprocess.json``; callers never re-implement preprocessing.
 The network runs on a *backend*: torch (the default) or ONNX Runtime
 (``backend="onnx"``, from ``RUN/model.onnx``, exported on first use). Both turn a preprocessed
-batch into logits; softmax and calibration are applied here, the same way for both.
+batch into logits; the run's task turns logits into probabilities (through its calibration)
+and probabilities into predictions, the same way for both.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, decode, decode_bytes
 from medsight.errors import ConfigError, MedsightError
 from medsight.runs import WEIGHTS, Run
+from medsight.tasks import Task, get_task
 
 #: Names accepted by ``Predictor.from_run(..., backend=)``.
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
@@ -170,7 +172,8 @@ def tta_views(x: np.ndarray, mode: str | None) -> list[np.ndarray]:
 
 
 class Predictor:
-    """Class probabilities for raw files, SampleTables or preprocessed batches.
+    """Probabilities for raw files, SampleTables or preprocessed batches, as the run's task
+    makes them (:attr:`task`).
 
     >>> predictor = Predictor.from_run("runs/phantom")             # doctest: +SKIP
     >>> predictor.predict_files(["scan.dcm"]).round(3)              # doctest: +SKIP
@@ -189,6 +192,8 @@ class Predictor:
         if (model is None) == (backend is None):
             raise ConfigError("Predictor needs a torch model or a backend (exactly one of them)")
         self.run = run
+        #: The run's task: it turns logits into probabilities and those into predictions.
+        self.task: Task = get_task(run.task)
         self.backend: Backend = backend if backend is not None else TorchBackend(model, device)
         #: The torch module (None when another backend runs the network).
         self.model = getattr(self.backend, "model", None)
@@ -250,10 +255,15 @@ class Predictor:
         return np.mean([self.probabilities(self.logits_array(v)) for v in views], axis=0)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Logits → probabilities, through the run's calibration when it has one."""
-        from medsight.calibration import apply_calibration
+        """Logits → probabilities (the task's), through the run's calibration when it has one."""
+        return self.task.probabilities(logits, self.calibration)
 
-        return apply_calibration(logits, self.calibration)
+    def decode(self, probs: np.ndarray) -> list[dict]:
+        """``(N, K)`` probabilities → one prediction per row, in the task's schema."""
+        return self.task.decode(probs, self.classes_)
+
+    def _no_rows(self) -> np.ndarray:
+        return np.zeros((0, self.task.num_outputs(self.classes_)), np.float32)
 
     def predict_files(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Raw image files (any format medsight reads) → ``(N, K)`` probabilities."""
@@ -275,14 +285,14 @@ class Predictor:
         unlabelled = table.assign(label=None)
         dataset = ImageDataset(unlabelled, self.preprocess, self.classes_, cache_max_side=0)
         chunks = [self.predict_array(x.numpy()) for x, _ in DataLoader(dataset, batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), np.float32)
+        return np.concatenate(chunks) if chunks else self._no_rows()
 
     def logits_table(self, table: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
         """Every row of a SampleTable → ``(N, K)`` raw logits, in row order."""
         unlabelled = table.assign(label=None)  # labels play no part in prediction
         dataset = ImageDataset(unlabelled, self.preprocess, self.classes_, cache_max_side=0)
         chunks = [self.logits_array(x.numpy()) for x, _ in DataLoader(dataset, batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), np.float32)
+        return np.concatenate(chunks) if chunks else self._no_rows()
 
 
 def predict_paths(
@@ -294,20 +304,24 @@ def predict_paths(
     batch_size: int = 64,
     tta: str | None = None,
 ) -> pd.DataFrame:
-    """Predict image files with a run: one row per file (``file, label, confidence,
-    p_<class>..., error``); a file that cannot be read gets its reason in ``error``, not a crash.
+    """Predict image files with a run: one row per file (``file``, the fields of the task's
+    prediction, its probability columns, ``error``; for classification ``file, label,
+    confidence, p_<class>..., error``); a file that cannot be read gets its reason in ``error``,
+    not a crash.
 
     >>> predict_paths("runs/phantom", ["a.png", "b.dcm"]).label.tolist()   # doctest: +SKIP
     ['lesion', 'normal']
     """
     predictor = Predictor.from_run(run, backend=backend, tta=tta)
-    classes = predictor.classes_
+    task = predictor.task
+    fields = task.prediction_schema.model_fields
+    columns = task.prediction_columns(predictor.classes_)
+    # An unreadable file's prediction is empty: "" for text fields, NaN for numbers.
+    empty = {name: "" if field.annotation is str else np.nan for name, field in fields.items()}
     rows: list[dict] = []
     ready: list[tuple[int, np.ndarray]] = []
     for path in paths:
-        row: dict = {"file": str(path), "label": "", "confidence": np.nan}
-        row.update({f"p_{name}": np.nan for name in classes})
-        row["error"] = ""
+        row: dict = {"file": str(path), **empty, **dict.fromkeys(columns, np.nan), "error": ""}
         try:
             ready.append(
                 (len(rows), predictor.preprocess(decode(str(path), max_pixels=max_pixels)))
@@ -318,10 +332,7 @@ def predict_paths(
     for start in range(0, len(ready), batch_size):
         chunk = ready[start : start + batch_size]
         probs = predictor.predict_array(np.stack([x for _, x in chunk]))
-        for (i, _), p in zip(chunk, probs):
-            rows[i].update({f"p_{name}": float(v) for name, v in zip(classes, p)})
-            rows[i]["label"] = classes[int(np.argmax(p))]
-            rows[i]["confidence"] = float(np.max(p))
-    return pd.DataFrame(
-        rows, columns=["file", "label", "confidence", *(f"p_{c}" for c in classes), "error"]
-    )
+        for (i, _), p, decoded in zip(chunk, probs, predictor.decode(probs)):
+            rows[i].update(decoded)
+            rows[i].update({name: float(v) for name, v in zip(columns, p)})
+    return pd.DataFrame(rows, columns=["file", *fields, *columns, "error"])

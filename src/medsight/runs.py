@@ -143,6 +143,9 @@ class Run:
     positive_class: str
     preprocess: Preprocess
     model_config: dict
+    #: The run's task by name (:func:`medsight.tasks.get_task` turns it into the object):
+    #: ``model.json``'s ``task``, else ``config.yaml``'s, else ``"classify"`` (older runs).
+    task: str = "classify"
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
@@ -152,13 +155,16 @@ class Run:
             what = "is not a folder" if not path.is_dir() else f"lacks {', '.join(missing)}"
             raise ConfigError(f"{path} is not a medsight run: it {what}")
         classes = json.loads((path / CLASSES).read_text())
+        config = TrainConfig.from_yaml(path / CONFIG)
+        model_config = json.loads((path / MODEL).read_text())
         return cls(
             path=path,
-            config=TrainConfig.from_yaml(path / CONFIG),
+            config=config,
             classes=list(classes["classes"]),
             positive_class=classes["positive"],
             preprocess=Preprocess.load(path / PREPROCESS),
-            model_config=json.loads((path / MODEL).read_text()),
+            model_config=model_config,
+            task=model_config.get("task") or config.task or "classify",
         )
 
     def load_model(self, weights: str = WEIGHTS):

@@ -17,7 +17,7 @@ import pytest
 
 from medsight.config import DataConfig, TrainConfig
 from medsight.data.transforms import Preprocess
-from medsight.errors import DataError
+from medsight.errors import ConfigError, DataError
 from medsight.evaluation.report import write_report
 from medsight.evaluation.subgroups import subgroup_metrics
 from medsight.tasks.classify_metrics import compute_metrics
@@ -210,3 +210,26 @@ def test_model_card_states_a_tie_instead_of_a_gap_between_one_group_and_itself()
         "By sex: AUROC is the same (1.000) in every group; "
         "sensitivity is the same (0.900) in every group."
     ]
+
+
+def test_page_has_the_sections_its_task_lists_in_its_order(tmp_path, monkeypatch):
+    from medsight import tasks
+    from medsight.tasks.classify import ClassifyTask
+
+    class Brief(ClassifyTask):
+        name = "brief"
+        report_sections = ("model_card", "summary", "per_class")
+
+    monkeypatch.setitem(tasks.TASKS, Brief.name, Brief)
+    run = make_run(tmp_path, ["normal", "lesion"], "lesion", n=20)
+    model = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**model, "task": "brief"}))
+    html = write_report(run, examples=0).read_text(encoding="utf-8")
+    shown = re.findall(r'<section class="card" id="([a-z-]+)">', html)
+    assert shown == ["model-card", "summary", "per-class"]
+    assert re.findall(r'<a href="#([a-z-]+)">', html.split("</nav>")[0]) == shown
+    assert not img_sources(html)  # no figure section, no thumbnails
+
+    Brief.report_sections = ("summary", "sankey")
+    with pytest.raises(ConfigError, match=r"\['sankey'\]"):
+        write_report(run)

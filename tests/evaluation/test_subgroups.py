@@ -155,3 +155,24 @@ def test_groups_must_match_the_samples():
     y, p = _binary(10, signal=1.0, seed=7)
     with pytest.raises(DataError, match="9 values but there are 10"):
         subgroup_metrics(y, p, BINARY, ["a"] * 9, column="site")
+
+
+def test_the_metrics_and_their_notes_are_the_tasks():
+    from medsight.tasks.classify import ClassifyTask
+
+    class AccuracyOnly(ClassifyTask):
+        subgroup_metrics = ("accuracy",)
+
+        def subgroup_scores(self, y, probs, classes, positive, masks, **bootstrap):
+            right = probs.argmax(axis=1) == y
+            return [
+                ({"accuracy": {"value": float(right[m].mean()), "ci": None}}, ["a note"])
+                for m in masks
+            ]
+
+    y, p, groups = _two_sites()
+    out = subgroup_metrics(y, p, BINARY, groups, column="site", task=AccuracyOnly(), min_size=1)
+    assert list(out["groups"]["A"]) == ["n", "accuracy", "warning"]
+    assert out["groups"]["B"]["warning"] == "a note"
+    assert list(out["gaps"]) == ["accuracy"] and out["gaps"]["accuracy"]["highest"] == "A"
+    assert out["warnings"] == ["site=A: a note", "site=B: a note"]

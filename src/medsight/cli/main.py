@@ -606,9 +606,11 @@ def evaluate_command(
 ) -> None:
     """Evaluate a run: metrics with CIs, thresholds, calibration, subgroups → metrics.json."""
     from medsight.evaluation.evaluate import evaluate_run
-    from medsight.tasks.classify_metrics import HEADLINE
+    from medsight.runs import Run
+    from medsight.tasks import get_task
 
     with _user_errors():
+        task = get_task(Run.load(run).task)
         metrics = evaluate_run(
             run,
             data=data,
@@ -625,20 +627,21 @@ def evaluate_command(
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_column("95 % CI", justify="right")
-        for name in HEADLINE:
+        for name in task.headline_metrics:
             table.add_row(name, *_value_ci(metrics[name]))
         console.print(table)
-        per_class = Table(title="Per class (one-vs-rest)", title_justify="left")
-        per_class.add_column("metric")
-        for name in metrics["per_class"]:
-            per_class.add_column(name, justify="right")
-        for column in ("sensitivity", "specificity", "precision", "npv", "f1"):
-            per_class.add_row(
-                column,
-                *(_value_ci(v[column], compact=True) for v in metrics["per_class"].values()),
-            )
-        per_class.add_row("support", *(str(v["support"]) for v in metrics["per_class"].values()))
-        console.print(per_class)
+        classes = metrics.get("per_class") or {}  # the task's per-class metrics, if any
+        if classes:
+            per_class = Table(title="Per class (one-vs-rest)", title_justify="left")
+            per_class.add_column("metric")
+            for name in classes:
+                per_class.add_column(name, justify="right")
+            for column in [c for c in next(iter(classes.values())) if c != "support"]:
+                per_class.add_row(
+                    column, *(_value_ci(v[column], compact=True) for v in classes.values())
+                )
+            per_class.add_row("support", *(str(v.get("support", "")) for v in classes.values()))
+            console.print(per_class)
         for warning in metrics.get("warnings", []):
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         for column, result in metrics["subgroups"].items():

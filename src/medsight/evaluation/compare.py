@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from medsight import runs
 from medsight.errors import DataError
-from medsight.tasks.classify_metrics import compute_metrics, paired_bootstrap_auroc
+from medsight.tasks import get_task
 
 
 def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Headline metrics of each run on the samples all of them were evaluated on, and for each
-    run after the first the paired bootstrap AUROC difference against the first."""
+    """The task's metrics of each run on the samples all of them were evaluated on, and for each
+    run after the first the task's paired bootstrap difference against the first (for
+    classification: AUROC). The runs must share their task and classes."""
     if len(paths) < 2:
         raise DataError("compare needs at least two runs")
     loaded = []
@@ -28,7 +28,13 @@ def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: 
             )
         loaded.append((run, pd.read_csv(predictions_path, dtype={"sample_id": str})))
     first_classes = loaded[0][0].classes
+    first_task = loaded[0][0].task
     for run, _ in loaded[1:]:
+        if run.task != first_task:
+            raise DataError(
+                f"{run.path} is a {run.task!r} run, {loaded[0][0].path} a {first_task!r} run; "
+                "only runs of the same task can be compared"
+            )
         if run.classes != first_classes:
             raise DataError(
                 f"{run.path} has classes {run.classes}, {loaded[0][0].path} has {first_classes}; "
@@ -38,27 +44,22 @@ def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: 
     if not shared:
         raise DataError("the runs were evaluated on different samples: none in common")
     order = sorted(shared)
-    columns = [f"p_{c}" for c in first_classes]
+    task = get_task(first_task)
+    columns = task.prediction_columns(first_classes)
     aligned = [p.set_index("sample_id").loc[order] for _, p in loaded]
-    y = np.array([first_classes.index(v) for v in aligned[0]["label"]])
+    y = task.targets(aligned[0]["label"], first_classes)
     positive = loaded[0][0].positive_class
     rows = []
     base_probs = aligned[0][columns].to_numpy()
     for (run, _), frame in zip(loaded, aligned):
         probs = frame[columns].to_numpy()
-        metrics = compute_metrics(
-            y, probs, first_classes, positive=positive, n_bootstrap=n_bootstrap, seed=seed
+        metrics = task.metrics(
+            y, probs, first_classes, positive, n_bootstrap=n_bootstrap, seed=seed
         )
         row = {"run": str(run.path), "metrics": metrics}
         if rows:
-            row["paired"] = paired_bootstrap_auroc(
-                y,
-                probs,
-                base_probs,
-                first_classes,
-                positive=positive,
-                n_bootstrap=n_bootstrap,
-                seed=seed,
+            row["paired"] = task.paired_difference(
+                y, probs, base_probs, first_classes, positive, n_bootstrap=n_bootstrap, seed=seed
             )
         rows.append(row)
     return {"n_shared": len(order), "runs": rows}

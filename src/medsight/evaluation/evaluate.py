@@ -1,7 +1,7 @@
 """``medsight evaluate``: predict a run's split, then write predictions.csv and metrics.json.
 
-Reads only the run directory and the data; the numbers come from :mod:`.metrics`,
-:mod:`.calibration` and :mod:`.subgroups`.
+Reads only the run directory and the data; the numbers come from the run's task (its metric
+set and calibration) and :mod:`.subgroups`.
 """
 
 from __future__ import annotations
@@ -9,15 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from medsight import runs
-from medsight.calibration import TemperatureScaler
 from medsight.errors import DataError
 from medsight.evaluation.subgroups import bin_numeric, subgroup_metrics
 from medsight.inference import Predictor
-from medsight.tasks.classify_metrics import compute_metrics
 
 
 def load_table(run: runs.Run, data: str | Path | None, split: str = "test") -> pd.DataFrame:
@@ -61,6 +58,10 @@ def evaluate_run(
 ) -> dict:
     """Evaluate the run at ``path``; writes ``predictions.csv`` and ``metrics.json`` into it.
 
+    The metrics are the run's task's; ``predictions.csv`` holds ``sample_id``, the true
+    ``label``, the ``predicted`` label (the task's decoded prediction), the task's probability
+    columns and the data's other columns.
+
     ``backend`` runs the network with torch or ONNX Runtime (see :class:`Predictor`); ``tta``
     averages test-time augmented views (``"flip"`` or ``"rot"``, where the modality allows).
     """
@@ -73,17 +74,17 @@ def evaluate_run(
     if missing:
         raise DataError(f"--by column(s) {missing} not in the data; available: {available}")
     predictor = Predictor.from_run(run.path, backend=backend, tta=tta)
+    task = predictor.task
     if calibrate:
         val = select_split(run, table, "val")
-        y_val = np.array([run.classes.index(v) for v in val["label"]])
-        scaler = TemperatureScaler().fit(predictor.logits_table(val), y_val)
-        runs.write_json(run.path / runs.CALIBRATION, scaler.to_dict())
-        predictor.calibration = scaler.to_dict()
+        y_val = task.targets(val["label"], run.classes)
+        predictor.calibration = task.calibrate(predictor.logits_table(val), y_val)
+        runs.write_json(run.path / runs.CALIBRATION, predictor.calibration)
     rows = select_split(run, table, split)
     probs = predictor.predict_table(rows)
-    y = np.array([run.classes.index(v) for v in rows["label"]])
-    metrics = compute_metrics(
-        y, probs, run.classes, positive=run.positive_class, n_bootstrap=n_bootstrap, seed=seed
+    y = task.targets(rows["label"], run.classes)
+    metrics = task.metrics(
+        y, probs, run.classes, run.positive_class, n_bootstrap=n_bootstrap, seed=seed
     )
     metrics["split"] = split
     metrics["data"] = str(data or run.config.data.path)
@@ -103,16 +104,17 @@ def evaluate_run(
             positive=run.positive_class,
             n_bootstrap=n_bootstrap,
             seed=seed,
+            task=task,
         )
     predictions = pd.DataFrame(
         {
             "sample_id": rows["sample_id"],
             "label": rows["label"],
-            "predicted": [run.classes[i] for i in probs.argmax(axis=1)],
+            "predicted": [p["label"] for p in predictor.decode(probs)],
         }
     )
-    for k, name in enumerate(run.classes):
-        predictions[f"p_{name}"] = probs[:, k]
+    for k, name in enumerate(task.prediction_columns(run.classes)):
+        predictions[name] = probs[:, k]
     meta = [c for c in rows.columns if c not in ("sample_id", "source", "label", "split")]
     predictions = pd.concat([predictions, rows[meta].reset_index(drop=True)], axis=1)
     runs.write_text(run.path / runs.PREDICTIONS, predictions.to_csv(index=False))

@@ -1,5 +1,6 @@
 """The self-contained HTML report of an evaluated run: headline metrics, curves, calibration,
 operating points, subgroups, training history, example images and a model card, in one file.
+The page has the sections its run's task lists (:data:`SECTIONS` names them all).
 
 It reads only the run directory (and, for the example thumbnails, the run's data). Figures are
 matplotlib PNGs embedded as ``data:`` URIs and the page carries its own CSS, so the file opens
@@ -17,6 +18,8 @@ import io
 import json
 import math
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
@@ -30,9 +33,10 @@ from medsight.calibration import bin_index, reliability_curve
 from medsight.errors import ConfigError, DataError
 from medsight.evaluation import modelcard
 from medsight.stats import UNDEFINED, format_ci, format_number
+from medsight.tasks import Task, get_task
 from medsight.tasks.classify_metrics import ECE_BINS
 
-__all__ = ["write_report"]
+__all__ = ["SECTIONS", "write_report"]
 
 TEMPLATE = "report.html.j2"
 
@@ -120,6 +124,8 @@ def write_report(run: str | Path, *, out: str | Path | None = None, examples: in
     """Write the run's self-contained ``report.html`` (default ``RUN/report.html``), return it.
 
     Needs the files ``medsight evaluate`` writes (``metrics.json``, ``predictions.csv``).
+    The page has the sections the run's task lists (:attr:`~medsight.tasks.Task.report_sections`,
+    names from :data:`SECTIONS`), in its order.
     ``examples`` is how many correctly and how many wrongly classified images are shown
     (0: none, so the report embeds no patient image). When the images cannot be read (the data
     moved), the report says so instead of showing them.
@@ -143,13 +149,21 @@ def write_report(run: str | Path, *, out: str | Path | None = None, examples: in
             f"{loaded.path / runs.METRICS} is not valid JSON ({exc}); "
             f"run `medsight evaluate {loaded.path}` again"
         ) from None
+    task = get_task(loaded.task)
+    unknown = [name for name in task.report_sections if name not in SECTIONS]
+    if unknown:
+        raise ConfigError(
+            f"task {task.name!r} lists report section(s) {unknown} that the report does not "
+            f"have; sections: {list(SECTIONS)}"
+        )
     predictions = _read_predictions(loaded.path / runs.PREDICTIONS)
-    y, probs = _labels_and_probs(predictions, loaded.classes, loaded.path)
+    y, probs = _labels_and_probs(predictions, task, loaded.classes, loaded.path)
 
     target = Path(out) if out is not None else loaded.path / runs.REPORT
     if target.is_dir():
         target = target / runs.REPORT
-    context = _build_context(loaded, metrics, predictions, y, probs, int(examples))
+    page = _Page(loaded, task, metrics, predictions, y, probs, int(examples))
+    context = _build_context(page)
     html = _template().render(**context)
     runs.write_atomic(target, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return target
@@ -180,21 +194,21 @@ def _read_predictions(path: Path) -> pd.DataFrame:
     )
 
 
-def _labels_and_probs(pred: pd.DataFrame, classes: list[str], run: Path):
-    columns = [f"p_{c}" for c in classes]
+def _labels_and_probs(pred: pd.DataFrame, task: Task, classes: list[str], run: Path):
+    """The task's targets and the probability columns of ``predictions.csv``."""
+    columns = task.prediction_columns(classes)
     lacking = [c for c in ("sample_id", "label", "predicted", *columns) if c not in pred.columns]
     if lacking:
         raise DataError(
             f"{run / runs.PREDICTIONS} lacks column(s) {lacking} for the run's classes {classes}; "
             f"run `medsight evaluate {run}` again"
         )
-    unknown = sorted(set(pred["label"]) - set(classes))
-    if unknown:
+    try:
+        y = task.targets(pred["label"], classes)
+    except DataError as exc:
         raise DataError(
-            f"{run / runs.PREDICTIONS} has labels {unknown} that are not the run's classes "
-            f"{classes}; run `medsight evaluate {run}` again"
-        )
-    y = pred["label"].map(classes.index).to_numpy(dtype=np.int64)
+            f"{run / runs.PREDICTIONS}: {exc}; run `medsight evaluate {run}` again"
+        ) from None
     probs = pred[columns].to_numpy(dtype=np.float64)
     return y, probs
 
@@ -1036,41 +1050,65 @@ def _limitations(run, metrics: dict, pred: pd.DataFrame, data: dict, calibration
     return notes
 
 
-def _build_context(run, metrics, pred, y, probs, examples: int) -> dict:
-    import medsight
+@dataclass
+class _Page:
+    """What the report is made of: the run, its task, and the files evaluation wrote."""
 
-    classes = run.classes
-    k = len(classes)
-    splits = _read_optional_csv(run.path / runs.SPLITS, dtype={"patient_id": str})
-    history = _read_optional_csv(run.path / runs.HISTORY)
-    versions = _read_optional_json(run.path / runs.VERSIONS) or {}
-    calibration = metrics.get("calibration") or run.calibration()
-    data = _data_summary(run, splits)
-    positive = metrics.get("positive") or run.positive_class
+    run: runs.Run
+    task: Task
+    metrics: dict
+    pred: pd.DataFrame
+    y: np.ndarray
+    probs: np.ndarray
+    examples: int
 
+    def __post_init__(self):
+        self.classes = self.run.classes
+        self.k = len(self.classes)
+        self.positive = self.metrics.get("positive") or self.run.positive_class
+        self.calibration = self.metrics.get("calibration") or self.run.calibration()
+        splits = _read_optional_csv(self.run.path / runs.SPLITS, dtype={"patient_id": str})
+        self.data = _data_summary(self.run, splits)
+
+
+def _summary(page: _Page) -> dict:
     tiles = []
     for key, label, higher in HEADLINE_TILES:
         if key in ("auroc", "average_precision"):
-            label += f" ({positive})" if k == 2 else " (macro, one-vs-rest)"
-        tiles.append({"key": key, "label": label, "higher": higher, **_cell(metrics.get(key))})
+            label += f" ({page.positive})" if page.k == 2 else " (macro, one-vs-rest)"
+        tiles.append({"key": key, "label": label, "higher": higher, **_cell(page.metrics.get(key))})
+    return {"tiles": tiles, "model": _model_summary(page.run)}
 
-    warnings = list(metrics.get("warnings") or [])
-    if data["leak_patients"]:
-        warnings.append(
-            f"{data['leak_patients']} patient(s) have images in more than one split (see "
-            "splits.csv): the test metrics may be optimistic."
-        )
-    evaluated_on = str(metrics.get("data") or run.config.data.path)
-    external = evaluated_on != str(run.config.data.path)
-    subgroup_warnings = sum(
-        len(s.get("warnings") or []) for s in (metrics.get("subgroups") or {}).values()
-    )
 
-    cm = np.asarray(metrics.get("confusion_matrix") or np.zeros((k, k)), dtype=np.int64)
-    roc, skipped = _roc_pr_figure(y, probs, classes, metrics)
+def _confusion(page: _Page) -> dict:
+    k = page.k
+    cm = np.asarray(page.metrics.get("confusion_matrix") or np.zeros((k, k)), dtype=np.int64)
+    return {"confusion": _confusion_figure(cm, page.classes)}
 
+
+def _curves(page: _Page) -> dict:
+    roc, skipped = _roc_pr_figure(page.y, page.probs, page.classes, page.metrics)
+    return {"roc": roc, "roc_skipped": skipped}
+
+
+def _calibration(page: _Page) -> dict:
+    metrics, calibration = page.metrics, page.calibration
+    ece = metrics.get("ece") or {}
+    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
+    return {
+        "reliability": _reliability_figure(page.y, page.probs),
+        "ece": _cell(ece),
+        "ece_points": None if ece.get("value") is None else f"{100 * ece['value']:.1f}",
+        "log_loss": _cell(metrics.get("log_loss")),
+        "brier": _cell(metrics.get("brier")),
+        "temperature": None if temperature is None else f"{temperature:.3f}",
+        "ece_bins": ECE_BINS,
+    }
+
+
+def _thresholds(page: _Page) -> dict:
     thresholds = []
-    for name, points in (metrics.get("thresholds") or {}).items():
+    for name, points in (page.metrics.get("thresholds") or {}).items():
         for key, label in OPERATING_POINTS:
             point = (points or {}).get(key)
             thresholds.append(
@@ -1083,69 +1121,124 @@ def _build_context(run, metrics, pred, y, probs, examples: int) -> dict:
                     ],
                 }
             )
+    return {"thresholds": thresholds}
+
+
+def _per_class(page: _Page) -> dict:
     per_class = []
-    for name in classes:
-        entry = (metrics.get("per_class") or {}).get(name) or {}
+    for name in page.classes:
+        entry = (page.metrics.get("per_class") or {}).get(name) or {}
         per_class.append(
             {
                 "class": name,
-                "positive": name == positive,
+                "positive": name == page.positive,
                 "cells": [_cell(entry.get(m)) for m, _ in PER_CLASS_COLUMNS],
                 "support": entry.get("support"),
             }
         )
+    return {"per_class": per_class, "per_class_columns": [label for _, label in PER_CLASS_COLUMNS]}
 
+
+def _subgroup_section(page: _Page) -> dict:
     metadata = [
         c
-        for c in pred.columns
+        for c in page.pred.columns
         if c not in ("sample_id", "label", "predicted", "patient_id", "mask", "path")
-        and not c.startswith("p_")
+        and c not in page.task.prediction_columns(page.classes)
     ]
-    subgroups = _subgroups(metrics)
-    ece = metrics.get("ece") or {}
-    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
     return {
+        "subgroups": _subgroups(page.metrics),
+        "subgroup_columns": [label for _, label in SUBGROUP_COLUMNS],
+        "metadata_columns": metadata,
+    }
+
+
+def _training(page: _Page) -> dict:
+    return {
+        "training": _training_summary(page.run, _read_optional_csv(page.run.path / runs.HISTORY))
+    }
+
+
+def _example_section(page: _Page) -> dict:
+    return {
+        "examples": _examples(page.run, page.metrics, page.pred, page.y, page.probs, page.examples)
+    }
+
+
+def _explanation_section(page: _Page) -> dict:
+    found = _explanations(page.run, page.metrics, page.pred, page.y, page.probs, page.examples)
+    return {"explanations": found}
+
+
+def _model_card(page: _Page) -> dict:
+    versions = _read_optional_json(page.run.path / runs.VERSIONS) or {}
+    return {
+        "intended_use": modelcard.INTENDED_USE.format(classes=", ".join(page.classes)),
+        "not_for_diagnosis": modelcard.NOT_FOR_DIAGNOSIS,
+        "gap_findings": _largest_gaps(page.metrics),
+        "limitations": _limitations(page.run, page.metrics, page.pred, page.data, page.calibration),
+        "versions": sorted(versions.items()) if isinstance(versions, dict) else [],
+    }
+
+
+#: Every section the report can show, in the template's names: its anchor, its title in the
+#: page's contents, and what it adds to the template's context. A task lists the ones it has.
+SECTIONS: dict[str, tuple[str, str, Callable[[_Page], dict]]] = {
+    "summary": ("summary", "Summary", _summary),
+    "confusion": ("confusion", "Confusion matrix", _confusion),
+    "curves": ("curves", "ROC & PR", _curves),
+    "calibration": ("calibration", "Calibration", _calibration),
+    "thresholds": ("operating-points", "Operating points", _thresholds),
+    "per_class": ("per-class", "Per-class", _per_class),
+    "subgroups": ("subgroups", "Subgroups", _subgroup_section),
+    "training": ("training", "Training", _training),
+    "examples": ("examples", "Examples", _example_section),
+    "explanations": ("explanations", "Explanations", _explanation_section),
+    "model_card": ("model-card", "Model card", _model_card),
+}
+
+
+def _build_context(page: _Page) -> dict:
+    import medsight
+
+    run, metrics, data = page.run, page.metrics, page.data
+    versions = _read_optional_json(run.path / runs.VERSIONS) or {}
+    warnings = list(metrics.get("warnings") or [])
+    if data["leak_patients"]:
+        warnings.append(
+            f"{data['leak_patients']} patient(s) have images in more than one split (see "
+            "splits.csv): the test metrics may be optimistic."
+        )
+    evaluated_on = str(metrics.get("data") or run.config.data.path)
+    subgroup_warnings = sum(
+        len(s.get("warnings") or []) for s in (metrics.get("subgroups") or {}).values()
+    )
+    context = {
         "title": run.path.resolve().name,
         "run_path": str(run.path),
         "generated": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "medsight_version": getattr(medsight, "__version__", versions.get("medsight", "")),
-        "classes": classes,
-        "intended_use": modelcard.INTENDED_USE.format(classes=", ".join(classes)),
-        "not_for_diagnosis": modelcard.NOT_FOR_DIAGNOSIS,
-        "positive": positive,
-        "binary": k == 2,
-        "tiles": tiles,
+        "classes": page.classes,
+        "positive": page.positive,
+        "binary": page.k == 2,
         "warnings": warnings,
         "subgroup_warnings": subgroup_warnings,
         "split": metrics.get("split", "test"),
-        "n_eval": metrics.get("n", len(pred)),
+        "n_eval": metrics.get("n", len(page.pred)),
         "evaluated_on": evaluated_on,
-        "external": external,
+        "external": evaluated_on != str(run.config.data.path),
         "data_path": str(run.config.data.path),
         "data_format": run.config.data.format or "detected from the path",
         "data": data,
         "split_method": _split_method(run, data),
-        "model": _model_summary(run),
-        "confusion": _confusion_figure(cm, classes),
-        "roc": roc,
-        "roc_skipped": skipped,
-        "reliability": _reliability_figure(y, probs),
-        "ece": _cell(ece),
-        "ece_points": None if ece.get("value") is None else f"{100 * ece['value']:.1f}",
-        "log_loss": _cell(metrics.get("log_loss")),
-        "brier": _cell(metrics.get("brier")),
-        "temperature": None if temperature is None else f"{temperature:.3f}",
-        "ece_bins": ECE_BINS,
-        "thresholds": thresholds,
-        "per_class": per_class,
-        "per_class_columns": [label for _, label in PER_CLASS_COLUMNS],
-        "subgroups": subgroups,
-        "subgroup_columns": [label for _, label in SUBGROUP_COLUMNS],
-        "metadata_columns": metadata,
-        "gap_findings": _largest_gaps(metrics),
-        "training": _training_summary(run, history),
-        "examples": _examples(run, metrics, pred, y, probs, examples),
-        "explanations": _explanations(run, metrics, pred, y, probs, examples),
-        "limitations": _limitations(run, metrics, pred, data, calibration),
-        "versions": sorted(versions.items()) if isinstance(versions, dict) else [],
+        "sections": list(page.task.report_sections),
+        "nav": [],
     }
+    for name in page.task.report_sections:
+        anchor, title, build = SECTIONS[name]
+        part = build(page)
+        context.update(part)
+        if any(value is not None for value in part.values()):  # e.g. no explanations yet
+            context["nav"].append((anchor, title))
+    context["embeds_images"] = bool((context.get("examples") or {}).get("groups"))
+    return context

@@ -9,32 +9,17 @@ the gaps between the best and worst subgroup, with warnings where a subgroup is 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from medsight.errors import ConfigError, DataError
-from medsight.tasks.classify_metrics import (
-    _bootstrap,
-    _check_bootstrap,
-    _Context,
-    _entry,
-    _point_values,
-    _validate,
-)
+from medsight.tasks import Task, get_task
+from medsight.tasks.classify_metrics import SUBGROUP_METRICS  # the default task's; kept public
 
 __all__ = ["SUBGROUP_METRICS", "age_bands", "bin_numeric", "subgroup_metrics"]
 
-SUBGROUP_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "auroc",
-    "sensitivity",
-    "specificity",
-    "precision",
-)
 MISSING = "missing"
 
 
@@ -123,24 +108,6 @@ def _group_labels(groups, n: int, max_levels: int) -> tuple[np.ndarray, list[str
     return names, order, notes
 
 
-def _summarise(point: dict, boot: dict | None, pos: int | None, k: int) -> tuple[dict, dict]:
-    """Pick the subgroup metrics from full point values / resamples (binary: the positive class;
-    multi-class: the mean over classes where each is defined)."""
-    values = {m: point[m] for m in ("accuracy", "balanced_accuracy", "auroc")}
-    samples = {m: (boot[m] if boot else None) for m in values}
-    for metric in ("sensitivity", "specificity", "precision"):
-        per_class = point["per_class"][metric]
-        if k == 2:
-            values[metric] = float(per_class[pos])
-            samples[metric] = boot[metric][:, pos] if boot else None
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN → NaN is intended
-                values[metric] = float(np.nanmean(per_class))
-                samples[metric] = np.nanmean(boot[metric], axis=1) if boot else None
-    return values, samples
-
-
 def subgroup_metrics(
     y_true,
     probs,
@@ -154,62 +121,59 @@ def subgroup_metrics(
     min_size: int = 30,
     confidence: float = 0.95,
     max_levels: int = 10,
+    task: Task | str | None = None,
 ) -> dict:
     """Metrics with bootstrap CIs for each subgroup given by ``groups`` (one value per sample).
 
-    Per group: ``n``, ``accuracy``, ``balanced_accuracy``, ``auroc``, ``sensitivity``,
-    ``specificity`` and ``precision`` (each ``{"value", "ci"}``) and ``warning``. For a binary
-    task the last three are those of the ``positive`` class (default ``classes[-1]``); for
-    multi-class tasks they are macro averages over the classes on which each is defined (macro
-    sensitivity then equals balanced accuracy). AUROC is binary or macro one-vs-rest.
+    The metrics are the ``task``'s (default: classification) :attr:`~Task.subgroup_metrics`.
+    Per group: ``n``, each metric as ``{"value", "ci"}``, and ``warning``. For classification
+    they are ``accuracy``, ``balanced_accuracy``, ``auroc``, ``sensitivity``, ``specificity`` and
+    ``precision``; for a binary task the last three are those of the ``positive`` class (default
+    ``classes[-1]``), for multi-class tasks macro averages over the classes on which each is
+    defined (macro sensitivity then equals balanced accuracy). AUROC is binary or macro
+    one-vs-rest.
 
     Missing group values (NaN/None) form the group ``"missing"``. A numeric column with more than
     ``max_levels`` distinct values (e.g. age) is binned into decades first (:func:`bin_numeric`).
-    A group smaller than ``min_size`` or lacking a class gets a warning. ``gaps`` gives, per
+    A group smaller than ``min_size`` gets a warning, and so does one where the task finds a
+    metric undefined (a class it lacks). ``gaps`` gives, per
     metric, ``max − min`` over the groups where it is defined and which groups those are (all
-    None with fewer than two such groups). CIs are stratified bootstrap intervals within each
-    group, as in :func:`~medsight.tasks.classify_metrics.compute_metrics`.
+    None with fewer than two such groups). CIs are bootstrap intervals within each group (for
+    classification stratified, as in :func:`~medsight.tasks.classify_metrics.compute_metrics`).
     """
-    y, p, names, pos = _validate(y_true, probs, classes, positive)
-    _check_bootstrap(n_bootstrap, confidence)
+    task = task if isinstance(task, Task) else get_task(task)
     if int(min_size) != min_size or min_size < 1:
         raise ConfigError(f"min_size must be a positive whole number; got {min_size!r}")
-    n, k = p.shape
-    labels, order, notes = _group_labels(groups, n, max_levels)
+    labels, order, notes = _group_labels(groups, len(probs), max_levels)
     notes = [f"{column}: {note}" for note in notes]
+    masks = [labels == name for name in order]
+    scores = task.subgroup_scores(
+        y_true,
+        probs,
+        classes,
+        positive,
+        masks,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        confidence=confidence,
+    )
 
     out_groups: dict[str, dict] = {}
-    for name in order:
-        mask = labels == name
-        yg, pg = y[mask], p[mask]
-        point = _point_values(yg, pg, pos)
-        boot = None
-        if n_bootstrap > 0:
-            boot = _bootstrap(_Context(yg, pg, pos), yg, int(n_bootstrap), seed)
-        values, samples = _summarise(point, boot, pos, k)
-        entry: dict = {"n": int(mask.sum())}
-        entry.update({m: _entry(values[m], samples[m], confidence) for m in SUBGROUP_METRICS})
+    for name, mask, (entries, undefined) in zip(order, masks, scores):
+        entry: dict = {"n": int(mask.sum()), **entries}
         problems = []
         if mask.sum() < min_size:
             problems.append(
                 f"only n={int(mask.sum())} samples (< {min_size}): its confidence intervals are "
                 "too wide for its metrics to mean much"
             )
-        lacking = [names[c] for c in range(k) if not (yg == c).any()]
-        if lacking:
-            undefined = ["AUROC"]
-            if k == 2:
-                undefined.append("sensitivity" if names[pos] in lacking else "specificity")
-            problems.append(
-                f"n={int(mask.sum())} with no samples of class {', '.join(map(repr, lacking))}: "
-                f"{' and '.join(undefined)} undefined"
-            )
+        problems += undefined
         entry["warning"] = "; ".join(problems) if problems else None
         notes += [f"{column}={name}: {problem}" for problem in problems]
         out_groups[name] = entry
 
     gaps = {}
-    for metric in SUBGROUP_METRICS:
+    for metric in task.subgroup_metrics:
         defined = {g: e[metric]["value"] for g, e in out_groups.items()}
         defined = {g: v for g, v in defined.items() if v is not None}
         if len(defined) < 2:

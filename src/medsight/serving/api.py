@@ -38,6 +38,7 @@ from medsight.serving.service import (
     UnsupportedImage,
 )
 from medsight.serving.worklist import Study, WorklistStore, deidentify_dicom, utc
+from medsight.tasks import Task
 
 TOKEN_ENV = "MEDSIGHT_TOKEN"
 WEB_DIR = Path(__file__).parent / "web"
@@ -144,18 +145,20 @@ async def _read(file: Upload) -> bytes:
 
 
 def _prediction(model: ModelService, scored) -> dict:
+    """The task's decoded prediction (numbers to 6 decimals) with what serving adds."""
     probs = scored.probabilities
+    decoded = {
+        k: round(v, 6) if isinstance(v, float) else v for k, v in model.prediction(probs).items()
+    }
     return {
-        "label": model.label(probs),
+        **decoded,
         "probabilities": model.probabilities(probs),
-        "confidence": round(float(probs.max()), 6),
         "threshold_flags": model.threshold_flags(probs),
         "model": model.model_ref,
         "latency_ms": round(scored.seconds * 1000, 2),
     }
 
 
-@v1.post("/predict", response_model=schemas.Prediction, summary="Classify one image")
 def predict(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
     """Class probabilities for one uploaded image (format judged from the content)."""
     scored = model.score(data)
@@ -164,12 +167,6 @@ def predict(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
     return result
 
 
-@v1.post(
-    "/explain",
-    response_model=schemas.Explanation,
-    summary="Classify one image and show why",
-    responses={501: {"model": schemas.ErrorBody, "description": "Explanations unavailable"}},
-)
 def explain(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
     """The prediction plus a heat map of the regions that drove it, over the image (PNG)."""
     start = time.perf_counter()
@@ -178,6 +175,28 @@ def explain(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
     scored.seconds = time.perf_counter() - start
     log.info("explain method=%s latency_ms=%.1f", method, scored.seconds * 1000)
     return {**_prediction(model, scored), "method": method, "layer": layer, "overlay_png": png}
+
+
+def _prediction_routes(task: Task) -> APIRouter:
+    """``/v1/predict`` and ``/v1/explain``, whose bodies follow the task's prediction schema."""
+    prediction, explanation = schemas.prediction_models(task.prediction_schema)
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=_ERRORS)
+    router.add_api_route(
+        "/predict",
+        predict,
+        methods=["POST"],
+        response_model=prediction,
+        summary="Classify one image",
+    )
+    router.add_api_route(
+        "/explain",
+        explain,
+        methods=["POST"],
+        response_model=explanation,
+        summary="Classify one image and show why",
+        responses={501: {"model": schemas.ErrorBody, "description": "Explanations unavailable"}},
+    )
+    return router
 
 
 @v1.get("/model", response_model=schemas.ModelInfo, summary="The served model")
@@ -279,7 +298,7 @@ def worklist(
         schemas.StudyStatus | None, Query(description="Only studies in this state.")
     ] = None,
 ) -> dict:
-    """Studies, most urgent first (probability of the urgent class); ties by arrival time."""
+    """Studies, most urgent first (the task's urgency); ties by arrival time."""
     return {"items": [_item(s) for s in store.list(status)]}
 
 
@@ -453,6 +472,7 @@ def create_app(
     app.state.max_upload_bytes = settings.max_upload_bytes
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     _install_error_handlers(app)
+    app.include_router(_prediction_routes(model.task))
     app.include_router(v1)
 
     @app.get("/health", response_model=schemas.Health, summary="The process is up")

@@ -1,11 +1,17 @@
-"""Typed request and response bodies of the REST API; they also write its OpenAPI (``/docs``)."""
+"""Typed request and response bodies of the REST API; they also write its OpenAPI (``/docs``).
+
+A prediction's own fields are the run's task's (:attr:`~medsight.tasks.Task.prediction_schema`,
+what its ``decode`` returns): :func:`prediction_models` builds the response bodies around them.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+
+from medsight.tasks import get_task
 
 #: The states a study moves through on the worklist.
 StudyStatus = Literal["pending", "in_review", "reviewed"]
@@ -31,12 +37,9 @@ class ThresholdFlag(BaseModel):
     specificity: float | None = None
 
 
-class Prediction(BaseModel):
-    """The model's answer for one image."""
+class Served(BaseModel):
+    """What serving adds to the task's decoded prediction of one image."""
 
-    label: str
-    probabilities: dict[str, float]
-    confidence: float = Field(description="Probability of the predicted label.")
     threshold_flags: list[ThresholdFlag] = Field(
         description="Operating points of the evaluated run (empty when it was never evaluated)."
     )
@@ -44,12 +47,43 @@ class Prediction(BaseModel):
     latency_ms: float = Field(description="Decode, preprocess and inference time on the server.")
 
 
-class Explanation(Prediction):
-    """A prediction with the heat map of the pixels that drove it."""
+class Explained(BaseModel):
+    """The heat map of the pixels that drove a prediction."""
 
     method: str = Field(examples=["gradcam"])
     layer: str | None = None
     overlay_png: str = Field(description="Heat map over the image, a base64-encoded PNG.")
+
+
+def _fields(model: type[BaseModel]) -> dict[str, Any]:
+    return {name: (field.annotation, field) for name, field in model.model_fields.items()}
+
+
+def prediction_models(decoded: type[BaseModel]) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The API's ``Prediction`` and ``Explanation`` bodies around a task's decoded prediction:
+    its ``label``, the ``probabilities``, its other fields, then :class:`Served`'s (and for
+    ``Explanation`` :class:`Explained`'s)."""
+    fields = _fields(decoded)
+    probabilities = (dict[str, float], Field(description="Probability of each class."))
+    ordered = {"label": fields.pop("label"), "probabilities": probabilities, **fields}
+    prediction = create_model(
+        "Prediction",
+        __doc__="The model's answer for one image.",
+        **ordered,
+        **_fields(Served),
+    )
+    explanation = create_model(
+        "Explanation",
+        __doc__="A prediction with the heat map of the pixels that drove it.",
+        __base__=prediction,
+        **_fields(Explained),
+    )
+    return prediction, explanation
+
+
+#: The bodies of the default task (classification): ``label``, ``probabilities``,
+#: ``confidence``, ``threshold_flags``, ``model``, ``latency_ms``.
+Prediction, Explanation = prediction_models(get_task().prediction_schema)
 
 
 class InputSpec(BaseModel):
@@ -107,8 +141,10 @@ class StudyItem(BaseModel):
     """One study on the worklist (no patient identifiers: a pseudonym at most)."""
 
     id: int
-    urgency: float = Field(description="Probability of the urgent (positive) class.")
-    label: str
+    urgency: float = Field(
+        description="Triage score from the run's task (classify: probability of the urgent class)."
+    )
+    label: str = Field(description="The label of the task's prediction.")
     probabilities: dict[str, float]
     flag: str | None = Field(
         description="Strictest operating point reached (e.g. sensitivity_0.90), or null."

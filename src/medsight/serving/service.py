@@ -2,7 +2,8 @@
 
 :class:`ModelService` wraps a :class:`Predictor` with what serving adds: decoding uploads from
 their content, the evaluated operating points (``metrics.json``), the model's identity for
-audit trails, and lazily loaded explanations. It knows nothing about HTTP.
+audit trails, and lazily loaded explanations. What a prediction says and how urgent it is are
+the run's task's (``decode``, ``urgency``). It knows nothing about HTTP.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class ModelService:
         self.predictor = predictor
         self.run = predictor.run
         self.max_pixels = max_pixels
+        self.task = predictor.task
         self.classes = list(predictor.classes_)
         self.positive = self.run.positive_class
         self.metrics = _read_json(self.run.path / METRICS)
@@ -113,8 +115,13 @@ class ModelService:
             probs = self.predictor.predict_array(x)[0]
         return Scored(image, x, np.asarray(probs, dtype=np.float64), time.perf_counter() - start)
 
+    def prediction(self, probs: np.ndarray) -> dict:
+        """One image's ``(K,)`` probabilities → its prediction, in the task's schema."""
+        return self.task.decode(np.asarray(probs)[None], self.classes)[0]
+
     def label(self, probs: np.ndarray) -> str:
-        return self.classes[int(np.argmax(probs))]
+        """The label of the task's prediction (what a reviewer confirms or corrects)."""
+        return self.prediction(probs)["label"]
 
     def probabilities(self, probs: np.ndarray) -> dict[str, float]:
         return {name: round(float(p), 6) for name, p in zip(self.classes, probs)}
@@ -131,7 +138,8 @@ class ModelService:
         }
 
     def threshold_flags(self, probs: np.ndarray) -> list[ThresholdFlag]:
-        """Every evaluated operating point, and whether this image's probability reaches it."""
+        """Every evaluated operating point, and whether this image's probability of its class
+        (the probability column the task's metrics set the threshold on) reaches it."""
         flags = []
         for name, points in self.operating_points().items():
             p = float(probs[self.classes.index(name)])
@@ -149,14 +157,17 @@ class ModelService:
         return flags
 
     def urgency(self, probs: np.ndarray) -> float:
-        """Probability of the urgent class (classes.json ``positive``): the worklist order."""
-        return float(probs[self.classes.index(self.positive)])
+        """The task's triage score of one image (the worklist order), for the urgent class
+        (classes.json ``positive``)."""
+        return self.task.urgency(probs, self.classes, self.positive)
 
     def flag(self, probs: np.ndarray) -> str | None:
         """The strictest (highest-threshold) operating point of the urgent class reached."""
-        points = self.operating_points().get(self.positive, {})
-        urgency = self.urgency(probs)
-        reached = [(v["threshold"], k) for k, v in points.items() if urgency >= v["threshold"]]
+        reached = [
+            (f.threshold, f.operating_point)
+            for f in self.threshold_flags(probs)
+            if f.class_name == self.positive and f.flagged
+        ]
         return max(reached)[1] if reached else None
 
     # ------------------------------------------------------------------ explanations
@@ -203,8 +214,8 @@ class ModelService:
                 heatmap = np.asarray(explainer.explain(scored.x), dtype=np.float32)
             display = _display_image(self.predictor, scored.image)
             heatmap = _resize(heatmap, display.shape[:2])
-            label = f"{self.label(scored.probabilities)} {scored.probabilities.max():.0%}"
-            picture = overlay(display, heatmap, label=label)
+            caption = _caption(self.prediction(scored.probabilities))
+            picture = overlay(display, heatmap, label=caption)
         except ExplanationsUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - an explainer failure is reported, never a 500
@@ -242,6 +253,12 @@ def _resize(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     picture = Image.fromarray(np.asarray(heatmap, dtype=np.float32))
     resized = picture.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _caption(decoded: dict) -> str:
+    """The overlay's caption: the prediction's label, and its confidence where it has one."""
+    confidence = decoded.get("confidence")
+    return decoded["label"] + ("" if confidence is None else f" {confidence:.0%}")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -1,8 +1,11 @@
 """The Task seam: what differs between kinds of problems, in one object per kind.
 
-Trainer, evaluator, predictor, API and worklist ask the run's task; none of them branches on
-its kind. A task is stateless configuration (scikit-learn style): everything it needs about a
-run (classes, the urgent class) comes in as arguments.
+Trainer, evaluator, predictor, report, API and worklist ask the run's task; none of them
+branches on its kind. A task is stateless configuration (scikit-learn style): everything it
+needs about a run (classes, the urgent class) comes in as arguments.
+
+Shapes: ``probs`` is ``(N, K)``, one column per output, named by :meth:`Task.prediction_columns`;
+``y`` is what :meth:`Task.targets` made of the table's labels.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 from torch import Tensor, nn
 
 
@@ -31,8 +35,16 @@ class Task(ABC):
     validation_metrics: tuple[str, ...]
     #: The metrics ``metrics.json`` leads with (value and 95 % CI each), in display order.
     headline_metrics: tuple[str, ...]
-    #: The report's sections for this task, in page order (the template's section names).
+    #: The report's sections for this task, in page order: names from
+    #: ``medsight.evaluation.report.SECTIONS`` (the template renders only these).
     report_sections: tuple[str, ...]
+    #: The metrics of a subgroup analysis (``evaluate --by``): per group, and the gap between
+    #: the best and the worst group.
+    subgroup_metrics: tuple[str, ...]
+    #: One decoded prediction: the fields of each dict :meth:`decode` returns. The API's
+    #: prediction, the worklist and ``medsight predict`` show them. ``label`` (a string) is
+    #: required: it is the answer a reviewer confirms or corrects on the worklist.
+    prediction_schema: type[BaseModel]
 
     # ------------------------------------------------------------------ training
 
@@ -42,7 +54,8 @@ class Task(ABC):
 
     @abstractmethod
     def targets(self, labels: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
-        """Table labels → the training targets (class indices, multi-hot rows…)."""
+        """Table labels → the targets of training and evaluation (class indices, multi-hot
+        rows…); raises :class:`~medsight.errors.DataError` naming labels it cannot use."""
 
     @abstractmethod
     def build_loss(self, class_counts: np.ndarray | None, label_smoothing: float) -> nn.Module:
@@ -67,18 +80,27 @@ class Task(ABC):
 
     @abstractmethod
     def probabilities(self, logits: np.ndarray, calibration: dict | None = None) -> np.ndarray:
-        """Raw ``(N, K)`` network outputs → probabilities, through a saved calibration."""
+        """Raw ``(N, K)`` network outputs → probabilities, through a saved calibration
+        (None: uncalibrated)."""
+
+    @abstractmethod
+    def calibrate(self, logits: np.ndarray, targets: np.ndarray) -> dict:
+        """Fit the calibration :meth:`probabilities` applies, on validation ``logits`` and
+        :meth:`targets`; the dict is saved as the run's ``calibration.json``."""
 
     @abstractmethod
     def decode(self, probs: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
-        """Probabilities → one prediction per row, in the schema the CLI, API and worklist use."""
+        """Probabilities → one prediction per row, each with the fields of
+        :attr:`prediction_schema`."""
 
     @abstractmethod
     def urgency(self, probs: np.ndarray, classes: Sequence[str], positive: str) -> float:
-        """One image's triage score (higher: read sooner)."""
+        """One image's ``(K,)`` probabilities → its triage score (higher: read sooner); the
+        worklist is ordered by it."""
 
     def prediction_columns(self, classes: Sequence[str]) -> list[str]:
-        """The per-class columns of ``predictions.csv`` and ``medsight predict``."""
+        """Names of the ``K`` probability columns, in column order: in ``predictions.csv`` and
+        ``medsight predict``."""
         return [f"p_{name}" for name in classes]
 
     # ------------------------------------------------------------------ evaluation
@@ -95,3 +117,35 @@ class Task(ABC):
         seed: int = 0,
     ) -> dict[str, Any]:
         """The task's metric set with bootstrap CIs (the body of ``metrics.json``)."""
+
+    @abstractmethod
+    def subgroup_scores(
+        self,
+        y: np.ndarray,
+        probs: np.ndarray,
+        classes: Sequence[str],
+        positive: str | None,
+        masks: Sequence[np.ndarray],
+        *,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+        confidence: float = 0.95,
+    ) -> list[tuple[dict[str, dict], list[str]]]:
+        """Per subgroup (a boolean mask over the samples): :attr:`subgroup_metrics` as
+        ``{"value", "ci"}`` each, and notes on those that are undefined in that group.
+        The inputs are checked once, before any group is scored."""
+
+    @abstractmethod
+    def paired_difference(
+        self,
+        y: np.ndarray,
+        probs: np.ndarray,
+        base_probs: np.ndarray,
+        classes: Sequence[str],
+        positive: str | None,
+        *,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """``medsight compare``: the paired bootstrap test of the task's key metric, ``probs``
+        against ``base_probs`` on the same samples (``difference``, ``ci``, ``p_value``…)."""

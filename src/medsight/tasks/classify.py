@@ -10,12 +10,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from medsight.calibration import apply_calibration
+from medsight.calibration import TemperatureScaler, apply_calibration
 from medsight.errors import ConfigError, DataError
 from medsight.tasks.base import Task
-from medsight.tasks.classify_metrics import HEADLINE, compute_metrics, headline_scores
+from medsight.tasks.classify_metrics import (
+    HEADLINE,
+    SUBGROUP_METRICS,
+    compute_metrics,
+    headline_scores,
+    paired_bootstrap_auroc,
+    subgroup_scores,
+)
+
+
+class ClassPrediction(BaseModel):
+    """One image's class: the most probable one, and its probability."""
+
+    label: str
+    confidence: float = Field(description="Probability of the predicted label.")
 
 
 class ClassifyTask(Task):
@@ -37,6 +52,8 @@ class ClassifyTask(Task):
         "explanations",
         "model_card",
     )
+    subgroup_metrics = SUBGROUP_METRICS
+    prediction_schema = ClassPrediction
 
     def targets(self, labels: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
         index = {name: i for i, name in enumerate(classes)}
@@ -60,6 +77,10 @@ class ClassifyTask(Task):
     def probabilities(self, logits: np.ndarray, calibration: dict | None = None) -> np.ndarray:
         return apply_calibration(logits, calibration)
 
+    def calibrate(self, logits: np.ndarray, targets: np.ndarray) -> dict:
+        """Temperature scaling (one T for all classes, fitted by NLL)."""
+        return TemperatureScaler().fit(logits, targets).to_dict()
+
     def decode(self, probs: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
         best = np.asarray(probs).argmax(axis=1)
         return [
@@ -68,6 +89,7 @@ class ClassifyTask(Task):
         ]
 
     def urgency(self, probs: np.ndarray, classes: Sequence[str], positive: str) -> float:
+        """The probability of the urgent (positive) class."""
         return float(np.asarray(probs)[list(classes).index(positive)])
 
     def metrics(
@@ -82,6 +104,51 @@ class ClassifyTask(Task):
     ) -> dict[str, Any]:
         return compute_metrics(
             y, probs, list(classes), positive=positive, n_bootstrap=n_bootstrap, seed=seed
+        )
+
+    def subgroup_scores(
+        self,
+        y: np.ndarray,
+        probs: np.ndarray,
+        classes: Sequence[str],
+        positive: str | None,
+        masks: Sequence[np.ndarray],
+        *,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+        confidence: float = 0.95,
+    ) -> list[tuple[dict[str, dict], list[str]]]:
+        return subgroup_scores(
+            y,
+            probs,
+            list(classes),
+            masks,
+            positive=positive,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            confidence=confidence,
+        )
+
+    def paired_difference(
+        self,
+        y: np.ndarray,
+        probs: np.ndarray,
+        base_probs: np.ndarray,
+        classes: Sequence[str],
+        positive: str | None,
+        *,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """AUROC (binary: of the positive class; else macro one-vs-rest), paired bootstrap."""
+        return paired_bootstrap_auroc(
+            y,
+            probs,
+            base_probs,
+            list(classes),
+            positive=positive,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
         )
 
 

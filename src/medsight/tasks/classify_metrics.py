@@ -42,11 +42,13 @@ from medsight.stats import interval
 
 __all__ = [
     "HEADLINE",
+    "SUBGROUP_METRICS",
     "headline_scores",
     "compute_metrics",
     "operating_points",
     "paired_bootstrap_auroc",
     "stratified_bootstrap_indices",
+    "subgroup_scores",
 ]
 
 HEADLINE = (
@@ -61,6 +63,14 @@ HEADLINE = (
     "ece",
 )
 PER_CLASS = ("sensitivity", "specificity", "precision", "npv", "f1")
+SUBGROUP_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "auroc",
+    "sensitivity",
+    "specificity",
+    "precision",
+)
 SENSITIVITY_TARGETS = (0.90, 0.95)
 ECE_BINS = 15
 _CHUNK_ELEMENTS = 2_000_000  # multiplicity-matrix cells per bootstrap chunk (~16 MB)
@@ -511,3 +521,70 @@ def paired_bootstrap_auroc(
         p_value = 2 * min((1 + (d <= 0).sum()) / (m + 1), (1 + (d >= 0).sum()) / (m + 1))
         result.update(ci=interval(d, confidence), p_value=float(min(1.0, p_value)))
     return {**result, "warnings": []}
+
+
+# --------------------------------------------------------------------------- subgroups
+
+
+def _summarise(point: dict, boot: dict | None, pos: int | None, k: int) -> tuple[dict, dict]:
+    """Pick the subgroup metrics from full point values / resamples (binary: the positive class;
+    multi-class: the mean over classes where each is defined)."""
+    values = {m: point[m] for m in ("accuracy", "balanced_accuracy", "auroc")}
+    samples = {m: (boot[m] if boot else None) for m in values}
+    for metric in ("sensitivity", "specificity", "precision"):
+        per_class = point["per_class"][metric]
+        if k == 2:
+            values[metric] = float(per_class[pos])
+            samples[metric] = boot[metric][:, pos] if boot else None
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN → NaN is intended
+                values[metric] = float(np.nanmean(per_class))
+                samples[metric] = np.nanmean(boot[metric], axis=1) if boot else None
+    return values, samples
+
+
+def subgroup_scores(
+    y_true,
+    probs,
+    classes,
+    masks: Sequence[np.ndarray],
+    *,
+    positive=None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[tuple[dict, list[str]]]:
+    """:data:`SUBGROUP_METRICS` (``{"value", "ci"}`` each) within each boolean mask over the
+    samples, and why any is undefined there (a class the group lacks).
+
+    For a binary task sensitivity, specificity and precision are those of the ``positive`` class
+    (default ``classes[-1]``); for multi-class tasks they are macro averages over the classes on
+    which each is defined (macro sensitivity then equals balanced accuracy). AUROC is binary or
+    macro one-vs-rest. CIs are stratified bootstrap intervals within each group, as in
+    :func:`compute_metrics`.
+    """
+    y, p, names, pos = _validate(y_true, probs, classes, positive)
+    _check_bootstrap(n_bootstrap, confidence)
+    k = p.shape[1]
+    out = []
+    for mask in masks:
+        yg, pg = y[mask], p[mask]
+        point = _point_values(yg, pg, pos)
+        boot = None
+        if n_bootstrap > 0:
+            boot = _bootstrap(_Context(yg, pg, pos), yg, int(n_bootstrap), seed)
+        values, samples = _summarise(point, boot, pos, k)
+        entries = {m: _entry(values[m], samples[m], confidence) for m in SUBGROUP_METRICS}
+        notes = []
+        lacking = [names[c] for c in range(k) if not (yg == c).any()]
+        if lacking:
+            undefined = ["AUROC"]
+            if k == 2:
+                undefined.append("sensitivity" if names[pos] in lacking else "specificity")
+            notes.append(
+                f"n={int(mask.sum())} with no samples of class {', '.join(map(repr, lacking))}: "
+                f"{' and '.join(undefined)} undefined"
+            )
+        out.append((entries, notes))
+    return out
