@@ -39,10 +39,9 @@ def test_unknown_optimizer_and_frozen_model_are_refused():
 
 def test_cosine_warms_up_then_decays_to_zero():
     optimizer = build_optimizer("sgd", _groups(1.0), lr=1.0)
-    when, scheduler = build_scheduler(
-        "cosine", optimizer, epochs=10, steps_per_epoch=10, warmup_epochs=1
-    )
-    assert when == "batch"
+    schedule = build_scheduler("cosine", optimizer, epochs=10, steps_per_epoch=10, warmup_epochs=1)
+    assert schedule.step_per == "batch"
+    scheduler = schedule.scheduler
     lrs = []
     for _ in range(100):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -54,9 +53,9 @@ def test_cosine_warms_up_then_decays_to_zero():
 
 def test_onecycle_peaks_at_the_learning_rate():
     optimizer = build_optimizer("adamw", _groups(0.5), lr=0.5)
-    _, scheduler = build_scheduler(
+    scheduler = build_scheduler(
         "onecycle", optimizer, epochs=4, steps_per_epoch=5, warmup_epochs=1
-    )
+    ).scheduler
     lrs = []
     for _ in range(20):
         optimizer.step()

@@ -275,13 +275,15 @@ def test_failed_trials_are_reported_and_an_all_failed_study_says_why(data, tmp_p
     console_file = tmp_path / "console.txt"
     from rich.console import Console
 
+    from medsight.cli.render import Renderer
+
     with console_file.open("w") as handle, pytest.raises(MedsightError, match="batch_size=4096"):
         tune(
             base_config(data, tmp_path / "t"),
             trials=2,
             space=SearchSpace.from_dict({"optim.batch_size": [4096]}),
             live=False,
-            console=Console(file=handle, width=200),
+            events=Renderer(Console(file=handle, width=200)),
         )
     assert "trial 0 failed: batch_size=4096 is larger than the training set" in (
         console_file.read_text()

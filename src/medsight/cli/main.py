@@ -109,6 +109,14 @@ def _user_errors():
                     err_console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
 
 
+def _events():
+    """A reporter that draws what the library reports (its events) on stderr; a ``with``
+    block around it ends any progress bar or live table it still shows."""
+    from medsight.cli.render import Renderer
+
+    return Renderer(err_console)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -421,9 +429,9 @@ def train_command(
 
     with _user_errors():
         if resume:
-            train(TrainConfig.from_yaml(Path(resume) / CONFIG), resume=True)
+            train(TrainConfig.from_yaml(Path(resume) / CONFIG), resume=True, events=_events())
             return
-        train(_train_config(options), overwrite=options["overwrite"])
+        train(_train_config(options), overwrite=options["overwrite"], events=_events())
 
 
 # --------------------------------------------------------------------------- tune, cv, ensemble
@@ -476,7 +484,7 @@ def tune_command(
     parallel; run it again to resume."""
     from medsight.workflows.tune import SearchSpace, tune
 
-    with _user_errors():
+    with _user_errors(), _events() as events:
         base = _train_config(options, default_out="runs/{stem}-tuned")
         tune(
             base,
@@ -489,7 +497,7 @@ def tune_command(
             pruner=pruner.value,
             out=base.out,
             overwrite=options.get("overwrite", False),
-            console=err_console,
+            events=events,
         )
 
 
@@ -517,7 +525,7 @@ def cv_command(
     from medsight.runs import CV_HTML
     from medsight.workflows.cv import cross_validate
 
-    with _user_errors():
+    with _user_errors(), _events() as events:
         config = _train_config(options, default_out="runs/{stem}-cv")
         summary = cross_validate(
             config,
@@ -527,7 +535,7 @@ def cv_command(
             n_bootstrap=bootstrap,
             overwrite=options.get("overwrite", False),
             resume=resume,
-            console=err_console,
+            events=events,
         )
         table = Table(title=f"{folds}-fold cross-validation", title_justify="left")
         for column in ("metric", "folds: mean ± sd (val)", "pooled OOF (95 % CI)", "ensemble"):
@@ -567,14 +575,14 @@ def ensemble_command(
     explain, export, predict and serve it like any run."""
     from medsight.workflows.ensemble import build_ensemble
 
-    with _user_errors():
+    with _user_errors(), _events() as events:
         build_ensemble(
             runs_,
             out,
             weighted=weighted,
             calibrate=calibrate,
             overwrite=overwrite,
-            console=err_console,
+            events=events,
         )
         console.print(f"next: medsight evaluate {out}")
 
@@ -733,8 +741,8 @@ def demo_command(
     """The main job on the embedded default: synth → check → train → evaluate → explain → report."""
     from medsight.workflows.demo import run_demo
 
-    with _user_errors():
-        result = run_demo(out, data=data, epochs=epochs, overwrite=overwrite, console=err_console)
+    with _user_errors(), _events() as events:
+        result = run_demo(out, data=data, epochs=epochs, overwrite=overwrite, events=events)
         console.print(
             f"\n[bold green]done[/] in {result.seconds:.0f} s\n"
             f"  data    {result.data}\n  run     {result.run}\n  report  {result.report}\n\n"

@@ -1,8 +1,10 @@
-"""Optimisers, learning-rate schedules and the loss, built by name from the configuration."""
+"""Optimisers and learning-rate schedules, built by name from the configuration."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -24,6 +26,31 @@ def build_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Opt
     raise ConfigError(f"optimizer must be adam, adamw, rmsprop or sgd, got {name!r}")
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """A learning-rate scheduler and when the loop steps it: after every ``batch``, after every
+    ``epoch``, or after every epoch on the validation ``metric`` (higher is better)."""
+
+    step_per: Literal["batch", "epoch", "metric"]
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
+    def after_batch(self) -> None:
+        if self.step_per == "batch":
+            self.scheduler.step()
+
+    def after_epoch(self, score: float) -> None:
+        if self.step_per == "epoch":
+            self.scheduler.step()
+        elif self.step_per == "metric":
+            self.scheduler.step(score)
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
 def build_scheduler(
     name: str,
     optimizer: torch.optim.Optimizer,
@@ -31,8 +58,8 @@ def build_scheduler(
     epochs: int,
     steps_per_epoch: int,
     warmup_epochs: float,
-):
-    """The schedule and when to step it: ``("batch"|"epoch"|"metric", scheduler)`` or None.
+) -> Schedule | None:
+    """The :class:`Schedule` ``name`` describes, or None for a fixed learning rate.
 
     ``onecycle`` and ``cosine`` step every batch (cosine after a linear warm-up); ``plateau``
     steps on the validation metric; ``none`` keeps the learning rate fixed.
@@ -44,8 +71,11 @@ def build_scheduler(
     if name == "onecycle":
         max_lr = [g["lr"] for g in optimizer.param_groups]
         pct = min(0.45, max(0.05, warmup / total)) if total > 1 else 0.3
-        return "batch", torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=max_lr, total_steps=total, pct_start=pct
+        return Schedule(
+            "batch",
+            torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=max_lr, total_steps=total, pct_start=pct
+            ),
         )
     if name == "cosine":
 
@@ -55,9 +85,12 @@ def build_scheduler(
             progress = (step - warmup) / max(1, total - warmup)
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-        return "batch", torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return Schedule("batch", torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
     if name == "plateau":
-        return "metric", torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=0.3, patience=2
+        return Schedule(
+            "metric",
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=0.3, patience=2
+            ),
         )
     raise ConfigError(f"schedule must be cosine, onecycle, plateau or none, got {name!r}")

@@ -1,9 +1,11 @@
 """Train a classifier from a :class:`~medsight.config.TrainConfig` into a run directory.
 
 :func:`train` reads and splits the data, builds the model in the chosen transfer mode, and runs
-epochs with early stopping on a validation metric. Every epoch ends with an atomic checkpoint
-(``checkpoints/last.pt``), so a stopped run resumes where it was; randomness is re-seeded per
-epoch, which makes a resumed CPU run end with the same weights as an uninterrupted one.
+a short loop of training and validation epochs. What happens around it lives in handlers
+(``handlers.py``): best weights and early stopping on a validation metric, an atomic checkpoint
+after every epoch (``checkpoints/last.pt``, so a stopped run resumes where it was), the
+history, the experiment logger and the events a user sees. Randomness is re-seeded per epoch,
+which makes a resumed CPU run end with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,14 +16,12 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from medsight import runs
@@ -32,10 +32,21 @@ from medsight.data.sources import class_names, load_samples
 from medsight.data.splits import assign_splits, fold_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
-from medsight.stats import format_number
+from medsight.events import ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
 from medsight.tasks import Task, get_task
 from medsight.training.features import extract_features
-from medsight.training.loggers import create_logger
+from medsight.training.handlers import (
+    LAST_CHECKPOINT,
+    Checkpoint,
+    EarlyStopping,
+    Engine,
+    EpochCallback,
+    ExperimentLog,
+    Handler,
+    History,
+    ReportEvents,
+    fire,
+)
 from medsight.training.optim import build_optimizer, build_scheduler
 
 
@@ -45,28 +56,20 @@ def history_columns(task: Task) -> list[str]:
     return ["epoch", "train_loss", "val_loss", *metrics, "lr", "train_seconds", "seconds"]
 
 
-@dataclass
-class _State:
-    """What a checkpoint restores besides weights: where training stood."""
-
-    epoch: int = 0
-    best_score: float = -math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    history: list[dict] = field(default_factory=list)
-
-
 def train(
     config: TrainConfig,
     *,
     overwrite: bool = False,
     resume: bool = False,
+    events: Reporter | None = None,
     show_progress: bool = True,
-    console: Console | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> runs.Run:
     """Train as ``config`` says and return the finished :class:`~medsight.runs.Run`.
 
+    ``events`` receives what a user would want to see (:mod:`medsight.events`: progress, each
+    epoch's scores, early stopping, the best epoch); by default nothing is reported, and
+    ``show_progress=False`` leaves out the per-batch progress events.
     ``on_epoch(epoch, row)`` is called after each epoch with its history row (``val_auroc``…);
     an exception it raises (a tuning trial being pruned) stops training there, with the best
     weights and the checkpoint already saved.
@@ -74,7 +77,6 @@ def train(
     >>> from medsight.config import TrainConfig, DataConfig
     >>> run = train(TrainConfig(data=DataConfig(path="phantom/"), out="runs/p"))  # doctest: +SKIP
     """
-    console = console or Console(stderr=True)
     out = runs.prepare_run_dir(config.out, overwrite=overwrite, resume=resume)
     if resume:
         config = TrainConfig.from_yaml(out / runs.CONFIG)
@@ -82,7 +84,11 @@ def train(
     if not resume:
         setup.write_run_files()
     return _fit(
-        setup, resume=resume, show_progress=show_progress, console=console, on_epoch=on_epoch
+        setup,
+        resume=resume,
+        events=events or silent,
+        show_progress=show_progress,
+        on_epoch=on_epoch,
     )
 
 
@@ -287,30 +293,105 @@ def _fit(
     setup: _Setup,
     *,
     resume: bool,
+    events: Reporter,
     show_progress: bool,
-    console: Console,
-    on_epoch: Callable[[int, dict], None] | None = None,
+    on_epoch: Callable[[int, dict], None] | None,
 ) -> runs.Run:
-    config, model, out = setup.config, setup.model, setup.out
-    optim_cfg = config.optim
-    features_mode = optim_cfg.mode == "features"
+    """Train and validate, epoch after epoch; everything else is a handler's job."""
+    optim_cfg, model = setup.config.optim, setup.model
+    train_set, val_set, forward = _inputs(setup, events if show_progress else silent)
+    engine, loss_fn = _engine(setup, len(train_set))
+    handlers = _handlers(setup, resume, events, show_progress, on_epoch)
+    workers = _workers(optim_cfg.workers, setup.train_set.caches, optim_cfg.mode == "features")
+    val_loader = DataLoader(val_set, batch_size=max(optim_cfg.batch_size, 128), num_workers=0)
+    positive_index = setup.classes.index(setup.positive)
+    error = None
+    try:
+        fire(handlers, "on_fit_start", engine)
+        for epoch in range(engine.state.epoch + 1, optim_cfg.epochs + 1):
+            started = time.perf_counter()
+            engine.epoch = epoch
+            loader = _train_loader(train_set, setup, epoch, workers)
+            train_loss = _train_epoch(engine, forward, loader, loss_fn, setup, handlers)
+            train_seconds = time.perf_counter() - started
+            metrics = _validate(forward, model, val_loader, setup, positive_index)
+            engine.score = setup.task.monitor_score(optim_cfg.monitor, metrics)
+            if engine.schedule is not None:
+                engine.schedule.after_epoch(engine.score)
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                **{f"val_{k}": v for k, v in metrics.items()},
+                "lr": engine.optimizer.param_groups[-1]["lr"],
+                "train_seconds": round(train_seconds, 3),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            engine.state.epoch = epoch
+            engine.state.history.append(row)
+            fire(handlers, "on_epoch_end", engine, row)
+            if engine.stop:
+                break
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        fire(handlers, "on_fit_end", engine, error)
+    return runs.Run.load(setup.out)
 
-    train_set, val_set = setup.train_set, setup.val_set
-    if features_mode:
-        with _progress(show_progress, console) as bar:
-            task = bar.add_task("embedding images (once)", total=len(train_set) + len(val_set))
-            kw = {"cache_dir": out / "features", "device": setup.device}
-            kw["progress"] = lambda k: bar.advance(task, k)
-            train_set = TensorDataset(*extract_features(model, setup.train_set, **kw))
-            val_set = TensorDataset(*extract_features(model, setup.val_set, **kw))
 
+def _handlers(
+    setup: _Setup,
+    resume: bool,
+    events: Reporter,
+    show_progress: bool,
+    on_epoch: Callable[[int, dict], None] | None,
+) -> list[Handler]:
+    """In the order they run: the best weights and the stop decision first, so the checkpoint
+    and the events that follow see them."""
+    config, out = setup.config, setup.out
+    handlers = [
+        EarlyStopping(out / runs.WEIGHTS, patience=config.optim.patience),
+        Checkpoint(out / LAST_CHECKPOINT, resume=resume, map_location=setup.device),
+        History(out / runs.HISTORY, history_columns(setup.task)),
+        ExperimentLog(config.optim.log, out, config.model_dump(mode="json")),
+        ReportEvents(
+            events,
+            monitor=config.optim.monitor,
+            patience=config.optim.patience,
+            progress=show_progress,
+        ),
+    ]
+    if on_epoch is not None:
+        handlers.append(EpochCallback(on_epoch))
+    return handlers
+
+
+def _inputs(setup: _Setup, events: Reporter):
+    """(train set, validation set, forward): in features mode, the backbone's embeddings
+    (computed once, cached) and the head alone; else the images and the whole model."""
+    if setup.config.optim.mode != "features":
+        return setup.train_set, setup.val_set, setup.model
+    total = len(setup.train_set) + len(setup.val_set)
+    events(ProgressStart("embedding images (once)", total=total))
+    try:
+        kw = {"cache_dir": setup.out / "features", "device": setup.device}
+        kw["progress"] = lambda k: events(ProgressAdvance(k))
+        train_set = TensorDataset(*extract_features(setup.model, setup.train_set, **kw))
+        val_set = TensorDataset(*extract_features(setup.model, setup.val_set, **kw))
+    finally:
+        events(ProgressEnd())
+    return train_set, val_set, setup.model.forward_head
+
+
+def _engine(setup: _Setup, n_train: int) -> tuple[Engine, torch.nn.Module]:
+    """The engine (model, optimiser, schedule, gradient scaler) and the loss."""
+    optim_cfg, model = setup.config.optim, setup.model
     counts = setup.train_set.class_counts() if optim_cfg.class_weights == "auto" else None
     loss_fn = setup.task.build_loss(counts, optim_cfg.label_smoothing).to(setup.device)
     backbone_lr = optim_cfg.lr * (optim_cfg.backbone_lr_mult if optim_cfg.mode == "finetune" else 1)
     groups = model.param_groups(optim_cfg.lr, backbone_lr, optim_cfg.weight_decay)
     optimizer = build_optimizer(optim_cfg.optimizer, groups, optim_cfg.lr)
-    workers = _workers(optim_cfg.workers, setup.train_set.caches, features_mode)
-    steps = math.ceil(len(train_set) / optim_cfg.batch_size)
+    steps = math.ceil(n_train / optim_cfg.batch_size)
     schedule = build_scheduler(
         optim_cfg.schedule,
         optimizer,
@@ -320,100 +401,8 @@ def _fit(
     )
     use_amp = optim_cfg.amp and setup.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    state = _State()
-    checkpoint = out / runs.CHECKPOINTS / "last.pt"
-    if resume:
-        saved = torch.load(checkpoint, map_location=setup.device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if schedule is not None and saved.get("scheduler") is not None:
-            schedule[1].load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = _State(**saved["state"])
-        console.print(f"resuming {out} after epoch {state.epoch}")
-
-    logger = create_logger(optim_cfg.log, out, config.model_dump(mode="json"))
-    forward = model.forward_head if features_mode else model
-    val_loader = DataLoader(val_set, batch_size=max(optim_cfg.batch_size, 128), num_workers=0)
-    positive_index = setup.classes.index(setup.positive)
-    stopped_early = False
-    try:
-        with _progress(show_progress, console) as bar:
-            task = bar.add_task("training", total=optim_cfg.epochs * steps)
-            bar.update(task, completed=state.epoch * steps)
-            for epoch in range(state.epoch + 1, optim_cfg.epochs + 1):
-                started = time.perf_counter()
-                loader = _train_loader(train_set, setup, epoch, workers)
-                train_loss = _train_epoch(
-                    forward,
-                    model,
-                    loader,
-                    loss_fn,
-                    optimizer,
-                    schedule,
-                    scaler,
-                    setup,
-                    epoch=epoch,
-                    on_batch=lambda: bar.advance(task),
-                    describe=lambda text: bar.update(task, description=text),
-                )
-                train_seconds = time.perf_counter() - started
-                metrics = _validate(forward, model, val_loader, setup, positive_index)
-                score = setup.task.monitor_score(optim_cfg.monitor, metrics)
-                if schedule is not None and schedule[0] == "metric":
-                    schedule[1].step(score)
-                row = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    **{f"val_{k}": v for k, v in metrics.items()},
-                    "lr": optimizer.param_groups[-1]["lr"],
-                    "train_seconds": round(train_seconds, 3),
-                    "seconds": round(time.perf_counter() - started, 3),
-                }
-                state.history.append(row)
-                logger.log(row, epoch)
-                state.epoch = epoch
-                improved = score > state.best_score
-                if improved:
-                    state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
-                    runs.save_weights(out / runs.WEIGHTS, model.state_dict())
-                else:
-                    state.bad_epochs += 1
-                _save_checkpoint(checkpoint, model, optimizer, schedule, scaler, state)
-                runs.write_text(
-                    out / runs.HISTORY,
-                    pd.DataFrame(state.history)[history_columns(setup.task)].to_csv(index=False),
-                )
-                mark = "  [green]best[/]" if improved else ""
-                console.print(
-                    f"epoch {epoch:>3}/{optim_cfg.epochs}  loss {train_loss:.4f}  "
-                    f"val loss {metrics['loss']:.4f}  "
-                    f"auroc {format_number(metrics['auroc'], 4)}  "
-                    f"acc {format_number(metrics['accuracy'], 4)}  ({row['seconds']:.1f}s){mark}",
-                    highlight=False,
-                )
-                if on_epoch is not None:
-                    on_epoch(epoch, row)
-                if state.bad_epochs >= optim_cfg.patience:
-                    stopped_early = True
-                    break
-    except KeyboardInterrupt:
-        console.print(
-            f"[yellow]interrupted[/] after epoch {state.epoch}; continue with "
-            f"`medsight train --resume {out}`"
-        )
-        raise
-    finally:
-        logger.close()
-    if stopped_early:
-        console.print(f"early stop: no {optim_cfg.monitor} gain for {optim_cfg.patience} epochs")
-    console.print(
-        f"best epoch {state.best_epoch}: val {optim_cfg.monitor} "
-        f"{abs(state.best_score):.4f}; run saved in {out}",
-        highlight=False,
-    )
-    return runs.Run.load(out)
+    engine = Engine(model, optimizer, schedule, scaler, setup.out, optim_cfg.epochs, steps)
+    return engine, loss_fn
 
 
 def _train_loader(dataset, setup: _Setup, epoch: int, workers: int) -> DataLoader:
@@ -440,20 +429,8 @@ def _train_loader(dataset, setup: _Setup, epoch: int, workers: int) -> DataLoade
     )
 
 
-def _train_epoch(
-    forward,
-    model,
-    loader,
-    loss_fn,
-    optimizer,
-    schedule,
-    scaler,
-    setup,
-    *,
-    epoch,
-    on_batch,
-    describe,
-) -> float:
+def _train_epoch(engine: Engine, forward, loader, loss_fn, setup: _Setup, handlers) -> float:
+    model, optimizer, scaler = engine.model, engine.optimizer, engine.scaler
     model.train()
     total, seen = 0.0, 0
     autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
@@ -463,7 +440,7 @@ def _train_epoch(
             loss = loss_fn(forward(x), y)
         if not torch.isfinite(loss):
             raise TrainingError(
-                f"the loss became {loss.item()} at epoch {epoch}, batch {batch_index}; "
+                f"the loss became {loss.item()} at epoch {engine.epoch}, batch {batch_index}; "
                 f"training stopped and the last good checkpoint is kept in {setup.out}. "
                 "Lower --lr, or check the images of that batch with `medsight data check`"
             )
@@ -471,13 +448,12 @@ def _train_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        if schedule is not None and schedule[0] == "batch":
-            schedule[1].step()
+        if engine.schedule is not None:
+            engine.schedule.after_batch()
         total += loss.item() * len(y)
         seen += len(y)
-        on_batch()
-        if batch_index % 5 == 0:
-            describe(f"epoch {epoch} loss {total / seen:.4f}")
+        engine.batch, engine.loss = batch_index, total / seen
+        fire(handlers, "on_batch_end", engine)
     return total / max(seen, 1)
 
 
@@ -491,17 +467,6 @@ def _validate(forward, model, loader, setup: _Setup, positive_index: int) -> dic
     return setup.task.validation_scores(torch.cat(logits), torch.cat(targets), positive_index)
 
 
-def _save_checkpoint(path: Path, model, optimizer, schedule, scaler, state: _State) -> None:
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule[1].state_dict() if schedule is not None else None,
-        "scaler": scaler.state_dict(),
-        "state": state.__dict__,
-    }
-    runs.write_atomic(path, lambda tmp: torch.save(payload, tmp))
-
-
 def _workers(requested: int | None, cached: bool, features_mode: bool) -> int:
     """DataLoader workers: none when images come from memory or the machine has ≤ 2 cores
     (there, workers decoding beside torch's compute threads made most epochs 4–30 % slower:
@@ -512,16 +477,3 @@ def _workers(requested: int | None, cached: bool, features_mode: bool) -> int:
     if features_mode or cached or cores <= 2:
         return 0
     return min(4, cores // 2)
-
-
-def _progress(enabled: bool, console: Console):
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not enabled,
-    )

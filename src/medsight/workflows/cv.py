@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
 
 from medsight import runs
 from medsight.config import TrainConfig
 from medsight.errors import ConfigError
+from medsight.events import FoldStart, Reporter, silent
 from medsight.stats import UNDEFINED, format_number, format_value_ci
 
 HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "f1_macro", "brier", "ece")
@@ -52,12 +52,13 @@ def cross_validate(
     n_bootstrap: int = 1000,
     overwrite: bool = False,
     resume: bool = False,
+    events: Reporter | None = None,
     show_progress: bool = True,
-    console: Console | None = None,
 ) -> dict:
     """Train ``config`` once per fold under ``config.out`` and summarise; returns ``cv.json``.
 
     ``resume`` keeps the folds already finished in ``config.out`` and trains the rest.
+    ``events`` hears of each fold and of its training (:mod:`medsight.events`).
     """
     from medsight.evaluation.evaluate import evaluate_run, load_table, select_split
     from medsight.inference import Predictor
@@ -65,7 +66,7 @@ def cross_validate(
     from medsight.training.trainer import train
     from medsight.workflows.ensemble import build_ensemble
 
-    console = console or Console(stderr=True)
+    events = events or silent
     if config.data.folds is not None:
         raise ConfigError("the config already names a fold (data.fold); cv sets it per fold")
     check_folds(config, folds)
@@ -85,10 +86,10 @@ def cross_validate(
         )
         done = (fold_dir / runs.METRICS).exists() and (fold_dir / runs.WEIGHTS).exists()
         if resume and done:
-            console.print(f"fold {k + 1}/{folds}: kept (already finished)")
+            events(FoldStart(k, folds, kept=True))
         else:
-            console.print(f"[bold]fold {k + 1}/{folds}[/]")
-            train(fold_config, overwrite=True, show_progress=show_progress, console=console)
+            events(FoldStart(k, folds))
+            train(fold_config, overwrite=True, events=events, show_progress=show_progress)
             evaluate_run(fold_dir, split="test", n_bootstrap=0)  # the fold's own test metrics
         run = runs.Run.load(fold_dir)
         classes, positive = run.classes, run.positive_class
@@ -140,7 +141,7 @@ def cross_validate(
     if ensemble:
         target = parent / "ensemble"
         build_ensemble(
-            [f["run"] for f in per_fold], target, weighted=weighted, overwrite=True, console=console
+            [f["run"] for f in per_fold], target, weighted=weighted, overwrite=True, events=events
         )
         metrics = evaluate_run(target, split="test", n_bootstrap=n_bootstrap, seed=config.seed)
         summary["ensemble"] = {

@@ -12,10 +12,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import DataError
+from medsight.events import Reporter, Step, StepDetail, silent
 from medsight.stats import format_value_ci
 
 DEMO_SUBGROUPS = ("sex", "site")
@@ -39,9 +38,10 @@ def run_demo(
     data: str | Path | None = None,
     epochs: int = 12,
     overwrite: bool = False,
-    console: Console | None = None,
+    events: Reporter | None = None,
 ) -> DemoResult:
-    """Synthesise (or read), check, train, evaluate and report; returns where everything is."""
+    """Synthesise (or read), check, train, evaluate and report; returns where everything is.
+    ``events`` hears of each step, what it found, and the training (:mod:`medsight.events`)."""
     from medsight.data.checks import check_samples
     from medsight.data.sources import load_samples
     from medsight.data.synth import write_phantom_dataset
@@ -49,51 +49,59 @@ def run_demo(
     from medsight.evaluation.report import write_report
     from medsight.training.trainer import train
 
-    console = console or Console(stderr=True)
+    events = events or silent
     started = time.perf_counter()
     out = Path(out)
     if data is None:
         data = out / "phantom"
-        console.print(f"[bold]1/6[/] drawing the phantom set into {data}")
+        events(Step(1, 6, f"drawing the phantom set into {data}"))
         write_phantom_dataset(data, n=1200, size=64, seed=0)
     data = Path(data)
-    console.print(f"[bold]2/6[/] checking {data}")
+    events(Step(2, 6, f"checking {data}"))
     table = load_samples(data)
     report = check_samples(table)
     if not report.usable:
         raise DataError(f"{data}: no image could be read; run `medsight data check {data}`")
-    console.print(
-        f"      {report.n_readable:,} readable images, classes {report.classes}, "
-        f"{len(report.duplicates)} duplicate groups, {len(report.leakage)} leaks"
+    events(
+        StepDetail(
+            f"{report.n_readable:,} readable images, classes {report.classes}, "
+            f"{len(report.duplicates)} duplicate groups, {len(report.leakage)} leaks"
+        )
     )
     run_dir = out / "run"
-    console.print(f"[bold]3/6[/] training medcnn_s with differential attention into {run_dir}")
+    events(Step(3, 6, f"training medcnn_s with differential attention into {run_dir}"))
     config = TrainConfig(
         data=DataConfig(path=str(data)),
         model=ModelConfig(name="medcnn_s", attention="diff"),
         optim=OptimConfig(epochs=epochs),
         out=str(run_dir),
     )
-    train(config, overwrite=overwrite, console=console)
+    train(config, overwrite=overwrite, events=events)
     by = [c for c in DEMO_SUBGROUPS if c in table.columns]
-    console.print(f"[bold]4/6[/] evaluating on the held-out test split (subgroups: {by or 'none'})")
+    events(Step(4, 6, f"evaluating on the held-out test split (subgroups: {by or 'none'})"))
     metrics = evaluate_run(run_dir, by=by)
     auroc, accuracy = metrics["auroc"], metrics["accuracy"]
-    console.print(
-        f"      test AUROC {format_value_ci(auroc)}, accuracy {format_value_ci(accuracy)}"
-        f" (n={metrics['n']})"
+    events(
+        StepDetail(
+            f"test AUROC {format_value_ci(auroc)}, accuracy {format_value_ci(accuracy)}"
+            f" (n={metrics['n']})"
+        )
     )
-    console.print(
-        f"[bold]5/6[/] explaining: saliency maps of {DEMO_EXPLAIN_IMAGES} test lesions scored"
-        " against their masks"
+    events(
+        Step(
+            5,
+            6,
+            f"explaining: saliency maps of {DEMO_EXPLAIN_IMAGES} test lesions scored"
+            " against their masks",
+        )
     )
-    _explain_step(run_dir, console)
-    console.print("[bold]6/6[/] writing the report")
+    _explain_step(run_dir, events)
+    events(Step(6, 6, "writing the report"))
     report_path = write_report(run_dir)
     return DemoResult(data, run_dir, report_path, time.perf_counter() - started)
 
 
-def _explain_step(run_dir: Path, console: Console) -> dict | None:
+def _explain_step(run_dir: Path, events: Reporter) -> dict | None:
     """Score a few methods on a small sample of test lesions (RUN/localisation.json), so the
     report shows the localisation table and heat-map gallery; skipped when the data has no
     masks (the user's own data)."""
@@ -117,14 +125,15 @@ def _explain_step(run_dir: Path, console: Console) -> dict | None:
                 n_bootstrap=500,
             )
     except MedsightError as exc:
-        console.print(f"      skipped: {exc}")
+        events(StepDetail(f"skipped: {exc}"))
         return None
     finally:
         torch.set_num_threads(threads)
     best = result["best_method"]
     pointing = result["methods"][best]["pointing_game"]
-    console.print(
-        f"      best map: {best}, pointing game {format_value_ci(pointing)}"
-        f" (n={result['n_images']})"
+    events(
+        StepDetail(
+            f"best map: {best}, pointing game {format_value_ci(pointing)} (n={result['n_images']})"
+        )
     )
     return result

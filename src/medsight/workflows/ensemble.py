@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
 
 from medsight import runs
 from medsight.errors import ConfigError, DataError
+from medsight.events import EnsembleSaved, Note, Reporter, silent
 
 
 def build_ensemble(
@@ -27,7 +27,7 @@ def build_ensemble(
     weighted: bool = False,
     calibrate: bool = True,
     overwrite: bool = False,
-    console: Console | None = None,
+    events: Reporter | None = None,
 ) -> runs.Run:
     """Combine the runs ``members`` into a new run at ``out`` and return it.
 
@@ -35,12 +35,13 @@ def build_ensemble(
     ``calibration.json`` is used when it has one). ``weighted``: weight members by validation
     skill, ``max(AUROC − 0.5, 0.001)``, instead of equally. The test split of the ensemble is
     the samples every member held out as test; samples any member trained on are never tested.
+    ``events`` hears of members resized or left out of the test split (:mod:`medsight.events`).
 
     >>> build_ensemble(["runs/cv/fold_0", "runs/cv/fold_1"], "runs/cv-ensemble")  # doctest: +SKIP
     """
     from medsight.models.ensemble import EnsembleClassifier
 
-    console = console or Console(stderr=True)
+    events = events or silent
     loaded = _load_members(members)
     first = loaded[0]
     temperatures, skills = [], []
@@ -61,19 +62,21 @@ def build_ensemble(
         str(run.path) for run in loaded if tuple(run.preprocess.size) != first.preprocess.size
     ]
     if resized:
-        console.print(
-            f"[yellow]note:[/] {len(resized)} member(s) take another input size; the ensemble "
-            f"resizes its {first.preprocess.size[0]} px input for them (bilinear): {resized}",
-            highlight=False,
+        events(
+            Note(
+                f"{len(resized)} member(s) take another input size; the ensemble resizes its "
+                f"{first.preprocess.size[0]} px input for them (bilinear): {resized}"
+            )
         )
 
     target = runs.prepare_run_dir(out, overwrite=overwrite)
     splits, leaked = _ensemble_splits(loaded)
     if leaked:
-        console.print(
-            f"[yellow]note:[/] {leaked} sample(s) are test images for some members but were "
-            "trained or validated on by others; they are left out of the ensemble's test split",
-            highlight=False,
+        events(
+            Note(
+                f"{leaked} sample(s) are test images for some members but were trained or "
+                "validated on by others; they are left out of the ensemble's test split"
+            )
         )
     config = first.config.with_overrides({"out": str(target)})
     runs.write_text(target / runs.CONFIG, config.to_yaml())
@@ -112,11 +115,7 @@ def build_ensemble(
             "calibrated": calibrate,
         },
     )
-    console.print(
-        f"ensemble of {len(loaded)} runs saved in {target} "
-        f"(weights {', '.join(f'{w / total:.3f}' for w in weights)})",
-        highlight=False,
-    )
+    events(EnsembleSaved(target, tuple(w / total for w in weights)))
     return runs.Run.load(target)
 
 

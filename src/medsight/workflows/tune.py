@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import difflib
 import html
-import io
 import math
 import os
 import shutil
@@ -33,14 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
-
 from medsight import runs
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, read_yaml
 from medsight.data.sources import load_samples
 from medsight.errors import ConfigError, MedsightError, TrainingError
+from medsight.events import (
+    BestTrialRetrained,
+    Reporter,
+    StudyResumed,
+    TrialFailed,
+    TrialRow,
+    TrialsTable,
+    TuningEnd,
+    silent,
+)
 
 METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss")
 PRUNERS = ("median", "hyperband", "none")
@@ -312,17 +317,18 @@ def tune(
     out: str | Path | None = None,
     overwrite: bool = False,
     live: bool = True,
-    console: Console | None = None,
+    events: Reporter | None = None,
 ) -> dict:
     """Run (or continue) a study until it holds ``trials`` finished trials or ``timeout_min``
     passes, then put the best trial's run at ``out``; returns the ``tune.json`` summary.
 
     Trials already finished in ``storage`` count towards ``trials``, whichever process ran them.
-    A running trial is not interrupted by the timeout.
+    A running trial is not interrupted by the timeout. ``events`` hears of failed trials, the
+    best trial and, with ``live``, the study's table after every epoch (:mod:`medsight.events`).
     """
     import optuna
 
-    console = console or Console(stderr=True)
+    events = events or silent
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not known; choose one of: {', '.join(METRICS)}")
     if pruner not in PRUNERS:
@@ -360,7 +366,6 @@ def tune(
         study.set_user_attr("metric", metric)
         study.set_user_attr("space", [p.name for p in space.params])
 
-    quiet = Console(file=io.StringIO())
     state = {"trial": None, "epoch": 0, "value": None}
 
     def objective(trial) -> float:
@@ -386,31 +391,29 @@ def tune(
         from medsight.training.trainer import train
 
         try:
-            train(config, overwrite=True, show_progress=False, console=quiet, on_epoch=on_epoch)
+            train(config, overwrite=True, show_progress=False, on_epoch=on_epoch)
         except optuna.TrialPruned:
             shutil.rmtree(config.out, ignore_errors=True)  # a pruned run is never used
             raise
         except (TrainingError, ConfigError) as exc:
             trial.set_user_attr("error", str(exc))
             shutil.rmtree(config.out, ignore_errors=True)
-            console.print(f"[yellow]trial {trial.number} failed:[/] {exc}", highlight=False)
+            events(TrialFailed(trial.number, str(exc)))
             raise
         return best
 
-    def refresh() -> None:
-        if view is not None:
-            view.update(_live_table(study, metric, state, trials))
+    def refresh(final: bool = False) -> None:
+        if live and events is not silent:
+            events(_trials_table(study, metric, state, trials, final=final))
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     stop_at_total = optuna.study.MaxTrialsCallback(trials, states=finished)
     already = len(study.get_trials(deepcopy=False, states=finished))
     if already:
-        console.print(f"study {study_name!r}: {already} trial(s) already finished; continuing")
-    view = None
+        events(StudyResumed(study_name, already))
     started = time.perf_counter()
-    with Live(console=console, refresh_per_second=2, transient=False) if live else _null() as v:
-        view = v if live else None
-        refresh()
+    refresh()
+    try:
         if already < trials:
             study.optimize(
                 objective,
@@ -420,8 +423,9 @@ def tune(
                 catch=(TrainingError, ConfigError),
                 gc_after_trial=True,
             )
+    finally:
         state["trial"] = None
-        refresh()
+        refresh(final=True)
     elapsed = time.perf_counter() - started
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
@@ -430,14 +434,20 @@ def tune(
             "no trial finished"
             + (f"; the first failure: {errors[0]}" if errors else " (all were pruned or failed)")
         )
-    best_run = _finalize(study, out, console)
+    best_run, best_config = _finalize(study, out, events)
     summary = _summary(study, metric, storage, elapsed, best_run)
     runs.write_json(best_run / runs.TUNE_JSON, summary)
     runs.write_text(best_run / runs.TUNE_HTML, render_html(study, summary))
-    console.print(
-        f"best trial {summary['best']['number']}: val {metric} {summary['best']['value']:.4f}; "
-        f"its run is {best_run}, the study's summary {best_run / runs.TUNE_HTML}",
-        highlight=False,
+    best = summary["best"]
+    events(
+        TuningEnd(
+            best["number"],
+            metric,
+            best["value"],
+            best_run,
+            best_run / runs.TUNE_HTML,
+            best_config.to_yaml(),
+        )
     )
     return summary
 
@@ -462,17 +472,10 @@ def _pruner(name: str, epochs: int):
     return optuna.pruners.NopPruner()
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _finalize(study, out: Path, console: Console) -> Path:
+def _finalize(study, out: Path, events: Reporter) -> tuple[Path, TrainConfig]:
     """Copy the best trial's run to ``out`` (retrain it when its folder is not on this
-    machine); the swap is a rename, so a concurrent worker never sees half a run."""
+    machine); the swap is a rename, so a concurrent worker never sees half a run.
+    Returns ``out`` and the run's config."""
     from medsight.training.trainer import train
 
     best = study.best_trial
@@ -484,8 +487,8 @@ def _finalize(study, out: Path, console: Console) -> Path:
     if (source / runs.WEIGHTS).exists() and (source / runs.CONFIG).exists():
         shutil.copytree(source, staging, ignore=shutil.ignore_patterns("checkpoints", "features"))
     else:
-        console.print(f"trial {best.number} ran elsewhere: retraining its config here")
-        train(final_config.with_overrides({"out": str(staging)}), overwrite=True, console=console)
+        events(BestTrialRetrained(best.number))
+        train(final_config.with_overrides({"out": str(staging)}), overwrite=True, events=events)
     runs.write_text(staging / runs.CONFIG, final_config.to_yaml())
     if out.exists():
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
@@ -495,8 +498,7 @@ def _finalize(study, out: Path, console: Console) -> Path:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(out)
-    console.print("[bold]best config[/]\n" + final_config.to_yaml(), highlight=False)
-    return out
+    return out, final_config
 
 
 def _summary(study, metric: str, storage: str | None, elapsed: float, best_run: Path) -> dict:
@@ -541,40 +543,31 @@ def _summary(study, metric: str, storage: str | None, elapsed: float, best_run: 
     }
 
 
-def _live_table(study, metric: str, state: dict, target: int) -> Table:
+def _trials_table(study, metric: str, state: dict, target: int, final: bool) -> TrialsTable:
+    """The study's latest trials; the running one with its best value so far."""
     trials = study.get_trials(deepcopy=False)
     done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    table = Table(title=f"study {study.study_name}: {done}/{target} trials", title_justify="left")
-    for column in ("#", "state", f"val {metric}", "epochs", "s", "params"):
-        table.add_column(column, justify="right" if column not in ("state", "params") else "left")
     try:
         best_number = study.best_trial.number
     except ValueError:
         best_number = None
+    rows = []
     for t in trials[-12:]:
-        running = t.state.name == "RUNNING"
-        value = t.value
-        epochs = len(t.intermediate_values)
-        if running and state.get("trial") == t.number:
+        value, epochs = t.value, len(t.intermediate_values)
+        if t.state.name == "RUNNING" and state.get("trial") == t.number:
             value, epochs = state.get("value"), state.get("epoch")
-        if t.duration is not None:
-            seconds = f"{t.duration.total_seconds():.0f}"
-        else:
-            seconds = "…" if running else ""
-        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in t.params.items())
-        style = "dim" if t.state.name == "PRUNED" else ""
-        if t.number == best_number:
-            style = "bold green"
-        table.add_row(
-            str(t.number),
-            t.state.name.lower(),
-            "" if value is None else f"{value:.4f}",
-            str(epochs),
-            seconds,
-            params,
-            style=style,
+        rows.append(
+            TrialRow(
+                number=t.number,
+                state=t.state.name.lower(),
+                value=value,
+                epochs=epochs,
+                seconds=t.duration.total_seconds() if t.duration is not None else None,
+                params=dict(t.params),
+                best=t.number == best_number,
+            )
         )
-    return table
+    return TrialsTable(study.study_name, metric, done, target, tuple(rows), final=final)
 
 
 def _short(value) -> str:

@@ -1,0 +1,200 @@
+"""What the library tells its user while it works: small event records and the reporter they go to.
+
+Library code never prints. Long-running calls (``train``, ``tune``, ``cross_validate``,
+``build_ensemble``, ``run_demo``) take ``events``, any callable that accepts an :class:`Event`,
+and send it progress, epoch results, notes and summaries; by default they go nowhere. The CLI
+passes a renderer that draws them with Rich (``medsight.cli.render``); a test can pass
+``list.append``::
+
+    seen = []
+    train(config, events=seen.append)
+    [e.epoch for e in seen if isinstance(e, EpochEnd)]   # [1, 2, …]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Reporter(Protocol):
+    """Receives every event a library call sends; it must not raise."""
+
+    def __call__(self, event: Event) -> None: ...
+
+
+def silent(event: Event) -> None:
+    """The default reporter: drops every event."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of all events."""
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@dataclass(frozen=True)
+class ProgressStart(Event):
+    """A counted piece of work begins (``completed`` of ``total`` are already done)."""
+
+    description: str
+    total: int
+    completed: int = 0
+
+
+@dataclass(frozen=True)
+class ProgressAdvance(Event):
+    """``advance`` more units are done; ``description``, when given, replaces the label."""
+
+    advance: int = 1
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class ProgressEnd(Event):
+    """The counted work ended (finished, failed or interrupted)."""
+
+
+@dataclass(frozen=True)
+class Step(Event):
+    """Step ``index`` of ``total`` in a multi-step job begins."""
+
+    index: int
+    total: int
+    text: str
+
+
+@dataclass(frozen=True)
+class StepDetail(Event):
+    """What the current step found."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Note(Event):
+    """Something the user should know that is not an error."""
+
+    text: str
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class Resumed(Event):
+    run: Path
+    epoch: int
+
+
+@dataclass(frozen=True)
+class EpochEnd(Event):
+    """An epoch finished; ``row`` is its ``history.csv`` row, ``best`` whether it improved."""
+
+    epoch: int
+    epochs: int
+    row: Mapping[str, Any]
+    best: bool
+
+
+@dataclass(frozen=True)
+class Interrupted(Event):
+    """Training was interrupted after ``epoch``; ``train(..., resume=True)`` continues it."""
+
+    run: Path
+    epoch: int
+
+
+@dataclass(frozen=True)
+class EarlyStopped(Event):
+    monitor: str
+    patience: int
+
+
+@dataclass(frozen=True)
+class TrainingEnd(Event):
+    """Training finished; ``best_score`` is the monitored score (negated for a loss)."""
+
+    run: Path
+    best_epoch: int
+    monitor: str
+    best_score: float
+
+
+# --------------------------------------------------------------------------- workflows
+
+
+@dataclass(frozen=True)
+class FoldStart(Event):
+    """Cross-validation reaches ``fold`` (0-based); ``kept``: it finished in an earlier call."""
+
+    fold: int
+    folds: int
+    kept: bool = False
+
+
+@dataclass(frozen=True)
+class EnsembleSaved(Event):
+    run: Path
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class StudyResumed(Event):
+    study: str
+    finished: int
+
+
+@dataclass(frozen=True)
+class TrialFailed(Event):
+    number: int
+    error: str
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as the tuning table shows it."""
+
+    number: int
+    state: str
+    value: float | None
+    epochs: int
+    seconds: float | None
+    params: Mapping[str, Any]
+    best: bool = False
+
+
+@dataclass(frozen=True)
+class TrialsTable(Event):
+    """The study now: ``done`` of ``target`` trials finished, the latest ``rows``.
+    ``final``: the last table of this call."""
+
+    study: str
+    metric: str
+    done: int
+    target: int
+    rows: tuple[TrialRow, ...]
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class BestTrialRetrained(Event):
+    """The best trial ran in another process: its config is trained again here."""
+
+    number: int
+
+
+@dataclass(frozen=True)
+class TuningEnd(Event):
+    """The study's best trial and where its run, config and summary are."""
+
+    best_number: int
+    metric: str
+    value: float
+    run: Path
+    summary: Path
+    config_yaml: str
