@@ -99,6 +99,59 @@ def make_two_class_manifest(root: Path, n_patients=12, per_patient=2, size=16, s
     return root
 
 
+def train_tiny_run(root: Path, attention: str = "none") -> tuple[Path, list[Path]]:
+    """A 2-epoch medcnn_s trained under ``root`` on two-class squares, and six of its images."""
+    from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from medsight.training.trainer import train
+
+    data = make_two_class_manifest(root / "data", 10, 2, 16)
+    config = TrainConfig(
+        data=DataConfig(path=str(data), ratios=(0.5, 0.25, 0.25)),
+        model=ModelConfig(name="medcnn_s", attention=attention),
+        optim=OptimConfig(epochs=2, batch_size=8, lr=3e-3),
+        out=str(root / "run"),
+    )
+    run = train(config, show_progress=False)
+    return run.path, sorted((data / "img").glob("*.png"))[:6]
+
+
+def write_run(
+    path: Path,
+    data: Path,
+    *,
+    name: str = "medcnn_s",
+    attention: str = "none",
+    classes: tuple[str, ...] = ("normal", "lesion"),
+    size: int = 16,
+    seed: int = 0,
+    model=None,
+) -> Path:
+    """A run directory with a randomly initialised model (or ``model``, a network of ``name``
+    with ``attention``): what ``train`` writes, minus training."""
+    import torch
+
+    from medsight import runs
+    from medsight.config import DataConfig, ModelConfig, TrainConfig
+    from medsight.data.transforms import Preprocess
+    from medsight.models import create_model
+
+    if model is None:
+        torch.manual_seed(seed)
+        model = create_model(name, len(classes), in_chans=1, attention=attention)
+    path.mkdir(parents=True, exist_ok=True)
+    config = TrainConfig(
+        data=DataConfig(path=str(data)),
+        model=ModelConfig(name=name, attention=attention),
+        out=str(path),
+    )
+    runs.write_text(path / runs.CONFIG, config.to_yaml())
+    runs.write_json(path / runs.MODEL, {**model.config(), "image_size": [size, size]})
+    Preprocess(size=(size, size)).save(path / runs.PREPROCESS)
+    runs.write_json(path / runs.CLASSES, {"classes": list(classes), "positive": classes[-1]})
+    runs.save_weights(path / runs.WEIGHTS, model.state_dict())
+    return path
+
+
 @pytest.fixture
 def helpers():
     """The helper functions above, for tests that build their own data."""

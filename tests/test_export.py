@@ -1,9 +1,7 @@
-"""Export to ONNX / TorchScript with a parity check, and the Predictor's backend switch."""
+"""Export to ONNX / TorchScript with a parity check (Predictor backends: test_inference.py)."""
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
 import numpy as np
@@ -12,11 +10,9 @@ import torch
 from torch import nn
 
 from medsight import runs
-from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import ConfigError
 from medsight.export import PARITY_TOLERANCE, ExportError, export_run
 from medsight.inference import Predictor
-from medsight.training.trainer import train
 
 pytest.importorskip("onnxruntime")
 
@@ -24,18 +20,9 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 2-epoch medcnn_s with differential attention (LayerNorm, softmax, depthwise conv)."""
-    from tests.conftest import make_two_class_manifest
+    from tests.conftest import train_tiny_run
 
-    root = tmp_path_factory.mktemp("export")
-    data = make_two_class_manifest(root / "data", 10, 2, 16)
-    config = TrainConfig(
-        data=DataConfig(path=str(data), ratios=(0.5, 0.25, 0.25)),
-        model=ModelConfig(name="medcnn_s", attention="diff"),
-        optim=OptimConfig(epochs=2, batch_size=8, lr=3e-3),
-        out=str(root / "run"),
-    )
-    run = train(config, show_progress=False)
-    return run.path, sorted((data / "img").glob("*.png"))[:6]
+    return train_tiny_run(tmp_path_factory.mktemp("export"), attention="diff")
 
 
 def test_onnx_export_matches_torch_and_the_onnx_backend_predicts_the_same(tiny_run):
@@ -61,39 +48,6 @@ def test_onnx_export_matches_torch_and_the_onnx_backend_predicts_the_same(tiny_r
     np.testing.assert_allclose(batch, torch_predictor.predict_array(x), atol=1e-4)
 
 
-def test_static_batch_export_is_fed_one_image_at_a_time(tiny_run, tmp_path):
-    run, _ = tiny_run
-    export_run(run, dynamic_batch=False)
-    predictor = Predictor.from_run(run, backend="onnx")
-    assert predictor.backend.fixed_batch == 1
-    x = np.zeros((3, 1, 16, 16), dtype=np.float32)
-    assert predictor.predict_array(x).shape == (3, 2)
-    export_run(run)  # leave the dynamic export for the other tests
-
-
-def test_a_stale_onnx_file_is_re_exported_not_used(tiny_run):
-    run, _ = tiny_run
-    export_run(run)
-    onnx_file, weights = run / "model.onnx", run / runs.WEIGHTS
-    stat = weights.stat()
-    os.utime(onnx_file, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10**9))
-    onnx_file.write_bytes(b"not an onnx graph")  # would fail to load if it were used
-    os.utime(onnx_file, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10**9))
-    with pytest.warns(UserWarning, match="older than model.safetensors"):
-        predictor = Predictor.from_run(run, backend="onnx")
-    assert onnx_file.stat().st_mtime_ns >= stat.st_mtime_ns
-    assert predictor.predict_array(np.zeros((1, 1, 16, 16), np.float32)).shape == (1, 2)
-
-
-def test_missing_onnx_file_is_exported_on_first_use(tiny_run):
-    run, _ = tiny_run
-    (run / "model.onnx").unlink(missing_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Predictor.from_run(run, backend="onnx")
-    assert (run / "model.onnx").exists()
-
-
 def test_torchscript_export_matches_torch(tiny_run):
     run, files = tiny_run
     result = export_run(run, format="torchscript")
@@ -105,14 +59,6 @@ def test_torchscript_export_matches_torch(tiny_run):
     x = torch.randn(2, 1, 16, 16)
     expected = Predictor.from_run(run).logits_array(x.numpy())
     np.testing.assert_allclose(module(x).detach().numpy(), expected, atol=1e-5)
-
-
-def test_without_onnxruntime_the_torch_backend_is_used_with_a_notice(tiny_run, monkeypatch):
-    run, _ = tiny_run
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
-    with pytest.warns(UserWarning, match="onnxruntime is not installed; using the torch"):
-        predictor = Predictor.from_run(run, backend="onnx")
-    assert predictor.backend.name == "torch"
 
 
 def test_bad_format_backend_and_opset_are_refused(tiny_run):

@@ -7,38 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from medsight import runs
-from medsight.config import DataConfig, ModelConfig, TrainConfig
-from medsight.data.transforms import Preprocess
-from medsight.models import create_model
-
-
-def write_run(
-    path: Path,
-    data: Path,
-    *,
-    name: str = "medcnn_s",
-    attention: str = "none",
-    classes: tuple[str, ...] = ("normal", "lesion"),
-    size: int = 16,
-    seed: int = 0,
-) -> Path:
-    """A run directory with a randomly initialised model: what ``train`` writes, minus training."""
-    torch.manual_seed(seed)
-    model = create_model(name, len(classes), in_chans=1, attention=attention)
-    path.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(
-        data=DataConfig(path=str(data)),
-        model=ModelConfig(name=name, attention=attention),
-        out=str(path),
-    )
-    runs.write_text(path / runs.CONFIG, config.to_yaml())
-    runs.write_json(path / runs.MODEL, {**model.config(), "image_size": [size, size]})
-    Preprocess(size=(size, size)).save(path / runs.PREPROCESS)
-    runs.write_json(path / runs.CLASSES, {"classes": list(classes), "positive": classes[-1]})
-    runs.save_weights(path / runs.WEIGHTS, model.state_dict())
-    return path
+from tests.conftest import write_run
 
 
 def write_mask_manifest(root: Path, n_lesion: int = 4, n_normal: int = 2, size: int = 16) -> Path:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from medsight.data.transforms import augmentation
 from medsight.errors import ConfigError
 from medsight.tasks.classify import class_weights
 from medsight.training.optim import build_optimizer, build_scheduler
@@ -70,18 +69,3 @@ def test_class_weights_balance_the_classes():
     assert (weights * torch.tensor([90.0, 10.0])).tolist() == pytest.approx([50.0, 50.0])
     with pytest.raises(ConfigError, match="every class"):
         class_weights(np.array([5, 0]))
-
-
-def test_xray_preset_never_flips_but_derm_does():
-    torch.manual_seed(0)
-    image = torch.zeros(1, 16, 16)
-    image[:, :, :4] = 1.0  # a bright band on the left
-    xray = augmentation("xray")
-    assert all(xray(image.clone())[:, :, :3].mean() > 0.5 for _ in range(20))
-    derm = augmentation("derm", channels=3)
-    colour = image.repeat(3, 1, 1)
-    moved = [derm(colour.clone())[:, :, :3].mean() < 0.5 for _ in range(30)]
-    assert any(moved)
-    assert augmentation("none") is None
-    with pytest.raises(ConfigError, match="augment must be one of"):
-        augmentation("sepia")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from tests.conftest import make_two_class_manifest
 from typer.testing import CliRunner
 
@@ -17,7 +15,7 @@ from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import ConfigError, DataError
 from medsight.evaluation.evaluate import evaluate_run
 from medsight.inference import Predictor
-from medsight.models.ensemble import EnsembleClassifier, _InputAdapter
+from medsight.models.ensemble import EnsembleClassifier
 from medsight.runs import Run
 from medsight.training.trainer import train
 from medsight.workflows.ensemble import build_ensemble
@@ -88,24 +86,6 @@ def test_an_ensemble_run_is_evaluated_exported_and_explained_like_any_run(member
     assert heatmap.shape == (16, 16) and heatmap.min() >= 0 and heatmap.max() <= 1
 
 
-def test_members_with_other_input_conventions_get_their_own_input():
-    pixels = torch.rand(2, 1, 8, 8)
-    source = {"channels": 1, "size": [8, 8], "mean": [0.5], "std": [0.5]}
-    target = {
-        "channels": 3,
-        "size": [8, 8],
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-    }
-    adapter = _InputAdapter(source, target)
-    got = adapter((pixels - 0.5) / 0.5)
-    mean = torch.tensor(target["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(target["std"]).view(1, 3, 1, 1)
-    torch.testing.assert_close(got, (pixels.expand(-1, 3, -1, -1) - mean) / std)
-    same = _InputAdapter(source, source)
-    assert same.identity and torch.equal(same(pixels), pixels)
-
-
 def test_runs_of_different_tasks_are_refused(members, tmp_path):
     root, data, paths = members
     other = tmp_path / "other"
@@ -149,41 +129,6 @@ def test_ensemble_cli(members, tmp_path):
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["ensemble", str(paths[0]), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "at least 2 runs" in result.output
-
-
-def test_tta_flip_averages_the_image_and_its_mirror(members):
-    _, _, paths = members
-    with pytest.warns(UserWarning, match="cannot check"):
-        predictor = Predictor.from_run(paths[0], tta="flip")
-    plain = Predictor.from_run(paths[0])
-    x = np.random.default_rng(2).normal(size=(4, 1, 16, 16)).astype(np.float32)
-    expected = (plain.predict_array(x) + plain.predict_array(x[..., ::-1].copy())) / 2
-    np.testing.assert_allclose(predictor.predict_array(x), expected, atol=1e-6)
-    with pytest.warns(UserWarning):
-        rot = Predictor.from_run(paths[0], tta="rot")
-    views = [np.rot90(x, k, axes=(-2, -1)).copy() for k in range(4)]
-    expected = np.mean([plain.predict_array(v) for v in views], axis=0)
-    np.testing.assert_allclose(rot.predict_array(x), expected, atol=1e-6)
-
-
-def test_tta_is_refused_where_the_modality_forbids_it(members, tmp_path):
-    _, _, paths = members
-    run_dir = tmp_path / "xray-run"
-    import shutil
-
-    shutil.copytree(paths[0], run_dir)
-    config = Run.load(run_dir).config.with_overrides({"optim.augment": "xray"})
-    (run_dir / "config.yaml").write_text(config.to_yaml())
-    with pytest.raises(ConfigError, match="laterality"):
-        Predictor.from_run(run_dir, tta="flip")
-    with pytest.raises(ConfigError, match="not known"):
-        Predictor.from_run(paths[0], tta="zoom")
-    config = config.with_overrides({"optim.augment": "histo"})
-    (run_dir / "config.yaml").write_text(config.to_yaml())
-    assert Predictor.from_run(run_dir, tta="rot").tta == "rot"  # valid: no warning needed
-    result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--bootstrap", "0", "--tta", "rot"])
-    assert result.exit_code == 0, result.output
-    assert json.loads((Path(run_dir) / "metrics.json").read_text())["tta"] == "rot"
 
 
 def test_an_ensemble_is_served_with_a_heat_map(members, tmp_path):

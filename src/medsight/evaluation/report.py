@@ -14,6 +14,7 @@ PosixPath('runs/pneumonia/report.html')
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import math
@@ -36,7 +37,7 @@ from medsight.stats import UNDEFINED, format_ci, format_number
 from medsight.tasks import Task, get_task
 from medsight.tasks.classify_metrics import ECE_BINS
 
-__all__ = ["SECTIONS", "write_report"]
+__all__ = ["SECTIONS", "render_page", "write_report"]
 
 TEMPLATE = "report.html.j2"
 
@@ -164,7 +165,7 @@ def write_report(run: str | Path, *, out: str | Path | None = None, examples: in
         target = target / runs.REPORT
     page = _Page(loaded, task, metrics, predictions, y, probs, int(examples))
     context = _build_context(page)
-    html = _template().render(**context)
+    html = render_page(TEMPLATE, **context)
     runs.write_atomic(target, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return target
 
@@ -172,17 +173,37 @@ def write_report(run: str | Path, *, out: str | Path | None = None, examples: in
 # --------------------------------------------------------------------------- reading
 
 
-def _template():
+def render_page(template: str, **context: Any) -> str:
+    """One of the pages in ``evaluation/templates`` (the run report, ``cv.html.j2``,
+    ``tune.html.j2``) rendered to HTML with autoescaping on, in the frame of ``base.html.j2``.
+
+    ``context`` holds the template's variables; ``medsight_version`` and ``generated`` (now) are
+    filled in when absent. A variable the template uses but ``context`` lacks is an error.
+
+    >>> render_page("tune.html.j2", **context)     # doctest: +SKIP
+    '<!DOCTYPE html>\n<html lang="en">…'
+    """
+    import medsight
+
+    defaults = {
+        "medsight_version": medsight.__version__,
+        "generated": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+    return _environment().get_template(template).render({**defaults, **context})
+
+
+@functools.cache
+def _environment():
     import jinja2
 
-    text = (files("medsight.evaluation") / "templates" / TEMPLATE).read_text(encoding="utf-8")
-    env = jinja2.Environment(
+    templates = files("medsight.evaluation") / "templates"
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: (templates / name).read_text(encoding="utf-8")),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.from_string(text)
 
 
 def _read_predictions(path: Path) -> pd.DataFrame:

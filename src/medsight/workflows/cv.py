@@ -10,7 +10,6 @@ shows them. By default the fold models are then combined into ``PARENT/ensemble`
 
 from __future__ import annotations
 
-import html
 import json
 import statistics
 from pathlib import Path
@@ -22,7 +21,7 @@ from medsight import runs
 from medsight.config import TrainConfig
 from medsight.errors import ConfigError
 from medsight.events import FoldStart, Reporter, silent
-from medsight.stats import UNDEFINED, format_number, format_value_ci
+from medsight.stats import UNDEFINED, format_ci, format_number, format_value_ci
 
 HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "f1_macro", "brier", "ece")
 
@@ -187,73 +186,95 @@ def _mean_sd(values: list[float]) -> dict:
 
 def render_html(summary: dict, oof: pd.DataFrame, classes: list[str], positive: str) -> str:
     """A self-contained page: fold table, mean ± sd, pooled OOF with CIs, the ensemble's test
-    metrics and the per-fold OOF ROC curves (embedded PNG)."""
-    e = html.escape
+    metrics and the per-fold OOF ROC curves (embedded PNG), from ``templates/cv.html.j2``."""
+    from medsight.evaluation.report import HEADLINE_TILES, render_page
 
-    cell, ci = format_number, format_value_ci
+    labels = {key: label for key, label, _ in HEADLINE_TILES}
+    test_columns = ("auroc", "accuracy")
+    ensemble = summary["ensemble"]
+    return render_page(
+        "cv.html.j2",
+        folds=summary["folds"],
+        seed=summary["seed"],
+        data_path=str(summary["data"]),
+        out_path=str(Path(summary["per_fold"][0]["run"]).parent),
+        positive=positive,
+        n_oof=summary["oof"]["n"],
+        tiles=_tiles(summary, labels),
+        metrics=[labels.get(m, m) for m in HEADLINE],
+        test_metrics=[labels.get(m, m) for m in test_columns],
+        per_fold=[
+            {
+                "fold": f["fold"],
+                "n_val": f["n_val"],
+                "cells": [format_number(f["val"][m]) for m in HEADLINE]
+                + [format_number(f["test"][m]) for m in test_columns],
+            }
+            for f in summary["per_fold"]
+        ],
+        mean_sd=[_mean_sd_cell(summary["mean_sd"]["val"][m]) for m in HEADLINE]
+        + [_mean_sd_cell(summary["mean_sd"]["test"][m]) for m in test_columns],
+        pooled=[
+            {
+                "label": labels.get(m, m),
+                "oof": format_value_ci(summary["oof"].get(m)),
+                "ensemble": format_value_ci((ensemble or {}).get(m)),
+            }
+            for m in HEADLINE
+        ],
+        ensemble=ensemble,
+        roc=_roc_figure(oof, classes, positive),
+    )
 
-    head = "".join(f"<th>{e(m)}</th>" for m in HEADLINE)
-    rows = []
-    for f in summary["per_fold"]:
-        rows.append(
-            f"<tr><td>{f['fold']}</td><td>{f['n_val']}</td>"
-            + "".join(f"<td>{cell(f['val'][m])}</td>" for m in HEADLINE)
-            + "".join(f"<td>{cell(f['test'][m])}</td>" for m in ("auroc", "accuracy"))
-            + "</tr>"
+
+def _tiles(summary: dict, labels: dict) -> list[dict]:
+    """The summary tiles: pooled out-of-fold metrics, the mean fold AUROC and the ensemble."""
+    oof, ensemble = summary["oof"], summary["ensemble"]
+    mean = summary["mean_sd"]["val"]["auroc"]
+    tiles = [
+        _tile(f"{labels['auroc']}, pooled out-of-fold", oof.get("auroc"), f"n = {oof['n']}"),
+        _tile(f"{labels['accuracy']}, pooled out-of-fold", oof.get("accuracy"), f"n = {oof['n']}"),
+        _tile(
+            f"{labels['auroc']}, mean over folds",
+            mean["mean"],
+            f"{summary['folds']} validation folds",
+            detail=f"sd {format_number(mean['sd'])}",
+        ),
+    ]
+    if ensemble:
+        tiles.append(
+            _tile(
+                f"{labels['auroc']}, ensemble on test",
+                ensemble.get("auroc"),
+                f"n = {ensemble.get('n_test')}",
+            )
         )
-    ms = summary["mean_sd"]
-
-    def mean_sd(split, m) -> str:
-        entry = ms[split][m]
-        return UNDEFINED if entry["mean"] is None else f"{entry['mean']:.3f} ± {entry['sd']:.3f}"
-
-    rows.append(
-        "<tr class='sum'><td>mean ± sd</td><td></td>"
-        + "".join(f"<td>{mean_sd('val', m)}</td>" for m in HEADLINE)
-        + "".join(f"<td>{mean_sd('test', m)}</td>" for m in ("auroc", "accuracy"))
-        + "</tr>"
-    )
-    pooled = "".join(
-        f"<tr><td>{e(m)}</td><td>{ci(summary['oof'].get(m))}</td>"
-        f"<td>{ci((summary['ensemble'] or {}).get(m))}</td></tr>"
-        for m in HEADLINE
-    )
-    ensemble_note = (
-        f"Ensemble of the {summary['folds']} fold models ({e(summary['ensemble']['weighting'])} "
-        f"weights) on the test split, n = {summary['ensemble'].get('n_test')}: "
-        f"run <code>{e(summary['ensemble']['run'])}</code>."
-        if summary["ensemble"]
-        else "No ensemble was built (--no-ensemble)."
-    )
-    figure = _roc_figure(oof, classes, positive)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>medsight cross-validation</title>
-<style>
-body{{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1b2a35}}
-table{{border-collapse:collapse;margin:1rem 0}}
-td,th{{padding:.3rem .6rem;border-bottom:1px solid #dde3e8;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}
-tr.sum td{{font-weight:600;border-top:2px solid #1b2a35}}
-.banner{{background:#fdecea;color:#8a1c12;padding:.5rem 1rem;border-radius:6px}}
-</style></head><body>
-<p class="banner">Research use only — not for diagnosis.</p>
-<h1>Cross-validation: {summary["folds"]} folds</h1>
-<p>Data <code>{e(str(summary["data"]))}</code>; folds grouped by patient and stratified by class
-over train+val (seed {summary["seed"]}); the test split was held out from every fold.</p>
-<h2>Per fold</h2>
-<table><tr><th>fold</th><th>n val</th>{head}<th>test auroc</th><th>test accuracy</th></tr>
-{"".join(rows)}</table>
-<h2>Pooled out-of-fold and ensemble (95 % bootstrap CI)</h2>
-<p>Out-of-fold: every train+val image predicted by the one model that never trained on it
-(n = {summary["oof"]["n"]}). {ensemble_note}</p>
-<table><tr><th>metric</th><th>pooled OOF</th><th>ensemble, test</th></tr>{pooled}</table>
-<h2>Out-of-fold ROC curves ({e(positive)} vs rest)</h2>
-<img alt="ROC curves per fold" src="{figure}" width="520">
-</body></html>
-"""
+    return tiles
 
 
-def _roc_figure(oof: pd.DataFrame, classes: list[str], positive: str) -> str:
+def _tile(label: str, entry, note: str, detail: str | None = None) -> dict:
+    """A tile: a metric entry (``{"value", "ci"}`` or a number), its CI unless ``detail``."""
+    value, ci = (entry.get("value"), entry.get("ci")) if isinstance(entry, dict) else (entry, None)
+    text = format_number(value)
+    if detail is None:
+        interval = format_ci(ci)
+        detail = f"95 % CI {interval}" if interval else "no CI"
+    return {
+        "label": label,
+        "text": text,
+        "undefined": text == UNDEFINED,
+        "detail": detail,
+        "note": note,
+    }
+
+
+def _mean_sd_cell(entry: dict) -> dict:
+    if entry["mean"] is None:
+        return {"mean": UNDEFINED, "sd": None}
+    return {"mean": format_number(entry["mean"]), "sd": format_number(entry["sd"])}
+
+
+def _roc_figure(oof: pd.DataFrame, classes: list[str], positive: str) -> dict:
     from sklearn.metrics import roc_curve
 
     from medsight.evaluation.report import embed_figure, new_figure
@@ -274,4 +295,4 @@ def _roc_figure(oof: pd.DataFrame, classes: list[str], positive: str) -> str:
     ax.set_xlabel("1 − specificity")
     ax.set_ylabel("sensitivity")
     ax.legend(loc="lower right")
-    return embed_figure(fig, "Out-of-fold ROC curves")["src"]
+    return embed_figure(fig, "Out-of-fold ROC curves per fold and pooled")

@@ -21,7 +21,6 @@ with ``tune.json`` and ``tune.html`` (optimisation history, parameter importance
 from __future__ import annotations
 
 import difflib
-import html
 import math
 import os
 import shutil
@@ -46,6 +45,7 @@ from medsight.events import (
     TuningEnd,
     silent,
 )
+from medsight.stats import format_number
 
 METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss")
 PRUNERS = ("median", "hyperband", "none")
@@ -578,61 +578,50 @@ def _short(value) -> str:
 
 
 def render_html(study, summary: dict) -> str:
-    """``tune.html``: optimisation history, parameter importances, best config, all trials."""
-    e = html.escape
+    """``tune.html``: optimisation history, parameter importances, best config, all trials,
+    from ``templates/tune.html.j2``."""
+    from medsight.evaluation.report import render_page
+
     history, importance = _figures(study, summary)
-    rows = "".join(_trial_row(t) for t in summary["trials"])
     best = summary["best"]
-    params = "".join(
-        f"<tr><td>{e(k)}</td><td>{e(_short(v))}</td><td>"
-        f"{summary['importances'].get(k, float('nan')):.3f}</td></tr>"
-        for k, v in best["params"].items()
-    )
-    importance_img = (
-        f'<img alt="parameter importances" src="{importance}" width="560">'
-        if importance
-        else "<p>Importances need at least two finished trials that differ.</p>"
-    )
-    counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items())
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>medsight tuning: {e(summary["study"])}</title>
-<style>
-body{{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1b2a35}}
-table{{border-collapse:collapse;margin:1rem 0}}
-td,th{{padding:.25rem .6rem;border-bottom:1px solid #dde3e8;text-align:right}}
-td.p,th.p,td:first-child{{text-align:left}}
-</style></head><body>
-<h1>Hyperparameter search: {e(summary["study"])}</h1>
-<p>Optuna TPE sampler; validation {e(summary["metric"])} ({e(summary["direction"])}); storage
-{e(summary["storage"])}; trials: {e(counts)}. Best trial <b>{best["number"]}</b>: validation
-{e(summary["metric"])} <b>{best["value"]:.4f}</b>, its run is <code>{e(summary["best_run"])}</code>.
-Validation scores of many trials are optimistic for the best one: judge it on the test split
-(<code>medsight evaluate</code>).</p>
-<h2>Optimisation history</h2>
-<img alt="optimisation history" src="{history}" width="640">
-<h2>Best parameters and importances</h2>
-<table><tr><th>parameter</th><th>best value</th><th>importance</th></tr>{params}</table>
-{importance_img}
-<h2>All trials</h2>
-<table><tr><th>#</th><th>state</th><th>value</th><th>epochs</th><th>s</th>
-<th class="p">params</th></tr>
-{rows}</table>
-</body></html>
-"""
-
-
-def _trial_row(trial: dict) -> str:
-    value = "" if trial["value"] is None else f"{trial['value']:.4f}"
-    seconds = "" if trial["seconds"] is None else f"{trial['seconds']:.0f}"
-    params = ", ".join(f"{k}={_short(v)}" for k, v in trial["params"].items())
-    return (
-        f"<tr><td>{trial['number']}</td><td>{html.escape(trial['state'])}</td><td>{value}</td>"
-        f"<td>{trial['epochs']}</td><td>{seconds}</td><td class='p'>{html.escape(params)}</td></tr>"
+    return render_page(
+        "tune.html.j2",
+        study=summary["study"],
+        metric=summary["metric"],
+        direction=summary["direction"],
+        storage=summary["storage"],
+        counts=", ".join(f"{n} {s}" for s, n in summary["counts"].items()),
+        best={"number": best["number"], "value": format_number(best["value"], 4)},
+        best_run=summary["best_run"],
+        history=history,
+        importance=importance,
+        parameters=[
+            {
+                "name": name,
+                "value": _short(value),
+                "importance": format_number(summary["importances"].get(name)),
+            }
+            for name, value in best["params"].items()
+        ],
+        trials=[_trial_row(t, best["number"]) for t in summary["trials"]],
     )
 
 
-def _figures(study, summary: dict) -> tuple[str, str | None]:
-    """Optimisation history and importances as embedded PNGs (``data:`` URLs)."""
+def _trial_row(trial: dict, best: int) -> dict:
+    return {
+        "number": trial["number"],
+        "best": trial["number"] == best,
+        "state": trial["state"],
+        "error": trial.get("error"),
+        "value": "" if trial["value"] is None else format_number(trial["value"], 4),
+        "epochs": trial["epochs"],
+        "seconds": "" if trial["seconds"] is None else f"{trial['seconds']:.0f}",
+        "params": ", ".join(f"{k}={_short(v)}" for k, v in trial["params"].items()),
+    }
+
+
+def _figures(study, summary: dict) -> tuple[dict, dict | None]:
+    """Optimisation history and importances as embedded PNGs (see ``embed_figure``)."""
     from matplotlib.ticker import MaxNLocator
 
     from medsight.evaluation.report import embed_figure, new_figure
@@ -664,7 +653,7 @@ def _figures(study, summary: dict) -> tuple[str, str | None]:
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation {summary['metric']}")
     ax.legend(loc="lower right")
-    history = embed_figure(fig, "Optimisation history")["src"]
+    history = embed_figure(fig, "Optimisation history")
     importance = None
     if summary["importances"]:
         names = list(summary["importances"])[::-1]
@@ -672,5 +661,5 @@ def _figures(study, summary: dict) -> tuple[str, str | None]:
         ax = fig.add_subplot()
         ax.barh(names, [summary["importances"][n] for n in names], color="#1f6f8b")
         ax.set_xlabel("importance (fANOVA)")
-        importance = embed_figure(fig, "Parameter importances")["src"]
+        importance = embed_figure(fig, "Parameter importances")
     return history, importance
