@@ -93,12 +93,14 @@ class Resumed(Event):
 
 @dataclass(frozen=True)
 class EpochEnd(Event):
-    """An epoch finished; ``row`` is its ``history.csv`` row, ``best`` whether it improved."""
+    """An epoch finished; ``row`` is its ``history.csv`` row, ``best`` whether it improved,
+    ``shown`` the task's validation metrics worth a glance (``row["val_<name>"]``)."""
 
     epoch: int
     epochs: int
     row: Mapping[str, Any]
     best: bool
+    shown: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -152,10 +152,15 @@ def test_the_cli_draws_the_epoch_line_as_before():
 
     file = io.StringIO()
     row = {"train_loss": 0.5, "val_loss": 0.25, "val_auroc": 0.875, "val_accuracy": None}
-    Renderer(Console(file=file, width=200))(EpochEnd(3, 12, {**row, "seconds": 1.24}, best=True))
+    event = EpochEnd(3, 12, {**row, "seconds": 1.24}, best=True, shown=("auroc", "accuracy"))
+    Renderer(Console(file=file, width=200))(event)
     assert file.getvalue() == (
         "epoch   3/12  loss 0.5000  val loss 0.2500  auroc 0.8750  acc —  (1.2s)  best\n"
     )
+    # a narrow log file still gets one line per epoch
+    narrow = io.StringIO()
+    Renderer(Console(file=narrow, width=40))(event)
+    assert narrow.getvalue().count("\n") == 1
 
 
 def test_library_code_never_imports_rich():

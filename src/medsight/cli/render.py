@@ -37,6 +37,9 @@ from medsight.events import (
 )
 from medsight.stats import format_number
 
+#: How the epoch line abbreviates metric names.
+_SHORT = {"accuracy": "acc", "balanced_accuracy": "bal acc"}
+
 
 class Renderer:
     """Draws each event on ``console``; ``close()`` (or leaving ``with``) ends any bar or live
@@ -124,12 +127,15 @@ class Renderer:
     def _epoch(self, event: EpochEnd) -> None:
         row = event.row
         mark = "  [green]best[/]" if event.best else ""
+        scores = "".join(
+            f"{_SHORT.get(name, name)} {format_number(row.get(f'val_{name}'), 4)}  "
+            for name in event.shown
+        )
         self.console.print(
             f"epoch {event.epoch:>3}/{event.epochs}  loss {row['train_loss']:.4f}  "
-            f"val loss {row['val_loss']:.4f}  "
-            f"auroc {format_number(row.get('val_auroc'), 4)}  "
-            f"acc {format_number(row.get('val_accuracy'), 4)}  ({row['seconds']:.1f}s){mark}",
+            f"val loss {row['val_loss']:.4f}  {scores}({row['seconds']:.1f}s){mark}",
             highlight=False,
+            soft_wrap=True,  # one line per epoch, also in a log file narrower than it
         )
 
     def _interrupted(self, event: Interrupted) -> None:

@@ -33,6 +33,8 @@ class Task(ABC):
     #: The validation metrics the trainer records in ``history.csv`` (``val_<name>``) and may
     #: monitor, besides the loss.
     validation_metrics: tuple[str, ...]
+    #: The few of those the epoch line of ``medsight train`` shows.
+    progress_metrics: tuple[str, ...] = ()
     #: The metrics ``metrics.json`` leads with (value and 95 % CI each), in display order.
     headline_metrics: tuple[str, ...]
     #: The report's sections for this task, in page order: names from

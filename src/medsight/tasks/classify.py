@@ -38,6 +38,7 @@ class ClassifyTask(Task):
 
     name = "classify"
     validation_metrics = ("auroc", "accuracy", "balanced_accuracy")
+    progress_metrics = ("auroc", "accuracy")
     headline_metrics = HEADLINE
     report_sections = (
         "summary",

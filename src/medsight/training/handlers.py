@@ -189,9 +189,17 @@ class ReportEvents(Handler):
     """Tell ``reporter`` how training goes: progress (with ``progress``), each epoch's scores,
     resuming, an interruption, early stopping and the best epoch (see ``medsight.events``)."""
 
-    def __init__(self, reporter: Reporter, *, monitor: str, patience: int, progress: bool = True):
+    def __init__(
+        self,
+        reporter: Reporter,
+        *,
+        monitor: str,
+        patience: int,
+        progress: bool = True,
+        shown: tuple[str, ...] = (),
+    ):
         self.reporter, self.monitor, self.patience = reporter, monitor, patience
-        self.progress = progress
+        self.progress, self.shown = progress, shown
         self._bar = False
 
     def on_fit_start(self, engine: Engine) -> None:
@@ -209,7 +217,7 @@ class ReportEvents(Handler):
 
     def on_epoch_end(self, engine: Engine, row: dict) -> None:
         best = engine.state.best_epoch == row["epoch"]
-        self.reporter(EpochEnd(row["epoch"], engine.epochs, dict(row), best=best))
+        self.reporter(EpochEnd(row["epoch"], engine.epochs, dict(row), best=best, shown=self.shown))
 
     def on_fit_end(self, engine: Engine, error: BaseException | None) -> None:
         if self._bar:

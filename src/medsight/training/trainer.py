@@ -359,6 +359,7 @@ def _handlers(
             monitor=config.optim.monitor,
             patience=config.optim.patience,
             progress=show_progress,
+            shown=setup.task.progress_metrics,
         ),
     ]
     if on_epoch is not None:
