@@ -90,6 +90,35 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, helpers, monkeypatch):
     assert list(resumed.history()["epoch"]) == [1, 2, 3]
 
 
+def test_a_copied_run_resumes_in_its_own_folder(tmp_path, helpers, monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from medsight.cli import app
+
+    data = _dataset(tmp_path / "data", helpers)
+    calls = {"n": 0}
+    real_validate = trainer._validate
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data, tmp_path / "original", epochs=2), show_progress=False)
+    monkeypatch.setattr(trainer, "_validate", real_validate)
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "copy")])
+    assert result.exit_code == 0, result.output
+    assert list(runs.Run.load(tmp_path / "copy").history()["epoch"]) == [1, 2]
+    assert list(runs.Run.load(tmp_path / "original").history()["epoch"]) == [1]  # left as it was
+
+
 def test_features_mode_embeds_once_and_trains_only_the_head(tmp_path, helpers, monkeypatch):
     data = _dataset(tmp_path / "data", helpers)
     base = train(_config(data, tmp_path / "base", epochs=1), show_progress=False)

@@ -429,7 +429,8 @@ def train_command(
 
     with _user_errors():
         if resume:
-            train(TrainConfig.from_yaml(Path(resume) / CONFIG), resume=True, events=_events())
+            config = TrainConfig.from_yaml(Path(resume) / CONFIG)
+            train(config.with_overrides({"out": resume}), resume=True, events=_events())
             return
         train(_train_config(options), overwrite=options["overwrite"], events=_events())
 

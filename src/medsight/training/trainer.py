@@ -79,7 +79,8 @@ def train(
     """
     out = runs.prepare_run_dir(config.out, overwrite=overwrite, resume=resume)
     if resume:
-        config = TrainConfig.from_yaml(out / runs.CONFIG)
+        # The run continues where it lies, also when its folder was moved or copied.
+        config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides({"out": str(out)})
     setup = _Setup.build(config, out)
     if not resume:
         setup.write_run_files()
