@@ -1,4 +1,10 @@
-"""Evaluation: metrics with bootstrap confidence intervals, calibration and subgroup analysis."""
+"""Evaluation: a run's split predicted and scored (``evaluate``), subgroups, comparisons, the
+report and model card.
+
+The metric functions themselves belong to their task (classification's are in
+:mod:`medsight.tasks.classify_metrics`) and calibration to :mod:`medsight.calibration`; the
+names below are re-exported so ``from medsight.evaluation import compute_metrics`` keeps working.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Serving: prediction from a run directory (and, later, the REST API, web page and worklist)."""
+"""Serving: the REST API, the web page and the triage worklist of a trained run (prediction
+itself is :mod:`medsight.inference`)."""

@@ -1,1 +1,2 @@
-"""Training: optimisers and schedules, the frozen-backbone feature cache, and the Trainer."""
+"""Training: the loop (trainer), its handlers, optimisers and schedules, the frozen-backbone
+feature cache and optional experiment loggers."""
