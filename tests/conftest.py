@@ -99,6 +99,19 @@ def make_two_class_manifest(root: Path, n_patients=12, per_patient=2, size=16, s
     return root
 
 
+def tiny_train_config(data, out, **optim):
+    """medcnn_s on ``data`` for 2 epochs of batches of 8 (``optim`` overrides), into ``out``."""
+    from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+    settings = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "patience": 10, **optim}
+    return TrainConfig(
+        data=DataConfig(path=str(data), ratios=(0.5, 0.25, 0.25)),
+        model=ModelConfig(name="medcnn_s"),
+        optim=OptimConfig(**settings),
+        out=str(out),
+    )
+
+
 def train_tiny_run(root: Path, attention: str = "none") -> tuple[Path, list[Path]]:
     """A 2-epoch medcnn_s trained under ``root`` on two-class squares, and six of its images."""
     from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import tiny_train_config
 
 import medsight
 from medsight import runs
-from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.events import (
     EarlyStopped,
     EpochEnd,
@@ -29,15 +29,7 @@ from medsight.training.trainer import train
 
 pytest.importorskip("medsight.models.zoo")
 
-
-def _config(data, out, **optim):
-    settings = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "patience": 10, **optim}
-    return TrainConfig(
-        data=DataConfig(path=str(data), ratios=(0.5, 0.25, 0.25)),
-        model=ModelConfig(name="medcnn_s"),
-        optim=OptimConfig(**settings),
-        out=str(out),
-    )
+_config = tiny_train_config
 
 
 def _engine(tmp_path, schedule="cosine") -> Engine:

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from tests.conftest import tiny_train_config
 
 from medsight import runs
-from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import ConfigError, DataError, TrainingError
 from medsight.inference import Predictor
 from medsight.tasks.classify import ClassifyTask
@@ -18,19 +18,27 @@ from medsight.training.trainer import train
 
 pytest.importorskip("medsight.models.zoo")
 
+_config = tiny_train_config
+
+
+def _interrupt_second_validation(monkeypatch):
+    """Make the second validation pass raise KeyboardInterrupt (Ctrl-C during epoch 2); returns
+    the real function, to put back before resuming."""
+    calls = {"n": 0}
+    real_validate = trainer._validate
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_validate", interrupted)
+    return real_validate
+
 
 def _dataset(root, helpers, n_patients=12, per_patient=2, size=16):
     return helpers.make_two_class_manifest(root, n_patients, per_patient, size)
-
-
-def _config(data, out, **optim):
-    settings = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "patience": 10, **optim}
-    return TrainConfig(
-        data=DataConfig(path=str(data), ratios=(0.5, 0.25, 0.25)),
-        model=ModelConfig(name="medcnn_s"),
-        optim=OptimConfig(**settings),
-        out=str(out),
-    )
 
 
 def test_training_writes_the_run_directory_and_predicts_the_same_after_loading(tmp_path, helpers):
@@ -69,16 +77,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, helpers, monkeypatch):
     data = _dataset(tmp_path / "data", helpers)
     straight = train(_config(data, tmp_path / "a", epochs=3), show_progress=False)
 
-    calls = {"n": 0}
-    real_validate = trainer._validate
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "_validate", interrupted)
+    real_validate = _interrupt_second_validation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(_config(data, tmp_path / "b", epochs=3), show_progress=False)
     monkeypatch.setattr(trainer, "_validate", real_validate)
@@ -98,16 +97,7 @@ def test_a_copied_run_resumes_in_its_own_folder(tmp_path, helpers, monkeypatch):
     from medsight.cli import app
 
     data = _dataset(tmp_path / "data", helpers)
-    calls = {"n": 0}
-    real_validate = trainer._validate
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "_validate", interrupted)
+    real_validate = _interrupt_second_validation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(_config(data, tmp_path / "original", epochs=2), show_progress=False)
     monkeypatch.setattr(trainer, "_validate", real_validate)
