@@ -22,7 +22,8 @@ from medsight.data.datasets import ImageDataset
 from medsight.data.sources import load_samples
 from medsight.data.synth import write_phantom_dataset
 from medsight.models import create_model
-from medsight.training.optim import build_scheduler, class_weights
+from medsight.tasks.classify import class_weights
+from medsight.training.optim import build_scheduler
 from medsight.training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,9 +67,9 @@ def bare_loop(data: Path, model_name: str, epochs: int, batch_size: int = 64) ->
     model = create_model(model_name, len(classes), in_chans=1, drop_rate=0.1)
     optimizer = torch.optim.AdamW(model.param_groups(3e-3, 3e-3, 1e-4), lr=3e-3)
     steps = len(x) // batch_size
-    _, scheduler = build_scheduler(
+    scheduler = build_scheduler(
         "onecycle", optimizer, epochs=epochs, steps_per_epoch=steps, warmup_epochs=1
-    )
+    ).scheduler
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(np.bincount(y.numpy())))
     times = []
     for _ in range(epochs):
