@@ -233,3 +233,30 @@ def test_page_has_the_sections_its_task_lists_in_its_order(tmp_path, monkeypatch
     Brief.report_sections = ("summary", "sankey")
     with pytest.raises(ConfigError, match=r"\['sankey'\]"):
         write_report(run)
+
+
+def test_training_curves_follow_validations_within_epochs(tmp_path):
+    # a run that validated within epochs: several history rows per epoch, placed by fraction
+    run = make_run(tmp_path, ["normal", "lesion"], "lesion", n=20)
+    pd.DataFrame(
+        {
+            "epoch": [1, 1, 1, 2, 2],
+            "epoch_fraction": [0.25, 0.5, 1.0, 1.5, 1.75],
+            "step": [10, 20, 40, 60, 70],
+            "images_seen": [640, 1280, 2560, 3840, 4480],
+            "val_images": [200, 200, 900, 200, 900],
+            "train_loss": [0.9, 0.7, 0.6, 0.5, 0.45],
+            "val_loss": [0.8, 0.7, 0.6, 0.55, 0.6],
+            "val_auroc": [0.6, 0.7, 0.8, 0.85, 0.84],
+            "val_accuracy": [0.5, 0.6, 0.7, 0.75, 0.74],
+            "val_balanced_accuracy": [0.5, 0.6, 0.7, 0.75, 0.74],
+            "lr": [1e-3] * 5,
+            "train_seconds": [1.0] * 5,
+            "seconds": [1.2] * 5,
+        }
+    ).to_csv(run / "history.csv", index=False)
+    html = write_report(run).read_text(encoding="utf-8")
+    section = html[html.index('id="training"') :]
+    assert "1.75 epochs, planned from the training-set size" in section
+    assert "Best epoch <strong>1.5</strong>" in section and "val AUROC 0.850" in section
+    assert "Training curves" in section and "data:image/png;base64," in section

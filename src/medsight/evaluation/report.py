@@ -500,8 +500,20 @@ def _reliability_figure(y: np.ndarray, probs: np.ndarray) -> dict:
         return embed_figure(fig, "Reliability diagram")
 
 
-def _best_epoch(history: pd.DataFrame, monitor: str) -> int | None:
-    """The epoch whose weights were saved: the first best score, as the trainer keeps it."""
+def _epoch_axis(history: pd.DataFrame) -> pd.Series:
+    """Where each history row stands in passes: ``epoch_fraction`` (a run validating within
+    epochs has several rows per epoch), or ``epoch`` in histories written before it."""
+    return history["epoch_fraction"] if "epoch_fraction" in history else history["epoch"]
+
+
+def _epochs_text(value: float) -> str:
+    """``3`` or ``2.5`` (passes over the training set)."""
+    return f"{float(value):.2f}".rstrip("0").rstrip(".")
+
+
+def _best_row(history: pd.DataFrame, monitor: str) -> int | None:
+    """The position of the validation whose weights were saved: the first best score, as the
+    trainer keeps it."""
     if history.empty or "epoch" not in history:
         return None
     if monitor == "loss" and "val_loss" in history:
@@ -514,11 +526,17 @@ def _best_epoch(history: pd.DataFrame, monitor: str) -> int | None:
         return None
     if score.isna().all():
         return None
-    return int(history["epoch"].iloc[int(np.nanargmax(score.to_numpy(dtype=float)))])
+    return int(np.nanargmax(score.to_numpy(dtype=float)))
 
 
-def _training_figure(history: pd.DataFrame, best: int | None, monitor: str) -> dict:
-    epoch = history["epoch"]
+def _best_epoch(history: pd.DataFrame, monitor: str) -> float | None:
+    """The epoch (``2.5``: half-way through the third) whose weights were saved."""
+    row = _best_row(history, monitor)
+    return None if row is None else float(_epoch_axis(history).iloc[row])
+
+
+def _training_figure(history: pd.DataFrame, best: float | None, monitor: str) -> dict:
+    epoch = _epoch_axis(history)
     with _style():
         fig = new_figure(9.0, 3.4)
         loss, score = fig.subplots(1, 2)
@@ -545,7 +563,7 @@ def _training_figure(history: pd.DataFrame, best: int | None, monitor: str) -> d
             if best is not None:
                 ax.axvline(best, color=MUTED, ls="--", lw=1)
                 ax.annotate(
-                    f"best: epoch {best}",
+                    f"best: epoch {_epochs_text(best)}",
                     (best, 1.0),
                     xycoords=("data", "axes fraction"),
                     xytext=(4, -4),
@@ -666,12 +684,15 @@ def _model_summary(run: runs.Run) -> dict:
 def _training_summary(run: runs.Run, history: pd.DataFrame | None) -> dict:
     o = run.config.optim
     monitor = o.monitor
+    planned = o.epochs if isinstance(o.epochs, int) else None
+    epochs = "auto (from the training-set size)" if planned is None else str(planned)
     out: dict[str, Any] = {
         "figure": None,
         "best": None,
         "monitor": _MONITOR_LABELS.get(monitor, monitor),
         "epochs_run": 0,
-        "epochs_planned": o.epochs,
+        "epochs_planned": planned,
+        "time_budget": o.time,
         "stopped_early": False,
         "seconds": None,
         "settings": [
@@ -680,6 +701,7 @@ def _training_summary(run: runs.Run, history: pd.DataFrame | None) -> dict:
                 f"{o.optimizer}, learning rate {o.lr:g}, weight decay {o.weight_decay:g}",
             ),
             ("Schedule", f"{o.schedule}, {o.warmup_epochs:g} warm-up epoch(s)"),
+            ("Epochs", epochs + (f", time budget {o.time}" if o.time else "")),
             ("Batch size", str(o.batch_size)),
             ("Augmentation", o.augment),
             (
@@ -692,17 +714,19 @@ def _training_summary(run: runs.Run, history: pd.DataFrame | None) -> dict:
     }
     if history is None or history.empty or "epoch" not in history:
         return out
+    best_row = _best_row(history, monitor)
     best = _best_epoch(history, monitor)
+    run_epochs = float(_epoch_axis(history).max())
     out.update(
-        best=best,
-        epochs_run=int(history["epoch"].max()),
-        stopped_early=int(history["epoch"].max()) < o.epochs,
+        best=None if best is None else _epochs_text(best),
+        epochs_run=_epochs_text(run_epochs),
+        stopped_early=planned is not None and run_epochs < planned,
         figure=_training_figure(history, best, out["monitor"]),
     )
     if "seconds" in history:
         out["seconds"] = f"{history['seconds'].sum():.0f} s"
-    if best is not None:
-        row = history[history["epoch"] == best].iloc[0]
+    if best_row is not None:
+        row = history.iloc[best_row]
         out["best_row"] = [
             (label, format_number(row[column]))
             for column, label in (
