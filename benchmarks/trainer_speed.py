@@ -68,7 +68,7 @@ def bare_loop(data: Path, model_name: str, epochs: int, batch_size: int = 64) ->
     optimizer = torch.optim.AdamW(model.param_groups(3e-3, 3e-3, 1e-4), lr=3e-3)
     steps = len(x) // batch_size
     scheduler = build_scheduler(
-        "onecycle", optimizer, epochs=epochs, steps_per_epoch=steps, warmup_epochs=1
+        "onecycle", optimizer, total_steps=epochs * steps, warmup_steps=steps
     ).scheduler
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(np.bincount(y.numpy())))
     times = []

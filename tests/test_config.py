@@ -14,7 +14,7 @@ def test_yaml_round_trip_keeps_every_resolved_value(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
     assert TrainConfig.from_yaml(path) == config
-    assert "batch_size: 64" in path.read_text()
+    assert "batch_size: auto" in path.read_text() and "epochs: auto" in path.read_text()
 
 
 def test_overrides_replace_dotted_fields_and_ignore_none():

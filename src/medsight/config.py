@@ -12,6 +12,7 @@ them). Every field, marked or not, is reachable as ``--set optim.warmup_epochs=0
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +51,34 @@ def flag(name: str, *, choices: tuple[str, ...] | None = None, show_default: boo
     if not show_default:
         extra["show_default"] = False
     return extra
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration written with units: ``90s``, ``10m``, ``1.5h``, ``1h30m``.
+
+    A number needs its unit (``h``, ``m`` or ``s``); zero, negative and unreadable values are a
+    ValueError naming the value.
+
+    >>> parse_duration("1.5h"), parse_duration("10m"), parse_duration("1h30m")
+    (5400.0, 600.0, 5400.0)
+    """
+    cleaned = str(text).strip().lower().replace(" ", "")
+    parts = list(_DURATION.finditer(cleaned))
+    if cleaned.startswith("-") or cleaned.lstrip("+-.0") in ("", "s", "m", "h"):
+        raise ValueError(f"time {text!r} is not a positive duration; give one like 10m")
+    if "".join(p.group(0) for p in parts) != cleaned:
+        hint = "add a unit (s, m or h): " if _DURATION.fullmatch(cleaned + "s") else ""
+        raise ValueError(
+            f"time {text!r} is not a duration; {hint}write it like 90s, 10m, 1.5h or 1h30m"
+        )
+    seconds = sum(float(p.group(1)) * _SECONDS[p.group(2)] for p in parts)
+    if seconds <= 0:
+        raise ValueError(f"time {text!r} is not a positive duration; give one like 10m")
+    return seconds
 
 
 class _Strict(BaseModel):
@@ -174,11 +203,23 @@ class OptimConfig(_Strict):
         description="stages frozen in finetune mode",
         json_schema_extra=flag("--freeze-stages"),
     )
-    epochs: int = Field(
-        default=15, ge=1, description="training epochs", json_schema_extra=flag("--epochs")
+    epochs: int | Literal["auto"] = Field(
+        default="auto",
+        description="training epochs; auto: about 60,000 images seen, 1 to 20 passes "
+        "(with --time: as many as fit, a number is then a cap)",
+        json_schema_extra=flag("--epochs"),
     )
-    batch_size: int = Field(
-        default=64, ge=1, description="images per step", json_schema_extra=flag("--batch-size")
+    time: str | None = Field(
+        default=None,
+        description="wall-clock budget, e.g. 90s, 10m, 1.5h: the epochs are planned to fit and "
+        "training ends in time",
+        json_schema_extra=flag("--time"),
+    )
+    batch_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="images per step; auto: 64, or the training set when smaller (the run's "
+        "config.yaml records the number)",
+        json_schema_extra=flag("--batch-size"),
     )
     optimizer: Optimizer = Field(
         default="adamw", description="optimiser", json_schema_extra=flag("--optimizer")
@@ -231,7 +272,27 @@ class OptimConfig(_Strict):
         json_schema_extra=flag("--monitor"),
     )
     patience: int = Field(
-        default=6, ge=1, description="early-stopping epochs", json_schema_extra=flag("--patience")
+        default=6,
+        ge=1,
+        description="early stopping: epochs without a better validation score",
+        json_schema_extra=flag("--patience"),
+    )
+    val_checks: int = Field(
+        default=8,
+        ge=1,
+        description="validations per run at least, when they are more than one per epoch",
+    )
+    val_mid_epoch_above: int = Field(
+        default=10_000,
+        ge=1,
+        description="training sets larger than this (or runs of 3 epochs or fewer) also "
+        "validate within epochs",
+    )
+    val_subsample: int = Field(
+        default=2_000,
+        ge=1,
+        description="validations within an epoch use a seeded subsample of this many "
+        "validation images when the split is larger; each epoch ends on the whole split",
     )
     amp: bool = True
     workers: int | None = Field(
@@ -244,6 +305,27 @@ class OptimConfig(_Strict):
         description="experiment logger (tensorboard, mlflow: when that package is installed)",
         json_schema_extra=flag("--log"),
     )
+
+    @field_validator("epochs", "batch_size", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value, info):
+        if value == "auto":
+            return value
+        number = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and value.strip().isdigit():
+            number = int(value)
+        if number is None or number < 1:
+            raise ValueError(f"must be a whole number of at least 1 or 'auto', got {value!r}")
+        return number
+
+    @field_validator("time")
+    @classmethod
+    def _duration(cls, value):
+        if value is not None:
+            parse_duration(value)
+        return value
 
 
 class TrainConfig(_Strict):

@@ -39,11 +39,13 @@ class Event:
 
 @dataclass(frozen=True)
 class ProgressStart(Event):
-    """A counted piece of work begins (``completed`` of ``total`` are already done)."""
+    """A counted piece of work begins (``completed`` of ``total`` are already done).
+    ``own_eta``: its advances carry their own rate and times left (:class:`TrainingProgress`)."""
 
     description: str
     total: int
     completed: int = 0
+    own_eta: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,23 @@ class ProgressAdvance(Event):
 
     advance: int = 1
     description: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainingProgress(ProgressAdvance):
+    """A training step is done: ``step`` of ``total`` steps, in epoch ``epoch`` of ``epochs``;
+    ``images_per_s`` the recent throughput; seconds left in the epoch and in the run (both with
+    their validations) and in the time budget; None where unknown (nothing timed yet, no
+    budget)."""
+
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    epochs: float = 0.0
+    images_per_s: float | None = None
+    epoch_left_s: float | None = None
+    run_left_s: float | None = None
+    budget_left_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,20 +106,81 @@ class Note(Event):
 
 @dataclass(frozen=True)
 class Resumed(Event):
+    """A stopped run continues after ``epoch`` (``step`` optimiser steps done, ``epoch_fraction``
+    passes: 2.4 when a time budget had ended it within its third epoch)."""
+
     run: Path
     epoch: int
+    step: int | None = None
+    epoch_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingPlan(Event):
+    """How training will go: ``steps`` optimiser steps of ``batch_size`` images,
+    ``steps_per_epoch`` to a pass over the ``n_train`` training images (``steps_done`` already,
+    when resuming). ``basis``: what set the length: the ``auto`` rule, the ``epochs`` given or
+    the ``time`` budget (``budget_s`` in all, ``budget_left_s`` of it left). Validation every
+    ``val_every`` steps within epochs (None: once per epoch), on ``subsample`` of the ``n_val``
+    validation images (None: all), and on all at each epoch end. ``images_per_s`` and
+    ``finish_at`` (a ``time.time()`` value): the measured throughput and the expected end, when
+    measured."""
+
+    steps: int
+    steps_per_epoch: int
+    batch_size: int
+    n_train: int
+    n_val: int
+    basis: str
+    steps_done: int = 0
+    val_every: int | None = None
+    subsample: int | None = None
+    budget_s: float | None = None
+    budget_left_s: float | None = None
+    images_per_s: float | None = None
+    finish_at: float | None = None
+
+    @property
+    def epochs(self) -> float:
+        return self.steps / self.steps_per_epoch
 
 
 @dataclass(frozen=True)
 class EpochEnd(Event):
     """An epoch finished; ``row`` is its ``history.csv`` row, ``best`` whether it improved,
-    ``shown`` the task's validation metrics worth a glance (``row["val_<name>"]``)."""
+    ``shown`` the task's validation metrics worth a glance (``row["val_<name>"]``); ``epochs``
+    the planned passes (3.4 when a time budget ends the run within its fourth)."""
 
     epoch: int
-    epochs: int
+    epochs: float
     row: Mapping[str, Any]
     best: bool
     shown: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ValidationEnd(Event):
+    """A validation within an epoch (large training sets, short runs); ``row`` is its
+    ``history.csv`` row (``epoch_fraction``, ``val_images``…), ``subsample`` whether it used a
+    subsample of the validation split; the rest as in :class:`EpochEnd`."""
+
+    epoch_fraction: float
+    epochs: float
+    row: Mapping[str, Any]
+    best: bool
+    shown: tuple[str, ...] = ()
+    subsample: bool = False
+
+
+@dataclass(frozen=True)
+class BudgetReached(Event):
+    """The time budget (``budget_s``) ended training after ``elapsed_s`` seconds, at
+    ``epoch_fraction`` (``step`` optimiser steps); the best weights are kept."""
+
+    budget_s: float
+    elapsed_s: float
+    step: int
+    epoch_fraction: float
 
 
 @dataclass(frozen=True)
@@ -119,12 +199,14 @@ class EarlyStopped(Event):
 
 @dataclass(frozen=True)
 class TrainingEnd(Event):
-    """Training finished; ``best_score`` is the monitored score (negated for a loss)."""
+    """Training finished; ``best_score`` is the monitored score (negated for a loss), reached in
+    ``best_epoch``, at ``best_fraction`` passes (2.5: within the third epoch) when known."""
 
     run: Path
     best_epoch: int
     monitor: str
     best_score: float
+    best_fraction: float | None = None
 
 
 # --------------------------------------------------------------------------- workflows

@@ -30,6 +30,7 @@ README_FLAGS = [
     (["--attention", "cbam"], "model.attention", "cbam"),
     (["--freeze-stages", "2"], "optim.freeze_stages", 2),
     (["--epochs", "3"], "optim.epochs", 3),
+    (["--time", "10m"], "optim.time", "10m"),
     (["--batch-size", "16"], "optim.batch_size", 16),
     (["--lr", "0.01"], "optim.lr", 0.01),
     (["--optimizer", "sgd"], "optim.optimizer", "sgd"),

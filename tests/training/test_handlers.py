@@ -21,8 +21,12 @@ from medsight.events import (
     ProgressEnd,
     ProgressStart,
     TrainingEnd,
+    TrainingPlan,
+    TrainingProgress,
+    ValidationEnd,
 )
 from medsight.tasks.base import Task
+from medsight.training.budget import Plan
 from medsight.training.handlers import Checkpoint, EarlyStopping, Engine
 from medsight.training.optim import build_scheduler
 from medsight.training.trainer import train
@@ -32,19 +36,30 @@ pytest.importorskip("medsight.models.zoo")
 _config = tiny_train_config
 
 
-def _engine(tmp_path, schedule="cosine") -> Engine:
+def _engine(tmp_path, schedule="cosine", plan=None) -> Engine:
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = build_scheduler(schedule, optimizer, epochs=4, steps_per_epoch=2, warmup_epochs=0)
+    plan = plan or Plan(total_steps=8, steps_per_epoch=2)
+    sched = build_scheduler(schedule, optimizer, total_steps=plan.total_steps, warmup_steps=0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    return Engine(model, optimizer, sched, scaler, tmp_path, epochs=4, steps=2)
+    return Engine(model, optimizer, sched, scaler, tmp_path, plan)
+
+
+def _validate(engine: Engine, score: float, handlers, *, ending: bool) -> dict:
+    engine.score = score
+    row = {"epoch": engine.epoch, "step": engine.state.step, "score": score}
+    engine.state.history.append(row)
+    engine.epoch_ending = ending
+    for handler in handlers:
+        handler.on_validation(engine, row)
+    return row
 
 
 def _finish_epoch(engine: Engine, epoch: int, score: float, handlers) -> None:
-    engine.score = score
+    engine.epoch = epoch
+    engine.state.step = epoch * engine.plan.steps_per_epoch
+    row = _validate(engine, score, handlers, ending=True)
     engine.state.epoch = epoch
-    row = {"epoch": epoch, "score": score}
-    engine.state.history.append(row)
     for handler in handlers:
         handler.on_epoch_end(engine, row)
 
@@ -115,11 +130,14 @@ def test_training_reports_progress_epochs_and_the_best_epoch(tmp_path, helpers):
     seen = []
     run = train(_config(data, tmp_path / "run"), events=seen.append)
     kinds = [type(e) for e in seen if not isinstance(e, ProgressAdvance)]
-    assert kinds == [ProgressStart, EpochEnd, EpochEnd, ProgressEnd, TrainingEnd]
-    start = seen[0]
-    assert start.description == "training" and start.completed == 0
-    batches = sum(e.advance for e in seen if isinstance(e, ProgressAdvance))
-    assert 0 < batches <= start.total  # the total counts the last, partial batch dropped
+    assert kinds == [TrainingPlan, ProgressStart, EpochEnd, EpochEnd, ProgressEnd, TrainingEnd]
+    plan, start = seen[0], seen[1]
+    assert (plan.steps, plan.epochs, plan.basis, plan.val_every) == (2, 2, "epochs", None)
+    assert start.description == "training" and start.completed == 0 and start.total == 2
+    progress = [e for e in seen if isinstance(e, TrainingProgress)]
+    assert [e.step for e in progress] == [1, 2] and sum(e.advance for e in progress) == 2
+    assert progress[-1].run_left_s == 0 and progress[-1].images_per_s > 0
+    assert progress[-1].budget_left_s is None  # no time budget
     epochs = [e for e in seen if isinstance(e, EpochEnd)]
     assert [e.row["epoch"] for e in epochs] == [1, 2] and epochs[0].epochs == 2
     end = seen[-1]
@@ -153,6 +171,45 @@ def test_the_cli_draws_the_epoch_line_as_before():
     narrow = io.StringIO()
     Renderer(Console(file=narrow, width=40))(event)
     assert narrow.getvalue().count("\n") == 1
+
+
+def test_the_cli_prints_the_plan_progress_and_validations_within_epochs():
+    import datetime
+
+    from rich.console import Console
+
+    from medsight.cli.render import Renderer, plan_line, progress_info
+
+    eta = datetime.datetime(2026, 1, 2, 11, 52).timestamp()
+    plan = TrainingPlan(
+        steps=2_180, steps_per_epoch=640, batch_size=64, n_train=41_000, n_val=9_000,
+        basis="time", val_every=400, subsample=2_000, budget_s=600, images_per_s=312.4,
+        finish_at=eta,
+    )  # fmt: skip
+    assert plan_line(plan) == (
+        "plan: 3.41 epochs (2,180 steps of 64 images) in 10m at 312 img/s, ETA 11:52, "
+        "validating every 400 steps on 2,000 of 9,000 images, all at each epoch end"
+    )
+    auto = TrainingPlan(900, 60, 64, 3_882, 500, "auto")
+    assert plan_line(auto) == (
+        "plan: 15 epochs (900 steps of 64 images; auto for 3,882 training images), "
+        "validating once per epoch"
+    )
+    step = TrainingProgress(
+        1, None, step=10, total=2_180, epoch=1, epochs=3.41, images_per_s=312.4,
+        epoch_left_s=41, run_left_s=370, budget_left_s=3_722,
+    )  # fmt: skip
+    assert progress_info(step) == "312 img/s · epoch 0:41 · run 6:10 · budget 1:02:02 left"
+    assert progress_info(TrainingProgress(1)) == ""  # nothing known yet: nothing shown
+
+    file = io.StringIO()
+    row = {"train_loss": 0.5, "val_loss": 0.25, "val_auroc": 0.875, "val_images": 2_000}
+    event = ValidationEnd(1.5, 3.41, {**row, "seconds": 2.0}, True, ("auroc",), subsample=True)
+    Renderer(Console(file=file, width=200))(event)
+    assert file.getvalue() == (
+        "epoch 1.50/3.41  loss 0.5000  val loss 0.2500  auroc 0.8750  on 2,000 images  "
+        "(2.0s)  best\n"
+    )
 
 
 def test_library_code_never_imports_rich():

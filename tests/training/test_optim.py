@@ -38,7 +38,7 @@ def test_unknown_optimizer_and_frozen_model_are_refused():
 
 def test_cosine_warms_up_then_decays_to_zero():
     optimizer = build_optimizer("sgd", _groups(1.0), lr=1.0)
-    schedule = build_scheduler("cosine", optimizer, epochs=10, steps_per_epoch=10, warmup_epochs=1)
+    schedule = build_scheduler("cosine", optimizer, total_steps=100, warmup_steps=10)
     assert schedule.step_per == "batch"
     scheduler = schedule.scheduler
     lrs = []
@@ -52,15 +52,28 @@ def test_cosine_warms_up_then_decays_to_zero():
 
 def test_onecycle_peaks_at_the_learning_rate():
     optimizer = build_optimizer("adamw", _groups(0.5), lr=0.5)
-    scheduler = build_scheduler(
-        "onecycle", optimizer, epochs=4, steps_per_epoch=5, warmup_epochs=1
-    ).scheduler
+    scheduler = build_scheduler("onecycle", optimizer, total_steps=20, warmup_steps=5).scheduler
     lrs = []
     for _ in range(20):
         optimizer.step()
         scheduler.step()
         lrs.append(optimizer.param_groups[0]["lr"])
     assert max(lrs) == pytest.approx(0.5, rel=0.05) and lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine"])
+def test_a_one_epoch_run_warms_up_for_at_most_30_percent_then_anneals(name):
+    # warm-up asked for: one epoch, which is the whole run here
+    optimizer = build_optimizer("sgd", _groups(1.0), lr=1.0)
+    scheduler = build_scheduler(name, optimizer, total_steps=50, warmup_steps=50).scheduler
+    lrs = []
+    for _ in range(50):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()  # OneCycleLR would raise past its total
+    peak = int(np.argmax(lrs))
+    assert 5 <= peak <= 15 and max(lrs) == pytest.approx(1.0, rel=0.05)
+    assert lrs[-1] < 0.05
 
 
 def test_class_weights_balance_the_classes():

@@ -421,7 +421,8 @@ def train_command(
     """Train a classifier; writes a run directory (weights, config, preprocessing, history).
 
     Every option sets a field of the run's config.yaml (medsight.config.TrainConfig); --set
-    reaches the fields without a flag of their own.
+    reaches the fields without a flag of their own. With --resume, --time gives the run that
+    much more time (else it continues with what is left of its budget).
     """
     from medsight.config import TrainConfig
     from medsight.runs import CONFIG
@@ -430,7 +431,13 @@ def train_command(
     with _user_errors():
         if resume:
             config = TrainConfig.from_yaml(Path(resume) / CONFIG)
-            train(config.with_overrides({"out": resume}), resume=True, events=_events())
+            more = options.get("time")
+            train(
+                config.with_overrides({"out": resume}),
+                resume=True,
+                time_budget=more,
+                events=_events(),
+            )
             return
         train(_train_config(options), overwrite=options["overwrite"], events=_events())
 

@@ -89,6 +89,8 @@ def _kind(key: str, annotation: Any, choices: tuple[str, ...] | None) -> Any:
     """The Python type Typer parses a field's flag into (an Enum for a set of choices)."""
     if get_origin(annotation) in (Union, types.UnionType):
         annotation, *others = [a for a in get_args(annotation) if a is not type(None)]
+        if others and _number_or_word(annotation, *others):
+            return str  # "--epochs 12" or "--epochs auto": the config reads the text
         if others:
             raise TypeError(f"{key}: a field of several types cannot be a flag; use --set")
     if get_origin(annotation) is Literal:
@@ -101,6 +103,14 @@ def _kind(key: str, annotation: Any, choices: tuple[str, ...] | None) -> Any:
         raise TypeError(f"{key}: only text choices can be a flag; use --set")
     title = "".join(part.title() for part in key.rpartition(".")[2].split("_"))
     return Enum(title, {c: c for c in choices}, type=str)  # Typer shows Enum values as choices
+
+
+def _number_or_word(*kinds: Any) -> bool:
+    """Whether a field of these types is a number or one of some words (``int | "auto"``)."""
+    words = [k for k in kinds if get_origin(k) is Literal]
+    numbers = [k for k in kinds if k in (int, float)]
+    texts = all(isinstance(c, str) for k in words for c in get_args(k))
+    return bool(words and numbers) and texts and len(words) + len(numbers) == len(kinds)
 
 
 def _shown_default(flag: str, default: Any) -> str | None:

@@ -9,6 +9,8 @@ The library reports; only the CLI draws. Pass a :class:`Renderer` as ``events``:
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -16,6 +18,7 @@ from rich.table import Table
 
 from medsight.events import (
     BestTrialRetrained,
+    BudgetReached,
     EarlyStopped,
     EnsembleSaved,
     EpochEnd,
@@ -31,9 +34,12 @@ from medsight.events import (
     StepDetail,
     StudyResumed,
     TrainingEnd,
+    TrainingPlan,
+    TrainingProgress,
     TrialFailed,
     TrialsTable,
     TuningEnd,
+    ValidationEnd,
 )
 from medsight.stats import format_number
 
@@ -52,9 +58,13 @@ class Renderer:
         self._draw = {
             ProgressStart: self._progress_start,
             ProgressAdvance: self._progress_advance,
+            TrainingProgress: self._training_progress,
             ProgressEnd: lambda event: self._end_bar(),
             Resumed: self._resumed,
+            TrainingPlan: self._plan,
             EpochEnd: self._epoch,
+            ValidationEnd: self._validation,
+            BudgetReached: self._budget_reached,
             Interrupted: self._interrupted,
             EarlyStopped: self._early_stop,
             TrainingEnd: self._training_end,
@@ -94,16 +104,19 @@ class Renderer:
 
     def _progress_start(self, event: ProgressStart) -> None:
         self._end_bar()
+        # work that reports its own rate and times left (training) shows them; else Rich guesses
+        guess = () if event.own_eta else (TimeRemainingColumn(),)
         self._bar = Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total}"),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            *guess,
+            TextColumn("{task.fields[info]}"),
             console=self.console,
             transient=True,
         )
-        self._bar.add_task(event.description, total=event.total, completed=event.completed)
+        self._bar.add_task(event.description, total=event.total, completed=event.completed, info="")
         self._bar.start()
 
     def _progress_advance(self, event: ProgressAdvance) -> None:
@@ -114,6 +127,11 @@ class Renderer:
         if event.description is not None:
             self._bar.update(task, description=event.description)
 
+    def _training_progress(self, event: TrainingProgress) -> None:
+        self._progress_advance(event)
+        if self._bar is not None:
+            self._bar.update(self._bar.task_ids[0], info=progress_info(event))
+
     def _end_bar(self) -> None:
         if self._bar is not None:
             self._bar.stop()
@@ -122,20 +140,46 @@ class Renderer:
     # ------------------------------------------------------------------ training
 
     def _resumed(self, event: Resumed) -> None:
-        self.console.print(f"resuming {event.run} after epoch {event.epoch}")
+        fraction = event.epoch_fraction
+        if fraction is None or float(fraction).is_integer():
+            self.console.print(f"resuming {event.run} after epoch {event.epoch}")
+        else:
+            self.console.print(f"resuming {event.run} at epoch {fraction:.2f}")
+
+    def _plan(self, event: TrainingPlan) -> None:
+        self.console.print(plan_line(event), highlight=False, soft_wrap=True)
 
     def _epoch(self, event: EpochEnd) -> None:
-        row = event.row
-        mark = "  [green]best[/]" if event.best else ""
+        fraction = event.row.get("epoch_fraction")
+        at = event.epoch if fraction is None or fraction == event.epoch else fraction
+        self._scores(at, event.epochs, event.row, event.shown, event.best)
+
+    def _validation(self, event: ValidationEnd) -> None:
+        sample = event.row.get("val_images") if event.subsample else None
+        self._scores(event.epoch_fraction, event.epochs, event.row, event.shown, event.best, sample)
+
+    def _scores(self, at, epochs, row, shown, best: bool, sample: int | None = None) -> None:
+        """One line per validation: where (``epoch 3/12``, ``epoch 1.50/2``), the losses, the
+        scores shown, on how many images when a subsample, how long, and whether best."""
+        mark = "  [green]best[/]" if best else ""
         scores = "".join(
             f"{_SHORT.get(name, name)} {format_number(row.get(f'val_{name}'), 4)}  "
-            for name in event.shown
+            for name in shown
         )
+        where = f"{at:>3}" if float(at).is_integer() else f"{at:.2f}"
+        images = f"on {sample:,} images  " if sample else ""
         self.console.print(
-            f"epoch {event.epoch:>3}/{event.epochs}  loss {row['train_loss']:.4f}  "
-            f"val loss {row['val_loss']:.4f}  {scores}({row['seconds']:.1f}s){mark}",
+            f"epoch {where}/{_count(epochs)}  loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  {scores}{images}({row['seconds']:.1f}s){mark}",
             highlight=False,
             soft_wrap=True,  # one line per epoch, also in a log file narrower than it
+        )
+
+    def _budget_reached(self, event: BudgetReached) -> None:
+        self.console.print(
+            f"time budget {_duration(event.budget_s)} reached after {_duration(event.elapsed_s)}: "
+            f"stopped at epoch {event.epoch_fraction:.2f} (step {event.step:,})",
+            highlight=False,
         )
 
     def _interrupted(self, event: Interrupted) -> None:
@@ -148,9 +192,13 @@ class Renderer:
         self.console.print(f"early stop: no {event.monitor} gain for {event.patience} epochs")
 
     def _training_end(self, event: TrainingEnd) -> None:
+        fraction = event.best_fraction
+        if fraction is None or float(fraction).is_integer():
+            where = f"best epoch {event.best_epoch}"
+        else:
+            where = f"best at epoch {fraction:.2f}"
         self.console.print(
-            f"best epoch {event.best_epoch}: val {event.monitor} "
-            f"{abs(event.best_score):.4f}; run saved in {event.run}",
+            f"{where}: val {event.monitor} {abs(event.best_score):.4f}; run saved in {event.run}",
             highlight=False,
         )
 
@@ -201,6 +249,76 @@ class Renderer:
             f"its run is {event.run}, the study's summary {event.summary}",
             highlight=False,
         )
+
+
+def plan_line(event: TrainingPlan) -> str:
+    """``plan: 3.4 epochs (2,180 steps of 64 images) in 10m at 312 img/s, ETA 11:52,
+    validating every 400 steps`` (and what each part rests on, when it helps)."""
+    steps = f"{event.steps:,} steps of {event.batch_size} images"
+    if event.steps_done:
+        steps += f", {event.steps_done:,} done"
+    why = ""
+    if event.basis == "auto":
+        why = f"; auto for {event.n_train:,} training images"
+    unit = "epoch" if event.epochs == 1 else "epochs"
+    text = f"plan: {_count(event.epochs)} {unit} ({steps}{why})"
+    if event.budget_s is not None:
+        text += " in " if event.basis == "time" else " within "
+        text += _duration(event.budget_s)
+        left = event.budget_left_s
+        if left is not None and event.steps_done:
+            text += f" ({_duration(left)} left)"
+    if event.images_per_s:
+        text += f" at {event.images_per_s:,.0f} img/s"
+    if event.finish_at is not None:
+        text += f", ETA {datetime.fromtimestamp(event.finish_at):%H:%M}"
+    if event.val_every is None:
+        text += ", validating once per epoch"
+    else:
+        text += f", validating every {event.val_every:,} steps"
+        if event.subsample:
+            text += f" on {event.subsample:,} of {event.n_val:,} images, all at each epoch end"
+    return text
+
+
+def progress_info(event: TrainingProgress) -> str:
+    """``312 img/s · epoch 0:41 · run 6:10 · budget 7:02 left`` (the parts known so far)."""
+    parts = []
+    if event.images_per_s:
+        parts.append(f"{event.images_per_s:,.0f} img/s")
+    if event.epoch_left_s is not None:
+        parts.append(f"epoch {_clock(event.epoch_left_s)}")
+    if event.run_left_s is not None:
+        parts.append(f"run {_clock(event.run_left_s)}")
+    if event.budget_left_s is not None:
+        parts.append(f"budget {_clock(event.budget_left_s)} left")
+    return " · ".join(parts)
+
+
+def _count(epochs: float) -> str:
+    """``12``, ``3.4`` or ``1.83`` (planned passes)."""
+    return f"{epochs:.2f}".rstrip("0").rstrip(".")
+
+
+def _clock(seconds: float) -> str:
+    """``0:41``, ``12:05``, ``1:02:03``."""
+    total = max(0, int(round(seconds)))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _duration(seconds: float) -> str:
+    """``40s``, ``10m``, ``1h30m``, ``2m05s``: a budget as it is usually written."""
+    total = max(0, int(round(seconds)))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes:02d}m" if hours and minutes else "")
+    if not hours:
+        text = (f"{minutes}m" if minutes else "") + (
+            f"{secs:02d}s" if minutes and secs else (f"{secs}s" if not minutes else "")
+        )
+    return text or "0s"
 
 
 def _trials_table(event: TrialsTable) -> Table:

@@ -1,2 +1,3 @@
-"""Training: the loop (trainer), its handlers, optimisers and schedules, the frozen-backbone
-feature cache and optional experiment loggers."""
+"""Training: the loop (trainer), its plan (budget: epochs, validation cadence, time budget), its
+handlers, optimisers and schedules, the frozen-backbone feature cache and optional experiment
+loggers."""

@@ -29,7 +29,7 @@ def build_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Opt
 @dataclass(frozen=True)
 class Schedule:
     """A learning-rate scheduler and when the loop steps it: after every ``batch``, after every
-    ``epoch``, or after every epoch on the validation ``metric`` (higher is better)."""
+    ``epoch``, or after every epoch on its last validation's ``metric`` (higher is better)."""
 
     step_per: Literal["batch", "epoch", "metric"]
     scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
@@ -51,30 +51,37 @@ class Schedule:
         self.scheduler.load_state_dict(state)
 
 
+#: Warm-up takes at most this share of a run, however few its epochs.
+MAX_WARMUP_SHARE = 0.3
+
+
 def build_scheduler(
     name: str,
     optimizer: torch.optim.Optimizer,
     *,
-    epochs: int,
-    steps_per_epoch: int,
-    warmup_epochs: float,
+    total_steps: int,
+    warmup_steps: int,
 ) -> Schedule | None:
-    """The :class:`Schedule` ``name`` describes, or None for a fixed learning rate.
+    """The :class:`Schedule` ``name`` describes over ``total_steps`` optimiser steps, or None
+    for a fixed learning rate.
 
-    ``onecycle`` and ``cosine`` step every batch (cosine after a linear warm-up); ``plateau``
-    steps on the validation metric; ``none`` keeps the learning rate fixed.
+    ``onecycle`` and ``cosine`` step every batch, after a warm-up of ``warmup_steps`` (at most
+    30 % of the run, so a run of one or two epochs still anneals; one-cycle warms up over 5 %
+    at least); ``plateau`` steps on the validation metric at each epoch end; ``none`` keeps the
+    learning rate fixed.
     """
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(round(warmup_epochs * steps_per_epoch))
+    total = max(1, total_steps)
+    warmup = min(max(0, int(warmup_steps)), int(MAX_WARMUP_SHARE * total))
     if name == "none":
         return None
     if name == "onecycle":
         max_lr = [g["lr"] for g in optimizer.param_groups]
-        pct = min(0.45, max(0.05, warmup / total)) if total > 1 else 0.3
+        pct = min(MAX_WARMUP_SHARE, max(0.05, warmup / total)) if total > 1 else 0.3
         return Schedule(
             "batch",
+            # one step more than the run: the step() after the last batch stays on the curve
             torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=max_lr, total_steps=total, pct_start=pct
+                optimizer, max_lr=max_lr, total_steps=total + 1, pct_start=pct
             ),
         )
     if name == "cosine":

@@ -1,39 +1,57 @@
 """Train a classifier from a :class:`~medsight.config.TrainConfig` into a run directory.
 
-:func:`train` reads and splits the data, builds the model in the chosen transfer mode, and runs
-a short loop of training and validation epochs. What happens around it lives in handlers
-(``handlers.py``): best weights and early stopping on a validation metric, an atomic checkpoint
-after every epoch (``checkpoints/last.pt``, so a stopped run resumes where it was), the
-history, the experiment logger and the events a user sees. Randomness is re-seeded per epoch,
-which makes a resumed CPU run end with the same weights as an uninterrupted one.
+:func:`train` reads and splits the data, builds the model in the chosen transfer mode, plans
+the run (``training.budget``: the epochs that follow from the training-set size or fit a time
+budget, and when to validate) and runs a short loop of training steps and validations. What
+happens around it lives in handlers (``handlers.py``): best weights and early stopping on a
+validation metric, the time budget, an atomic checkpoint after every epoch
+(``checkpoints/last.pt``, so a stopped run resumes where it was), the history, the experiment
+logger and the events a user sees. Randomness is re-seeded per epoch, which makes a resumed CPU
+run end with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    RandomSampler,
+    Subset,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from medsight import runs
-from medsight.config import TrainConfig
+from medsight.config import TrainConfig, parse_duration
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
 from medsight.data.sources import class_names, load_samples
 from medsight.data.splits import assign_splits, fold_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
-from medsight.events import ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
+from medsight.events import Note, ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
 from medsight.tasks import Task, get_task
+from medsight.training.budget import (
+    BUDGET_STRETCH,
+    Pace,
+    Plan,
+    auto_epochs,
+    cadence,
+    fit_budget,
+    format_duration,
+    steps_per_epoch,
+)
 from medsight.training.features import extract_features
 from medsight.training.handlers import (
     LAST_CHECKPOINT,
@@ -45,15 +63,30 @@ from medsight.training.handlers import (
     Handler,
     History,
     ReportEvents,
+    TimeBudget,
+    TrainState,
     fire,
 )
 from medsight.training.optim import build_optimizer, build_scheduler
 
+#: The batch size ``batch_size: auto`` takes, unless the training set is smaller.
+AUTO_BATCH_SIZE = 64
+#: A time budget is planned on this share of what is left, for throughput that varies.
+BUDGET_MARGIN = 0.95
+#: Steps timed before a budget is planned (fewer when they take more than a tenth of it).
+MEASURED_STEPS = 12
+
+#: The clock of time budgets (tests replace it with a fake one).
+_clock: Callable[[], float] = time.monotonic
+
 
 def history_columns(task: Task) -> list[str]:
-    """The columns of ``history.csv``: the task's validation metrics between loss and timing."""
+    """The columns of ``history.csv``, one row per validation: where training stood (epoch,
+    passes done, optimiser steps, training images seen, validation images used), the training
+    loss since the previous validation, the task's validation scores, and timing."""
     metrics = [f"val_{name}" for name in task.validation_metrics]
-    return ["epoch", "train_loss", "val_loss", *metrics, "lr", "train_seconds", "seconds"]
+    where = ["epoch", "epoch_fraction", "step", "images_seen", "val_images"]
+    return [*where, "train_loss", "val_loss", *metrics, "lr", "train_seconds", "seconds"]
 
 
 def train(
@@ -61,35 +94,43 @@ def train(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    time_budget: str | None = None,
     events: Reporter | None = None,
     show_progress: bool = True,
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> runs.Run:
     """Train as ``config`` says and return the finished :class:`~medsight.runs.Run`.
 
-    ``events`` receives what a user would want to see (:mod:`medsight.events`: progress, each
-    epoch's scores, early stopping, the best epoch); by default nothing is reported, and
-    ``show_progress=False`` leaves out the per-batch progress events.
-    ``on_epoch(epoch, row)`` is called after each epoch with its history row (``val_auroc``…);
-    an exception it raises (a tuning trial being pruned) stops training there, with the best
-    weights and the checkpoint already saved.
+    ``events`` receives what a user would want to see (:mod:`medsight.events`: the plan,
+    progress, each validation's scores, early stopping, the best epoch); by default nothing is
+    reported, and ``show_progress=False`` leaves out the per-batch progress events.
+    ``on_epoch(epoch, row)`` is called after each epoch with the history row of its last
+    validation (``val_auroc``…); an exception it raises (a tuning trial being pruned) stops
+    training there, with the best weights and the checkpoint already saved.
+    ``time_budget`` (``"10m"``): for a new run, the same as ``config.optim.time``; with
+    ``resume``, that much more time (else the run continues with what is left of its budget).
 
     >>> from medsight.config import TrainConfig, DataConfig
     >>> run = train(TrainConfig(data=DataConfig(path="phantom/"), out="runs/p"))  # doctest: +SKIP
     """
+    started = _clock()
     out = runs.prepare_run_dir(config.out, overwrite=overwrite, resume=resume)
     if resume:
         # The run continues where it lies, also when its folder was moved or copied.
         config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides({"out": str(out)})
+    if time_budget is not None:
+        _seconds(time_budget)  # refused before anything starts
+        if not resume:
+            config = config.with_overrides({"optim.time": time_budget})
     setup = _Setup.build(config, out)
-    if not resume:
-        setup.write_run_files()
     return _fit(
         setup,
         resume=resume,
         events=events or silent,
         show_progress=show_progress,
         on_epoch=on_epoch,
+        started=started,
+        time_budget=time_budget,
     )
 
 
@@ -109,6 +150,12 @@ class _Setup:
     train_set: ImageDataset
     val_set: ImageDataset
     device: torch.device
+    notes: list[str] = field(default_factory=list)  # what the set-up chose that a user should know
+
+    @property
+    def batch_size(self) -> int:
+        """The resolved batch size (``auto`` became a number in :meth:`build`)."""
+        return int(self.config.optim.batch_size)
 
     @classmethod
     def build(cls, config: TrainConfig, out: Path) -> _Setup:
@@ -121,7 +168,8 @@ class _Setup:
         table = assign_splits(table, ratios=d.ratios, seed=config.seed)
         if d.folds is not None:
             table = fold_splits(table, d.folds, d.fold, seed=config.seed)
-        classes = _check_table(table, config.optim.batch_size)
+        classes = _check_table(table)
+        config, notes = _resolve_batch_size(config, int((table["split"] == "train").sum()))
         positive = d.positive_class or runs.guess_positive_class(classes)
         if positive not in classes:
             raise ConfigError(f"positive_class {positive!r} is not a class; classes: {classes}")
@@ -199,6 +247,7 @@ class _Setup:
             ),
             val_set=ImageDataset(val_rows, preprocess, classes, cache_max_side=cache_side),
             device=device,
+            notes=notes,
         )
 
     def write_run_files(self) -> None:
@@ -220,7 +269,7 @@ class _Setup:
         runs.write_text(out / runs.SPLITS, self.table[columns].to_csv(index=False))
 
 
-def _check_table(table: pd.DataFrame, batch_size: int) -> list[str]:
+def _check_table(table: pd.DataFrame) -> list[str]:
     """Refuse data that cannot train a classifier, naming the class and split at fault."""
     development = table[table["split"].isin(["train", "val"])]
     unlabelled = development["label"].isna().sum()
@@ -241,13 +290,29 @@ def _check_table(table: pd.DataFrame, batch_size: int) -> list[str]:
                     f"class {name!r} has {counts.get(name, 0)} image(s) in the {split} split; "
                     f"at least {minimum} needed (add images or merge the class)"
                 )
-    n_train = int((table["split"] == "train").sum())
-    if batch_size > n_train:
-        raise ConfigError(
-            f"batch_size={batch_size} is larger than the training set ({n_train} images); "
-            "lower --batch-size"
-        )
     return classes
+
+
+def _resolve_batch_size(config: TrainConfig, n_train: int) -> tuple[TrainConfig, list[str]]:
+    """``batch_size: auto`` becomes 64, or the training set's size when smaller (said in a
+    note); the number is what the run's config.yaml records. A batch size given explicitly
+    and larger than the training set is refused."""
+    requested = config.optim.batch_size
+    if requested != "auto":
+        if requested > n_train:
+            raise ConfigError(
+                f"batch_size={requested} is larger than the training set ({n_train} images); "
+                "lower --batch-size, or leave it out: the default adapts to small sets"
+            )
+        return config, []
+    size = min(AUTO_BATCH_SIZE, n_train)
+    notes = []
+    if size < AUTO_BATCH_SIZE:
+        notes.append(
+            f"batch size {size}: the training set has {n_train} images, fewer than the "
+            f"default {AUTO_BATCH_SIZE}"
+        )
+    return config.with_overrides({"optim.batch_size": size}), notes
 
 
 def _probe(table: pd.DataFrame, n: int = 16) -> tuple[int, int]:
@@ -297,41 +362,44 @@ def _fit(
     events: Reporter,
     show_progress: bool,
     on_epoch: Callable[[int, dict], None] | None,
+    started: float,
+    time_budget: str | None,
 ) -> runs.Run:
-    """Train and validate, epoch after epoch; everything else is a handler's job."""
-    optim_cfg, model = setup.config.optim, setup.model
+    """Plan, then train and validate step after step; everything else is a handler's job."""
+    optim_cfg = setup.config.optim
+    for note in setup.notes:
+        events(Note(note))
     train_set, val_set, forward = _inputs(setup, events if show_progress else silent)
-    engine, loss_fn = _engine(setup, len(train_set))
-    handlers = _handlers(setup, resume, events, show_progress, on_epoch)
+    checkpoint = Checkpoint(setup.out / LAST_CHECKPOINT, resume=resume, map_location=setup.device)
+    saved = checkpoint.saved_state
+    optimizer, scaler, loss_fn = _optimiser(setup)
     workers = _workers(optim_cfg.workers, setup.train_set.caches, optim_cfg.mode == "features")
-    val_loader = DataLoader(val_set, batch_size=max(optim_cfg.batch_size, 128), num_workers=0)
-    positive_index = setup.classes.index(setup.positive)
+    val_loader = DataLoader(val_set, batch_size=max(setup.batch_size, 128), num_workers=0)
+    timer = TimeBudget(_budget(setup.config, saved, time_budget), started=started, clock=_clock)
+    parts = _Parts(setup, forward, loss_fn, train_set, val_loader, val_loader, workers)
+    if saved is not None and saved.plan:
+        plan, pace = Plan(**saved.plan), Pace()
+    else:
+        plan, pace = _plan(parts, optimizer, scaler, timer)
+    if saved is None:
+        setup.write_run_files()  # once planned: a budget refused as too short leaves no run
+    schedule = build_scheduler(
+        optim_cfg.schedule,
+        optimizer,
+        total_steps=plan.total_steps,
+        warmup_steps=round(optim_cfg.warmup_epochs * plan.steps_per_epoch),
+    )
+    engine = Engine(
+        setup.model, optimizer, schedule, scaler, setup.out, plan, setup.batch_size, pace=pace
+    )
+    parts.mid_loader = _mid_loader(val_set, plan, setup) or val_loader
+    handlers = _handlers(
+        setup, checkpoint, timer, events, show_progress, on_epoch, len(train_set), len(val_set)
+    )
     error = None
     try:
         fire(handlers, "on_fit_start", engine)
-        for epoch in range(engine.state.epoch + 1, optim_cfg.epochs + 1):
-            started = time.perf_counter()
-            engine.epoch = epoch
-            loader = _train_loader(train_set, setup, epoch, workers)
-            train_loss = _train_epoch(engine, forward, loader, loss_fn, setup, handlers)
-            train_seconds = time.perf_counter() - started
-            metrics = _validate(forward, model, val_loader, setup, positive_index)
-            engine.score = setup.task.monitor_score(optim_cfg.monitor, metrics)
-            if engine.schedule is not None:
-                engine.schedule.after_epoch(engine.score)
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                **{f"val_{k}": v for k, v in metrics.items()},
-                "lr": engine.optimizer.param_groups[-1]["lr"],
-                "train_seconds": round(train_seconds, 3),
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-            engine.state.epoch = epoch
-            engine.state.history.append(row)
-            fire(handlers, "on_epoch_end", engine, row)
-            if engine.stop:
-                break
+        _Loop(engine, parts, handlers).run()
     except BaseException as exc:
         error = exc
         raise
@@ -340,19 +408,280 @@ def _fit(
     return runs.Run.load(setup.out)
 
 
+@dataclass
+class _Parts:
+    """What the loop trains and validates with."""
+
+    setup: _Setup
+    forward: Callable
+    loss_fn: torch.nn.Module
+    train_set: object
+    val_loader: DataLoader  # the whole validation split
+    mid_loader: DataLoader  # what validations within an epoch use (a subsample, or the same)
+    workers: int
+
+
+class _Loop:
+    """Steps and validations as the plan says: within an epoch every ``plan.val_every`` steps,
+    and at its end (or the run's) on the whole split."""
+
+    def __init__(self, engine: Engine, parts: _Parts, handlers: list[Handler]):
+        self.engine, self.parts, self.handlers = engine, parts, handlers
+        setup = parts.setup
+        self.positive_index = setup.classes.index(setup.positive)
+        self.n_val = len(parts.val_loader.dataset)
+        self._window()
+
+    def _window(self) -> None:
+        """Start counting the training loss and time up to the next validation."""
+        self.loss_sum, self.seen, self.train_seconds = 0.0, 0, 0.0
+        self.window_start = time.perf_counter()
+
+    def run(self) -> None:
+        engine, plan = self.engine, self.engine.plan
+        while engine.state.step < plan.total_steps and not engine.stop:
+            self.epoch()
+
+    def epoch(self) -> None:
+        engine, parts, plan, state = self.engine, self.parts, self.engine.plan, self.engine.state
+        setup = parts.setup
+        epoch = state.step // plan.steps_per_epoch + 1
+        engine.epoch, engine.batch = epoch, state.step % plan.steps_per_epoch
+        loader = _train_loader(parts.train_set, setup, epoch, parts.workers, skip=engine.batch)
+        engine.model.train()
+        last = None
+        tick = time.perf_counter()
+        for x, y in loader:
+            loss = _step(engine, parts, x, y)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch}, batch {engine.batch + 1}; "
+                    f"training stopped and the last good checkpoint is kept in {setup.out}. "
+                    "Lower --lr, or check the images of that batch with `medsight data check`"
+                )
+            state.step += 1
+            state.images_seen += len(y)
+            engine.batch += 1
+            self.loss_sum += loss.item() * len(y)
+            self.seen += len(y)
+            engine.loss = self.loss_sum / self.seen
+            now = time.perf_counter()
+            engine.pace.observe_step(now - tick)
+            self.train_seconds += now - tick
+            fire(self.handlers, "on_batch_end", engine)
+            check = plan.check_at(state.step)
+            if engine.stop or check == "end":
+                break
+            if check == "mid":
+                last = self.validate(ending=False)
+                if engine.stop:
+                    break
+                engine.model.train()
+            tick = time.perf_counter()
+        # the epoch's (or the run's) last validation is on the whole split, unless one just was
+        if last is None or last["step"] != state.step or last["val_images"] < self.n_val:
+            last = self.validate(ending=True)
+        state.epoch = epoch
+        if engine.stop or state.step >= plan.total_steps:
+            state.stopped = engine.stop_reason or "done"
+        engine.epoch_ending = True
+        fire(self.handlers, "on_epoch_end", engine, last)
+        engine.epoch_ending = False
+
+    def validate(self, *, ending: bool) -> dict:
+        engine, parts, state = self.engine, self.parts, self.engine.state
+        loader = parts.val_loader if ending else parts.mid_loader
+        started = time.perf_counter()
+        metrics = _validate(parts.forward, engine.model, loader, parts.setup, self.positive_index)
+        engine.pace.observe_validation(time.perf_counter() - started, mid=not ending)
+        engine.score = parts.setup.task.monitor_score(parts.setup.config.optim.monitor, metrics)
+        if ending and engine.schedule is not None:
+            engine.schedule.after_epoch(engine.score)
+        row = {
+            "epoch": engine.epoch,
+            "epoch_fraction": round(state.step / engine.plan.steps_per_epoch, 4),
+            "step": state.step,
+            "images_seen": state.images_seen,
+            "val_images": len(loader.dataset),
+            "train_loss": self.loss_sum / self.seen if self.seen else float("nan"),
+            **{f"val_{k}": v for k, v in metrics.items()},
+            "lr": engine.optimizer.param_groups[-1]["lr"],
+            "train_seconds": round(self.train_seconds, 3),
+            "seconds": round(time.perf_counter() - self.window_start, 3),
+        }
+        state.history.append(row)
+        engine.epoch_ending = ending
+        fire(self.handlers, "on_validation", engine, row)
+        engine.epoch_ending = False
+        self._window()
+        return row
+
+
+def _step(engine: Engine, parts: _Parts, x, y) -> torch.Tensor:
+    """One optimiser step (and the schedule's); returns the batch's loss."""
+    device, scaler = parts.setup.device, engine.scaler
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
+    with autocast:
+        loss = parts.loss_fn(parts.forward(x), y)
+    if not torch.isfinite(loss):
+        return loss.detach()
+    engine.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(engine.optimizer)
+    scaler.update()
+    if engine.schedule is not None:
+        engine.schedule.after_batch()
+    return loss.detach()
+
+
+def _budget(config: TrainConfig, saved: TrainState | None, time_budget: str | None):
+    """The time budget in seconds, all calls together: the config's for a new run; for a
+    resumed one, the checkpoint's, or what it took so far plus ``time_budget`` when given."""
+    if saved is None:
+        text = time_budget or config.optim.time
+        return _seconds(text) if text else None
+    if time_budget is not None:
+        return saved.elapsed + _seconds(time_budget)
+    return saved.budget
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--time: {exc}") from None
+
+
+def _plan(parts: _Parts, optimizer, scaler, timer: TimeBudget) -> tuple[Plan, Pace]:
+    """The run's :class:`Plan`: epochs given or ``auto`` (``training.budget``); with a time
+    budget, as many steps as fit what is left of it at the throughput measured here (with
+    ``auto``, up to 3 times the rule's epochs; a number of epochs is a cap)."""
+    setup = parts.setup
+    optim = setup.config.optim
+    n_train, n_val = len(parts.train_set), len(parts.val_loader.dataset)
+    spe = steps_per_epoch(n_train, setup.batch_size)
+    auto = optim.epochs == "auto"
+    epochs = auto_epochs(n_train) if auto else int(optim.epochs)
+    rule = {
+        "checks": optim.val_checks,
+        "mid_epoch_above": optim.val_mid_epoch_above,
+        "subsample": optim.val_subsample,
+    }
+    basis = "auto" if auto else "epochs"
+    if timer.budget is None:
+        return cadence(n_train, n_val, spe, epochs * spe, basis=basis, **rule), Pace()
+    left = timer.budget - timer.elapsed()
+    pace = _measure(parts, optimizer, scaler, max(left, 0.0))
+    max_steps = (BUDGET_STRETCH * epochs if auto else epochs) * spe
+    left = timer.budget - timer.elapsed()
+    plan = fit_budget(
+        left * BUDGET_MARGIN,
+        images_per_s=pace.images_per_second(setup.batch_size),
+        batch_size=setup.batch_size,
+        val_seconds=pace.val_seconds,
+        n_train=n_train,
+        n_val=n_val,
+        max_steps=max_steps,
+        **rule,
+    )
+    least = min(10, spe)
+    if plan.total_steps < least:
+        spent = timer.elapsed()
+        needed = spent + (least * pace.step_seconds + pace.val_seconds) / BUDGET_MARGIN
+        raise ConfigError(
+            f"--time {format_duration(timer.budget)} is too short: setting up and measuring "
+            f"took {spent:.1f}s, {least} training steps take about "
+            f"{least * pace.step_seconds:.1f}s and one validation pass about "
+            f"{pace.val_seconds:.1f}s; give at least --time {int(needed) + 1}s"
+        )
+    if plan.total_steps == max_steps and not auto:  # the epochs given, not the budget
+        plan = Plan(plan.total_steps, spe, plan.val_every, plan.subsample, "epochs")
+    if plan.subsample:
+        pace.mid_seconds = pace.val_seconds * plan.subsample / n_val
+    return plan, pace
+
+
+def _measure(parts: _Parts, optimizer, scaler, seconds_left: float) -> Pace:
+    """Seconds per training step and per validation pass, timed on a few real steps whose
+    effects are then undone (weights, optimiser, scaler and random state put back)."""
+    setup, model = parts.setup, parts.setup.model
+    saved = (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(optimizer.state_dict()),
+        copy.deepcopy(scaler.state_dict()),
+        torch.get_rng_state(),
+    )
+    cuda = setup.device.type == "cuda"
+    probe = Engine(model, optimizer, None, scaler, setup.out, Plan(1, 1))
+    limit = 0.1 * seconds_left  # measuring takes at most a tenth of the budget (2 steps at least)
+    times: list[float] = []
+    try:
+        model.train()
+        epoch = 0
+        while len(times) < MEASURED_STEPS and not (len(times) >= 2 and sum(times) > limit):
+            loader = _train_loader(parts.train_set, setup, epoch, parts.workers)
+            epoch -= 1  # seeds no real epoch uses
+            tick = time.perf_counter()
+            for x, y in loader:
+                _step(probe, parts, x, y)
+                if cuda:
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                times.append(now - tick)
+                tick = now
+                if len(times) >= MEASURED_STEPS or (len(times) >= 2 and sum(times) > limit):
+                    break
+        model.eval()
+        seen, started = 0, time.perf_counter()
+        with torch.no_grad():
+            for i, (x, _) in enumerate(parts.val_loader):
+                parts.forward(x.to(setup.device)).float().cpu()
+                seen += len(x)
+                if i >= 1:
+                    break
+        if cuda:
+            torch.cuda.synchronize()
+        per_image = (time.perf_counter() - started) / max(seen, 1)
+    finally:
+        model.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
+        scaler.load_state_dict(saved[2])
+        torch.set_rng_state(saved[3])
+    steady = sorted(times[1:] if len(times) > 2 else times)  # the first one starts the loader
+    step_seconds = max(steady[len(steady) // 2], 1e-6)
+    val_seconds = per_image * len(parts.val_loader.dataset)
+    return Pace(step_seconds, val_seconds, val_seconds)
+
+
+def _mid_loader(val_set, plan: Plan, setup: _Setup) -> DataLoader | None:
+    """The fixed, seeded subsample validations within an epoch use (None: the whole split)."""
+    if not plan.subsample or plan.subsample >= len(val_set):
+        return None
+    rng = np.random.default_rng(setup.config.seed)
+    chosen = np.sort(rng.choice(len(val_set), size=plan.subsample, replace=False))
+    subset = Subset(val_set, chosen.tolist())
+    return DataLoader(subset, batch_size=max(setup.batch_size, 128), num_workers=0)
+
+
 def _handlers(
     setup: _Setup,
-    resume: bool,
+    checkpoint: Checkpoint,
+    timer: TimeBudget,
     events: Reporter,
     show_progress: bool,
     on_epoch: Callable[[int, dict], None] | None,
+    n_train: int,
+    n_val: int,
 ) -> list[Handler]:
-    """In the order they run: the best weights and the stop decision first, so the checkpoint
-    and the events that follow see them."""
+    """In the order they run: the checkpoint first (it restores the state the others read),
+    the best weights, the stop decisions and the elapsed time before the history and the
+    events that report them."""
     config, out = setup.config, setup.out
     handlers = [
+        checkpoint,
         EarlyStopping(out / runs.WEIGHTS, patience=config.optim.patience),
-        Checkpoint(out / LAST_CHECKPOINT, resume=resume, map_location=setup.device),
+        timer,
         History(out / runs.HISTORY, history_columns(setup.task)),
         ExperimentLog(config.optim.log, out, config.model_dump(mode="json")),
         ReportEvents(
@@ -361,6 +690,8 @@ def _handlers(
             patience=config.optim.patience,
             progress=show_progress,
             shown=setup.task.progress_metrics,
+            n_train=n_train,
+            n_val=n_val,
         ),
     ]
     if on_epoch is not None:
@@ -385,32 +716,24 @@ def _inputs(setup: _Setup, events: Reporter):
     return train_set, val_set, setup.model.forward_head
 
 
-def _engine(setup: _Setup, n_train: int) -> tuple[Engine, torch.nn.Module]:
-    """The engine (model, optimiser, schedule, gradient scaler) and the loss."""
+def _optimiser(setup: _Setup):
+    """The optimiser, the gradient scaler and the loss (the schedule waits for the plan)."""
     optim_cfg, model = setup.config.optim, setup.model
     counts = setup.train_set.class_counts() if optim_cfg.class_weights == "auto" else None
     loss_fn = setup.task.build_loss(counts, optim_cfg.label_smoothing).to(setup.device)
     backbone_lr = optim_cfg.lr * (optim_cfg.backbone_lr_mult if optim_cfg.mode == "finetune" else 1)
     groups = model.param_groups(optim_cfg.lr, backbone_lr, optim_cfg.weight_decay)
     optimizer = build_optimizer(optim_cfg.optimizer, groups, optim_cfg.lr)
-    steps = math.ceil(n_train / optim_cfg.batch_size)
-    schedule = build_scheduler(
-        optim_cfg.schedule,
-        optimizer,
-        epochs=optim_cfg.epochs,
-        steps_per_epoch=steps,
-        warmup_epochs=optim_cfg.warmup_epochs,
-    )
     use_amp = optim_cfg.amp and setup.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    engine = Engine(model, optimizer, schedule, scaler, setup.out, optim_cfg.epochs, steps)
-    return engine, loss_fn
+    return optimizer, scaler, loss_fn
 
 
-def _train_loader(dataset, setup: _Setup, epoch: int, workers: int) -> DataLoader:
+def _train_loader(dataset, setup: _Setup, epoch: int, workers: int, skip: int = 0) -> DataLoader:
     # Per-epoch seeds: the order, augmentation and dropout of epoch e never depend on how many
-    # epochs ran in this process, which is what makes --resume exact.
-    seed = setup.config.seed
+    # epochs ran in this process, which is what makes --resume exact. ``skip``: batches of the
+    # epoch already done (a run that a time budget ended within an epoch, given more time).
+    seed, batch_size = setup.config.seed, setup.batch_size
     torch.manual_seed(seed * 1_000_003 + epoch)
     generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
     if setup.config.optim.balanced_sampler:
@@ -420,43 +743,17 @@ def _train_loader(dataset, setup: _Setup, epoch: int, workers: int) -> DataLoade
         sampler = WeightedRandomSampler(sample_weights, len(targets), generator=generator)
     else:
         sampler = RandomSampler(dataset, generator=generator)
+    if skip:
+        sampler = list(sampler)[skip * batch_size :]
     return DataLoader(
         dataset,
-        batch_size=setup.config.optim.batch_size,
+        batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         persistent_workers=False,
         pin_memory=setup.device.type == "cuda",
-        drop_last=len(dataset) > setup.config.optim.batch_size,
+        drop_last=len(dataset) > batch_size,
     )
-
-
-def _train_epoch(engine: Engine, forward, loader, loss_fn, setup: _Setup, handlers) -> float:
-    model, optimizer, scaler = engine.model, engine.optimizer, engine.scaler
-    model.train()
-    total, seen = 0.0, 0
-    autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
-    for batch_index, (x, y) in enumerate(loader, start=1):
-        x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
-        with autocast:
-            loss = loss_fn(forward(x), y)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss.item()} at epoch {engine.epoch}, batch {batch_index}; "
-                f"training stopped and the last good checkpoint is kept in {setup.out}. "
-                "Lower --lr, or check the images of that batch with `medsight data check`"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if engine.schedule is not None:
-            engine.schedule.after_batch()
-        total += loss.item() * len(y)
-        seen += len(y)
-        engine.batch, engine.loss = batch_index, total / seen
-        fire(handlers, "on_batch_end", engine)
-    return total / max(seen, 1)
 
 
 @torch.no_grad()

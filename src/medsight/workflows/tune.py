@@ -353,7 +353,7 @@ def tune(
         direction=direction,
         # parallel workers must not propose the same trials: seed only a private study
         sampler=optuna.samplers.TPESampler(seed=base.seed if storage is None else None),
-        pruner=_pruner(pruner, base.optim.epochs),
+        pruner=_pruner(pruner, _epochs_hint(base.optim.epochs)),
         load_if_exists=True,
     )
     if study.direction.name.lower() != direction:
@@ -459,6 +459,14 @@ def _check_data(base: TrainConfig) -> None:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "study"
+
+
+def _epochs_hint(epochs: int | str) -> int:
+    """The epochs a trial runs, for the pruner: the number given, or for ``auto`` the most the
+    rule makes (a trial's own count follows its training-set size)."""
+    from medsight.training.budget import AUTO_MAX_EPOCHS
+
+    return epochs if isinstance(epochs, int) else AUTO_MAX_EPOCHS
 
 
 def _pruner(name: str, epochs: int):
