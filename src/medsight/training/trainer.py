@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,14 @@ from medsight.data.sources import class_names, load_samples
 from medsight.data.splits import assign_splits, fold_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
-from medsight.events import ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
+from medsight.events import (
+    Note,
+    ProgressAdvance,
+    ProgressEnd,
+    ProgressStart,
+    Reporter,
+    silent,
+)
 from medsight.tasks import Task, get_task
 from medsight.training.features import extract_features
 from medsight.training.handlers import (
@@ -48,6 +55,7 @@ from medsight.training.handlers import (
     fire,
 )
 from medsight.training.optim import build_optimizer, build_scheduler
+from medsight.training.recipe import PRETRAINED_CNN, choose_model
 
 
 def history_columns(task: Task) -> list[str]:
@@ -81,13 +89,16 @@ def train(
     if resume:
         # The run continues where it lies, also when its folder was moved or copied.
         config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides({"out": str(out)})
+    events = events or silent
     setup = _Setup.build(config, out)
+    for note in setup.notes:
+        events(Note(note))
     if not resume:
         setup.write_run_files()
     return _fit(
         setup,
         resume=resume,
-        events=events or silent,
+        events=events,
         show_progress=show_progress,
         on_epoch=on_epoch,
     )
@@ -109,6 +120,7 @@ class _Setup:
     train_set: ImageDataset
     val_set: ImageDataset
     device: torch.device
+    notes: list[str] = field(default_factory=list)  # choices made for the user, with reasons
 
     @classmethod
     def build(cls, config: TrainConfig, out: Path) -> _Setup:
@@ -126,6 +138,11 @@ class _Setup:
         if positive not in classes:
             raise ConfigError(f"positive_class {positive!r} is not a class; classes: {classes}")
 
+        native_channels, native_side = _probe(table[table["split"] == "train"])
+        notes = []
+        if config.model.name == "auto":
+            config, note = _resolve_auto_model(config, native_side, table)
+            notes.append(note)
         spec = get_spec(config.model.name)
         mode = config.optim.mode
         pretrained = config.model.pretrained and mode != "scratch"
@@ -134,7 +151,7 @@ class _Setup:
                 f"--mode {mode} trains on top of learned features: add --pretrained or "
                 "--weights FILE|RUN (or use --mode full / scratch to train from random weights)"
             )
-        native_channels, native_side = _probe(table[table["split"] == "train"])
+        d = config.data
         side = d.image_size or (native_side if native_side <= 128 else spec.default_size)
         if spec.family != "custom":
             side = max(side, 32)  # ImageNet CNNs downsample 32x: smaller inputs vanish
@@ -199,6 +216,7 @@ class _Setup:
             ),
             val_set=ImageDataset(val_rows, preprocess, classes, cache_max_side=cache_side),
             device=device,
+            notes=notes,
         )
 
     def write_run_files(self) -> None:
@@ -218,6 +236,33 @@ class _Setup:
         runs.write_json(out / runs.VERSIONS, runs.library_versions())
         columns = [c for c in ("sample_id", "label", "patient_id", "split") if c in self.table]
         runs.write_text(out / runs.SPLITS, self.table[columns].to_csv(index=False))
+
+
+def _resolve_auto_model(
+    config: TrainConfig, native_side: int, table: pd.DataFrame
+) -> tuple[TrainConfig, str]:
+    """``--model auto`` → the network the recipe picks for these data, written into the config
+    (so ``config.yaml`` names it and reproduces the run), and the reason to report."""
+    from medsight.models.weights import package_weights_file
+
+    choice = choose_model(
+        native_side=native_side,
+        n_train=int((table["split"] == "train").sum()),
+        pretrained=config.model.pretrained,
+        mode=config.optim.mode,
+        weights=config.model.weights,
+        image_size=config.data.image_size,
+        pretrained_available=package_weights_file(PRETRAINED_CNN) is not None,
+        gpu=torch.cuda.is_available(),
+    )
+    resolved = config.with_overrides(
+        {
+            "model.name": choice.name,
+            "model.pretrained": choice.pretrained,
+            "data.image_size": choice.image_size,
+        }
+    )
+    return resolved, f"--model auto chose {choice.name}: {choice.reason}"
 
 
 def _check_table(table: pd.DataFrame, batch_size: int) -> list[str]:
