@@ -167,8 +167,9 @@ class ModelConfig(_Strict):
     """Which network, from which weights."""
 
     name: str = Field(
-        default="medcnn_s",
-        description="network name (medsight models lists them; any timm name works)",
+        default="auto",
+        description="network name (medsight models lists them; any timm name works); auto: "
+        "chosen from the data (medsight.training.recipe)",
         json_schema_extra=flag("--model"),
     )
     pretrained: bool = Field(

@@ -68,6 +68,7 @@ from medsight.training.handlers import (
     fire,
 )
 from medsight.training.optim import build_optimizer, build_scheduler
+from medsight.training.recipe import PRETRAINED_CNN, choose_model
 
 #: The batch size ``batch_size: auto`` takes, unless the training set is smaller.
 AUTO_BATCH_SIZE = 64
@@ -126,7 +127,7 @@ def train(
     return _fit(
         setup,
         resume=resume,
-        events=events or silent,
+        events=events,
         show_progress=show_progress,
         on_epoch=on_epoch,
         started=started,
@@ -174,6 +175,10 @@ class _Setup:
         if positive not in classes:
             raise ConfigError(f"positive_class {positive!r} is not a class; classes: {classes}")
 
+        native_channels, native_side = _probe(table[table["split"] == "train"])
+        if config.model.name == "auto":
+            config, note = _resolve_auto_model(config, native_side, table)
+            notes.append(note)
         spec = get_spec(config.model.name)
         mode = config.optim.mode
         pretrained = config.model.pretrained and mode != "scratch"
@@ -182,7 +187,7 @@ class _Setup:
                 f"--mode {mode} trains on top of learned features: add --pretrained or "
                 "--weights FILE|RUN (or use --mode full / scratch to train from random weights)"
             )
-        native_channels, native_side = _probe(table[table["split"] == "train"])
+        d = config.data
         side = d.image_size or (native_side if native_side <= 128 else spec.default_size)
         if spec.family != "custom":
             side = max(side, 32)  # ImageNet CNNs downsample 32x: smaller inputs vanish
@@ -267,6 +272,33 @@ class _Setup:
         runs.write_json(out / runs.VERSIONS, runs.library_versions())
         columns = [c for c in ("sample_id", "label", "patient_id", "split") if c in self.table]
         runs.write_text(out / runs.SPLITS, self.table[columns].to_csv(index=False))
+
+
+def _resolve_auto_model(
+    config: TrainConfig, native_side: int, table: pd.DataFrame
+) -> tuple[TrainConfig, str]:
+    """``--model auto`` → the network the recipe picks for these data, written into the config
+    (so ``config.yaml`` names it and reproduces the run), and the reason to report."""
+    from medsight.models.weights import package_weights_file
+
+    choice = choose_model(
+        native_side=native_side,
+        n_train=int((table["split"] == "train").sum()),
+        pretrained=config.model.pretrained,
+        mode=config.optim.mode,
+        weights=config.model.weights,
+        image_size=config.data.image_size,
+        pretrained_available=package_weights_file(PRETRAINED_CNN) is not None,
+        gpu=torch.cuda.is_available(),
+    )
+    resolved = config.with_overrides(
+        {
+            "model.name": choice.name,
+            "model.pretrained": choice.pretrained,
+            "data.image_size": choice.image_size,
+        }
+    )
+    return resolved, f"--model auto chose {choice.name}: {choice.reason}"
 
 
 def _check_table(table: pd.DataFrame) -> list[str]:

@@ -143,7 +143,8 @@ class SearchSpace:
         model_param = by_name.get("model.name")
         model = model_param.suggest(trial) if model_param else base.model.name
         values["model.name"] = model
-        transfer = get_spec(model).family != "custom"
+        auto = model == "auto"  # the recipe picks the network (and its weights) from the data
+        transfer = not auto and get_spec(model).family != "custom"
         if transfer and "model.pretrained" not in by_name:
             values["model.pretrained"] = True  # the listed ImageNet CNNs are meant to transfer
         for param in self.params:
@@ -152,7 +153,7 @@ class SearchSpace:
             if param.name == "optim.freeze_stages" and values.get("optim.mode") != "finetune":
                 continue
             values[param.name] = param.suggest(trial)
-        if not transfer:
+        if not transfer and not auto:
             values["optim.mode"] = "full" if base.optim.mode in ("features", "finetune") else None
             values["model.pretrained"] = False
         return base.with_overrides(values)
