@@ -38,6 +38,7 @@ REQUIRED = [
     "mobilenet_v2",
     "medcnn_s",
     "medcnn_m",
+    "medcnn_lite",
 ]
 
 # Small, representative: timm ResNet, torchvision, timm EfficientNet-Lite, custom, passthrough.
@@ -73,7 +74,7 @@ def test_xception_maps_to_timms_xception():
 
 
 def test_list_models_filters_with_wildcards():
-    assert list_models("medcnn*") == ["medcnn_m", "medcnn_s"]
+    assert list_models("medcnn*") == ["medcnn_lite", "medcnn_m", "medcnn_s"]
     assert list_models("nothing*") == []
     assert list_models() == sorted(list_models())
 
@@ -246,3 +247,4 @@ def test_model_table_lists_every_registered_model_without_allocating():
     assert rows["resnet18"]["params"] == 11_177_538  # 11.18 M backbone + a 2-class head
     assert 300_000 <= rows["medcnn_s"]["params"] <= 1_500_000
     assert rows["medcnn_m"]["params"] > rows["medcnn_s"]["params"]
+    assert rows["medcnn_lite"]["stages"] == rows["medcnn_s"]["stages"]
