@@ -63,3 +63,23 @@ def test_weights_of_a_run_keep_its_architecture_and_a_bare_file_needs_a_name(tmp
     )
     with pytest.raises(ConfigError, match="add --model NAME"):
         choose_model(native_side=64, n_train=10, weights=str(tmp_path / "w.safetensors"))
+
+
+def test_the_default_recipe_names_its_network_in_the_run_and_says_why(tmp_path):
+    from tests.conftest import make_two_class_manifest
+
+    from medsight.config import DataConfig, TrainConfig
+    from medsight.events import Note
+    from medsight.runs import Run
+    from medsight.training.trainer import train
+
+    data = make_two_class_manifest(tmp_path / "data", 10, 2, 16)
+    config = TrainConfig(data=DataConfig(path=str(data)), out=str(tmp_path / "run"))
+    config = config.with_overrides({"optim.epochs": 1})
+    assert config.model.name == "auto"
+    seen = []
+    run = train(config, events=seen.append, show_progress=False)
+    assert Run.load(run.path).config.model.name == LEAN_CNN  # config.yaml reproduces the run
+    assert run.model_config["name"] == LEAN_CNN
+    notes = [e.text for e in seen if isinstance(e, Note)]
+    assert any(f"--model auto chose {LEAN_CNN}" in n and "px" in n for n in notes), notes

@@ -127,7 +127,7 @@ def train(
     return _fit(
         setup,
         resume=resume,
-        events=events,
+        events=events or silent,
         show_progress=show_progress,
         on_epoch=on_epoch,
         started=started,

@@ -52,7 +52,7 @@ PRUNERS = ("median", "hyperband", "none")
 
 #: The search space used when no ``--space`` file is given.
 DEFAULT_SPACE: dict[str, Any] = {
-    "model.name": ["medcnn_s", "medcnn_m", "mobilenet_v2", "tf_efficientnet_lite0"],
+    "model.name": ["medcnn_lite", "medcnn_s", "medcnn_m", "mobilenet_v2", "tf_efficientnet_lite0"],
     "optim.mode": ["full", "finetune"],
     "optim.freeze_stages": {"low": 1, "high": 3},
     "model.attention": ["none", "se", "cbam", "diff"],
