@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the epoch count")
     parser.add_argument("--recipe", choices=["default", "old"], default="default")
     parser.add_argument("--time", help="wall-clock budget, e.g. 5m")
+    parser.add_argument("--model", help="a network instead of the recipe's choice")
     parser.add_argument("--work", type=Path, help="keep data and runs here (default: a temp dir)")
     args = parser.parse_args()
     overrides = dict(OLD_RECIPE) if args.recipe == "old" else {}
@@ -73,6 +74,8 @@ def main() -> None:
         overrides["optim.epochs"] = args.epochs
     if args.time:
         overrides[TIME_FIELD] = args.time
+    if args.model:
+        overrides["model.name"] = args.model
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -83,7 +86,8 @@ def main() -> None:
                 continue
             rows.append(run_set(name, path, work, overrides))
             print(rows[-1], flush=True)
-    print(f"\nrecipe: {args.recipe}" + (f", --time {args.time}" if args.time else ""))
+    extra = "".join(f", --{k} {getattr(args, k)}" for k in ("time", "model") if getattr(args, k))
+    print(f"\nrecipe: {args.recipe}{extra}")
     print(
         "| set | network | test n | AUROC (95 % CI) | accuracy (95 % CI) | best / run epochs "
         "| validations | wall s |"

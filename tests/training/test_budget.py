@@ -233,6 +233,11 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.parametrize(("n_train", "epochs"), [(100, 10), (2_100, 10), (4_800, 4), (50_000, 1)])
+def test_auto_epochs_of_a_pretrained_network_aim_at_a_third_of_the_images(n_train, epochs):
+    assert auto_epochs(n_train, pretrained=True) == epochs
+
+
 def test_auto_epochs_and_a_small_set_batch_size_adapt_to_the_data(tmp_path, helpers):
     data = _data(tmp_path, helpers)
     config = tiny_train_config(data, tmp_path / "run", epochs="auto", batch_size="auto")

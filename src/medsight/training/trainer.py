@@ -594,7 +594,8 @@ def _plan(parts: _Parts, optimizer, scaler, timer: TimeBudget) -> tuple[Plan, Pa
     n_train, n_val = len(parts.train_set), len(parts.val_loader.dataset)
     spe = steps_per_epoch(n_train, setup.batch_size)
     auto = optim.epochs == "auto"
-    epochs = auto_epochs(n_train) if auto else int(optim.epochs)
+    pretrained = bool(setup.config.model.pretrained or setup.config.model.weights)
+    epochs = auto_epochs(n_train, pretrained) if auto else int(optim.epochs)
     rule = {
         "checks": optim.val_checks,
         "mid_epoch_above": optim.val_mid_epoch_above,
