@@ -228,3 +228,15 @@ def test_dataloader_workers_follow_the_cache_and_the_cores(monkeypatch):
     assert trainer._workers(3, cached=True, features_mode=False) == 3  # asked for: obeyed
     monkeypatch.setattr(trainer.os, "cpu_count", lambda: 2)
     assert trainer._workers(None, cached=False, features_mode=False) == 0
+
+
+def test_a_checkpoint_from_before_step_plans_is_refused_by_name(tmp_path, helpers):
+    data = _dataset(tmp_path / "data", helpers)
+    run = train(_config(data, tmp_path / "r", epochs=1), show_progress=False)
+    checkpoint = run.path / "checkpoints" / "last.pt"
+    saved = torch.load(checkpoint, weights_only=False)
+    old_keys = ("epoch", "best_score", "best_epoch", "bad_epochs", "history")
+    saved["state"] = {k: v for k, v in saved["state"].items() if k in old_keys}  # 4d1acfa's
+    torch.save(saved, checkpoint)
+    with pytest.raises(ConfigError, match="older medsight.*--weights"):
+        train(_config(data, tmp_path / "r", epochs=2), resume=True, show_progress=False)

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from medsight import runs
+from medsight.errors import ConfigError
 from medsight.events import (
     BudgetReached,
     EarlyStopped,
@@ -229,6 +230,13 @@ class Checkpoint(Handler):
         self.saved = (
             torch.load(self.path, map_location=map_location, weights_only=False) if resume else None
         )
+        if self.saved is not None and self.saved["state"].get("plan") is None:
+            # Checkpoints from before step plans hold no step count or plan to continue from.
+            raise ConfigError(
+                f"{self.path} was written by an older medsight that kept no step plan, so the "
+                "run cannot be resumed; its weights still load, evaluate and serve. To train "
+                f"on, start a new run from them: --weights {self.path.parent.parent}"
+            )
 
     @property
     def saved_state(self) -> TrainState | None:
