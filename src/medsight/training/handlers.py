@@ -230,7 +230,7 @@ class Checkpoint(Handler):
         self.saved = (
             torch.load(self.path, map_location=map_location, weights_only=False) if resume else None
         )
-        if self.saved is not None and self.saved["state"].get("plan") is None:
+        if self.saved is not None and "step" not in self.saved["state"]:
             # Checkpoints from before step plans hold no step count or plan to continue from.
             raise ConfigError(
                 f"{self.path} was written by an older medsight that kept no step plan, so the "
