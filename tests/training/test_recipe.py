@@ -37,7 +37,7 @@ def test_auto_picks_by_image_side_and_count(side, n_train, name):
 def test_the_pretrained_backbone_runs_at_128_px_on_a_cpu_and_224_on_a_gpu():
     assert choose_model(native_side=512, n_train=5000).image_size == 128
     assert choose_model(native_side=512, n_train=5000, gpu=True).image_size == 224
-    assert choose_model(native_side=100, n_train=5000).image_size == 100  # never upsampled
+    assert choose_model(native_side=150, n_train=5000, gpu=True).image_size == 150  # no upsampling
     assert choose_model(native_side=512, n_train=5000, image_size=160).image_size == 160
 
 
