@@ -20,6 +20,12 @@ standard that ``dicom-anonymizer`` ships (``dicomfields_2026c``). Of the maintai
 So medsight uses dicom-anonymizer's table with its own small engine: every action at every
 sequence depth, UIDs remapped with the installation's salted keyed hash (the same source UID
 always maps to the same new UID), the patient ID replaced by its salted pseudonym.
+
+No option of the profile is applied, so nothing is retained: private attributes are all removed
+(no Retain Safe Private), dates and times are emptied or dummied (no Retain Longitudinal
+Temporal Information), and so are device, institution and patient characteristics. Pixel data
+are not cleaned (no Clean Pixel Data), which is why a file flagged BurnedInAnnotation = YES is
+refused rather than stored.
 """
 
 from __future__ import annotations
