@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from medsight import __version__
 from medsight.data.imaging import DEFAULT_MAX_PIXELS
+from medsight.data.privacy import DeidentificationError, deidentify_dicom
 from medsight.errors import ConfigError
 from medsight.evaluation.modelcard import intended_use
 from medsight.inference import Predictor
@@ -37,7 +38,7 @@ from medsight.serving.service import (
     ModelService,
     UnsupportedImage,
 )
-from medsight.serving.worklist import Study, WorklistStore, deidentify_dicom, utc
+from medsight.serving.worklist import ReviewStateError, Study, WorklistStore, utc
 from medsight.tasks import Task
 
 TOKEN_ENV = "MEDSIGHT_TOKEN"
@@ -267,6 +268,8 @@ def add_study(model: Model, store: Store, data: Annotated[bytes, Depends(_read)]
     if fmt == "dicom":
         try:
             data, meta = deidentify_dicom(data)
+        except DeidentificationError as exc:
+            raise BadImage(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - decodable yet not re-writable: refuse it
             raise BadImage(
                 f"the DICOM file cannot be de-identified: {type(exc).__name__}"
@@ -411,6 +414,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadImage)
     async def _bad(request: Request, exc: BadImage):
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(ReviewStateError)
+    async def _review_state(request: Request, exc: ReviewStateError):
+        return JSONResponse({"detail": str(exc), "allowed": list(exc.allowed)}, status_code=409)
 
     @app.exception_handler(ExplanationsUnavailable)
     async def _no_explain(request: Request, exc: ExplanationsUnavailable):
