@@ -229,7 +229,8 @@ class Checkpoint(Handler):
 
     Together with the per-epoch seeds of the loop, this makes a resumed run end with the same
     weights as an uninterrupted one: validations within the epoch that was interrupted are done
-    again, identically.
+    again, identically. A relative ``path`` is inside ``engine.out``; with ``resume`` it is read
+    as given, so give the run's own file.
     """
 
     def __init__(self, path: Path, *, resume: bool = False, map_location=None):
