@@ -134,6 +134,33 @@ def test_predict_paths_reports_an_unreadable_file_and_predicts_the_others(tiny_r
     np.testing.assert_allclose(good["confidence"].to_numpy(), expected.max(1), atol=1e-6)
 
 
+def _nan_tiff(path):
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), np.nan, np.float32), mode="F").save(path)
+    return path
+
+
+def test_predict_paths_keeps_the_good_predictions_beside_an_image_with_nan_pixels(
+    tiny_run, tmp_path
+):
+    run, files = tiny_run
+    nan = _nan_tiff(tmp_path / "nan.tif")
+    paths = [files[0], nan, files[1]]
+    table = predict_paths(run, paths, batch_size=8)  # one batch: the NaN row is in it
+
+    classes = Run.load(run).classes
+    probs = [f"p_{c}" for c in classes]
+    assert table["error"].tolist() == [
+        "",
+        f"{nan}: the model's outputs hold NaN or infinity; its pixel values hold NaN or infinity",
+        "",
+    ]
+    assert table.loc[1, "label"] == "" and table.loc[[1], probs].isna().all().all()
+    expected = Predictor.from_run(run).predict_files([files[0], files[1]])
+    np.testing.assert_allclose(table.loc[[0, 2], probs].to_numpy(), expected, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- backends
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, decode, decode_bytes
-from medsight.errors import ConfigError, MedsightError
+from medsight.errors import ConfigError, DataError, MedsightError
 from medsight.runs import WEIGHTS, Run
 from medsight.tasks import Task, get_task
 
@@ -306,8 +306,9 @@ def predict_paths(
 ) -> pd.DataFrame:
     """Predict image files with a run: one row per file (``file``, the fields of the task's
     prediction, its probability columns, ``error``; for classification ``file, label,
-    confidence, p_<class>..., error``); a file that cannot be read gets its reason in ``error``,
-    not a crash.
+    confidence, p_<class>..., error``). A file that cannot be read, or whose outputs hold NaN
+    or infinity (NaN or infinite pixels), gets its reason in ``error`` and an empty prediction;
+    every other file is predicted as if it were alone.
 
     >>> predict_paths("runs/phantom", ["a.png", "b.dcm"]).label.tolist()   # doctest: +SKIP
     ['lesion', 'normal']
@@ -328,11 +329,32 @@ def predict_paths(
             )
         except MedsightError as exc:
             row["error"] = str(exc)
+        except OSError as exc:  # e.g. a file that is not readable by this user
+            row["error"] = f"{path}: cannot read it: {exc.strerror or exc}"
         rows.append(row)
     for start in range(0, len(ready), batch_size):
         chunk = ready[start : start + batch_size]
-        probs = predictor.predict_array(np.stack([x for _, x in chunk]))
-        for (i, _), p, decoded in zip(chunk, probs, predictor.decode(probs)):
-            rows[i].update(decoded)
-            rows[i].update({name: float(v) for name, v in zip(columns, p)})
+        for (i, x), probs in zip(chunk, _probabilities(predictor, [x for _, x in chunk])):
+            if probs is None:
+                pixels = "" if np.isfinite(x).all() else "; its pixel values hold NaN or infinity"
+                rows[i]["error"] = (
+                    f"{rows[i]['file']}: the model's outputs hold NaN or infinity{pixels}"
+                )
+                continue
+            rows[i].update(predictor.decode(probs[None])[0])
+            rows[i].update({name: float(v) for name, v in zip(columns, probs)})
     return pd.DataFrame(rows, columns=["file", *fields, *columns, "error"])
+
+
+def _probabilities(predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray | None]:
+    """Each image's probabilities, None where the outputs hold NaN or infinity: the batch at
+    once, and image by image only when some image's outputs are not finite."""
+    try:
+        return list(predictor.predict_array(np.stack(images)))
+    except DataError:  # the task refuses non-finite outputs; find whose they are
+        if len(images) == 1:
+            views = tta_views(images[0][None], predictor.tta)
+            if all(np.isfinite(predictor.logits_array(v)).all() for v in views):
+                raise  # refused for another reason: not this image's outputs
+            return [None]
+    return [_probabilities(predictor, [x])[0] for x in images]

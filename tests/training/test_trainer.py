@@ -161,9 +161,128 @@ def test_nan_loss_stops_with_the_batch_named(tmp_path, helpers, monkeypatch):
             return logits.sum() * float("nan")
 
     monkeypatch.setattr(ClassifyTask, "build_loss", lambda self, counts, smoothing: NanLoss())
-    with pytest.raises(TrainingError, match="at epoch 1, batch 1"):
+    with pytest.raises(TrainingError, match="at epoch 1, batch 1") as caught:
         train(_config(data, tmp_path / "r"), show_progress=False)
-    assert not (tmp_path / "r" / runs.WEIGHTS).exists()
+    assert "before its first checkpoint (no checkpoint yet), so no run was kept" in str(
+        caught.value
+    )
+    assert "last good checkpoint" not in str(caught.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_nan_loss_after_a_checkpoint_names_it(tmp_path, helpers, monkeypatch):
+    data = _dataset(tmp_path / "data", helpers)
+    real_build = ClassifyTask.build_loss
+
+    class NanInEpochTwo(torch.nn.Module):
+        def __init__(self, loss):
+            super().__init__()
+            self.loss, self.calls = loss, 0
+
+        def forward(self, logits, y):
+            self.calls += 1
+            value = self.loss(logits, y)
+            return value * float("nan") if self.calls > 1 else value  # 1 step per epoch
+
+    def nan_in_epoch_two(self, counts, smoothing):
+        return NanInEpochTwo(real_build(self, counts, smoothing))
+
+    monkeypatch.setattr(ClassifyTask, "build_loss", nan_in_epoch_two)
+    out = tmp_path / "r"
+    with pytest.raises(TrainingError) as caught:
+        train(_config(data, out, batch_size=12), show_progress=False)
+    checkpoint = out / "checkpoints" / "last.pt"
+    assert str(caught.value).startswith("the loss became nan at epoch 2, batch 1;")
+    assert f"the last good checkpoint is {checkpoint} (epoch 1)" in str(caught.value)
+    assert torch.load(checkpoint, weights_only=False)["state"]["epoch"] == 1
+
+
+def _split_manifest(root, helpers, broken: str | None = None):
+    """Two classes with a fixed split column: 8 train, 2 val, 2 test images each; ``broken``
+    (a split) gets one file that is not an image."""
+    lines = ["path,label,split"]
+    for label, seed in (("normal", 0), ("lesion", 100)):
+        for i, split in enumerate(["train"] * 8 + ["val"] * 2 + ["test"] * 2):
+            rel = f"img/{label}_{i}.png"
+            helpers.write_png(root / rel, helpers.random_image(seed + i))
+            lines.append(f"{rel},{label},{split}")
+    if broken:
+        (root / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        lines.append(f"img/broken.png,normal,{broken}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root / "manifest.csv"
+
+
+def test_bad_data_found_during_training_leaves_no_run_and_a_rerun_is_not_refused(tmp_path, helpers):
+    data = _split_manifest(tmp_path / "data", helpers, broken="val")
+    out = tmp_path / "runs" / "r"
+    with pytest.raises(DataError, match="broken.png"):
+        train(_config(data, out, epochs=1), show_progress=False)
+    assert list((tmp_path / "runs").iterdir()) == []  # no run, no hidden leftovers
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(_config(data, out, epochs=1), resume=True, show_progress=False)
+
+    fixed = _split_manifest(tmp_path / "data", helpers)
+    run = train(_config(fixed, out, epochs=1), show_progress=False)
+    assert run.path == out and (out / "checkpoints" / "last.pt").exists()
+
+
+def test_a_kill_during_the_first_checkpoint_leaves_no_run_that_evaluate_accepts(
+    tmp_path, helpers, monkeypatch
+):
+    from medsight.training import handlers
+
+    data = _dataset(tmp_path / "data", helpers)
+    out = tmp_path / "runs" / "r"
+
+    def killed(payload, path):
+        path.write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # as far as this process goes, a kill
+
+    monkeypatch.setattr(handlers, "_save", killed)
+    # a real kill runs no clean-up: the hidden folder stays
+    monkeypatch.setattr(runs.NewRun, "discard", lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data, out), show_progress=False)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="is not a medsight run: it is not a folder"):
+        runs.Run.load(out)  # what evaluate, predict and serve load
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(_config(data, out), resume=True, show_progress=False)
+    left = list((tmp_path / "runs").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".r.partial-")
+
+
+def test_an_unfinished_run_of_a_dead_process_is_removed_by_the_next_start(tmp_path, helpers):
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    left = tmp_path / "runs" / f".r.partial-{child.pid}-abc123"
+    (left / "r" / "checkpoints").mkdir(parents=True)
+    (left / "r" / "checkpoints" / f".last.pt.{child.pid}.tmpxyz").write_bytes(b"x" * 1000)
+    os.utime(left, (0, 0))
+    data = _dataset(tmp_path / "data", helpers)
+    train(_config(data, tmp_path / "runs" / "r", epochs=1), show_progress=False)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r"]
+
+
+def test_file_names_that_are_not_utf8_train_and_keep_their_splits(tmp_path, helpers):
+    import os
+
+    root = helpers.make_class_folders(tmp_path / "d", {"normal": 8, "lesion": 8})
+    bad = os.path.join(os.fsencode(root / "lesion"), b"\xff\xfe.png")
+    helpers.write_png(tmp_path / "x.png", helpers.random_image(99))
+    os.replace(tmp_path / "x.png", bad)
+    run = train(_config(root, tmp_path / "r", epochs=1), show_progress=False)
+    name = os.fsdecode(b"lesion/\xff\xfe.png")
+    assert name in run.splits()["sample_id"].tolist()
+    assert b"lesion/\xff\xfe.png," in (run.path / runs.SPLITS).read_bytes()
+    table = run.load_data()
+    assert table["split"].notna().all()  # every sample found its split again
+    assert name in table["sample_id"].tolist()
 
 
 def test_finetune_freezes_early_stages_and_trains_the_rest(tmp_path, helpers):

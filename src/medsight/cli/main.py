@@ -1,12 +1,15 @@
 """The ``medsight`` command line: each command is a thin call into the library.
 
 Errors meant for people (:class:`medsight.errors.MedsightError`) are printed on one line and
-end the command with exit status 2; anything else is a bug and keeps its traceback.
+end the command with exit status 2. So are :class:`OSError` s (a full disk, a read-only or
+missing folder, a file that cannot be opened): they come from the machine, not from medsight,
+and the line names the file, what failed and the system's reason. Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import warnings
 from contextlib import contextmanager
 from enum import Enum
@@ -15,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -93,20 +97,48 @@ def main(
     """Train, evaluate, explain and serve medical image classifiers."""
 
 
+def _shown(value) -> str:
+    """``value`` as text safe to print: file names that are not UTF-8 (surrogate escapes) show
+    their bytes as ``\\xff``, and brackets are not taken for Rich markup."""
+    text = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return escape(text)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the file(s), the system's reason and its errno name."""
+    name = errno.errorcode.get(exc.errno, "") if exc.errno is not None else ""
+    reason = exc.strerror or str(exc)
+    if name:
+        reason = f"{reason} ({name})"
+    where = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(where)}: {reason}" if where else reason
+
+
 @contextmanager
 def _user_errors():
-    """Turn a MedsightError into one red line and exit status 2; show library warnings plainly."""
+    """Turn a MedsightError or an OSError into one red line and exit status 2; show library
+    warnings plainly."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             yield
         except MedsightError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _error_line(str(exc))
+            raise typer.Exit(2) from None
+        except OSError as exc:  # the machine's refusal (disk full, permissions), not a bug
+            _error_line(os_error_line(exc))
             raise typer.Exit(2) from None
         finally:
             for warning in caught:
                 if issubclass(warning.category, UserWarning):
-                    err_console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
+                    err_console.print(
+                        f"[yellow]warning:[/] {_shown(warning.message)}", highlight=False
+                    )
+
+
+def _error_line(message: str) -> None:
+    # soft_wrap: one line however long, so scripts and people read it whole
+    err_console.print(f"[bold red]error:[/] {_shown(message)}", highlight=False, soft_wrap=True)
 
 
 def _events():
@@ -175,8 +207,9 @@ def data_check(
             )
         document = {"path": str(path), "format": table.attrs.get("format"), **report.to_dict()}
         if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(document, indent=2))
+            from medsight.runs import write_json
+
+            write_json(json_out, document)
         if not report.usable:
             raise MedsightError(
                 f"{path}: none of the {report.n_images} images could be read "
@@ -189,7 +222,7 @@ def data_check(
 
 def _print_check(doc: dict) -> None:
     console.print(
-        f"[bold]{doc['path']}[/]  format [cyan]{doc['format']}[/]  "
+        f"[bold]{_shown(doc['path'])}[/]  format [cyan]{doc['format']}[/]  "
         f"{doc['n_images']:,} images, {doc['n_readable']:,} readable",
         highlight=False,
     )
@@ -204,7 +237,7 @@ def _print_check(doc: dict) -> None:
     table.add_column("share", justify="right")
     for name in classes:
         table.add_row(
-            name,
+            _shown(name),
             *(f"{doc['splits'][s].get(name, 0):,}" for s in splits),
             f"{doc['classes'][name]:,}",
             f"{doc['classes'][name] / total:.1%}",
@@ -239,7 +272,7 @@ def _print_problems(doc: dict, limit: int = 20) -> None:
         table.add_column("sample")
         table.add_column("reason", overflow="fold")
         for item in doc["unreadable"][:limit]:
-            table.add_row(item["sample_id"], item["reason"])
+            table.add_row(_shown(item["sample_id"]), _shown(item["reason"]))
         console.print(table)
     if doc["duplicates"]:
         table = Table(
@@ -250,8 +283,8 @@ def _print_problems(doc: dict, limit: int = 20) -> None:
         table.add_column("splits")
         for group in doc["duplicates"][:limit]:
             table.add_row(
-                ", ".join(group["sample_ids"]),
-                ", ".join(group["labels"]),
+                _shown(", ".join(group["sample_ids"])),
+                _shown(", ".join(group["labels"])),
                 ", ".join(group["splits"]),
             )
         console.print(table)
@@ -267,7 +300,7 @@ def _print_problems(doc: dict, limit: int = 20) -> None:
             else:
                 what = "same image: " + ", ".join(leak["sample_ids"])
                 where = ", ".join(leak["splits"])
-            table.add_row(leak["kind"], what, where)
+            table.add_row(leak["kind"], _shown(what), where)
         console.print(table)
     hidden = [
         f"{len(doc[k]) - limit} more {k}"
@@ -340,8 +373,9 @@ def data_split(
             development = table["split"] != "test"
             result.loc[development, "fold"] = kfold_assignments(table[development], folds, seed)
             result["fold"] = result["fold"].astype("Int64")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result.to_csv(out, index=False)
+        from medsight.runs import write_text
+
+        write_text(out, result.to_csv(index=False))
         counts = result.groupby("split").size().to_dict()
         console.print(f"wrote {out}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
@@ -871,33 +905,38 @@ def predict_command(
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     tta: TtaOption = None,
 ) -> None:
-    """Predict files with a run, preprocessing exactly as serving does; unreadable files are
-    reported and skipped (exit 2 only when none can be read)."""
+    """Predict files with a run, preprocessing exactly as serving does. A file that cannot be
+    read, or whose outputs hold NaN or infinity, is a row with its reason in the error column;
+    every other file is predicted. Exit status 0 when at least one file was predicted, 2 when
+    none was (the --out CSV is written in both cases)."""
     from medsight.inference import predict_paths
+    from medsight.runs import write_text
 
     with _user_errors():
         table = predict_paths(
             run, files, backend=backend.value, max_pixels=max_pixels, tta=tta.value if tta else None
         )
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(out, index=False)
-        shown = Table(title=f"{run.name}: {len(table)} file(s)", title_justify="left")
+            write_text(out, table.to_csv(index=False))
+        shown = Table(title=f"{_shown(run.name)}: {len(table)} file(s)", title_justify="left")
         for column in table.columns:
-            shown.add_column(column, overflow="fold")
+            shown.add_column(_shown(column), overflow="fold")
         for row in table.itertuples(index=False):
             shown.add_row(
                 *(
-                    "" if v != v or v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+                    "" if v != v or v is None else f"{v:.3f}" if isinstance(v, float) else _shown(v)
                     for v in row
                 )
             )
         console.print(shown)
         failed = table["error"].astype(bool).sum()
         if failed:
-            err_console.print(f"[yellow]warning:[/] {failed} file(s) could not be read")
+            err_console.print(
+                f"[yellow]warning:[/] {failed} of {len(table)} file(s) could not be predicted; "
+                "see the error column"
+            )
         if failed == len(table):
-            raise MedsightError("none of the files could be read; see the error column")
+            raise MedsightError("none of the files could be predicted; see the error column")
         if out is not None:
             console.print(f"wrote {out}")
 

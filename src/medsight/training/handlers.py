@@ -5,6 +5,8 @@ per-epoch callback, and the events a user sees.
 The loop (:func:`medsight.training.trainer.train`) only trains and validates; after each batch,
 each validation, each epoch, and at the start and end of training it calls every handler's
 hook, in list order, with the :class:`Engine` (MONAI's engines and handlers work the same way).
+Paths given to handlers as relative ones are inside the run directory, ``engine.out``: a new run
+is built in a hidden folder and moved into place by :class:`CommitRun` at its first checkpoint.
 A new behaviour is a new handler, not a change to the loop::
 
     class StopAfter(Handler):
@@ -128,6 +130,11 @@ class Handler:
         exception from a callback), None when it ran to its end or stopped early."""
 
 
+def _in_run(engine: Engine, path: Path) -> Path:
+    """``path`` itself when absolute, else inside the run directory (where it is now)."""
+    return path if path.is_absolute() else Path(engine.out) / path
+
+
 class EarlyStopping(Handler):
     """Save the weights of the best validation (``model.safetensors``) and stop once
     ``patience`` epochs' worth of steps passed without improvement of the monitored score.
@@ -148,7 +155,7 @@ class EarlyStopping(Handler):
         if engine.score > state.best_score:
             state.best_score, state.best_epoch, state.bad_epochs = engine.score, engine.epoch, 0
             state.best_step = state.step
-            runs.save_weights(self.weights, engine.model.state_dict())
+            runs.save_weights(_in_run(engine, self.weights), engine.model.state_dict())
         else:
             state.bad_epochs += 1
         if state.step - state.best_step >= self.patience * engine.plan.steps_per_epoch:
@@ -222,7 +229,8 @@ class Checkpoint(Handler):
 
     Together with the per-epoch seeds of the loop, this makes a resumed run end with the same
     weights as an uninterrupted one: validations within the epoch that was interrupted are done
-    again, identically.
+    again, identically. A relative ``path`` is inside ``engine.out``; with ``resume`` it is read
+    as given, so give the run's own file.
     """
 
     def __init__(self, path: Path, *, resume: bool = False, map_location=None):
@@ -267,7 +275,28 @@ class Checkpoint(Handler):
             "scaler": engine.scaler.state_dict(),
             "state": engine.state.__dict__,
         }
-        runs.write_atomic(self.path, lambda tmp: torch.save(payload, tmp))
+        runs.write_atomic(_in_run(engine, self.path), lambda tmp: _save(payload, tmp))
+
+
+def _save(payload: dict, path: Path) -> None:
+    # Through a Python file, so a full disk is an OSError naming errno (torch's own writer
+    # on a path reports a bare RuntimeError).
+    with open(path, "wb") as file:
+        torch.save(payload, file)
+
+
+class CommitRun(Handler):
+    """Move a new run into place (:class:`medsight.runs.NewRun`) once its first checkpoint is
+    written, and point ``engine.out`` there: a start that fails or is killed before leaves no
+    run folder, and a run folder that exists can always be resumed. Goes right after
+    :class:`Checkpoint`."""
+
+    def __init__(self, new_run: runs.NewRun):
+        self.new_run = new_run
+
+    def on_epoch_end(self, engine: Engine, row: dict) -> None:
+        if not self.new_run.committed:
+            engine.out = self.new_run.commit()
 
 
 class History(Handler):
@@ -279,7 +308,7 @@ class History(Handler):
     def on_validation(self, engine: Engine, row: dict) -> None:
         # rows of a checkpoint from before a column existed get it empty
         table = pd.DataFrame(engine.state.history).reindex(columns=self.columns)
-        runs.write_text(self.path, table.to_csv(index=False))
+        runs.write_text(_in_run(engine, self.path), table.to_csv(index=False))
 
 
 class ExperimentLog(Handler):

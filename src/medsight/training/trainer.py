@@ -56,6 +56,7 @@ from medsight.training.features import extract_features
 from medsight.training.handlers import (
     LAST_CHECKPOINT,
     Checkpoint,
+    CommitRun,
     EarlyStopping,
     Engine,
     EpochCallback,
@@ -110,29 +111,39 @@ def train(
     training there, with the best weights and the checkpoint already saved.
     ``time_budget`` (``"10m"``): for a new run, the same as ``config.optim.time``; with
     ``resume``, that much more time (else the run continues with what is left of its budget).
+    A new run's folder appears at ``config.out`` with its first checkpoint (replacing an old
+    one only then, with ``overwrite``); a start that fails before leaves nothing there.
 
     >>> from medsight.config import TrainConfig, DataConfig
     >>> run = train(TrainConfig(data=DataConfig(path="phantom/"), out="runs/p"))  # doctest: +SKIP
     """
     started = _clock()
-    out = runs.prepare_run_dir(config.out, overwrite=overwrite, resume=resume)
-    if resume:
-        # The run continues where it lies, also when its folder was moved or copied.
-        config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides({"out": str(out)})
     if time_budget is not None:
         _seconds(time_budget)  # refused before anything starts
-        if not resume:
+    new_run = None
+    if resume:
+        out = runs.prepare_run_dir(config.out, resume=True)
+        # The run continues where it lies, also when its folder was moved or copied.
+        config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides({"out": str(out)})
+    else:
+        if time_budget is not None:
             config = config.with_overrides({"optim.time": time_budget})
-    setup = _Setup.build(config, out)
-    return _fit(
-        setup,
-        resume=resume,
-        events=events or silent,
-        show_progress=show_progress,
-        on_epoch=on_epoch,
-        started=started,
-        time_budget=time_budget,
-    )
+        # Built beside its place and moved there at the first checkpoint: a start that fails
+        # (bad data, a budget too short, an interrupt) leaves no run folder behind.
+        new_run = runs.NewRun(config.out, overwrite=overwrite)
+        out = new_run.path
+    with new_run or nullcontext():
+        setup = _Setup.build(config, out)
+        return _fit(
+            setup,
+            resume=resume,
+            new_run=new_run,
+            events=events or silent,
+            show_progress=show_progress,
+            on_epoch=on_epoch,
+            started=started,
+            time_budget=time_budget,
+        )
 
 
 # --------------------------------------------------------------------------- set-up
@@ -391,6 +402,7 @@ def _fit(
     setup: _Setup,
     *,
     resume: bool,
+    new_run: runs.NewRun | None = None,
     events: Reporter,
     show_progress: bool,
     on_epoch: Callable[[int, dict], None] | None,
@@ -402,7 +414,9 @@ def _fit(
     for note in setup.notes:
         events(Note(note))
     train_set, val_set, forward = _inputs(setup, events if show_progress else silent)
-    checkpoint = Checkpoint(setup.out / LAST_CHECKPOINT, resume=resume, map_location=setup.device)
+    # Relative paths are inside engine.out, which a new run changes when it moves into place.
+    where = setup.out / LAST_CHECKPOINT if resume else LAST_CHECKPOINT
+    checkpoint = Checkpoint(where, resume=resume, map_location=setup.device)
     saved = checkpoint.saved_state
     optimizer, scaler, loss_fn = _optimiser(setup)
     workers = _workers(optim_cfg.workers, setup.train_set.caches, optim_cfg.mode == "features")
@@ -428,6 +442,8 @@ def _fit(
     handlers = _handlers(
         setup, checkpoint, timer, events, show_progress, on_epoch, len(train_set), len(val_set)
     )
+    if new_run is not None:
+        handlers.insert(1, CommitRun(new_run))  # right after the first checkpoint is written
     error = None
     try:
         fire(handlers, "on_fit_start", engine)
@@ -437,7 +453,9 @@ def _fit(
         raise
     finally:
         fire(handlers, "on_fit_end", engine, error)
-    return runs.Run.load(setup.out)
+    if new_run is not None:
+        engine.out = new_run.commit()  # a run that ended before any epoch (no checkpoint)
+    return runs.Run.load(engine.out)
 
 
 @dataclass
@@ -486,11 +504,7 @@ class _Loop:
         for x, y in loader:
             loss = _step(engine, parts, x, y)
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {epoch}, batch {engine.batch + 1}; "
-                    f"training stopped and the last good checkpoint is kept in {setup.out}. "
-                    "Lower --lr, or check the images of that batch with `medsight data check`"
-                )
+                raise TrainingError(_nan_loss_message(loss.item(), epoch, engine))
             state.step += 1
             state.images_seen += len(y)
             engine.batch += 1
@@ -547,6 +561,19 @@ class _Loop:
         engine.epoch_ending = False
         self._window()
         return row
+
+
+def _nan_loss_message(loss: float, epoch: int, engine: Engine) -> str:
+    where = f"the loss became {loss} at epoch {epoch}, batch {engine.batch + 1}; training stopped"
+    fix = "Lower --lr, or check the images of that batch with `medsight data check`"
+    checkpoint = engine.out / LAST_CHECKPOINT
+    if checkpoint.exists():
+        return (
+            f"{where}; the last good checkpoint is {checkpoint} (epoch {engine.state.epoch}), "
+            f"with the best "
+            f"weights in {engine.out / runs.WEIGHTS}. {fix}"
+        )
+    return f"{where} before its first checkpoint (no checkpoint yet), so no run was kept. {fix}"
 
 
 def _step(engine: Engine, parts: _Parts, x, y) -> torch.Tensor:
@@ -713,9 +740,9 @@ def _handlers(
     config, out = setup.config, setup.out
     handlers = [
         checkpoint,
-        EarlyStopping(out / runs.WEIGHTS, patience=config.optim.patience),
+        EarlyStopping(Path(runs.WEIGHTS), patience=config.optim.patience),
         timer,
-        History(out / runs.HISTORY, history_columns(setup.task)),
+        History(Path(runs.HISTORY), history_columns(setup.task)),
         ExperimentLog(config.optim.log, out, config.model_dump(mode="json")),
         ReportEvents(
             events,
