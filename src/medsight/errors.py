@@ -29,4 +29,5 @@ class ConfigError(MedsightError):
 
 
 class TrainingError(MedsightError):
-    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+    """Training cannot go on (e.g. the loss became NaN); the message names the last checkpoint
+    kept, or says there is none yet."""

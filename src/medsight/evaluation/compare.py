@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
-
 from medsight import runs
 from medsight.errors import DataError
 from medsight.tasks import get_task
@@ -26,7 +24,7 @@ def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: 
             raise DataError(
                 f"{run.path} has not been evaluated yet: run `medsight evaluate {path}`"
             )
-        loaded.append((run, pd.read_csv(predictions_path, dtype={"sample_id": str})))
+        loaded.append((run, runs.read_csv(predictions_path, dtype={"sample_id": str})))
     first_classes = loaded[0][0].classes
     first_task = loaded[0][0].task
     for run, _ in loaded[1:]:

@@ -208,7 +208,7 @@ def _environment():
 
 def _read_predictions(path: Path) -> pd.DataFrame:
     # Class names such as "NA" or "0" must stay strings: no NA guessing, ids and labels as text.
-    return pd.read_csv(
+    return runs.read_csv(
         path,
         dtype={"sample_id": str, "label": str, "predicted": str},
         keep_default_na=False,
