@@ -18,7 +18,6 @@ a MedMNIST ``.npz``, DICOM files or folders, NIfTI files or folders.
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -356,12 +355,9 @@ def _add_medical_metadata(
 
 def _dicom_fields(source: str, salt: bytes) -> dict:
     """Patient grouping and subgroup metadata from a DICOM header; never a raw identifier."""
-    import pydicom
-
     try:
         if source.startswith("zip://"):
-            data = imaging._read_zip_member(source)
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            ds = imaging.dicom_header(imaging._read_zip_member(source), name=source)
         else:
             ds = imaging.dicom_header(source)
     except Exception:  # noqa: BLE001 - unreadable files are reported by check
