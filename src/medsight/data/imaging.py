@@ -378,6 +378,8 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _TRAILER_ALLOWANCE = 1024 * 1024
 #: Elements above this size are left on disk until needed, so a length check comes first.
 _DEFER_SIZE = 1024 * 1024
+#: Bytes of padding tolerated after native pixel data (seen in real files).
+_PADDING_ALLOWANCE = 64 * 1024
 
 
 def _pixel_tag(ds) -> int | None:
@@ -464,7 +466,8 @@ def _read_deflated_dicom(
 def _check_dicom_pixel_bytes(ds, source: str, max_pixels: int, tag: int, length: int) -> None:
     """Refuse pixel data that the header's size does not account for, before reading it.
 
-    Native data must hold rows x columns x samples x frames x bits allocated (padded to even);
+    Native data must hold rows x columns x samples x frames x bits allocated (plus at most
+    :data:`_PADDING_ALLOWANCE` of padding);
     encapsulated (compressed) data are sized by their decoder from the header, so the pixel
     count of all frames is what is bounded.
     """
@@ -485,7 +488,8 @@ def _check_dicom_pixel_bytes(ds, source: str, max_pixels: int, tag: int, length:
     if bits not in (1, 8, 16, 32, 64):
         raise ImageDecodeError(source, f"DICOM BitsAllocated is {bits}; 1, 8, 16, 32 or 64 allowed")
     expected = -(-rows * cols * samples * frames * bits // 8)
-    if length not in (expected, expected + expected % 2):
+    # Some writers pad the pixel data past its size; pydicom ignores a little, and so do we.
+    if not expected <= length <= expected + _PADDING_ALLOWANCE:
         raise ImageDecodeError(
             source,
             f"DICOM pixel data hold {length:,} bytes but the header's {cols}x{rows} pixels x "
