@@ -466,8 +466,8 @@ def _read_deflated_dicom(
 def _check_dicom_pixel_bytes(ds, source: str, max_pixels: int, tag: int, length: int) -> None:
     """Refuse pixel data that the header's size does not account for, before reading it.
 
-    Native data must hold rows x columns x samples x frames x bits allocated (plus at most
-    :data:`_PADDING_ALLOWANCE` of padding);
+    Native data must hold rows x columns x samples x frames x bits allocated (plus padding
+    shorter than a frame and than :data:`_PADDING_ALLOWANCE`);
     encapsulated (compressed) data are sized by their decoder from the header, so the pixel
     count of all frames is what is bounded.
     """
@@ -488,8 +488,10 @@ def _check_dicom_pixel_bytes(ds, source: str, max_pixels: int, tag: int, length:
     if bits not in (1, 8, 16, 32, 64):
         raise ImageDecodeError(source, f"DICOM BitsAllocated is {bits}; 1, 8, 16, 32 or 64 allowed")
     expected = -(-rows * cols * samples * frames * bits // 8)
-    # Some writers pad the pixel data past its size; pydicom ignores a little, and so do we.
-    if not expected <= length <= expected + _PADDING_ALLOWANCE:
+    # Some writers pad the pixel data past its size; less than a frame is ignored (pydicom would
+    # read whole extra frames as more frames, or a 2-frame image as colour).
+    padding = min(_PADDING_ALLOWANCE, expected // frames - 1)
+    if not expected <= length <= expected + padding:
         raise ImageDecodeError(
             source,
             f"DICOM pixel data hold {length:,} bytes but the header's {cols}x{rows} pixels x "
@@ -744,6 +746,7 @@ def _decode_npz(source: str) -> DecodedImage:
     else:
         raise ImageDecodeError(source, f"unexpected image shape {raw.shape} in npz")
     scale = 255.0 if raw.dtype == np.uint8 else None
+    _require_finite(source, raw)
     pixels = array.astype(np.float32) / scale if scale else _minmax(array.astype(np.float32))
     meta = {"format": "npz", "scaling": "/255" if scale else "minmax"}
     return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), source, meta)
