@@ -76,11 +76,13 @@ def deflated_dicom(
 def zip_with_member(size: int, name: str = "normal/bomb.dcm") -> bytes:
     """A zip holding one deflated member of ``size`` zeros."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        with archive.open(name, "w", force_zip64=True) as member:
-            block = bytes(MiB)
-            for start in range(0, size, MiB):
-                member.write(block[: min(MiB, size - start)])
+    block = bytes(MiB)
+    with (
+        zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open(name, "w", force_zip64=True) as member,
+    ):
+        for start in range(0, size, MiB):
+            member.write(block[: min(MiB, size - start)])
     return buffer.getvalue()
 
 
@@ -120,8 +122,9 @@ def write_all(folder, size: int = 1024 * MiB) -> dict[str, str]:
         # pixel element honest and small, a stream of zeros after it
         "dicom_trailer.dcm": deflated_dicom(size, rows=64, cols=64, declared_length=4096),
         # header, element and data all agree, at the pixel limit: stopped by the ratio
-        "dicom_honest.dcm": deflated_dicom(min(side, 7744) ** 2, rows=min(side, 7744),
-                                           cols=min(side, 7744)),
+        "dicom_honest.dcm": deflated_dicom(
+            min(side, 7744) ** 2, rows=min(side, 7744), cols=min(side, 7744)
+        ),
         "volume.nii.gz": nifti_gz((512, 512, max(1, size // (512 * 512)))),
     }
     paths = {}
