@@ -125,7 +125,9 @@ def write_all(folder, size: int = 1024 * MiB) -> dict[str, str]:
         "dicom_honest.dcm": deflated_dicom(
             min(side, 7744) ** 2, rows=min(side, 7744), cols=min(side, 7744)
         ),
+        # more voxels than allowed, and (below) as many as allowed, all zeros
         "volume.nii.gz": nifti_gz((512, 512, max(1, size // (512 * 512)))),
+        "volume_honest.nii.gz": nifti_gz((512, 512, 900)),
     }
     paths = {}
     for name, data in files.items():
