@@ -5,9 +5,13 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 
 from medsight.data.checks import check_samples
+from medsight.data.datasets import ImageDataset
 from medsight.data.sources import load_samples
+from medsight.data.transforms import Preprocess
+from medsight.errors import ImageDecodeError
 
 
 def test_clean_set_reports_counts_and_no_problems(tmp_path, helpers):
@@ -75,3 +79,29 @@ def test_real_pneumoniamnist_has_duplicates_leaking_into_val(shared_data):
     leaks = [leak for leak in report.leakage if leak["kind"] == "duplicate"]
     assert leaks and all("val" in leak["splits"] or "test" in leak["splits"] for leak in leaks)
     assert np.isclose(report.imbalance_ratio, 4273 / 757, atol=1e-3)
+
+
+def test_images_below_eight_pixels_are_reported_and_refused_for_training(tmp_path, helpers):
+    root = helpers.make_class_folders(tmp_path / "d", {"a": 2, "b": 2})
+    tiny = helpers.write_png(root / "b" / "tiny.png", np.full((1, 1), 200, dtype=np.uint8))
+    helpers.write_png(root / "a" / "thin.png", np.zeros((7, 64), dtype=np.uint8))
+    report = check_samples(load_samples(root))
+    assert [(t["sample_id"], t["size"]) for t in report.too_small] == [
+        ("a/thin.png", "64x7"),
+        ("b/tiny.png", "1x1"),
+    ]
+    assert report.too_small[1]["reason"] == (
+        "1x1 pixels is below the minimum of 8 on each side; training refuses it"
+    )
+    assert not report.clean and report.n_readable == 6
+
+    table = load_samples(root)
+    dataset = ImageDataset(table, Preprocess(size=(16, 16)))
+    position = table.index[table["sample_id"] == "b/tiny.png"][0]
+    with pytest.raises(ImageDecodeError) as err:
+        dataset[position]
+    assert str(err.value) == (
+        f"{tiny.resolve()}: 1x1 pixels is below the minimum of 8 on each side for training; "
+        "replace the image or leave it out (medsight data check lists them all)"
+    )
+    assert dataset[0][0].shape == (1, 16, 16)

@@ -143,6 +143,52 @@ def test_manifest_path_escaping_its_folder_is_refused_unless_allowed(tmp_path, h
     assert len(load_samples(csv, allow_outside=True)) == 2
 
 
+def test_manifest_mask_escaping_its_folder_is_refused_unless_allowed(tmp_path, helpers):
+    inner = tmp_path / "project"
+    helpers.write_png(inner / "a.png", helpers.random_image(1))
+    helpers.write_png(inner / "b.png", helpers.random_image(2))
+    csv = inner / "m.csv"
+    csv.write_text("path,label,mask\na.png,x,masks/a.png\nb.png,y,../../etc/passwd\n")
+    with pytest.raises(DataError) as err:
+        load_samples(csv)
+    assert str(err.value) == (
+        f"{csv}: line 3: mask '../../etc/passwd' points outside the manifest's folder "
+        f"{inner.resolve()} (1 such row(s)); move the files under it or pass --allow-outside"
+    )
+    table = load_samples(csv, allow_outside=True)
+    assert table["mask"].tolist()[0] == str(inner.resolve() / "masks" / "a.png")
+
+
+@pytest.mark.parametrize("spellings", [("1", "1.0"), ("01", "1"), ("1", "1.0", "01")])
+def test_manifest_label_written_as_one_number_several_ways_is_refused(tmp_path, helpers, spellings):
+    rows = "".join(f"img/{i}.png,{label}\n" for i, label in enumerate(spellings + ("0",)))
+    for i in range(len(spellings) + 1):
+        helpers.write_png(tmp_path / "img" / f"{i}.png", helpers.random_image(i))
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label\n" + rows)
+    with pytest.raises(DataError) as err:
+        load_samples(csv)
+    shown = ", ".join(repr(s) for s in sorted(spellings))
+    assert str(err.value) == (
+        f"{csv}: label column 'label' writes the same class in several ways ({shown}), "
+        "which would make separate classes; write each class one way"
+    )
+
+
+def test_numeric_labels_written_one_way_each_are_kept(tmp_path, helpers):
+    for i in range(3):
+        helpers.write_png(tmp_path / "img" / f"{i}.png", helpers.random_image(i))
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label\nimg/0.png,1.0\nimg/1.png,0.0\nimg/2.png,1.0\n")
+    assert class_names(load_samples(csv)) == ["0.0", "1.0"]
+
+
+def test_class_folders_named_as_one_number_two_ways_are_refused(tmp_path, helpers):
+    root = helpers.make_class_folders(tmp_path / "d", {"1": 1, "01": 1, "2": 1})
+    with pytest.raises(DataError, match=r"column 'label' writes the same class in several ways"):
+        load_samples(root)
+
+
 def test_manifest_with_unknown_split_value_is_refused(tmp_path, helpers):
     csv = _manifest(tmp_path, "path,label,split\nimg/a.png,x,holdout\n", helpers)
     with pytest.raises(DataError, match=r"unknown split value\(s\) \['holdout'\]"):

@@ -1,4 +1,4 @@
-"""Audit a SampleTable before training: unreadable files, duplicates, leakage, balance.
+"""Audit a SampleTable before training: unreadable or tiny files, duplicates, leakage, balance.
 
 :func:`check_samples` decodes every image once and returns a :class:`CheckReport`; the CLI
 prints it as tables and JSON. Nothing is fixed silently: the report names each problem file,
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from medsight.data.imaging import DEFAULT_MAX_PIXELS
+from medsight.data.imaging import DEFAULT_MAX_PIXELS, MIN_SIDE
 from medsight.data.sources import class_names, iter_decoded
 from medsight.errors import ImageDecodeError
 
@@ -37,6 +37,7 @@ class CheckReport:
     imbalance_ratio: float | None = None
     unlabelled: int = 0
     ignored_files: dict[str, int] = field(default_factory=dict)
+    too_small: list[dict] = field(default_factory=list)
 
     @property
     def usable(self) -> bool:
@@ -45,8 +46,8 @@ class CheckReport:
 
     @property
     def clean(self) -> bool:
-        """No unreadable file, no duplicate, no leakage (what ``--strict`` demands)."""
-        return not (self.unreadable or self.duplicates or self.leakage)
+        """No unreadable or too small file, no duplicate, no leakage (what ``--strict`` demands)."""
+        return not (self.unreadable or self.too_small or self.duplicates or self.leakage)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +68,7 @@ def check_samples(
     splits = table["split"].fillna(UNASSIGNED)
     labels = table["label"]
     unreadable: list[dict] = []
+    too_small: list[dict] = []
     sizes: Counter[str] = Counter()
     channels: Counter[str] = Counter()
     by_hash: dict[str, list[int]] = defaultdict(list)
@@ -79,6 +81,16 @@ def check_samples(
         else:
             height, width = result.size
             sizes[f"{width}x{height}"] += 1
+            if min(height, width) < MIN_SIDE:
+                too_small.append(
+                    {
+                        "sample_id": sample_id,
+                        "source": sources[sample_id],
+                        "size": f"{width}x{height}",
+                        "reason": f"{width}x{height} pixels is below the minimum of {MIN_SIDE} "
+                        "on each side; training refuses it",
+                    }
+                )
             channels[result.channels] += 1
             digest = hashlib.blake2b(result.pixels.tobytes(), digest_size=16)
             digest.update(str(result.pixels.shape).encode())
@@ -130,6 +142,7 @@ def check_samples(
         imbalance_ratio=imbalance,
         unlabelled=int(labels[readable_mask].isna().sum()),
         ignored_files=dict(table.attrs.get("ignored", {})),
+        too_small=too_small,
     )
 
 

@@ -14,10 +14,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from medsight.data.imaging import DEFAULT_MAX_PIXELS, decode
+from medsight.data.imaging import DEFAULT_MAX_PIXELS, MIN_SIDE, decode
 from medsight.data.sources import class_names
 from medsight.data.transforms import Preprocess
-from medsight.errors import DataError
+from medsight.errors import DataError, ImageDecodeError
 
 UNLABELLED = -1
 
@@ -28,7 +28,8 @@ class ImageDataset(Dataset):
     ``classes`` fixes the label → index mapping (a run's ``classes.json``); rows without a label
     get index ``-1``; a label outside ``classes`` is an error naming it. ``augment`` sees the
     resized image in ``[0, 1]`` after the cache (so cached epochs still get fresh augmentation),
-    before normalisation.
+    before normalisation. Images below ``min_side`` pixels on a side are refused (one line naming
+    the file): upscaled to the input size they hold nothing to learn.
 
     >>> ds = ImageDataset(table, Preprocess(size=(64, 64)))    # doctest: +SKIP
     >>> x, y = ds[0]; x.shape                                   # doctest: +SKIP
@@ -44,6 +45,7 @@ class ImageDataset(Dataset):
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cache_max_side: int = 128,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int = MIN_SIDE,
     ) -> None:
         self.table = table.reset_index(drop=True)
         self.preprocess = preprocess
@@ -61,6 +63,7 @@ class ImageDataset(Dataset):
         )
         self.augment = augment
         self.max_pixels = max_pixels
+        self.min_side = min_side
         self._cacheable = max(preprocess.size) <= cache_max_side
         self._cache: dict[int, np.ndarray] = {}
 
@@ -80,6 +83,14 @@ class ImageDataset(Dataset):
                 max_pixels=self.max_pixels,
                 window=self.preprocess.window,
             )
+            height, width = image.size
+            if min(height, width) < self.min_side:
+                raise ImageDecodeError(
+                    image.source,
+                    f"{width}x{height} pixels is below the minimum of {self.min_side} on each "
+                    "side for training; replace the image or leave it out (medsight data check "
+                    "lists them all)",
+                )
             array = self.preprocess.prepare(image)
             if self._cacheable:
                 self._cache[i] = array

@@ -7,16 +7,25 @@ rescale and window, MONOCHROME1 inversion, NIfTI slice, ...), so preprocessing c
 
 A *source* is a string: a file path, or one of the addresses built by :func:`zip_source`,
 :func:`npz_source` and :func:`nifti_slice_source` for images that are not files of their own.
+
+Resource bounds (decompression bombs): nothing is allocated from a size the file merely claims.
+``max_pixels`` bounds the pixels a decode produces — all frames of a multi-frame DICOM, and
+:data:`VOLUME_FACTOR` times it for the voxels of a NIfTI volume. A DICOM's pixel data length
+must equal rows × columns × samples × frames × bits allocated from its header, checked before
+the data are read. Compressed streams (Deflated DICOM, ``.nii.gz``, zip members) are inflated
+in steps, never past the size their header declares (at most :func:`max_inflated_bytes`), and
+refused as soon as they inflate more than :data:`MAX_RATIO`:1 once past
+:data:`RATIO_FREE_BYTES`. Float pixels holding NaN or infinity are refused.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import threading
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +37,22 @@ from medsight.errors import DataError, ImageDecodeError
 
 #: Images above this many pixels are refused as a possible decompression bomb (configurable).
 DEFAULT_MAX_PIXELS = 60_000_000
+
+#: A NIfTI volume may hold this many times ``max_pixels`` voxels (a 512x512x900 CT by default).
+VOLUME_FACTOR = 4
+
+#: Compressed data inflating more than this ratio are refused once past RATIO_FREE_BYTES:
+#: medical images compress 2-20:1; only near-constant data (a bomb) compress 100:1 and more.
+MAX_RATIO = 100
+RATIO_FREE_BYTES = 8 * 1024 * 1024
+
+#: Room for everything in a file that is not pixel data (DICOM header elements, NIfTI extensions).
+METADATA_ALLOWANCE = 16 * 1024 * 1024
+
+#: Images smaller than this on either side carry too little to learn from; training refuses them.
+MIN_SIDE = 8
+
+_CHUNK = 1024 * 1024
 
 RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -122,9 +147,11 @@ def decode(
         if source.startswith(_NIFTI_SCHEME):
             path, _, where = source[len(_NIFTI_SCHEME) :].rpartition("!")
             axis, index = (int(part) for part in where.split(":"))
-            return _decode_nifti(path, source, axis=axis, index=index, window=window)
+            return _decode_nifti(
+                path, source, axis=axis, index=index, window=window, max_pixels=max_pixels
+            )
         if source.startswith(_ZIP_SCHEME):
-            data = _read_zip_member(source)
+            data = _read_zip_member(source, max_pixels=max_pixels)
             return decode_bytes(data, name=source, max_pixels=max_pixels, window=window)
         path = Path(source)
         if not path.exists():
@@ -132,7 +159,7 @@ def decode(
         if path.is_dir():
             raise ImageDecodeError(source, "is a folder, not an image file")
         if has_extension(path.name, NIFTI_EXTENSIONS):
-            return _decode_nifti(str(path), source, window=window)
+            return _decode_nifti(str(path), source, window=window, max_pixels=max_pixels)
         if has_extension(path.name, DICOM_EXTENSIONS):
             with open(path, "rb") as fh:
                 return _decode_dicom(fh, source, max_pixels=max_pixels, window=window)
@@ -146,7 +173,7 @@ def decode(
             with open(path, "rb") as fh:
                 return _decode_raster(fh, source, max_pixels=max_pixels)
         if kind in ("nifti", "gzip"):
-            return decode_bytes(path.read_bytes(), name=source, window=window)
+            return _decode_nifti(str(path), source, window=window, max_pixels=max_pixels)
         raise ImageDecodeError(
             source,
             f"unrecognised image format (extension {path.suffix or 'none'!r}); "
@@ -174,14 +201,9 @@ def decode_bytes(
             return _decode_raster(io.BytesIO(data), name, max_pixels=max_pixels)
         if kind == "dicom":
             return _decode_dicom(io.BytesIO(data), name, max_pixels=max_pixels, window=window)
-        if kind == "gzip":
-            return decode_bytes(
-                gzip.decompress(data), name=name, max_pixels=max_pixels, window=window
-            )
-        if kind == "nifti":
-            import nibabel as nib
-
-            return _nifti_to_image(nib.Nifti1Image.from_bytes(data), name, window=window)
+        if kind in ("gzip", "nifti"):
+            image = _nifti_from_stream(io.BytesIO(data).read, name, max_pixels=max_pixels)
+            return _nifti_to_image(image, name, window=window)
     except ImageDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -232,6 +254,7 @@ def _decode_raster(fh, source: str, *, max_pixels: int) -> DecodedImage:
         meta["scaling"] = "/255"
     elif mode.startswith("I;16") or mode in ("I", "F"):
         raw = np.asarray(image).astype(np.float32)
+        _require_finite(source, raw)
         array = _minmax(raw)[None]
         meta["scaling"] = "minmax"
         meta["dtype"] = str(np.asarray(image).dtype)
@@ -278,20 +301,19 @@ def window_linear(
 
 
 def _decode_dicom(fh, source: str, *, max_pixels: int, window) -> DecodedImage:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
-    try:
-        ds = pydicom.dcmread(fh)
-    except InvalidDicomError:
-        raise ImageDecodeError(source, "not a DICOM file (no DICM preamble)") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
+    ds = _read_dicom(fh, source, max_pixels)
+    tag = _pixel_tag(ds)
+    if tag is None:
         raise ImageDecodeError(
             source, "DICOM object has no pixel data (a report or structured document?)"
         )
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    _check_pixels(source, cols, rows, max_pixels)
+    element = ds.get_item(tag, keep_deferred=True)  # its length, without reading the data
+    length = getattr(element, "length", None)
+    if length is None:
+        length = len(element.value or b"")
+    _check_dicom_pixel_bytes(ds, source, max_pixels, tag, length)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     meta: dict[str, Any] = {
@@ -310,6 +332,8 @@ def _decode_dicom(fh, source: str, *, max_pixels: int, window) -> DecodedImage:
         ) from None
     if frames > 1:
         meta["frames"] = frames  # multi-frame: the first frame is used
+    if arr.dtype.kind == "f":
+        _require_finite(source, arr)
 
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
@@ -322,6 +346,7 @@ def _decode_dicom(fh, source: str, *, max_pixels: int, window) -> DecodedImage:
         meta["scaling"] = f"/{2**bits - 1}"
     else:
         values = apply_modality_lut(arr, ds).astype(np.float64)
+        _require_finite(source, values)  # a NaN rescale slope poisons every pixel
         if window is not None:
             centre, width = window
             pixels = window_linear(values, centre, width)
@@ -347,17 +372,147 @@ def _decode_dicom(fh, source: str, *, max_pixels: int, window) -> DecodedImage:
     return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), source, meta)
 
 
-def dicom_header(path: str | Path) -> Any:
-    """Read a DICOM header without pixel data (fast); raises ImageDecodeError when unreadable."""
+_PIXEL_TAGS = {0x7FE00010: 0, 0x7FE00008: 32, 0x7FE00009: 64}  # PixelData, Float, DoubleFloat
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Elements after the pixel data (trailing padding, signatures) a Deflated file may carry.
+_TRAILER_ALLOWANCE = 1024 * 1024
+#: Elements above this size are left on disk until needed, so a length check comes first.
+_DEFER_SIZE = 1024 * 1024
+#: Bytes of padding tolerated after native pixel data (seen in real files).
+_PADDING_ALLOWANCE = 64 * 1024
+
+
+def _pixel_tag(ds) -> int | None:
+    return next((tag for tag in _PIXEL_TAGS if tag in ds), None)
+
+
+def _read_dicom(fh, source: str, max_pixels: int, *, header_only: bool = False):
+    """The dataset, with large values (pixel data) not yet read; Deflated files inflated with a
+    cap derived from their header, never by pydicom in one unbounded piece. ``header_only``
+    stops before the pixel data."""
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+    start = fh.tell()
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        preamble = read_preamble(fh, False)
     except InvalidDicomError:
-        raise ImageDecodeError(str(path), "not a DICOM file (no DICM preamble)") from None
+        raise ImageDecodeError(source, "not a DICOM file (no DICM preamble)") from None
+    file_meta = _read_file_meta_info(fh)
+    if file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return _read_deflated_dicom(fh, source, max_pixels, preamble, file_meta, header_only)
+    fh.seek(start)
+    if header_only:
+        return pydicom.dcmread(fh, stop_before_pixels=True)
+    return pydicom.dcmread(fh, defer_size=_DEFER_SIZE)
+
+
+def _read_deflated_dicom(
+    fh, source: str, max_pixels: int, preamble, file_meta, header_only: bool = False
+):
+    """Inflate the header first, check its pixel data size, then inflate only that much more."""
+    from pydicom.dataset import FileDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    inflater = _Inflater(fh.read, source, gzip=False)
+    want = 64 * 1024
+    while True:
+        head = bytes(inflater.fill(want))
+        stream = DicomBytesIO(head)
+        found: dict[str, int] = {}
+
+        def at_pixels(tag, vr, length, stream=stream, found=found) -> bool:
+            if int(tag) in _PIXEL_TAGS:
+                found.update(tag=int(tag), length=int(length), value_at=stream.tell())
+                return True
+            return False
+
+        try:
+            header = read_dataset(stream, False, True, stop_when=at_pixels)
+        except EOFError:
+            header = None  # cut mid-element: inflate more
+        if found or inflater.done:
+            break
+        if want >= METADATA_ALLOWANCE:
+            raise ImageDecodeError(
+                source,
+                f"Deflated DICOM header inflates past {METADATA_ALLOWANCE:,} bytes without "
+                "reaching pixel data (corrupt, or a decompression bomb)",
+            )
+        want *= 4
+    if header_only and header is not None:
+        dataset = header
+    elif found and header is not None:
+        _check_dicom_pixel_bytes(header, source, max_pixels, found["tag"], found["length"])
+        cap = found["value_at"] + found["length"] + _TRAILER_ALLOWANCE
+        body = inflater.fill(cap + 1)
+        if len(body) > cap:
+            raise ImageDecodeError(
+                source,
+                f"Deflated DICOM data inflate past the {cap:,} bytes its header declares "
+                "(a possible decompression bomb)",
+            )
+        dataset = read_dataset(DicomBytesIO(bytes(body)), False, True)
+    else:
+        dataset = read_dataset(DicomBytesIO(head), False, True)
+    ds = FileDataset(source, dataset, preamble, file_meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds
+
+
+def _check_dicom_pixel_bytes(ds, source: str, max_pixels: int, tag: int, length: int) -> None:
+    """Refuse pixel data that the header's size does not account for, before reading it.
+
+    Native data must hold rows x columns x samples x frames x bits allocated (plus padding
+    shorter than a frame and than :data:`_PADDING_ALLOWANCE`);
+    encapsulated (compressed) data are sized by their decoder from the header, so the pixel
+    count of all frames is what is bounded.
+    """
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows <= 0 or cols <= 0 or frames <= 0:
+        raise ImageDecodeError(
+            source,
+            f"DICOM header gives {cols}x{rows} pixels and {frames} frame(s); all must be positive",
+        )
+    _check_pixels(source, cols, rows, max_pixels, frames=frames)
+    if length == _UNDEFINED_LENGTH:
+        return
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "YBR_FULL_422":
+        samples = 2  # chroma subsampled: two values per pixel on average
+    bits = _PIXEL_TAGS[tag] or int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (1, 8, 16, 32, 64):
+        raise ImageDecodeError(source, f"DICOM BitsAllocated is {bits}; 1, 8, 16, 32 or 64 allowed")
+    expected = -(-rows * cols * samples * frames * bits // 8)
+    # Some writers pad the pixel data past its size; less than a frame is ignored (pydicom would
+    # read whole extra frames as more frames, or a 2-frame image as colour).
+    padding = min(_PADDING_ALLOWANCE, expected // frames - 1)
+    if not expected <= length <= expected + padding:
+        raise ImageDecodeError(
+            source,
+            f"DICOM pixel data hold {length:,} bytes but the header's {cols}x{rows} pixels x "
+            f"{samples} sample(s) x {frames} frame(s) x {bits} bits need {expected:,} "
+            "(corrupt, or a decompression bomb)",
+        )
+
+
+def dicom_header(path: str | Path | bytes, *, name: str | None = None) -> Any:
+    """Read a DICOM header without pixel data (fast, and bounded for Deflated files) from a path
+    or from bytes; raises ImageDecodeError when unreadable."""
+    source = name or ("upload" if isinstance(path, bytes) else str(path))
+    try:
+        if isinstance(path, bytes):
+            return _read_dicom(io.BytesIO(path), source, DEFAULT_MAX_PIXELS, header_only=True)
+        with open(path, "rb") as fh:
+            return _read_dicom(fh, source, DEFAULT_MAX_PIXELS, header_only=True)
+    except ImageDecodeError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise ImageDecodeError(str(path), f"DICOM header unreadable ({_describe(exc)})") from None
+        raise ImageDecodeError(source, f"DICOM header unreadable ({_describe(exc)})") from None
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -386,20 +541,100 @@ def nifti_shape(path: str | Path) -> tuple[int, ...]:
     """Shape of a NIfTI volume in RAS+ orientation, read from the header only."""
     import nibabel as nib
 
-    image = nib.as_closest_canonical(nib.load(str(path)))
-    return tuple(int(s) for s in image.shape)
+    image = nib.load(str(path))
+    shape = [int(s) for s in image.shape]
+    if len(shape) >= 3:
+        # Reorienting permutes the first three axes; computed so no voxel is read.
+        ornt = nib.orientations.io_orientation(image.affine)
+        spatial = [0, 0, 0]
+        for axis, (target, _) in enumerate(ornt[:3]):
+            spatial[int(target)] = shape[axis]
+        shape[:3] = spatial
+    return tuple(shape)
 
 
-def _decode_nifti(path: str, source: str, *, axis: int = 2, index: int | None = None, window=None):
+def _decode_nifti(
+    path: str,
+    source: str,
+    *,
+    axis: int = 2,
+    index: int | None = None,
+    window=None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+):
     import nibabel as nib
 
     try:
-        image = nib.load(path)
+        with open(path, "rb") as fh:
+            compressed = fh.read(2) == b"\x1f\x8b"
+            fh.seek(0)
+            if compressed:  # inflated here, with caps, rather than by nibabel unbounded
+                image = _nifti_from_stream(fh.read, source, max_pixels=max_pixels)
+        if not compressed:
+            image = nib.load(path)
+            _check_volume(source, image.header, max_pixels)
+    except ImageDecodeError:
+        raise
     except FileNotFoundError:
         raise ImageDecodeError(source, "file not found") from None
     except Exception as exc:  # noqa: BLE001
         raise ImageDecodeError(source, f"not a readable NIfTI file ({_describe(exc)})") from None
     return _nifti_to_image(image, source, axis=axis, index=index, window=window)
+
+
+def _nifti_from_stream(read, source: str, *, max_pixels: int):
+    """A NIfTI image from raw or gzip bytes, inflating no more than its header declares."""
+    import nibabel as nib
+
+    first = read(2)
+    compressed = first == b"\x1f\x8b"
+    if compressed:
+        inflater = _Inflater(_prepend(first, read), source, gzip=True)
+        fill = inflater.fill
+    else:
+        buffer = bytearray(first)
+
+        def fill(limit: int) -> bytearray:
+            while len(buffer) < limit:
+                chunk = read(min(_CHUNK, limit - len(buffer)))
+                if not chunk:
+                    break
+                buffer.extend(chunk)
+            return buffer
+
+    head = bytes(fill(540))
+    if sniff(head) != "nifti":
+        what = "gzip data hold" if compressed else "data are"
+        raise ImageDecodeError(source, f"{what} no NIfTI image (only .nii.gz is read compressed)")
+    two = head[344:348] == b"n+2\x00"
+    header_class, image_class = (
+        (nib.Nifti2Header, nib.Nifti2Image) if two else (nib.Nifti1Header, nib.Nifti1Image)
+    )
+    header = header_class.from_fileobj(io.BytesIO(head))
+    data_bytes = _check_volume(source, header, max_pixels)
+    offset = int(header.get_data_offset())
+    if offset > METADATA_ALLOWANCE:
+        raise ImageDecodeError(
+            source, f"NIfTI voxel offset {offset:,} is above {METADATA_ALLOWANCE:,} bytes"
+        )
+    data = bytes(fill(offset + data_bytes))  # anything after the voxels is never inflated
+    return image_class.from_bytes(data)
+
+
+def _check_volume(source: str, header, max_pixels: int) -> int:
+    """Refuse a NIfTI volume whose header declares too many voxels; return its data bytes."""
+    shape = [int(s) for s in header.get_data_shape()]
+    voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    limit = max_pixels * VOLUME_FACTOR
+    if voxels > limit:
+        dims = "x".join(map(str, shape))
+        raise ImageDecodeError(
+            source,
+            f"NIfTI volume of {dims} = {voxels:,} voxels is above the limit of {limit:,} "
+            f"({VOLUME_FACTOR} x max_pixels; a possible decompression bomb); raise max_pixels "
+            "(--max-pixels) if it is genuine",
+        )
+    return voxels * header.get_data_dtype().itemsize
 
 
 def _nifti_to_image(image, source: str, *, axis: int = 2, index: int | None = None, window=None):
@@ -427,6 +662,7 @@ def _nifti_to_image(image, source: str, *, axis: int = 2, index: int | None = No
         )
     # Voxel axes are (x, y) in RAS+: transpose and flip so rows run top to bottom as displayed.
     plane = np.flipud(data.T).astype(np.float64)
+    _require_finite(source, plane)
     if window is not None:
         pixels = window_linear(plane, *window)
         meta["window"] = [float(window[0]), float(window[1])]
@@ -460,16 +696,24 @@ def open_zip(archive: str | Path) -> zipfile.ZipFile:
         return handle
 
 
-def _read_zip_member(source: str) -> bytes:
+def _read_zip_member(source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """A member's bytes, refused before reading when its declared size or compression ratio is
+    a bomb's; what is read never exceeds :func:`max_inflated_bytes`."""
     archive, _, member = source[len(_ZIP_SCHEME) :].rpartition("!")
     handle = open_zip(archive)
+    cap = max_inflated_bytes(max_pixels)
     with _zip_lock:  # ZipFile reads share one file position
         try:
-            return handle.read(member)
+            info = handle.getinfo(member)
+            _check_inflation(source, info.file_size, info.compress_size, cap)
+            with handle.open(info) as fh:
+                data = fh.read(cap + 1)
         except KeyError:
             raise ImageDecodeError(source, f"no member {member!r} in {archive}") from None
-        except (zipfile.BadZipFile, OSError) as exc:
+        except (zipfile.BadZipFile, OSError, zlib.error) as exc:
             raise ImageDecodeError(source, f"corrupt zip member ({exc})") from None
+    _check_inflation(source, len(data), info.compress_size, cap)
+    return data
 
 
 @lru_cache(maxsize=4)
@@ -502,6 +746,7 @@ def _decode_npz(source: str) -> DecodedImage:
     else:
         raise ImageDecodeError(source, f"unexpected image shape {raw.shape} in npz")
     scale = 255.0 if raw.dtype == np.uint8 else None
+    _require_finite(source, raw)
     pixels = array.astype(np.float32) / scale if scale else _minmax(array.astype(np.float32))
     meta = {"format": "npz", "scaling": "/255" if scale else "minmax"}
     return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), source, meta)
@@ -510,12 +755,107 @@ def _decode_npz(source: str) -> DecodedImage:
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_pixels(source: str, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
+def max_inflated_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The most bytes one compressed file (a zip member) may inflate to: ``max_pixels`` pixels at
+    8 bytes (double-float DICOM, the widest sample) plus :data:`METADATA_ALLOWANCE`."""
+    return max_pixels * 8 + METADATA_ALLOWANCE
+
+
+def _check_pixels(source: str, width: int, height: int, max_pixels: int, frames: int = 1) -> None:
+    total = width * height * frames
+    if total > max_pixels:
+        what = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
         raise ImageDecodeError(
             source,
-            f"{width}x{height} = {width * height:,} pixels is above the limit of {max_pixels:,} "
+            f"{what} = {total:,} pixels is above the limit of {max_pixels:,} "
             "(a possible decompression bomb); raise max_pixels (--max-pixels) if it is genuine",
+        )
+
+
+def _check_inflation(source: str, inflated: int, compressed: int, cap: int) -> None:
+    if inflated > RATIO_FREE_BYTES and inflated > MAX_RATIO * max(compressed, 1):
+        raise ImageDecodeError(
+            source,
+            f"{compressed:,} compressed bytes inflate to {inflated:,} or more, a ratio above "
+            f"the limit of {MAX_RATIO}:1 for data over {RATIO_FREE_BYTES:,} bytes "
+            "(a possible decompression bomb)",
+        )
+    if inflated > cap:
+        raise ImageDecodeError(
+            source,
+            f"inflates to more than {cap:,} bytes, the limit for max_pixels "
+            "(a possible decompression bomb); raise max_pixels (--max-pixels) if it is genuine",
+        )
+
+
+class _Inflater:
+    """A raw-deflate or gzip stream inflated in steps up to a requested size, with the ratio of
+    inflated to consumed bytes checked as it goes, so a bomb stops a few MiB in."""
+
+    def __init__(self, read, source: str, *, gzip: bool):
+        self._read = read
+        self._source = source
+        self._wbits = 16 + zlib.MAX_WBITS if gzip else -zlib.MAX_WBITS
+        self._gzip = gzip
+        self._inflate = zlib.decompressobj(self._wbits)
+        self._pending = b""
+        self._consumed = 0
+        self.out = bytearray()
+        self.done = False  # the compressed stream is used up
+
+    def fill(self, limit: int) -> bytearray:
+        """Inflate until ``limit`` bytes are out or the stream ends; return all bytes out."""
+        out = self.out
+        while len(out) < limit and not self.done:
+            if self._inflate.eof:
+                # Another gzip member may follow (bgzip, concatenated files); a Deflated DICOM's
+                # stream is one, and whatever follows it is ignored.
+                rest = self._inflate.unused_data if self._gzip else b""
+                if self._gzip and not rest:
+                    rest = self._take()
+                if not rest.startswith(b"\x1f\x8b"):
+                    self.done = True
+                    break
+                self._inflate = zlib.decompressobj(self._wbits)
+                self._pending = rest
+            data = self._pending or self._take()
+            if not data:
+                self.done = True  # truncated: the decoder reports what is missing
+                break
+            # Output per step is bounded too, so the ratio check runs every few MiB.
+            out += self._inflate.decompress(data, min(limit - len(out), 4 * _CHUNK))
+            self._pending = self._inflate.unconsumed_tail
+            used = self._consumed - len(self._pending) - len(self._inflate.unused_data)
+            _check_inflation(self._source, len(out), used, len(out))
+        return out
+
+    def _take(self) -> bytes:
+        data = self._read(_CHUNK)
+        self._consumed += len(data)
+        return data
+
+
+def _prepend(first: bytes, read):
+    """``read`` with ``first`` (already read) given back on the first call."""
+    pending = [first]
+
+    def again(n: int = -1) -> bytes:
+        if pending:
+            return pending.pop()
+        return read(n)
+
+    return again
+
+
+def _require_finite(source: str, values: np.ndarray) -> None:
+    """Refuse float pixels holding NaN or infinity (min/max propagate them; no copy made)."""
+    if values.dtype.kind != "f" or values.size == 0:
+        return
+    if not (np.isfinite(values.min()) and np.isfinite(values.max())):
+        raise ImageDecodeError(
+            source,
+            "pixel values include NaN or infinity; medsight needs finite numbers "
+            "(fix the image, or leave it out)",
         )
 
 

@@ -18,7 +18,6 @@ a MedMNIST ``.npz``, DICOM files or folders, NIfTI files or folders.
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -165,6 +164,7 @@ def validate_table(table: pd.DataFrame, origin: str = "table") -> pd.DataFrame:
         shown = ", ".join(map(str, dupes[:3]))
         raise DataError(f"{origin}: sample_id must be unique; repeated: {shown}")
     table["label"] = _optional_text(table["label"])
+    _refuse_number_spellings(table["label"], f"{origin}: column 'label'")
     for column in OPTIONAL_COLUMNS:
         table[column] = _optional_text(table[column]) if column in table.columns else pd.NA
     split_values = set(table["split"].dropna().unique())
@@ -356,12 +356,9 @@ def _add_medical_metadata(
 
 def _dicom_fields(source: str, salt: bytes) -> dict:
     """Patient grouping and subgroup metadata from a DICOM header; never a raw identifier."""
-    import pydicom
-
     try:
         if source.startswith("zip://"):
-            data = imaging._read_zip_member(source)
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            ds = imaging.dicom_header(imaging._read_zip_member(source), name=source)
         else:
             ds = imaging.dicom_header(source)
     except Exception:  # noqa: BLE001 - unreadable files are reported by check
@@ -438,11 +435,13 @@ def _read_manifest(
                 f"{base} ({len(outside)} such row(s)); move the images under it or pass "
                 "--allow-outside"
             )
+    labels = frame[opts.label_column].str.strip()
+    _refuse_number_spellings(labels, f"{manifest}: label column {opts.label_column!r}")
     table = pd.DataFrame(
         {
             "sample_id": frame["sample_id"] if "sample_id" in frame.columns else raw_paths,
             "source": [str(s) for s in sources],
-            "label": frame[opts.label_column].str.strip(),
+            "label": labels,
         }
     )
     patient_column = opts.patient_column or ("patient_id" if "patient_id" in frame else None)
@@ -457,10 +456,48 @@ def _read_manifest(
             continue
         values = frame[column]
         if column == "mask" or column.endswith("_path"):
-            values = values.map(lambda v: str(_resolve_manifest_path(v, base)) if v else v)
+            resolved = [_resolve_manifest_path(v, base) if v else None for v in values]
+            if not opts.allow_outside:
+                _refuse_outside(manifest, column, values, resolved, base)
+            values = pd.Series(
+                [str(r) if r else v for r, v in zip(resolved, values)], index=values.index
+            )
         table[column] = _maybe_numeric(values)
     table.attrs["manifest"] = str(manifest.resolve())
     return table
+
+
+def _refuse_outside(manifest: Path, column: str, raw, resolved, base: Path) -> None:
+    """A path column (mask, ``*_path``) may not leave the manifest's folder either: masks are
+    read and shown (explanation scoring, the report), so they must not reach other files."""
+    outside = [(i, r) for i, (r, p) in enumerate(zip(raw, resolved)) if p and not _inside(p, base)]
+    if outside:
+        line, shown = outside[0][0] + 2, outside[0][1]
+        raise DataError(
+            f"{manifest}: line {line}: {column} {shown!r} points outside the manifest's folder "
+            f"{base} ({len(outside)} such row(s)); move the files under it or pass "
+            "--allow-outside"
+        )
+
+
+def _refuse_number_spellings(labels: pd.Series, where: str) -> None:
+    """Refuse one number written several ways (``1``, ``1.0``, ``01``): they would silently
+    become separate classes, and which spelling is meant cannot be guessed safely."""
+    spellings: dict[float, set[str]] = {}
+    for text in labels.dropna().unique():
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            continue
+        if value == value:  # not NaN
+            spellings.setdefault(value, set()).add(str(text))
+    clashes = [sorted(texts) for texts in spellings.values() if len(texts) > 1]
+    if clashes:
+        shown = "; ".join(", ".join(repr(t) for t in texts) for texts in clashes[:3])
+        raise DataError(
+            f"{where} writes the same class in several ways ({shown}), which would make "
+            "separate classes; write each class one way"
+        )
 
 
 def _resolve_manifest_path(raw: str, base: Path) -> Path:
