@@ -42,6 +42,18 @@ def test_check_strict_exits_one_naming_the_leaking_patient(tmp_path, helpers):
     assert "patient P-17" in result.output and "patient P-3" not in result.output
 
 
+def test_check_lists_images_too_small_to_train_on_and_strict_fails(tmp_path, helpers):
+    import numpy as np
+
+    root = helpers.make_class_folders(tmp_path / "d", {"a": 2, "b": 2})
+    helpers.write_png(root / "b" / "tiny.png", np.full((1, 1), 200, dtype=np.uint8))
+    result = _run("data", "check", root, "--strict")
+    assert result.exit_code == 1
+    assert "Images too small to train on (1)" in result.output
+    assert "b/tiny.png" in result.output and "1x1" in result.output
+    assert "1 too small" in result.output
+
+
 def test_check_wrong_path_exits_two_with_one_line(tmp_path):
     result = runner.invoke(app, ["data", "check", str(tmp_path / "missing")])
     assert result.exit_code == 2

@@ -266,6 +266,10 @@ def _print_check(doc: dict) -> None:
     _print_problems(doc)
 
 
+#: The lists of a ``data check`` report that make it unclean, in the order they are shown.
+PROBLEM_KINDS = ("unreadable", "too_small", "duplicates", "leakage")
+
+
 def _print_problems(doc: dict, limit: int = 20) -> None:
     if doc["unreadable"]:
         table = Table(title=f"Unreadable files ({len(doc['unreadable'])})", title_justify="left")
@@ -273,6 +277,17 @@ def _print_problems(doc: dict, limit: int = 20) -> None:
         table.add_column("reason", overflow="fold")
         for item in doc["unreadable"][:limit]:
             table.add_row(_shown(item["sample_id"]), _shown(item["reason"]))
+        console.print(table)
+    if doc.get("too_small"):
+        table = Table(
+            title=f"Images too small to train on ({len(doc['too_small'])})",
+            title_justify="left",
+            min_width=40,
+        )
+        table.add_column("sample")
+        table.add_column("size")
+        for item in doc["too_small"][:limit]:
+            table.add_row(_shown(item["sample_id"]), item["size"])
         console.print(table)
     if doc["duplicates"]:
         table = Table(
@@ -303,17 +318,15 @@ def _print_problems(doc: dict, limit: int = 20) -> None:
             table.add_row(leak["kind"], _shown(what), where)
         console.print(table)
     hidden = [
-        f"{len(doc[k]) - limit} more {k}"
-        for k in ("unreadable", "duplicates", "leakage")
-        if len(doc[k]) > limit
+        f"{len(doc[k]) - limit} more {k}" for k in PROBLEM_KINDS if len(doc.get(k, ())) > limit
     ]
     if hidden:
         console.print(f"({'; '.join(hidden)} in the --json report)")
-    problems = [f"{len(doc[k])} {k}" for k in ("unreadable", "duplicates", "leakage") if doc[k]]
+    problems = [f"{len(doc[k])} {k.replace('_', ' ')}" for k in PROBLEM_KINDS if doc.get(k)]
     if problems:
         console.print(f"[yellow]problems:[/] {', '.join(problems)}")
     else:
-        console.print("[green]no unreadable files, duplicates or leakage found[/]")
+        console.print("[green]no unreadable or too-small images, duplicates or leakage found[/]")
 
 
 # --------------------------------------------------------------------------- data synth
