@@ -153,7 +153,8 @@ def test_predict_paths_keeps_the_good_predictions_beside_an_image_with_nan_pixel
     probs = [f"p_{c}" for c in classes]
     assert table["error"].tolist() == [
         "",
-        f"{nan}: the model's outputs hold NaN or infinity; its pixel values hold NaN or infinity",
+        f"{nan}: pixel values include NaN or infinity; medsight needs finite numbers "
+        "(fix the image, or leave it out)",
         "",
     ]
     assert table.loc[1, "label"] == "" and table.loc[[1], probs].isna().all().all()

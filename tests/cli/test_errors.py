@@ -119,7 +119,8 @@ def test_predict_keeps_the_good_rows_and_exits_zero_beside_a_nan_image(tmp_path,
     assert table["file"].tolist() == [str(files[0]), str(nan), str(files[1])]
     assert table["error"].tolist() == [
         "",
-        f"{nan}: the model's outputs hold NaN or infinity; its pixel values hold NaN or infinity",
+        f"{nan}: pixel values include NaN or infinity; medsight needs finite numbers "
+        "(fix the image, or leave it out)",
         "",
     ]
     assert table.loc[[0, 2], "label"].ne("").all()
@@ -133,7 +134,7 @@ def test_predict_with_nothing_predictable_exits_two_and_still_writes_the_rows(tm
     result = _run("predict", run, nan, "--out", out)
     assert result.exit_code == 2
     assert _lines(result)[-1] == "error: none of the files could be predicted; see the error column"
-    assert "outputs hold NaN or infinity" in pd.read_csv(out)["error"].iloc[0]
+    assert "pixel values include NaN or infinity" in pd.read_csv(out)["error"].iloc[0]
 
 
 def test_predict_shows_a_file_name_that_is_not_utf8_by_its_bytes(tmp_path, run_dir, monkeypatch):
