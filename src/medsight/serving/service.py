@@ -92,16 +92,18 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def decode_slots_for(max_pixels: int, memory: int | None = None) -> int:
+def decode_slots_for(
+    max_pixels: int, memory: int | None = None, cpus: int | None = None
+) -> int:
     """How many uploads may be decoded at once: half of ``memory`` (default: what is available
     now) divided by the budget of one upload, ``BYTES_PER_PIXEL × max_pixels``; at least 1, at
-    most the CPU count (2 when the memory is unknown).
+    most ``cpus`` (default: the CPU count); 2 when the memory is unknown.
 
-    >>> decode_slots_for(60_000_000, memory=8 * 1024**3)
+    >>> decode_slots_for(60_000_000, memory=8 * 1024**3, cpus=8)
     2
     """
     memory = available_memory() if memory is None else memory
-    cpus = os.cpu_count() or 1
+    cpus = cpus or os.cpu_count() or 1
     if memory is None:
         return min(2, cpus)
     return max(1, min(cpus, math.floor(memory / 2 / (BYTES_PER_PIXEL * max_pixels))))
