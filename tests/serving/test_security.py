@@ -296,8 +296,7 @@ def test_a_full_decode_slot_is_a_503_with_retry_after(served_run, tmp_path):
 def test_decode_slots_wait_then_refuse():
     slots = DecodeSlots(2, wait=0.05)
     with slots.hold(), slots.hold(), pytest.raises(Busy, match="already decoding 2 upload"):
-        with slots.hold():
-            pass
+        slots.hold().__enter__()
     with slots.hold():  # released again
         pass
     with pytest.raises(ValueError, match="slots must be at least 1, got 0"):
