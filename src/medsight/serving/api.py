@@ -188,9 +188,22 @@ _ERRORS = {
     },
     413: {"model": schemas.ErrorBody, "description": "Upload above the size limit"},
     415: {"model": schemas.ErrorBody, "description": "Not an image format medsight reads"},
+    422: {"model": schemas.ValidationErrorBody, "description": "A parameter or field is invalid"},
     500: {"model": schemas.InternalErrorBody, "description": "Unexpected; logged under error_id"},
 }
 _BUSY = {503: {"model": schemas.ErrorBody, "description": "Every decode slot is taken"}}
+
+_NO_STUDY = {404: {"model": schemas.ErrorBody, "description": "No study with this id"}}
+
+#: Where a queued study leads (OpenAPI links: clients and Schemathesis follow them).
+_STUDY_LINKS = {
+    name: {"operationId": operation, "parameters": {"study_id": "$response.body#/id"}}
+    for name, operation in (
+        ("GetStudy", "get_study"),
+        ("GetStudyImage", "study_image"),
+        ("ReviewStudy", "update_study"),
+    )
+}
 
 #: A study's id: SQLite's (and SQL's BIGINT) integer range; larger ones are 422, not overflow.
 StudyId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="The study's id.")]
@@ -334,7 +347,7 @@ def _item(study: Study) -> dict:
     response_model=schemas.StudyItem,
     status_code=201,
     summary="Queue a study",
-    responses=_BUSY,
+    responses={201: {"description": "The queued study", "links": _STUDY_LINKS}, **_BUSY},
 )
 def add_study(model: Model, store: Store, data: Annotated[bytes, Depends(_read)]) -> dict:
     """Score an uploaded study and queue it on the worklist (DICOM is de-identified first)."""
@@ -383,7 +396,13 @@ def worklist(
     return {"items": [_item(s) for s in store.list(status)]}
 
 
-@v1.get("/studies/{study_id}", response_model=schemas.StudyItem, summary="One study")
+@v1.get(
+    "/studies/{study_id}",
+    response_model=schemas.StudyItem,
+    summary="One study",
+    operation_id="get_study",
+    responses=_NO_STUDY,
+)
 def get_study(study_id: StudyId, store: Store) -> dict:
     study = store.get(study_id)
     if study is None:
@@ -391,7 +410,27 @@ def get_study(study_id: StudyId, store: Store) -> dict:
     return _item(study)
 
 
-@v1.get("/studies/{study_id}/image", summary="The stored (de-identified) image")
+@v1.get(
+    "/studies/{study_id}/image",
+    summary="The stored (de-identified) image",
+    operation_id="study_image",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The file as stored: PNG, JPEG, TIFF, BMP or de-identified DICOM.",
+            "content": {
+                kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in (
+                    "image/png",
+                    "image/jpeg",
+                    "application/dicom",
+                    "application/octet-stream",
+                )
+            },
+        },
+        **_NO_STUDY,
+    },
+)
 def study_image(study_id: StudyId, store: Store) -> FileResponse:
     study = store.get(study_id)
     if study is None:
@@ -401,7 +440,13 @@ def study_image(study_id: StudyId, store: Store) -> FileResponse:
     return FileResponse(path, media_type=media.get(study.format, "application/octet-stream"))
 
 
-@v1.patch("/studies/{study_id}", response_model=schemas.StudyItem, summary="Review a study")
+@v1.patch(
+    "/studies/{study_id}",
+    response_model=schemas.StudyItem,
+    summary="Review a study",
+    operation_id="update_study",
+    responses=_NO_STUDY,
+)
 def update_study(
     study_id: StudyId, update: schemas.StudyUpdate, store: Store, model: Model
 ) -> dict:

@@ -185,6 +185,14 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class ValidationErrorBody(BaseModel):
+    """A request the API cannot use: ``detail`` says what to fix in words, ``errors`` lists the
+    problems field by field (pydantic's format)."""
+
+    detail: str
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class InternalErrorBody(BaseModel):
     """An unexpected failure: the details are in the server's log under ``error_id``."""
 

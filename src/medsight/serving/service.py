@@ -92,9 +92,7 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def decode_slots_for(
-    max_pixels: int, memory: int | None = None, cpus: int | None = None
-) -> int:
+def decode_slots_for(max_pixels: int, memory: int | None = None, cpus: int | None = None) -> int:
     """How many uploads may be decoded at once: half of ``memory`` (default: what is available
     now) divided by the budget of one upload, ``BYTES_PER_PIXEL × max_pixels``; at least 1, at
     most ``cpus`` (default: the CPU count); 2 when the memory is unknown.
