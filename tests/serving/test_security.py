@@ -136,6 +136,14 @@ def test_allowed_hosts_follow_the_bind_address_and_the_option():
     assert "*" not in allowed_hosts("0.0.0.0", ["ai.example.org"])
 
 
+@pytest.mark.parametrize("bad", ["", "evil*.example", "*", "http://a.example/"])
+def test_allowed_host_values_are_checked(served_run, bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"--allowed-host .* is not a host name"):
+        ServeSettings(run=served_run, allowed_hosts=[bad])
+
+
 def test_allowed_host_option_reaches_the_app(served_run, tmp_path):
     settings = ServeSettings(run=served_run, data_dir=tmp_path, allowed_hosts=["ai.example.org"])
     app = create_app(settings)

@@ -103,6 +103,18 @@ class ServeSettings(BaseModel):
         5.0, ge=0, description="How long a request waits for a decode slot before its 503."
     )
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            name = host.strip()
+            if not name or "/" in name or "*" in name[1:] or (name[0] == "*" and name[:2] != "*."):
+                raise ValueError(
+                    f"--allowed-host {host!r} is not a host name; give a name or address as "
+                    "browsers send it in Host (scanner.example.org, 10.0.0.5, *.example.org)"
+                )
+        return [h.strip() for h in value]
+
     @field_validator("token")
     @classmethod
     def _strip_token(cls, value: str | None) -> str | None:
