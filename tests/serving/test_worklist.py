@@ -1,8 +1,9 @@
-"""The triage worklist: urgency order, review, audit, persistence and de-identification."""
+"""The triage worklist: urgency order, review states, audit, persistence, de-identification."""
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from tests.serving.conftest import local_client, png_bytes
 
 from medsight.data.privacy import pseudonymise
 from medsight.serving.api import ServeSettings, create_app
-from medsight.serving.worklist import WorklistStore
+from medsight.serving.schemas import STATUSES
+from medsight.serving.worklist import TRANSITIONS, ReviewStateError, WorklistStore
 
 
 def make_client(run, data_dir) -> TestClient:
@@ -173,3 +175,101 @@ def test_uploads_are_stored_under_their_hash_inside_the_data_folder(served_run, 
     for path in stored:
         assert path.resolve().is_relative_to(data_dir.resolve())
         assert len(path.stem) == 64 and path.suffix == ".png"
+
+
+# ---------------------------------------------------------------------- review state machine
+
+
+def queued(store: WorklistStore, seed: int = 0) -> int:
+    study = store.add(
+        data=png_bytes(200, seed=seed),
+        extension=".png",
+        format="png",
+        meta={},
+        label="lesion",
+        probabilities={"lesion": 0.8, "normal": 0.2},
+        urgency=0.8,
+        flag=None,
+        model={"name": "m", "run": "r", "version": "v"},
+    )
+    return study.id
+
+
+#: A path from "pending" to each status through allowed transitions.
+ROUTE = {"pending": [], "in_review": ["in_review"], "reviewed": ["reviewed"]}
+
+
+@pytest.mark.parametrize("start", STATUSES)
+@pytest.mark.parametrize("target", STATUSES)
+def test_review_status_changes_follow_the_state_machine(tmp_path, start, target):
+    store = WorklistStore(f"sqlite:///{tmp_path / 'w.db'}", tmp_path)
+    study = queued(store)
+    for status in ROUTE[start]:
+        store.update(study, status, None)
+    expected = {
+        ("pending", "in_review"),
+        ("pending", "reviewed"),
+        ("in_review", "pending"),
+        ("in_review", "reviewed"),
+        ("reviewed", "in_review"),
+    }
+    if (start, target) in expected:
+        assert store.update(study, target, None).status == target
+        assert store.events(study)[-1].status == target
+        return
+    before = len(store.events(study))
+    with pytest.raises(ReviewStateError) as refused:
+        store.update(study, target, None)
+    allowed = TRANSITIONS[start]
+    assert str(refused.value) == (
+        f"study {study} is {start!r} and cannot move to {target!r}; "
+        f"allowed next statuses: {', '.join(allowed)}"
+    )
+    assert refused.value.allowed == allowed and refused.value.current == start
+    assert store.get(study).status == start and len(store.events(study)) == before
+
+
+def test_reopening_a_reviewed_study_clears_the_review_and_the_audit_keeps_it(tmp_path):
+    store = WorklistStore(f"sqlite:///{tmp_path / 'w.db'}", tmp_path)
+    study = queued(store)
+    reviewed = store.update(study, "reviewed", "normal")
+    assert reviewed.reviewer_label == "normal" and reviewed.reviewed_at is not None
+    reopened = store.update(study, "in_review", None)
+    assert reopened.status == "in_review"
+    assert reopened.reviewer_label is None and reopened.reviewed_at is None
+    again = store.update(study, "reviewed", "lesion")
+    assert again.reviewer_label == "lesion"
+    trail = [(e.status, e.reviewer_label) for e in store.events(study)]
+    assert trail == [("reviewed", "normal"), ("in_review", None), ("reviewed", "lesion")]
+
+
+def test_a_reviewer_label_is_accepted_only_when_the_review_is_done(tmp_path):
+    store = WorklistStore(f"sqlite:///{tmp_path / 'w.db'}", tmp_path)
+    study = queued(store)
+    with pytest.raises(ReviewStateError, match="accepted only with status 'reviewed'"):
+        store.update(study, "in_review", "lesion")
+    assert store.get(study).status == "pending" and store.get(study).reviewer_label is None
+
+
+def test_concurrent_reviews_of_one_study_let_exactly_one_through(tmp_path):
+    store = WorklistStore(f"sqlite:///{tmp_path / 'w.db'}", tmp_path)
+    study = queued(store)
+    barrier = threading.Barrier(6)
+    outcomes: list[str] = []
+
+    def review(label: str) -> None:
+        barrier.wait()
+        try:
+            store.update(study, "reviewed", label)
+            outcomes.append("ok")
+        except ReviewStateError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=review, args=(lab,)) for lab in ["lesion", "normal"] * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["ok"] + ["refused"] * 5
+    assert [e.status for e in store.events(study)] == ["reviewed"]
+    assert store.get(study).reviewer_label == store.events(study)[0].reviewer_label

@@ -42,6 +42,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medsight import __version__
 from medsight.data.imaging import DEFAULT_MAX_PIXELS
+from medsight.data.privacy import DeidentificationError, deidentify_dicom
 from medsight.errors import ConfigError
 from medsight.serving import schemas
 from medsight.serving.security import (
@@ -65,7 +66,7 @@ from medsight.serving.service import (
     UnsupportedImage,
     decode_slots_for,
 )
-from medsight.serving.worklist import Study, WorklistStore, deidentify_dicom, utc
+from medsight.serving.worklist import ReviewStateError, Study, WorklistStore, utc
 
 if TYPE_CHECKING:  # torch comes with the task: imported once the server listens
     from medsight.tasks import Task
@@ -373,6 +374,8 @@ def _add_study(model: ModelService, store: WorklistStore, data: bytes) -> dict:
     if fmt == "dicom":
         try:
             data, meta = deidentify_dicom(data)
+        except DeidentificationError as exc:
+            raise BadImage(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - decodable yet not re-writable: refuse it
             raise BadImage(
                 f"the DICOM file cannot be de-identified: {type(exc).__name__}"
@@ -457,7 +460,10 @@ def study_image(study_id: StudyId, store: Store) -> FileResponse:
     response_model=schemas.StudyItem,
     summary="Review a study",
     operation_id="update_study",
-    responses=_NO_STUDY,
+    responses={
+        **_NO_STUDY,
+        409: {"model": schemas.ReviewConflictBody, "description": "Not a permitted transition"},
+    },
 )
 def update_study(
     study_id: StudyId, update: schemas.StudyUpdate, store: Store, model: Model
@@ -559,6 +565,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=503,
             headers={"Retry-After": str(exc.retry_after)},
         )
+
+    @app.exception_handler(ReviewStateError)
+    async def _review_state(request: Request, exc: ReviewStateError):
+        return JSONResponse({"detail": str(exc), "allowed": list(exc.allowed)}, status_code=409)
 
     @app.exception_handler(ExplanationsUnavailable)
     async def _no_explain(request: Request, exc: ExplanationsUnavailable):

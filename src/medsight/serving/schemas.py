@@ -193,6 +193,13 @@ class ValidationErrorBody(BaseModel):
     errors: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class ReviewConflictBody(BaseModel):
+    """A status change the review state machine does not permit from the study's state."""
+
+    detail: str
+    allowed: list[str] = Field(description="The states the study may move to from here.")
+
+
 class InternalErrorBody(BaseModel):
     """An unexpected failure: the details are in the server's log under ``error_id``."""
 

@@ -2,55 +2,65 @@
 
 A study is an uploaded image kept on disk under its content hash inside the data folder
 (never under the client's file name) and a database row holding the model's answer, its
-status and the reviewer's label. DICOM uploads are de-identified before anything is stored:
-person names, dates, the patient module and private tags are removed and the patient ID is
-replaced by a salted pseudonym (:mod:`medsight.data.privacy`). SQLite by default, any
-SQLAlchemy URL (PostgreSQL) otherwise; the schema is created on start, so a restart keeps all.
+status and the reviewer's label. DICOM uploads are de-identified before anything is stored
+(:func:`medsight.data.privacy.deidentify_dicom`: the DICOM PS3.15 Basic Profile, the patient ID
+as a salted pseudonym). SQLite by default, any SQLAlchemy URL (PostgreSQL) otherwise; the schema
+is created on start, so a restart keeps all.
+
+Review follows a small state machine (:data:`TRANSITIONS`)::
+
+    pending   -> in_review | reviewed
+    in_review -> pending (released) | reviewed
+    reviewed  -> in_review (reopened: reviewer_label and reviewed_at are cleared)
+
+Any other change (``reviewed → pending``, a repeat of the current status, a reviewer label
+with a status other than ``reviewed``) raises :class:`ReviewStateError`, which the API answers
+with 409 and the allowed next statuses. Reopening clears the review fields rather than keeping
+a stale label beside an open status; the audit trail keeps every earlier review with its time.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, create_engine, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    create_engine,
+    select,
+    update,
+)
 from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from medsight.data.privacy import pseudonymise
 from medsight.errors import ConfigError
 
-#: DICOM attributes (besides every person name, date, time and the patient module) that can
-#: identify a patient, a clinician or an institution, after DICOM PS3.15's basic profile.
-_IDENTIFYING = frozenset(
-    {
-        "AccessionNumber",
-        "InstitutionName",
-        "InstitutionAddress",
-        "InstitutionalDepartmentName",
-        "StationName",
-        "StudyID",
-        "DeviceSerialNumber",
-        "RequestAttributesSequence",
-        "ReferencedPatientSequence",
-        "OtherPatientIDsSequence",
-        "AdmissionID",
-        "IssuerOfAdmissionID",
-        "CurrentPatientLocation",
-        "PatientInstitutionResidence",
-        "RequestingService",
-        "ImageComments",
-        "StudyDescription",
-        "SeriesDescription",
-        "AdditionalPatientHistory",
-    }
-)
-_DATE_VRS = frozenset({"DA", "DT", "TM"})
+#: The review state machine: the statuses each status may move to. Reopening a reviewed study
+#: (reviewed → in_review) clears its reviewer label and review time; the earlier review stays in
+#: the audit trail (``review_events``), which thereby versions every review.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "pending": ("in_review", "reviewed"),
+    "in_review": ("pending", "reviewed"),
+    "reviewed": ("in_review",),
+}
+
+
+class ReviewStateError(ValueError):
+    """A review change the state machine refuses; ``allowed`` lists the statuses allowed next."""
+
+    def __init__(self, message: str, current: str, allowed: tuple[str, ...]):
+        super().__init__(message)
+        self.current = current
+        self.allowed = allowed
 
 
 class Base(DeclarativeBase):
@@ -100,51 +110,6 @@ def utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=timezone.utc)
-
-
-def deidentify_dicom(data: bytes, salt: bytes | None = None) -> tuple[bytes, dict[str, Any]]:
-    """A DICOM file without patient-identifying data, and the harmless metadata kept from it.
-
-    Removes every person name (any depth), every date and time, the whole patient module
-    (group 0010), private tags and the attributes in ``_IDENTIFYING``; the patient ID becomes a
-    salted pseudonym, stored as PatientID so one patient's studies still group together.
-
-    >>> clean, meta = deidentify_dicom(open("scan.dcm", "rb").read())   # doctest: +SKIP
-    >>> meta["patient"]                                                  # doctest: +SKIP
-    'p-3f9a0c...'
-    """
-    import pydicom
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    raw_id = str(ds.get("PatientID", "") or "")
-    meta = {
-        "modality": str(ds.get("Modality", "")) or None,
-        "body_part": str(ds.get("BodyPartExamined", "")) or None,
-        "view": str(ds.get("ViewPosition", "")) or None,
-        "photometric": str(ds.get("PhotometricInterpretation", "")) or None,
-        "rows": int(ds.get("Rows", 0) or 0),
-        "columns": int(ds.get("Columns", 0) or 0),
-    }
-
-    def scrub(dataset, element) -> None:
-        if (
-            element.VR == "PN"
-            or element.VR in _DATE_VRS
-            or element.tag.group == 0x0010
-            or element.keyword in _IDENTIFYING
-        ):
-            del dataset[element.tag]
-
-    ds.remove_private_tags()
-    ds.walk(scrub)
-    patient = pseudonymise(raw_id, salt) if raw_id else None
-    if patient:
-        ds.PatientID = patient
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "medsight: names, dates, patient module, private tags removed"
-    out = io.BytesIO()
-    ds.save_as(out)
-    return out.getvalue(), {**meta, "patient": patient}
 
 
 class WorklistStore:
@@ -246,26 +211,60 @@ class WorklistStore:
             return session.get(Study, study_id)
 
     def update(self, study_id: int, status: str, reviewer_label: str | None) -> Study | None:
-        """Set the status (and the reviewer's label); every change is kept in the audit trail."""
+        """Move a study to ``status`` as :data:`TRANSITIONS` allows; None when it does not exist.
+
+        ``reviewer_label`` is accepted with ``reviewed`` only. Reopening (reviewed → in_review)
+        clears the reviewer label and review time. Every change is kept in the audit trail.
+        Raises :class:`ReviewStateError` for a transition the state machine refuses.
+        """
         with self.sessions.begin() as session:
             study = session.get(Study, study_id)
             if study is None:
                 return None
+            current = study.status
+            allowed = TRANSITIONS.get(current, ())
+            if status not in allowed:
+                raise ReviewStateError(
+                    f"study {study_id} is {current!r} and cannot move to {status!r}; "
+                    f"allowed next statuses: {', '.join(allowed) or 'none'}",
+                    current,
+                    allowed,
+                )
+            if reviewer_label is not None and status != "reviewed":
+                raise ReviewStateError(
+                    f"reviewer_label {reviewer_label!r} is accepted only with status 'reviewed', "
+                    f"not {status!r}; send the label when the review is done",
+                    current,
+                    allowed,
+                )
             now = datetime.now(timezone.utc)
-            study.status = status
-            if reviewer_label is not None:
-                study.reviewer_label = reviewer_label
-            study.reviewed_at = now if status == "reviewed" else study.reviewed_at
+            reviewed = status == "reviewed"
+            label = reviewer_label if reviewed else None
+            # Compare-and-set on the status, so two concurrent changes cannot both pass the
+            # check above: the loser changes no row and is refused like any bad transition.
+            changed = session.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.status == current)
+                .values(status=status, reviewer_label=label, reviewed_at=now if reviewed else None)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if changed != 1:
+                raise ReviewStateError(
+                    f"study {study_id} changed status while {status!r} was being set; "
+                    "reload it and try again",
+                    current,
+                    allowed,
+                )
             session.add(
                 ReviewEvent(
-                    study_id=study.id,
+                    study_id=study_id,
                     at=now,
                     status=status,
-                    reviewer_label=reviewer_label,
+                    reviewer_label=label,
                     model_label=study.label,
                 )
             )
-        return study
+        return self.get(study_id)
 
     def events(self, study_id: int) -> list[ReviewEvent]:
         """The audit trail of one study, oldest first."""
