@@ -11,6 +11,19 @@ from PIL import Image
 
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
+#: What the page sends with every request: its proof of being same-origin (no token needed).
+PAGE_HEADERS = {"X-Requested-With": "medsight"}
+
+
+def local_client(app, **kwargs):
+    """A test client that talks to ``app`` as the page on http://localhost does (a trusted
+    host and the same-origin header); ``kwargs`` go to :class:`TestClient`."""
+    from fastapi.testclient import TestClient
+
+    kwargs.setdefault("base_url", "http://localhost")
+    kwargs["headers"] = {**PAGE_HEADERS, **kwargs.get("headers", {})}
+    return TestClient(app, **kwargs)
+
 
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory) -> Path:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from tests.conftest import write_dicom
-from tests.serving.conftest import encoded, png_bytes
+from tests.serving.conftest import encoded, local_client, png_bytes
 from typer.testing import CliRunner
 
 from medsight.cli import app as cli
@@ -20,7 +20,7 @@ from medsight.serving.api import ServeSettings, create_app
 
 def make_client(run, tmp_path, **settings) -> TestClient:
     app = create_app(ServeSettings(run=run, data_dir=tmp_path / "serve", **settings))
-    return TestClient(app)
+    return local_client(app)
 
 
 def upload(data: bytes, name: str = "image.png") -> dict:
@@ -164,11 +164,12 @@ def test_refuses_to_listen_beyond_loopback_without_a_token(served_run, tmp_path,
         create_app(ServeSettings(run=served_run, host="0.0.0.0", data_dir=tmp_path))
     for host in ("127.0.0.1", "localhost", "::1"):
         create_app(ServeSettings(run=served_run, host=host, data_dir=tmp_path))
-    monkeypatch.setenv("MEDSIGHT_TOKEN", "from-env")
+    monkeypatch.setenv("MEDSIGHT_TOKEN", " from-env-0123456789\n")
     app = create_app(ServeSettings(run=served_run, host="0.0.0.0", data_dir=tmp_path))
     client = TestClient(app)
     assert client.get("/v1/model").status_code == 401
-    assert client.get("/v1/model", headers={"Authorization": "Bearer from-env"}).status_code == 200
+    good = {"Authorization": "Bearer from-env-0123456789"}
+    assert client.get("/v1/model", headers=good).status_code == 200
 
 
 def test_model_info_has_classes_input_metrics_with_ci_and_intended_use(client):

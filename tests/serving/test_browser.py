@@ -88,9 +88,13 @@ def test_upload_shows_prediction_and_heat_map_then_review_from_the_worklist(
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url + "/")
+    # A Content-Security-Policy violation is reported on the console ("Refused to ...").
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    response = page.goto(url + "/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
 
-    page.wait_for_function("document.getElementById('intended-use').textContent.length > 20")
+    page.wait_for_function("() => document.getElementById('intended-use').textContent.length > 20")
     assert "Not for diagnosis" in page.text_content("#intended-use")
     page.set_input_files("#file-input", str(image))
     page.wait_for_selector("#result:not([hidden])")
@@ -107,7 +111,7 @@ def test_upload_shows_prediction_and_heat_map_then_review_from_the_worklist(
         assert width >= 64
     else:  # the page says so plainly rather than showing a broken image
         page.wait_for_function(
-            "document.getElementById('overlay-note').textContent.includes('not available')"
+            "() => document.getElementById('overlay-note').textContent.includes('not available')"
         )
     page.wait_for_timeout(500)  # let the bars finish their transition for the picture
     shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
@@ -115,7 +119,9 @@ def test_upload_shows_prediction_and_heat_map_then_review_from_the_worklist(
     page.screenshot(path=str(shots / "serve-predict.png"), full_page=True)
 
     page.click("#queue-btn")
-    page.wait_for_function("document.getElementById('queue-btn').textContent.includes('study #')")
+    page.wait_for_function(
+        "() => document.getElementById('queue-btn').textContent.includes('study #')"
+    )
     page.click("#tab-worklist")
     page.wait_for_selector(".wl-row")
     rows = page.locator(".wl-row")
@@ -126,10 +132,30 @@ def test_upload_shows_prediction_and_heat_map_then_review_from_the_worklist(
     page.select_option("#reviewer-label", label)
     page.screenshot(path=str(shots / "serve-worklist.png"), full_page=True)
     page.click("#mark-reviewed")
-    page.wait_for_function("document.getElementById('banner').textContent.includes('reviewed')")
+    page.wait_for_function(
+        "() => document.getElementById('banner').textContent.includes('reviewed')"
+    )
     page.wait_for_selector("#worklist-empty:not([hidden])")  # gone from the pending list
 
     items = app.state.worklist.list("reviewed")
     assert len(items) == 1 and items[0].reviewer_label == label
     assert errors == []
+    assert console == []
+    page.close()
+
+
+def test_the_policy_blocks_inline_script_so_the_check_above_can_fail(live_server, browser):
+    # The console check above must see a violation when there is one: inject an inline script.
+    url, _ = live_server
+    page = browser.new_page()
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    page.goto(url + "/")
+    page.evaluate(
+        "() => { const s = document.createElement('script');"
+        " s.textContent = 'window.injected = 1'; document.body.append(s); }"
+    )
+    page.wait_for_timeout(200)
+    assert page.evaluate("() => window.injected === undefined")
+    assert any("Content Security Policy" in text for text in console), console
     page.close()

@@ -9,6 +9,7 @@ import logging
 import pydicom
 from fastapi.testclient import TestClient
 from tests.data.identifying_dicom import identifying_dicom
+from tests.serving.conftest import local_client
 
 from medsight.data.privacy import pseudonymise, pseudonymous_uid
 from medsight.serving.api import ServeSettings, create_app
@@ -25,7 +26,7 @@ def test_no_identifying_value_of_the_profile_is_stored_logged_or_served(
     served_run, tmp_path, caplog
 ):
     data_dir = tmp_path / "serve"
-    client = TestClient(create_app(ServeSettings(run=served_run, data_dir=data_dir)))
+    client = local_client(create_app(ServeSettings(run=served_run, data_dir=data_dir)))
     instances = [
         identifying_dicom(STUDY, SERIES, f"1.2.826.0.1.3680043.10.9999.{3 + i}", 650 + 40 * i)
         for i in range(2)
@@ -81,7 +82,7 @@ def test_no_identifying_value_of_the_profile_is_stored_logged_or_served(
 
 def test_a_dicom_with_burned_in_annotation_is_refused_and_not_stored(served_run, tmp_path):
     data_dir = tmp_path / "serve"
-    client = TestClient(create_app(ServeSettings(run=served_run, data_dir=data_dir)))
+    client = local_client(create_app(ServeSettings(run=served_run, data_dir=data_dir)))
     planted = identifying_dicom()
     planted.dataset.BurnedInAnnotation = "YES"
     response = upload(client, planted.to_bytes(), "scan.dcm")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from tests.conftest import write_dicom
-from tests.serving.conftest import png_bytes
+from tests.serving.conftest import local_client, png_bytes
 
 from medsight.data.privacy import pseudonymise
 from medsight.serving.api import ServeSettings, create_app
@@ -18,7 +18,7 @@ from medsight.serving.worklist import TRANSITIONS, ReviewStateError, WorklistSto
 
 
 def make_client(run, data_dir) -> TestClient:
-    return TestClient(create_app(ServeSettings(run=run, data_dir=data_dir)))
+    return local_client(create_app(ServeSettings(run=run, data_dir=data_dir)))
 
 
 def add(client, data: bytes, name: str = "study.png") -> dict:
@@ -112,7 +112,7 @@ def test_an_explicit_sqlite_url_is_used(served_run, tmp_path):
     db = tmp_path / "elsewhere" / "triage.db"
     db.parent.mkdir()
     settings = ServeSettings(run=served_run, data_dir=tmp_path / "d", db=f"sqlite:///{db}")
-    client = TestClient(create_app(settings))
+    client = local_client(create_app(settings))
     add(client, png_bytes(200))
     assert db.exists() and not (tmp_path / "d" / "worklist.db").exists()
 

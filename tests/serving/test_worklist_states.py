@@ -4,13 +4,13 @@ statuses, and reopening a reviewed study clears its review."""
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-from tests.serving.conftest import png_bytes
+from tests.serving.conftest import local_client, png_bytes
 
 from medsight.serving.api import ServeSettings, create_app
 
 
 def client_with_study(run, tmp_path) -> tuple[TestClient, int]:
-    client = TestClient(create_app(ServeSettings(run=run, data_dir=tmp_path / "serve")))
+    client = local_client(create_app(ServeSettings(run=run, data_dir=tmp_path / "serve")))
     response = client.post("/v1/studies", files={"file": ("s.png", png_bytes(200), "image/png")})
     assert response.status_code == 201, response.text
     return client, response.json()["id"]

@@ -9,9 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from tests.conftest import make_two_class_manifest
-from tests.serving.conftest import png_bytes
+from tests.serving.conftest import local_client, png_bytes
 from typer.testing import CliRunner
 
 from medsight import tasks
@@ -176,7 +175,7 @@ def test_a_second_task_runs_train_evaluate_predict_serve_by_its_own_rules(tmp_pa
     assert list(table.columns) == ["file", "label", "confidence", "p_lesion", "p_normal", "error"]
     assert set(table["label"]) <= {"LESION", "NORMAL"}
 
-    client = TestClient(create_app(ServeSettings(run=path, data_dir=tmp_path / "serve")))
+    client = local_client(create_app(ServeSettings(run=path, data_dir=tmp_path / "serve")))
     answer = client.post("/v1/predict", files={"file": ("a.png", png_bytes(220), "image/png")})
     assert answer.json()["label"] in {"LESION", "NORMAL"}
     studies = []

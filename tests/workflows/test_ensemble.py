@@ -132,14 +132,13 @@ def test_ensemble_cli(members, tmp_path):
 
 
 def test_an_ensemble_is_served_with_a_heat_map(members, tmp_path):
-    from fastapi.testclient import TestClient
-    from tests.serving.conftest import png_bytes
+    from tests.serving.conftest import local_client, png_bytes
 
     from medsight.serving.api import ServeSettings, create_app
 
     root, _, paths = members
     run = build_ensemble(paths, tmp_path / "ens")
-    client = TestClient(create_app(ServeSettings(run=run.path, data_dir=tmp_path / "serve")))
+    client = local_client(create_app(ServeSettings(run=run.path, data_dir=tmp_path / "serve")))
     assert client.get("/v1/model").json()["model"]["name"] == "ensemble"
     files = {"file": ("scan.png", png_bytes(170), "application/octet-stream")}
     predicted = client.post("/v1/predict", files=files)

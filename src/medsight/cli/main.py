@@ -873,6 +873,15 @@ def serve_command(
         float, typer.Option("--max-upload-mb", help="Largest upload accepted (413 above).")
     ] = 50.0,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="A Host name the server answers besides its bind address's (repeatable; "
+            "e.g. the name a reverse proxy forwards).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a run: REST API (/docs), web page (/) and triage worklist."""
     import logging
@@ -894,6 +903,7 @@ def serve_command(
                 token=token,
                 max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                 max_pixels=max_pixels,
+                allowed_hosts=allowed_host or [],
             )
         except ValidationError as exc:
             problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())

@@ -5,41 +5,73 @@
 (:class:`~medsight.serving.worklist.WorklistStore`) are shared through dependency injection,
 so tests swap them with ``app.dependency_overrides``. Every ``/v1`` route needs the bearer
 token when one is configured, and one is required whenever the server listens beyond
-loopback. Uploads are judged by their content, limited in size, and never cause a 500.
+loopback (at least 16 characters). Without a token, state-changing requests (POST, PATCH,
+DELETE) must carry ``X-Requested-With: medsight``, which the page sends and a cross-site form
+cannot. Uploads are judged by their content, limited in size and in how many are decoded at
+once (:class:`~medsight.serving.service.DecodeSlots`: 503 with ``Retry-After`` beyond it), and
+never cause a 500; anything unexpected is a logged 500 with an error id
+(:mod:`medsight.serving.security`, which also sets the security headers and trusted hosts).
+
+Per-request budget: the body is at most ``max_upload_bytes`` (413 above, counted while it
+streams in); the decoded image at most ``max_pixels`` (400 above); its decoding and scoring
+hold one decode slot, budgeted ``BYTES_PER_PIXEL × max_pixels`` bytes of memory (1.9 GB at the
+default 60 M pixels; about 7.5 s for the largest image on one core); a request waits at most
+``decode_wait_s`` for a slot. :func:`serve` listens before the model is loaded: ``/health``
+answers at once, ``/ready`` and the model's routes answer 503 until it is.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medsight import __version__
 from medsight.data.imaging import DEFAULT_MAX_PIXELS
 from medsight.data.privacy import DeidentificationError, deidentify_dicom
 from medsight.errors import ConfigError
-from medsight.evaluation.modelcard import intended_use
-from medsight.inference import Predictor
 from medsight.serving import schemas
+from medsight.serving.security import (
+    SAFE_METHODS,
+    SAME_ORIGIN_HEADER,
+    SAME_ORIGIN_VALUE,
+    CatchAll,
+    SecurityHeaders,
+    allowed_hosts,
+    is_loopback,
+    same_origin_proven,
+    script_hash_csp,
+    token_problem,
+)
 from medsight.serving.service import (
     BadImage,
+    Busy,
+    DecodeSlots,
     ExplanationsUnavailable,
     ModelService,
     UnsupportedImage,
+    decode_slots_for,
 )
 from medsight.serving.worklist import ReviewStateError, Study, WorklistStore, utc
-from medsight.tasks import Task
+
+if TYPE_CHECKING:  # torch comes with the task: imported once the server listens
+    from medsight.tasks import Task
+
+__all__ = ["ServeSettings", "check_exposure", "create_app", "is_loopback", "serve"]
 
 TOKEN_ENV = "MEDSIGHT_TOKEN"
 WEB_DIR = Path(__file__).parent / "web"
@@ -60,6 +92,36 @@ class ServeSettings(BaseModel):
     token: str | None = None
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD, gt=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the server answers besides those of its bind address "
+        "(--allowed-host, e.g. behind a reverse proxy).",
+    )
+    decode_slots: int | None = Field(
+        None, ge=1, description="Uploads decoded at once (default: from the available memory)."
+    )
+    decode_wait_s: float = Field(
+        5.0, ge=0, description="How long a request waits for a decode slot before its 503."
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            name = host.strip()
+            if not name or "/" in name or "*" in name[1:] or (name[0] == "*" and name[:2] != "*."):
+                raise ValueError(
+                    f"--allowed-host {host!r} is not a host name; give a name or address as "
+                    "browsers send it in Host (scanner.example.org, 10.0.0.5, *.example.org)"
+                )
+        return [h.strip() for h in value]
+
+    @field_validator("token")
+    @classmethod
+    def _strip_token(cls, value: str | None) -> str | None:
+        # A token pasted with a newline or spaces must not become part of the secret, and an
+        # all-blank one is no token at all.
+        return (value or "").strip() or None
 
     def resolved_data_dir(self) -> Path:
         return self.data_dir or self.run / "worklist"
@@ -68,25 +130,20 @@ class ServeSettings(BaseModel):
         return self.db or f"sqlite:///{self.resolved_data_dir().resolve() / 'worklist.db'}"
 
     def resolved_token(self) -> str | None:
-        return self.token or os.environ.get(TOKEN_ENV) or None
+        return self.token or (os.environ.get(TOKEN_ENV) or "").strip() or None
 
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    def resolved_allowed_hosts(self) -> list[str]:
+        return allowed_hosts(self.host, self.allowed_hosts)
 
 
 def check_exposure(settings: ServeSettings) -> None:
-    """Refuse to listen beyond loopback without a token: patient images would be open to all."""
-    if not is_loopback(settings.host) and not settings.resolved_token():
+    """Refuse to listen beyond loopback without a strong token: patient images would be open
+    to all."""
+    problem = token_problem(settings.resolved_token(), settings.host)
+    if problem:
         raise ConfigError(
-            f"--host {settings.host} is reachable from other machines, so a bearer token is "
-            f"required; pass --token TOKEN or set {TOKEN_ENV} (or bind to 127.0.0.1)"
+            f"--host {settings.host} is reachable from other machines, so {problem}; pass "
+            f"--token TOKEN or set {TOKEN_ENV} (or bind to 127.0.0.1)"
         )
 
 
@@ -110,9 +167,16 @@ def require_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """401 unless the request carries the configured bearer token (no token: open)."""
+    """401 unless the request carries the configured bearer token; without a token, 403 for a
+    state-changing request that does not prove it comes from this origin's page."""
     expected = request.app.state.token
     if expected is None:
+        if request.method not in SAFE_METHODS and not same_origin_proven(request.headers):
+            raise HTTPException(
+                403,
+                f"{request.method} needs the header '{SAME_ORIGIN_HEADER}: {SAME_ORIGIN_VALUE}' "
+                "when the server has no token (it proves the request is not a cross-site form)",
+            )
         return
     given = credentials.credentials if credentials else ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -130,9 +194,32 @@ Upload = Annotated[UploadFile, File(description="PNG, JPEG, TIFF, BMP or DICOM i
 _ERRORS = {
     400: {"model": schemas.ErrorBody, "description": "Corrupt or unusable image"},
     401: {"model": schemas.ErrorBody, "description": "Missing or wrong bearer token"},
+    403: {
+        "model": schemas.ErrorBody,
+        "description": f"No token configured and no '{SAME_ORIGIN_HEADER}: {SAME_ORIGIN_VALUE}' "
+        "header on a state-changing request",
+    },
     413: {"model": schemas.ErrorBody, "description": "Upload above the size limit"},
     415: {"model": schemas.ErrorBody, "description": "Not an image format medsight reads"},
+    422: {"model": schemas.ValidationErrorBody, "description": "A parameter or field is invalid"},
+    500: {"model": schemas.InternalErrorBody, "description": "Unexpected; logged under error_id"},
 }
+_BUSY = {503: {"model": schemas.ErrorBody, "description": "Every decode slot is taken"}}
+
+_NO_STUDY = {404: {"model": schemas.ErrorBody, "description": "No study with this id"}}
+
+#: Where a queued study leads (OpenAPI links: clients and Schemathesis follow them).
+_STUDY_LINKS = {
+    name: {"operationId": operation, "parameters": {"study_id": "$response.body#/id"}}
+    for name, operation in (
+        ("GetStudy", "get_study"),
+        ("GetStudyImage", "study_image"),
+        ("ReviewStudy", "update_study"),
+    )
+}
+
+#: A study's id: SQLite's (and SQL's BIGINT) integer range; larger ones are 422, not overflow.
+StudyId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="The study's id.")]
 
 
 # --------------------------------------------------------------------------- routes
@@ -162,7 +249,8 @@ def _prediction(model: ModelService, scored) -> dict:
 
 def predict(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
     """Class probabilities for one uploaded image (format judged from the content)."""
-    scored = model.score(data)
+    with model.slots.hold():
+        scored = model.score(data)
     result = _prediction(model, scored)
     log.info("predict label=%s latency_ms=%.1f", result["label"], result["latency_ms"])
     return result
@@ -171,8 +259,9 @@ def predict(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
 def explain(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
     """The prediction plus a heat map of the regions that drove it, over the image (PNG)."""
     start = time.perf_counter()
-    scored = model.score(data)
-    method, layer, png = model.explain(scored)
+    with model.slots.hold():
+        scored = model.score(data)
+        method, layer, png = model.explain(scored)
     scored.seconds = time.perf_counter() - start
     log.info("explain method=%s latency_ms=%.1f", method, scored.seconds * 1000)
     return {**_prediction(model, scored), "method": method, "layer": layer, "overlay_png": png}
@@ -188,6 +277,7 @@ def _prediction_routes(task: Task) -> APIRouter:
         methods=["POST"],
         response_model=prediction,
         summary="Classify one image",
+        responses=_BUSY,
     )
     router.add_api_route(
         "/explain",
@@ -195,7 +285,10 @@ def _prediction_routes(task: Task) -> APIRouter:
         methods=["POST"],
         response_model=explanation,
         summary="Classify one image and show why",
-        responses={501: {"model": schemas.ErrorBody, "description": "Explanations unavailable"}},
+        responses={
+            501: {"model": schemas.ErrorBody, "description": "Explanations unavailable"},
+            **_BUSY,
+        },
     )
     return router
 
@@ -203,6 +296,8 @@ def _prediction_routes(task: Task) -> APIRouter:
 @v1.get("/model", response_model=schemas.ModelInfo, summary="The served model")
 def model_info(model: Model, request: Request) -> dict:
     """Classes, input, headline metrics with 95 % CIs, operating points and intended use."""
+    from medsight.evaluation.modelcard import intended_use
+
     prep = model.predictor.preprocess
     metrics = model.metrics or {}
     headline = {}
@@ -260,9 +355,20 @@ def _item(study: Study) -> dict:
     }
 
 
-@v1.post("/studies", response_model=schemas.StudyItem, status_code=201, summary="Queue a study")
+@v1.post(
+    "/studies",
+    response_model=schemas.StudyItem,
+    status_code=201,
+    summary="Queue a study",
+    responses={201: {"description": "The queued study", "links": _STUDY_LINKS}, **_BUSY},
+)
 def add_study(model: Model, store: Store, data: Annotated[bytes, Depends(_read)]) -> dict:
     """Score an uploaded study and queue it on the worklist (DICOM is de-identified first)."""
+    with model.slots.hold():
+        return _add_study(model, store, data)
+
+
+def _add_study(model: ModelService, store: WorklistStore, data: bytes) -> dict:
     scored = model.score(data)
     fmt = scored.image.meta.get("format", "raster")
     if fmt == "dicom":
@@ -305,16 +411,42 @@ def worklist(
     return {"items": [_item(s) for s in store.list(status)]}
 
 
-@v1.get("/studies/{study_id}", response_model=schemas.StudyItem, summary="One study")
-def get_study(study_id: int, store: Store) -> dict:
+@v1.get(
+    "/studies/{study_id}",
+    response_model=schemas.StudyItem,
+    summary="One study",
+    operation_id="get_study",
+    responses=_NO_STUDY,
+)
+def get_study(study_id: StudyId, store: Store) -> dict:
     study = store.get(study_id)
     if study is None:
         raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
     return _item(study)
 
 
-@v1.get("/studies/{study_id}/image", summary="The stored (de-identified) image")
-def study_image(study_id: int, store: Store) -> FileResponse:
+@v1.get(
+    "/studies/{study_id}/image",
+    summary="The stored (de-identified) image",
+    operation_id="study_image",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The file as stored: PNG, JPEG, TIFF, BMP or de-identified DICOM.",
+            "content": {
+                kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in (
+                    "image/png",
+                    "image/jpeg",
+                    "application/dicom",
+                    "application/octet-stream",
+                )
+            },
+        },
+        **_NO_STUDY,
+    },
+)
+def study_image(study_id: StudyId, store: Store) -> FileResponse:
     study = store.get(study_id)
     if study is None:
         raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
@@ -323,8 +455,19 @@ def study_image(study_id: int, store: Store) -> FileResponse:
     return FileResponse(path, media_type=media.get(study.format, "application/octet-stream"))
 
 
-@v1.patch("/studies/{study_id}", response_model=schemas.StudyItem, summary="Review a study")
-def update_study(study_id: int, update: schemas.StudyUpdate, store: Store, model: Model) -> dict:
+@v1.patch(
+    "/studies/{study_id}",
+    response_model=schemas.StudyItem,
+    summary="Review a study",
+    operation_id="update_study",
+    responses={
+        **_NO_STUDY,
+        409: {"model": schemas.ReviewConflictBody, "description": "Not a permitted transition"},
+    },
+)
+def update_study(
+    study_id: StudyId, update: schemas.StudyUpdate, store: Store, model: Model
+) -> dict:
     """Set the status (pending, in_review, reviewed) and optionally the reviewer's label."""
     if update.reviewer_label is not None and update.reviewer_label not in model.classes:
         raise HTTPException(
@@ -415,6 +558,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _bad(request: Request, exc: BadImage):
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy):
+        return JSONResponse(
+            {"detail": str(exc)},
+            status_code=503,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+
     @app.exception_handler(ReviewStateError)
     async def _review_state(request: Request, exc: ReviewStateError):
         return JSONResponse({"detail": str(exc), "allowed": list(exc.allowed)}, status_code=409)
@@ -453,16 +604,24 @@ def create_app(
     """Build the application for ``settings``: load the run, open the worklist, mount the page.
 
     ``model`` and ``worklist`` replace what the settings would load (tests, embedding).
-    Raises :class:`ConfigError` when the server would be exposed without a token.
+    Raises :class:`ConfigError` when the server would be exposed without a strong token.
+    Requests must name a trusted host (``settings.resolved_allowed_hosts()``): a test client
+    uses ``TestClient(app, base_url="http://localhost")``.
 
     >>> app = create_app(ServeSettings(run="runs/phantom"))       # doctest: +SKIP
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)             # doctest: +SKIP
     """
+    from medsight.evaluation.modelcard import intended_use
+
     check_exposure(settings)
     if model is None:
+        from medsight.inference import Predictor
+
+        slots = settings.decode_slots or decode_slots_for(settings.max_pixels)
         model = ModelService(
             Predictor.from_run(settings.run, backend=settings.backend),
             max_pixels=settings.max_pixels,
+            slots=DecodeSlots(slots, wait=settings.decode_wait_s),
         )
     if worklist is None:
         worklist = WorklistStore(settings.resolved_db(), settings.resolved_data_dir())
@@ -472,12 +631,14 @@ def create_app(
         version=__version__,
         summary=f"{model.model_ref.name} from run {model.model_ref.run}: research use only.",
         description=intended_use(model.classes),
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.model = model
     app.state.worklist = worklist
     app.state.token = settings.resolved_token()
     app.state.max_upload_bytes = settings.max_upload_bytes
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    _secure(app, settings)
     _install_error_handlers(app)
     app.include_router(_prediction_routes(model.task))
     app.include_router(v1)
@@ -486,7 +647,12 @@ def create_app(
     def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready", response_model=schemas.Ready, summary="Model and database are usable")
+    @app.get(
+        "/ready",
+        response_model=schemas.Ready,
+        summary="Model and database are usable",
+        responses={503: {"model": schemas.Ready, "description": "Not ready (yet)"}},
+    )
     def ready(request: Request) -> JSONResponse:
         state = request.app.state
         database = "ok" if state.worklist.ping() else "unreachable"
@@ -497,15 +663,140 @@ def create_app(
     def page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", media_type="text/html")
 
+    _docs_routes(app)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
 
 
+def _secure(app, settings: ServeSettings) -> None:
+    """The middleware every answer passes through, outermost first: security headers, the
+    last-resort 500, trusted hosts, the body limit (``add_middleware`` wraps, so reversed)."""
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(
+        TrustedHostMiddleware, allowed_hosts=settings.resolved_allowed_hosts(), www_redirect=False
+    )
+    app.add_middleware(CatchAll)
+    app.add_middleware(SecurityHeaders)
+
+
+#: Where FastAPI's documentation pages load Swagger UI and ReDoc from.
+_DOCS_SOURCES = "https://cdn.jsdelivr.net https://fastapi.tiangolo.com"
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """``/docs`` and ``/redoc`` with a policy of their own: their inline scripts by hash."""
+
+    def with_csp(page):
+        csp = script_hash_csp(page.body.decode(), _DOCS_SOURCES)
+        page.headers["content-security-policy"] = csp
+        return page
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return with_csp(get_swagger_ui_html(openapi_url=app.openapi_url, title="medsight API"))
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc():
+        return with_csp(get_redoc_html(openapi_url=app.openapi_url, title="medsight API"))
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class StartingApp:
+    """The ASGI app :func:`serve` listens with while ``build()`` (importing torch, loading the
+    model, opening the worklist) runs in a thread: ``/health`` answers 200 from the first
+    moment, ``/ready`` and everything else 503 with ``Retry-After`` until the real app is
+    built, then every request goes to it. A failed build is kept in ``error`` and
+    ``on_failure`` is called (``serve`` stops the server and re-raises it)."""
+
+    RETRY_AFTER = 2
+
+    def __init__(self, build, settings: ServeSettings, on_failure=None):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        self.build = build
+        self.on_failure = on_failure
+        self.app: FastAPI | None = None
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        loading = Starlette(
+            routes=[
+                Route("/health", self._health),
+                Route("/ready", self._ready),
+                Route("/{path:path}", self._loading, methods=list(_ALL_METHODS)),
+            ]
+        )
+        _secure(loading, settings)
+        self._loading_app = loading
+
+    def start(self) -> None:
+        """Start building the real app in a background thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._build, name="medsight-load", daemon=True)
+            self._thread.start()
+
+    def _build(self) -> None:
+        try:
+            self.app = self.build()
+            log.info("model loaded: ready")
+        except BaseException as exc:  # noqa: BLE001 - reported by serve(), not lost in a thread
+            self.error = exc
+            log.error("the model could not be loaded: %s", exc)
+            if self.on_failure:
+                self.on_failure()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        app = self.app or self._loading_app
+        await app(scope, receive, send)
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _health(self, request):
+        return JSONResponse({"status": "ok"})
+
+    async def _ready(self, request):
+        detail = "the model is loading" if self.error is None else f"failed: {self.error}"
+        body = {"ready": False, "model": None, "database": "unknown", "detail": detail}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(self.RETRY_AFTER)})
+
+    async def _loading(self, request):
+        return JSONResponse(
+            {"detail": "the model is still loading; retry in a few seconds (see GET /ready)"},
+            status_code=503,
+            headers={"Retry-After": str(self.RETRY_AFTER)},
+        )
+
+
+_ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def serve(settings: ServeSettings) -> None:
-    """Run the app with uvicorn until interrupted (what ``medsight serve`` does)."""
+    """Run the app with uvicorn until interrupted (what ``medsight serve`` does).
+
+    The socket is open before the model is loaded (see :class:`StartingApp`); a run that
+    cannot be loaded stops the server and its error is raised here.
+    """
     import uvicorn
 
-    app = create_app(settings)
+    check_exposure(settings)
+    starting = StartingApp(lambda: create_app(settings), settings)
+    config = uvicorn.Config(
+        starting, host=settings.host, port=settings.port, log_level="info", access_log=False
+    )
+    server = uvicorn.Server(config)
+    starting.on_failure = lambda: setattr(server, "should_exit", True)
     log.info(
         "serving %s (%s) on http://%s:%d",
         settings.run,
@@ -513,4 +804,6 @@ def serve(settings: ServeSettings) -> None:
         settings.host,
         settings.port,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    server.run()
+    if starting.error is not None:
+        raise starting.error

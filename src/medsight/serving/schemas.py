@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, create_model
 
-from medsight.tasks import get_task
-
 #: The states a study moves through on the worklist.
 StudyStatus = Literal["pending", "in_review", "reviewed"]
 STATUSES: tuple[str, ...] = ("pending", "in_review", "reviewed")
@@ -81,9 +79,18 @@ def prediction_models(decoded: type[BaseModel]) -> tuple[type[BaseModel], type[B
     return prediction, explanation
 
 
-#: The bodies of the default task (classification): ``label``, ``probabilities``,
-#: ``confidence``, ``threshold_flags``, ``model``, ``latency_ms``.
-Prediction, Explanation = prediction_models(get_task().prediction_schema)
+def __getattr__(name: str):
+    # ``Prediction`` and ``Explanation``, the bodies of the default task (classification):
+    # ``label``, ``probabilities``, ``confidence``, ``threshold_flags``, ``model``,
+    # ``latency_ms``. Built on first use because the task registry imports torch, and the server
+    # must answer /health before that import is done.
+    if name in ("Prediction", "Explanation"):
+        from medsight.tasks import get_task
+
+        prediction, explanation = prediction_models(get_task().prediction_schema)
+        globals().update(Prediction=prediction, Explanation=explanation)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class InputSpec(BaseModel):
@@ -133,8 +140,9 @@ class Health(BaseModel):
 
 class Ready(BaseModel):
     ready: bool
-    model: str
+    model: str | None = Field(description="The run folder's name; null while it loads.")
     database: str
+    detail: str | None = Field(default=None, description="Why the server is not ready yet.")
 
 
 class StudyItem(BaseModel):
@@ -175,3 +183,25 @@ class StudyUpdate(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+class ValidationErrorBody(BaseModel):
+    """A request the API cannot use: ``detail`` says what to fix in words, ``errors`` lists the
+    problems field by field (pydantic's format)."""
+
+    detail: str
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ReviewConflictBody(BaseModel):
+    """A status change the review state machine does not permit from the study's state."""
+
+    detail: str
+    allowed: list[str] = Field(description="The states the study may move to from here.")
+
+
+class InternalErrorBody(BaseModel):
+    """An unexpected failure: the details are in the server's log under ``error_id``."""
+
+    detail: str
+    error_id: str = Field(description="Quote it to the server's operator; it is in the log line.")

@@ -2,8 +2,18 @@
 
 :class:`ModelService` wraps a :class:`Predictor` with what serving adds: decoding uploads from
 their content, the evaluated operating points (``metrics.json``), the model's identity for
-audit trails, and lazily loaded explanations. What a prediction says and how urgent it is are
-the run's task's (``decode``, ``urgency``). It knows nothing about HTTP.
+audit trails, lazily loaded explanations, and a bound on how many uploads are decoded at once
+(:class:`DecodeSlots`). What a prediction says and how urgent it is are the run's task's
+(``decode``, ``urgency``). It knows nothing about HTTP.
+
+Memory and time budget of one upload (what :class:`DecodeSlots` is sized from): decoding an
+image of ``max_pixels`` pixels costs at most about :data:`BYTES_PER_PIXEL` bytes per pixel at its
+peak (measured: an RGB PNG of 7745² = 60 M pixels, 170 KB on the wire, raised the server's
+memory by 1.6 GB, 27 bytes per pixel, and took 7.5 s on one core), so one slot is budgeted
+``BYTES_PER_PIXEL × max_pixels`` (1.9 GB at the default 60 M pixels). At most
+``half the available memory ÷ that budget`` uploads (at least 1, at most the CPU count) are
+decoded and scored at once; a request that finds every slot taken for ``wait`` seconds is
+refused with :class:`Busy` (HTTP 503 with ``Retry-After``) rather than queued without bound.
 """
 
 from __future__ import annotations
@@ -12,18 +22,24 @@ import base64
 import hashlib
 import io
 import json
+import math
+import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_bytes, sniff
 from medsight.errors import ImageDecodeError, MedsightError
-from medsight.inference import Predictor
-from medsight.runs import METRICS, WEIGHTS
 from medsight.serving.schemas import ModelRef, ThresholdFlag
+
+if TYPE_CHECKING:  # torch comes with these: the server imports them only once it is listening
+    from medsight.inference import Predictor
 
 #: The same words as the model card in report.html: serving must not promise more than it.
 
@@ -43,6 +59,83 @@ class ExplanationsUnavailable(MedsightError):
     """Heat maps cannot be made here (``medsight.explain`` missing or failing) (HTTP 501)."""
 
 
+class Busy(MedsightError):
+    """Every decode slot is taken: try again in ``retry_after`` seconds (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+#: Peak bytes per pixel of decoding and preprocessing one upload (27 measured, rounded up).
+BYTES_PER_PIXEL = 32
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: MemAvailable, capped by a cgroup limit; None if unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        with suppress(OSError, ValueError, AttributeError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    try:  # a container's limit is lower than the machine's free memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit.isdigit():
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def decode_slots_for(max_pixels: int, memory: int | None = None, cpus: int | None = None) -> int:
+    """How many uploads may be decoded at once: half of ``memory`` (default: what is available
+    now) divided by the budget of one upload, ``BYTES_PER_PIXEL × max_pixels``; at least 1, at
+    most ``cpus`` (default: the CPU count); 2 when the memory is unknown.
+
+    >>> decode_slots_for(60_000_000, memory=8 * 1024**3, cpus=8)
+    2
+    """
+    memory = available_memory() if memory is None else memory
+    cpus = cpus or os.cpu_count() or 1
+    if memory is None:
+        return min(2, cpus)
+    return max(1, min(cpus, math.floor(memory / 2 / (BYTES_PER_PIXEL * max_pixels))))
+
+
+class DecodeSlots:
+    """A counting semaphore over uploads being decoded and scored, refusing rather than queuing
+    without bound: :meth:`hold` waits at most ``wait`` seconds, then raises :class:`Busy`."""
+
+    def __init__(self, slots: int, wait: float = 5.0):
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        self.slots = slots
+        self.wait = wait
+        self._semaphore = threading.BoundedSemaphore(slots)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.wait > 0:
+            acquired = self._semaphore.acquire(timeout=self.wait)
+        else:
+            acquired = self._semaphore.acquire(blocking=False)
+        if not acquired:
+            raise Busy(
+                f"the server is already decoding {self.slots} upload(s), its limit for the "
+                "memory it has; retry in a few seconds",
+                retry_after=max(1, math.ceil(self.wait)),
+            )
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+
+
 @dataclass
 class Scored:
     """One decoded, preprocessed and scored upload."""
@@ -60,7 +153,15 @@ class ModelService:
     >>> service.score(open("scan.dcm", "rb").read()).probabilities    # doctest: +SKIP
     """
 
-    def __init__(self, predictor: Predictor, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        slots: DecodeSlots | None = None,
+    ):
+        from medsight.runs import METRICS, WEIGHTS
+
         self.predictor = predictor
         self.run = predictor.run
         self.max_pixels = max_pixels
@@ -76,6 +177,7 @@ class ModelService:
         # One inference at a time: concurrent torch/ORT calls on a few cores only fight over
         # them (each call already uses every core), while decoding still runs in parallel.
         self._infer_lock = threading.Lock()
+        self.slots = slots or DecodeSlots(decode_slots_for(max_pixels))
         self._explainer = None
         self._explainer_error: str | None = None
         self._explainer_lock = threading.Lock()
@@ -112,7 +214,10 @@ class ModelService:
         except MedsightError as exc:
             raise BadImage(f"the image cannot be prepared for the model: {exc}") from None
         with self._infer_lock:
-            probs = self.predictor.predict_array(x)[0]
+            try:
+                probs = self.predictor.predict_array(x)[0]
+            except MedsightError as exc:  # e.g. NaN/inf pixels making NaN logits
+                raise BadImage(f"the model cannot score this image: {exc}") from None
         return Scored(image, x, np.asarray(probs, dtype=np.float64), time.perf_counter() - start)
 
     def prediction(self, probs: np.ndarray) -> dict:

@@ -7,12 +7,19 @@ const state = { model: null, file: null, selected: null, token: sessionStorage.g
 // ------------------------------------------------------------------ API
 
 async function api(path, options = {}) {
-  const headers = Object.assign({}, options.headers || {});
+  // The header proves to the server that this page, not a cross-site form, sent the request.
+  const headers = Object.assign({ "X-Requested-With": "medsight" }, options.headers || {});
   if (state.token) headers["Authorization"] = "Bearer " + state.token;
   const response = await fetch(path, Object.assign({}, options, { headers }));
   if (response.status === 401) {
     $("token-form").hidden = false;
     throw new Error("This server needs an access token: enter it at the top right.");
+  }
+  if (response.status === 503) {
+    const wait = Number(response.headers.get("Retry-After") || "2");
+    const error = new Error(`The server is busy or still loading the model: try again in ${wait} s.`);
+    error.status = 503;
+    throw error;
   }
   return response;
 }
