@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -94,7 +95,9 @@ def reset_peak(pid: int) -> None:
 
 
 def gb(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.2f} GB"
+    return f"{n_bytes / 1e6:.0f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
 
 
 @dataclass
@@ -440,6 +443,7 @@ def section_rss(run: Path, inputs: Inputs, work: Path, limit: int, timeout: floa
         if server is not None:
             server.stop()
         rows.append(row)
+    shutil.rmtree(work / "serve-rss", ignore_errors=True)  # stored uploads: up to a GB each
     return rows
 
 
@@ -569,6 +573,7 @@ def worklist_ids(url: str) -> set[int]:
 
 
 def section_load(run: Path, inputs: Inputs, work: Path, args, limit: int) -> dict:
+    shutil.rmtree(work / "serve-load", ignore_errors=True)  # a fresh worklist each time
     server = Server(run, work / "serve-load", work / "serve-load.log", limit)
     try:
         warm = [("warm", True, "POST", "/v1/predict", inputs.good[0])] * 8
@@ -646,6 +651,7 @@ def section_kill_server(run: Path, inputs: Inputs, work: Path, args, limit: int)
     rng = random.Random(args.seed + 1)
     data_dir = work / "serve-kill"
     log = work / "serve-kill.log"
+    shutil.rmtree(data_dir, ignore_errors=True)
     server = Server(run, data_dir, log, limit)
     delay = rng.uniform(3.0, 6.0)
     plan = [("upload", True, "POST", "/v1/studies", rng.choice(inputs.good)) for _ in range(5000)]
@@ -653,9 +659,8 @@ def section_kill_server(run: Path, inputs: Inputs, work: Path, args, limit: int)
 
     def killer() -> None:
         time.sleep(delay)
+        stop.set()  # no new requests: what fails is what was in flight
         server.kill()
-        time.sleep(0.5)  # requests still queued meet a dead server: no more to send
-        stop.set()
 
     threading.Thread(target=killer, daemon=True).start()
     results, _ = run_load(server.url, plan, args.concurrency, stop)
@@ -737,7 +742,9 @@ def sha256(path: Path) -> str | None:
 def section_kill_train(data: Path, work: Path, args) -> dict:
     """An uninterrupted reference run, then the same run killed at 3 points and resumed."""
     base = ["train", "--data", str(data), "--epochs", str(args.train_epochs), "--seed", "0"]
-    reference = work / "train-reference"
+    reference, run = work / "train-reference", work / "train-killed"
+    for folder in (reference, run):
+        shutil.rmtree(folder, ignore_errors=True)
     print("  uninterrupted reference run ...", flush=True)
     ref = train_timed(medsight(*base, "--out", str(reference)), work / "train-ref.log", None)
     if ref["rc"] != 0:
@@ -748,20 +755,21 @@ def section_kill_train(data: Path, work: Path, args) -> dict:
     per_epoch, startup = np.polyfit(fractions, line_times, 1)
     startup = max(float(startup), 0.5)
     rng = random.Random(args.seed + 2)
-    points = sorted(rng.uniform(0.05, args.train_epochs - 0.2) for _ in range(3))
-    run = work / "train-killed"
+    # one point in each third of the run, so that early, middle and late kills are all tried
+    third = args.train_epochs / 3
+    points = [rng.uniform(max(i * third, 0.05), (i + 1) * third - 0.05) for i in range(3)]
     steps: list[dict] = []
     done = 0.0  # epochs already in the checkpoint when a process starts
-    resume = finished = False
+    resume = finished = overwrite = False
     queue = list(points)
     while queue and not finished:
         point = queue[0]
         if resume:
             command = medsight("train", "--resume", str(run))
         else:
-            command = medsight(*base, "--out", str(run), *(["--overwrite"] * run.exists()))
+            command = medsight(*base, "--out", str(run), *(["--overwrite"] * overwrite))
         kill_after = startup + max(point - done, 0.02) * per_epoch
-        what = "--resume" if resume else "fresh"
+        what = "--resume" if resume else ("fresh, --overwrite" if overwrite else "fresh")
         print(f"  kill at epoch ≈ {point:.2f} ({what}, {kill_after:.1f} s after start) ...")
         out = train_timed(command, work / f"train-{len(steps) + 1}.log", kill_after)
         step = {
@@ -784,6 +792,8 @@ def section_kill_train(data: Path, work: Path, args) -> dict:
             finished = True
         elif resume:  # --resume refused the folder: start over, as a user would have to
             resume, done = False, 0.0
+        elif not overwrite and run.exists():  # the same command refused the half-written folder
+            overwrite = True
         else:
             raise SystemExit(f"training failed; see {work / f'train-{len(steps)}.log'}")
     if not finished:
@@ -885,6 +895,27 @@ def _mem_available() -> int:
     return int(8e9)
 
 
+def code_version() -> str:
+    """The commit of the code under test (``+`` when the checkout has changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="Working folder (default: a new temp folder).")
@@ -894,7 +925,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--bad", type=float, default=0.10, help="Share of adversarial requests.")
-    parser.add_argument("--train-epochs", type=int, default=3)
+    parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -929,9 +960,11 @@ def main() -> None:
         killed_train = section_kill_train(data, work, args)
 
     load_avg = os.getloadavg()[0]
+    print(f"\n`python benchmarks/reliability.py {' '.join(sys.argv[1:])}`".replace(" `", "`"))
     print(
-        f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, load average "
-        f"{load_avg:.1f} at the end, {time.monotonic() - started:.0f} s in all; logs in {work}"
+        f"{time.strftime('%Y-%m-%d')}, code at {code_version()}, {os.cpu_count()} CPU cores, "
+        f"load average {load_avg:.1f} at the end, {time.monotonic() - started:.0f} s in all; "
+        f"logs in {work}"
     )
     if rss:
         print_rss(rss, limit)
