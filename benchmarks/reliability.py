@@ -414,6 +414,7 @@ def _detail(response: httpx.Response) -> str:
 
 def section_rss(run: Path, inputs: Inputs, work: Path, limit: int, timeout: float) -> list[dict]:
     rows = []
+    server = None
     for name, path in inputs.big.items():
         print(f"  data check: {name} ...", flush=True)
         checked = run_measured(
@@ -423,9 +424,11 @@ def section_rss(run: Path, inputs: Inputs, work: Path, limit: int, timeout: floa
             log=work / f"check-{path.stem}.log",
         )
         row = {"input": name, "file": path.stat().st_size, "check": checked}
-        server = None
         for route in ("/v1/predict", "/v1/studies"):
-            if server is None or not server.alive():
+            if server is not None and not server.alive():
+                server.stop()  # killed for its memory: reap it, then start another
+                server = None
+            if server is None:
                 server = Server(run, work / "serve-rss", work / "serve-rss.log", limit)
                 # the first request pays for lazy start-up work; not this input's cost
                 httpx.post(
@@ -440,9 +443,9 @@ def section_rss(run: Path, inputs: Inputs, work: Path, limit: int, timeout: floa
             if row[route]["increase"] > 100 * MIB:
                 server.stop()
                 server = None
-        if server is not None:
-            server.stop()
         rows.append(row)
+    if server is not None:
+        server.stop()
     shutil.rmtree(work / "serve-rss", ignore_errors=True)  # stored uploads: up to a GB each
     return rows
 
@@ -482,6 +485,7 @@ class Result:
     seconds: float
     study: int | None = None
     error: str = ""  # the client's exception when there was no response
+    retry_after: bool = False  # a 503 that tells the client when to retry (load shedding)
 
 
 def plan_requests(inputs: Inputs, n: int, bad_share: float, seed: int) -> list[tuple]:
@@ -537,7 +541,8 @@ def send(client: httpx.Client, url: str, item: tuple) -> Result:
     if status == 201 and path == "/v1/studies":
         with contextlib.suppress(ValueError, KeyError, TypeError):
             study = int(response.json()["id"])
-    return Result(kind, valid, status, seconds, study)
+    shed = status == 503 and "retry-after" in response.headers
+    return Result(kind, valid, status, seconds, study, retry_after=shed)
 
 
 def run_load(url: str, plan: list[tuple], concurrency: int, stop: threading.Event | None = None):
@@ -618,6 +623,7 @@ def print_load(out: dict, args, limit: int) -> None:
         ("2xx", int(((statuses >= 200) & (statuses < 300)).sum())),
         ("4xx", int(((statuses >= 400) & (statuses < 500)).sum())),
         ("**5xx** (incl. no response)", f"**{int((statuses >= 500).sum())}**"),
+        ("of which 503 with Retry-After (load shedding)", sum(r.retry_after for r in results)),
         ("p50 / p99 latency, all requests (ms)", f"{pct(all_s, 50)} / {pct(all_s, 99)}"),
         ("p50 / p99 latency, valid requests (ms)", f"{pct(valid_s, 50)} / {pct(valid_s, 99)}"),
         ("wall s (requests/s)", f"{out['wall']:.1f} ({len(results) / out['wall']:.1f})"),
