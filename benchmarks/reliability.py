@@ -117,30 +117,28 @@ class Measured:
 def run_measured(command: list[str], *, limit: int, timeout: float, log: Path) -> Measured:
     """Run ``command`` polling its RSS every 20 ms; SIGKILL it above ``limit`` bytes or ``timeout``.
 
-    The peak comes from ``wait4``'s ``ru_maxrss``: exact, even for a process killed between
-    two polls.
+    The peak is the last VmHWM read (the kernel's own high-water mark of this process), not
+    ``wait4``'s ``ru_maxrss``: Linux carries the parent's peak into a forked child's.
     """
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env())
     start = time.monotonic()
     killed = ""
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
+    peak = 0
+    while process.poll() is None:
         rss = (proc_kib(process.pid, "VmRSS") or 0) * 1024
+        peak = max(peak, rss, (proc_kib(process.pid, "VmHWM") or 0) * 1024)
         if not killed and rss > limit:
             killed = "memory"
         elif not killed and time.monotonic() - start > timeout:
             killed = "time"
         if killed:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
+                process.send_signal(signal.SIGKILL)
         time.sleep(POLL_S)
     wall = time.monotonic() - start
-    process.returncode = os.waitstatus_to_exitcode(status)  # already reaped by wait4
     text = log.read_text(errors="replace")
-    return Measured(process.returncode, usage.ru_maxrss * 1024, wall, killed, text)
+    return Measured(process.returncode, peak, wall, killed, text)
 
 
 def free_port() -> int:
@@ -902,11 +900,12 @@ def _mem_available() -> int:
 
 
 def code_version() -> str:
-    """The commit of the code under test (``+`` when the checkout has changes)."""
+    """The last commit that changed ``src`` (``+``: uncommitted changes there), i.e. the code
+    under test, whatever commits to the benchmarks came after it."""
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(root), "log", "-1", "--format=%h", "--", "src"],
             capture_output=True,
             text=True,
             check=True,
@@ -968,7 +967,7 @@ def main() -> None:
     load_avg = os.getloadavg()[0]
     print(f"\n`python benchmarks/reliability.py {' '.join(sys.argv[1:])}`".replace(" `", "`"))
     print(
-        f"{time.strftime('%Y-%m-%d')}, code at {code_version()}, {os.cpu_count()} CPU cores, "
+        f"{time.strftime('%Y-%m-%d')}, src at {code_version()}, {os.cpu_count()} CPU cores, "
         f"load average {load_avg:.1f} at the end, {time.monotonic() - started:.0f} s in all; "
         f"logs in {work}"
     )
