@@ -26,6 +26,7 @@ Usage: python benchmarks/reliability.py [--work DIR] [--sections rss,load,kill]
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import hashlib
 import os
@@ -70,6 +71,25 @@ def env() -> dict[str, str]:
         "MEDSIGHT_SALT": os.environ.get("MEDSIGHT_SALT", "benchmark"),  # no salt file in ~
         "PYTHONUNBUFFERED": "1",  # progress lines as they happen (the trainer's kill points)
     }
+
+
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def spawn(command: list[str], log) -> subprocess.Popen:
+    """Start ``command`` with its output to ``log``; killed at exit if still running."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env())
+    _CHILDREN.append(process)
+    return process
+
+
+@atexit.register
+def _kill_children() -> None:
+    # An interrupted benchmark must not leave a server or a bomb decoding behind.
+    for process in _CHILDREN:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def medsight(*args: str) -> list[str]:
@@ -121,7 +141,7 @@ def run_measured(command: list[str], *, limit: int, timeout: float, log: Path) -
     ``wait4``'s ``ru_maxrss``: Linux carries the parent's peak into a forked child's.
     """
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env())
+        process = spawn(command, out)
     start = time.monotonic()
     killed = ""
     peak = 0
@@ -158,9 +178,7 @@ class Server:
         command = medsight("serve", str(run), "--port", str(self.port))
         command += ["--data-dir", str(data_dir)]
         with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env()
-            )
+            self.process = spawn(command, out)
         self.pid = self.process.pid
         self._peak = 0
         self._stop = threading.Event()
@@ -709,7 +727,7 @@ def epoch_lines(text: str) -> list[float]:
 def train_timed(command: list[str], log: Path, kill_after: float | None) -> dict:
     """Run a training command; SIGKILL it ``kill_after`` seconds after it starts (None: never)."""
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env())
+        process = spawn(command, out)
     start = time.monotonic()
     killed = False
     stamps: list[tuple[float, int]] = []  # (time, number of progress lines so far)
@@ -934,6 +952,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sections = set(args.sections.split(","))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that atexit kills the children
 
     work = args.work or Path(tempfile.mkdtemp(prefix="medsight-reliability-"))
     work.mkdir(parents=True, exist_ok=True)
