@@ -6,17 +6,16 @@ import io
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 from tests.data import bombs
-from tests.serving.conftest import png_bytes
+from tests.serving.conftest import local_client, png_bytes
 
 from medsight.serving.api import ServeSettings, create_app
 
 
 @pytest.fixture
 def client(served_run, tmp_path):
-    return TestClient(create_app(ServeSettings(run=served_run, data_dir=tmp_path / "serve")))
+    return local_client(create_app(ServeSettings(run=served_run, data_dir=tmp_path / "serve")))
 
 
 def _float_tiff(bad: float) -> bytes:
