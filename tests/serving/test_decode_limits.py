@@ -54,3 +54,29 @@ def test_gzip_bomb_upload_is_a_400(client):
     response = client.post("/v1/predict", files={"file": ("v.nii.gz", bomb, "application/gzip")})
     assert response.status_code == 400
     assert "a ratio above the limit of 100:1" in response.json()["detail"]
+
+
+def test_the_server_refuses_images_above_4096_squared_by_default(tmp_path):
+    from medsight.data.imaging import DEFAULT_MAX_PIXELS
+    from medsight.serving.service import BYTES_PER_PIXEL, SERVE_MAX_PIXELS
+
+    # One upload's memory budget stays within 512 MiB; offline commands keep the larger limit.
+    assert ServeSettings(run=tmp_path).max_pixels == SERVE_MAX_PIXELS == 4096 * 4096
+    assert BYTES_PER_PIXEL * SERVE_MAX_PIXELS <= 512 * 1024**2
+    assert SERVE_MAX_PIXELS < DEFAULT_MAX_PIXELS
+
+
+def test_an_image_one_row_above_the_server_limit_is_a_400(served_run, tmp_path):
+    app = create_app(ServeSettings(run=served_run, data_dir=tmp_path / "serve"))
+    buffer = io.BytesIO()
+    Image.new("L", (4096, 4097)).save(buffer, format="PNG")
+    with local_client(app) as client:
+        response = client.post(
+            "/v1/predict", files={"file": ("big.png", buffer.getvalue(), "image/png")}
+        )
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "the image cannot be decoded: 4096x4097 = 16,781,312 pixels is above the limit of "
+        "16,777,216 (a possible decompression bomb); raise max_pixels (--max-pixels) if it is "
+        "genuine"
+    )

@@ -28,6 +28,7 @@ from medsight.cli.options import with_train_options
 from medsight.config import READ_FORMATS
 from medsight.data.imaging import DEFAULT_MAX_PIXELS
 from medsight.errors import MedsightError
+from medsight.serving.service import SERVE_MAX_PIXELS
 
 app = typer.Typer(
     name="medsight",
@@ -872,7 +873,14 @@ def serve_command(
     max_upload_mb: Annotated[
         float, typer.Option("--max-upload-mb", help="Largest upload accepted (413 above).")
     ] = 50.0,
-    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            "--max-pixels",
+            help="Refuse images with more pixels (decompression bombs; one upload's memory is "
+            "about 32 bytes a pixel).",
+        ),
+    ] = SERVE_MAX_PIXELS,
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(

@@ -14,8 +14,9 @@ never cause a 500; anything unexpected is a logged 500 with an error id
 
 Per-request budget: the body is at most ``max_upload_bytes`` (413 above, counted while it
 streams in); the decoded image at most ``max_pixels`` (400 above); its decoding and scoring
-hold one decode slot, budgeted ``BYTES_PER_PIXEL × max_pixels`` bytes of memory (1.9 GB at the
-default 60 M pixels; about 7.5 s for the largest image on one core); a request waits at most
+hold one decode slot, budgeted ``BYTES_PER_PIXEL × max_pixels`` bytes of memory (512 MiB at the
+server's default of 4096² pixels, ``SERVE_MAX_PIXELS``; about 2 s for the largest image on one
+core); a request waits at most
 ``decode_wait_s`` for a slot. :func:`serve` listens before the model is loaded: ``/health``
 answers at once, ``/ready`` and the model's routes answer 503 until it is.
 """
@@ -41,7 +42,6 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medsight import __version__
-from medsight.data.imaging import DEFAULT_MAX_PIXELS
 from medsight.data.privacy import DeidentificationError, deidentify_dicom
 from medsight.errors import ConfigError
 from medsight.serving import schemas
@@ -58,6 +58,7 @@ from medsight.serving.security import (
     token_problem,
 )
 from medsight.serving.service import (
+    SERVE_MAX_PIXELS,
     BadImage,
     Busy,
     DecodeSlots,
@@ -91,7 +92,7 @@ class ServeSettings(BaseModel):
     data_dir: Path | None = Field(None, description="Uploads and the SQLite file (RUN/worklist).")
     token: str | None = None
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD, gt=0)
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    max_pixels: int = Field(SERVE_MAX_PIXELS, gt=0)
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Host names the server answers besides those of its bind address "

@@ -69,6 +69,10 @@ class Busy(MedsightError):
 
 #: Peak bytes per pixel of decoding and preprocessing one upload (27 measured, rounded up).
 BYTES_PER_PIXEL = 32
+#: The server's default pixel limit: 4096² (every radiograph, mammograms of 4096 × 3328
+#: included), so that one upload costs at most ``BYTES_PER_PIXEL × SERVE_MAX_PIXELS`` = 512 MiB
+#: (453 MB at the measured 27 bytes per pixel). Offline commands keep the decoder's 60 M.
+SERVE_MAX_PIXELS = 4096 * 4096
 
 
 def available_memory() -> int | None:
