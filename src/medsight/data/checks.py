@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, MIN_SIDE
@@ -92,7 +93,8 @@ def check_samples(
                     }
                 )
             channels[result.channels] += 1
-            digest = hashlib.blake2b(result.pixels.tobytes(), digest_size=16)
+            # Hash the array's own buffer: tobytes() would copy the whole image once more.
+            digest = hashlib.blake2b(np.ascontiguousarray(result.pixels).data, digest_size=16)
             digest.update(str(result.pixels.shape).encode())
             by_hash[digest.hexdigest()].append(position)
         if progress is not None:
