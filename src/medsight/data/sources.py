@@ -425,16 +425,7 @@ def _read_manifest(
         raise DataError(f"{manifest}: line {empty[0] + 2} has an empty path")
     sources = [_resolve_manifest_path(p, base) for p in raw_paths]
     if not opts.allow_outside:
-        outside = [
-            (i, p) for i, (p, s) in enumerate(zip(raw_paths, sources)) if not _inside(s, base)
-        ]
-        if outside:
-            line, shown = outside[0][0] + 2, outside[0][1]
-            raise DataError(
-                f"{manifest}: line {line}: path {shown!r} points outside the manifest's folder "
-                f"{base} ({len(outside)} such row(s)); move the images under it or pass "
-                "--allow-outside"
-            )
+        _refuse_outside(manifest, "path", raw_paths, sources, base)
     labels = frame[opts.label_column].str.strip()
     _refuse_number_spellings(labels, f"{manifest}: label column {opts.label_column!r}")
     table = pd.DataFrame(
@@ -468,8 +459,9 @@ def _read_manifest(
 
 
 def _refuse_outside(manifest: Path, column: str, raw, resolved, base: Path) -> None:
-    """A path column (mask, ``*_path``) may not leave the manifest's folder either: masks are
-    read and shown (explanation scoring, the report), so they must not reach other files."""
+    """A path column (the images', a mask, ``*_path``) may not leave the manifest's folder:
+    masks too are read and shown (explanation scoring, the report), so none may reach other
+    files."""
     outside = [(i, r) for i, (r, p) in enumerate(zip(raw, resolved)) if p and not _inside(p, base)]
     if outside:
         line, shown = outside[0][0] + 2, outside[0][1]
