@@ -51,6 +51,7 @@ from medsight.serving.security import (
     SAME_ORIGIN_VALUE,
     CatchAll,
     SecurityHeaders,
+    TrackedSend,
     allowed_hosts,
     is_loopback,
     same_origin_proven,
@@ -522,7 +523,6 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(scope, receive, send)
         seen = 0
-        started = False
 
         async def limited_receive():
             nonlocal seen
@@ -533,16 +533,11 @@ class BodyLimit:
                     raise _TooLarge(self.limit)
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except _TooLarge:
-            if not started:
+            if not tracked.started:
                 await self._reject(scope, receive, send)
 
     async def _reject(self, scope, receive, send):

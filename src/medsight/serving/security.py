@@ -154,6 +154,19 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class TrackedSend:
+    """An ASGI ``send`` that remembers whether the response's status line went out: after it,
+    a middleware can no longer answer with a response of its own."""
+
+    def __init__(self, send):
+        self.send, self.started = send, False
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class CatchAll:
     """ASGI middleware: anything a route did not expect becomes a 500 JSON body with an error
     id; the traceback goes to the log under that id, never to the client."""
@@ -164,16 +177,9 @@ class CatchAll:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception as exc:  # noqa: BLE001 - the last line of defence: log it, answer 500
             error_id = uuid.uuid4().hex[:12]
             log.error(
@@ -185,7 +191,7 @@ class CatchAll:
                 exc,
                 "".join(traceback.format_exception(exc)),
             )
-            if started:  # the status line is gone: all that is left is to close the response
+            if tracked.started:  # the status line is gone: all that is left is to end it
                 return
             body = {
                 "detail": f"internal error; the server's log holds the details under {error_id}",
