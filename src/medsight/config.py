@@ -245,6 +245,14 @@ class OptimConfig(_Strict):
         description="label smoothing of the cross-entropy",
         json_schema_extra=flag("--label-smoothing"),
     )
+    ema: float = Field(
+        default=1.0,
+        ge=0,
+        le=100,
+        description="validate and keep an exponential moving average of the weights, over "
+        "about this many epochs of steps (0: the weights as trained)",
+        json_schema_extra=flag("--ema"),
+    )
     class_weights: Literal["auto", "none"] = Field(
         default="auto",
         description="weight the loss by inverse class frequency (auto) or not",

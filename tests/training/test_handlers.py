@@ -27,7 +27,13 @@ from medsight.events import (
 )
 from medsight.tasks.base import Task
 from medsight.training.budget import Plan
-from medsight.training.handlers import Checkpoint, EarlyStopping, Engine
+from medsight.training.handlers import (
+    Checkpoint,
+    EarlyStopping,
+    Engine,
+    WeightAverage,
+    weight_average,
+)
 from medsight.training.optim import build_scheduler
 from medsight.training.trainer import train
 
@@ -228,3 +234,22 @@ def test_library_code_never_imports_rich():
             if any(name.split(".")[0] == "rich" for name in names):
                 offenders.append(str(path.relative_to(src)))
     assert offenders == []
+
+
+def test_the_weight_average_starts_at_the_first_step_and_warms_up_to_its_horizon(tmp_path):
+    engine = _engine(tmp_path, plan=Plan(total_steps=40, steps_per_epoch=10))
+    engine.average = weight_average(engine.model, horizon_steps=10)  # decay 0.9 at most
+    averaging = WeightAverage()
+    expected = None
+    for step in range(1, 41):
+        with torch.no_grad():
+            engine.model.weight.fill_(0.0 if step == 1 else 1.0)
+        engine.state.step = step
+        averaging.on_batch_end(engine)
+        # timm's warm-up: decay 0 at step 1, then 1 - (1 + s)^(-2/3) for s = step - 1, at most 0.9
+        decay = 0.0 if step == 1 else min(0.9, 1 - (step) ** (-2 / 3))
+        weight = 0.0 if step == 1 else 1.0
+        expected = weight if expected is None else decay * expected + (1 - decay) * weight
+        assert engine.average.module.weight[0, 0].item() == pytest.approx(expected, abs=1e-6)
+    assert 0.99 < expected < 1.0  # it has nearly forgotten the first step's weights
+    assert engine.evaluated is engine.average.module

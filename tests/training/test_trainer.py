@@ -83,10 +83,50 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, helpers, monkeypatch):
     monkeypatch.setattr(trainer, "_validate", real_validate)
     resumed = train(_config(data, tmp_path / "b", epochs=3), resume=True, show_progress=False)
 
-    a = torch.load(straight.path / "checkpoints" / "last.pt", weights_only=False)["model"]
-    b = torch.load(resumed.path / "checkpoints" / "last.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(straight.path / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(resumed.path / "checkpoints" / "last.pt", weights_only=False)
+    for part in ("model", "average"):  # the weights and their average alike
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert list(resumed.history()["epoch"]) == [1, 2, 3]
+
+
+def _weights_and_checkpoint(run):
+    from safetensors.torch import load_file
+
+    kept = load_file(run.path / runs.WEIGHTS)
+    return kept, torch.load(run.path / "checkpoints" / "last.pt", weights_only=False)
+
+
+def test_the_kept_weights_are_the_average_of_the_trained_ones_unless_ema_is_0(tmp_path, helpers):
+    data = _dataset(tmp_path / "data", helpers)
+    # one epoch of 6 steps validated once: that validation is the best, so the kept weights
+    # are the average at its last step
+    one_validation = {"epochs": 1, "batch_size": 2, "val_checks": 1}
+    kept, last = _weights_and_checkpoint(train(_config(data, tmp_path / "a", **one_validation)))
+    assert all(torch.equal(kept[k], last["average"][k]) for k in kept)
+    assert not all(torch.equal(kept[k], last["model"][k]) for k in kept)
+
+    kept, last = _weights_and_checkpoint(
+        train(_config(data, tmp_path / "b", **one_validation, ema=0))
+    )
+    assert last["average"] is None
+    assert all(torch.equal(kept[k], last["model"][k]) for k in kept)
+
+
+def test_a_run_checkpointed_without_an_average_resumes_without_one(tmp_path, helpers, monkeypatch):
+    data = _dataset(tmp_path / "data", helpers)
+    real_validate = _interrupt_second_validation(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data, tmp_path / "run", epochs=2), show_progress=False)
+    monkeypatch.setattr(trainer, "_validate", real_validate)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    old = torch.load(path, weights_only=False)
+    del old["average"]  # as written before runs kept a weight average
+    torch.save(old, path)
+
+    resumed = train(_config(data, tmp_path / "run", epochs=2), resume=True)
+    kept, last = _weights_and_checkpoint(resumed)
+    assert last["average"] is None and list(resumed.history()["epoch"]) == [1, 2]
 
 
 def test_a_copied_run_resumes_in_its_own_folder(tmp_path, helpers, monkeypatch):

@@ -1,6 +1,6 @@
-"""What happens around the training loop, one handler per concern: best weights and early
-stopping, the time budget, the resumable checkpoint, ``history.csv``, the experiment logger, a
-per-epoch callback, and the events a user sees.
+"""What happens around the training loop, one handler per concern: the weight average, best
+weights and early stopping, the time budget, the resumable checkpoint, ``history.csv``, the
+experiment logger, a per-epoch callback, and the events a user sees.
 
 The loop (:func:`medsight.training.trainer.train`) only trains and validates; after each batch,
 each validation, each epoch, and at the start and end of training it calls every handler's
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 
 from medsight import runs
 from medsight.errors import ConfigError
@@ -92,6 +93,13 @@ class Engine:
     stopped_early: bool = False  # ... because the monitored score stopped improving
     stop_reason: str | None = None  # "early" or "budget" when a handler stopped training
     budget_left: float | None = None  # seconds of the time budget left, when there is one
+    average: ModelEmaV3 | None = None  # the weight average validated and kept, when there is one
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The network validations score and the best weights are taken from: the weight
+        average when the run keeps one (:class:`WeightAverage`), else the model as trained."""
+        return self.average.module if self.average is not None else self.model
 
     @property
     def epochs(self) -> float:
@@ -130,6 +138,29 @@ class Handler:
         exception from a callback), None when it ran to its end or stopped early."""
 
 
+def weight_average(model: torch.nn.Module, horizon_steps: float) -> ModelEmaV3:
+    """An exponential moving average of ``model``'s weights and buffers over about
+    ``horizon_steps`` optimiser steps (decay 1 − 1/horizon), warmed up so that the first steps
+    are not averaged with the random initial weights (timm's ``ModelEmaV3``; its decay follows
+    from the step number alone, so a resumed run averages exactly as an uninterrupted one)."""
+    decay = 1.0 - 1.0 / max(2.0, horizon_steps)
+    average = ModelEmaV3(model, decay=decay, use_warmup=True, stochastic_rounding=False)
+    average.module.eval()
+    return average
+
+
+class WeightAverage(Handler):
+    """Update ``engine.average`` after every step. The average is what validations score and
+    what the best weights are (``Engine.evaluated``): with the one-cycle schedule's large steps,
+    single-step weights scatter around the optimum, so their validation AUROC jumps between
+    epochs and the kept checkpoint is a noisy peak; the average smooths that out
+    (benchmarks/README.md: +2.6 points of test accuracy on the phantom over three seeds)."""
+
+    def on_batch_end(self, engine: Engine) -> None:
+        if engine.average is not None:
+            engine.average.update(engine.model, step=engine.state.step)
+
+
 def _in_run(engine: Engine, path: Path) -> Path:
     """``path`` itself when absolute, else inside the run directory (where it is now)."""
     return path if path.is_absolute() else Path(engine.out) / path
@@ -155,7 +186,7 @@ class EarlyStopping(Handler):
         if engine.score > state.best_score:
             state.best_score, state.best_epoch, state.bad_epochs = engine.score, engine.epoch, 0
             state.best_step = state.step
-            runs.save_weights(_in_run(engine, self.weights), engine.model.state_dict())
+            runs.save_weights(_in_run(engine, self.weights), engine.evaluated.state_dict())
         else:
             state.bad_epochs += 1
         if state.step - state.best_step >= self.patience * engine.plan.steps_per_epoch:
@@ -223,7 +254,8 @@ class TimeBudget(Handler):
 
 class Checkpoint(Handler):
     """Write ``checkpoints/last.pt`` atomically after every epoch, and when the run ends within
-    one (weights, optimiser, schedule, gradient scaler, :class:`TrainState`); with ``resume``,
+    one (weights, their average, optimiser, schedule, gradient scaler, :class:`TrainState`);
+    with ``resume``,
     read it at once (:attr:`saved_state`: the plan to rebuild the schedule with) and restore it
     before the first step.
 
@@ -260,6 +292,12 @@ class Checkpoint(Handler):
         if engine.schedule is not None and saved.get("scheduler") is not None:
             engine.schedule.load_state_dict(saved["scheduler"])
         engine.scaler.load_state_dict(saved["scaler"])
+        if saved.get("average") is not None and engine.average is not None:
+            engine.average.module.load_state_dict(saved["average"])
+        elif engine.average is not None:
+            # A run that began without an average (or before there was one) goes on without
+            # one: averaging from the middle would make it a different run.
+            engine.average = None
         engine.state = TrainState(**saved["state"])
         if engine.state.pace:
             engine.pace = Pace(**engine.state.pace)
@@ -270,6 +308,7 @@ class Checkpoint(Handler):
         engine.state.pace = engine.pace.to_dict()
         payload = {
             "model": engine.model.state_dict(),
+            "average": engine.average.module.state_dict() if engine.average is not None else None,
             "optimizer": engine.optimizer.state_dict(),
             "scheduler": engine.schedule.state_dict() if engine.schedule is not None else None,
             "scaler": engine.scaler.state_dict(),

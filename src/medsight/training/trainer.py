@@ -66,7 +66,9 @@ from medsight.training.handlers import (
     ReportEvents,
     TimeBudget,
     TrainState,
+    WeightAverage,
     fire,
+    weight_average,
 )
 from medsight.training.optim import build_optimizer, build_scheduler
 from medsight.training.recipe import PRETRAINED_CNN, choose_model
@@ -438,6 +440,8 @@ def _fit(
     engine = Engine(
         setup.model, optimizer, schedule, scaler, setup.out, plan, setup.batch_size, pace=pace
     )
+    if optim_cfg.ema > 0:
+        engine.average = weight_average(setup.model, optim_cfg.ema * plan.steps_per_epoch)
     parts.mid_loader = _mid_loader(val_set, plan, setup) or val_loader
     handlers = _handlers(
         setup, checkpoint, timer, events, show_progress, on_epoch, len(train_set), len(val_set)
@@ -469,6 +473,11 @@ class _Parts:
     val_loader: DataLoader  # the whole validation split
     mid_loader: DataLoader  # what validations within an epoch use (a subsample, or the same)
     workers: int
+
+    @property
+    def features(self) -> bool:
+        """Training the head alone on cached embeddings (``--mode features``)."""
+        return self.setup.config.optim.mode == "features"
 
 
 class _Loop:
@@ -538,7 +547,9 @@ class _Loop:
         engine, parts, state = self.engine, self.parts, self.engine.state
         loader = parts.val_loader if ending else parts.mid_loader
         started = time.perf_counter()
-        metrics = _validate(parts.forward, engine.model, loader, parts.setup, self.positive_index)
+        model = engine.evaluated
+        forward = model.forward_head if parts.features else model
+        metrics = _validate(forward, model, loader, parts.setup, self.positive_index)
         engine.pace.observe_validation(time.perf_counter() - started, mid=not ending)
         engine.score = parts.setup.task.monitor_score(parts.setup.config.optim.monitor, metrics)
         if ending and engine.schedule is not None:
@@ -735,11 +746,12 @@ def _handlers(
     n_val: int,
 ) -> list[Handler]:
     """In the order they run: the checkpoint first (it restores the state the others read),
-    the best weights, the stop decisions and the elapsed time before the history and the
-    events that report them."""
+    the weight average (updated before it is validated), the best weights, the stop decisions
+    and the elapsed time before the history and the events that report them."""
     config, out = setup.config, setup.out
     handlers = [
         checkpoint,
+        WeightAverage(),
         EarlyStopping(Path(runs.WEIGHTS), patience=config.optim.patience),
         timer,
         History(Path(runs.HISTORY), history_columns(setup.task)),
