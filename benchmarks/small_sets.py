@@ -26,7 +26,7 @@ from train_default import PHANTOMS, SETS  # noqa: E402
 
 RECIPES: dict[str, dict] = {
     "default": {},
-    "old": {"model.name": "medcnn_s", "optim.epochs": 15},
+    "old": {"model.name": "medcnn_s", "optim.epochs": 15, "optim.ema": 0},
 }
 
 

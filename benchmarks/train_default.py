@@ -31,7 +31,7 @@ SETS = {
 }
 PHANTOMS = {"phantom": (1200, 64), "phantom128": (3000, 128)}
 #: The default recipe before the network and the epoch count were chosen from the data.
-OLD_RECIPE = {"model.name": "medcnn_s", "optim.epochs": 15}
+OLD_RECIPE = {"model.name": "medcnn_s", "optim.epochs": 15, "optim.ema": 0}
 
 
 def run_set(name: str, path: Path | None, work: Path, overrides: dict) -> dict:

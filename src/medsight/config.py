@@ -341,8 +341,9 @@ class TrainConfig(_Strict):
     """Everything ``medsight train`` needs; saved whole as the run's ``config.yaml``."""
 
     task: str = Field(
-        default="classify",
-        description="kind of problem, by its medsight.tasks name",
+        default="auto",
+        description="kind of problem, by its medsight.tasks name (classify, multilabel); auto: "
+        "from the data (several findings per image: multilabel)",
         json_schema_extra=flag("--task"),
     )
     data: DataConfig

@@ -360,6 +360,12 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def _known_task(name: str | None) -> str:
+    """A config's task as a run records it (runs from before tasks, or ``auto`` never
+    resolved, are classification runs)."""
+    return name if name and name != "auto" else "classify"
+
+
 @dataclass
 class Run:
     """A finished (or resumable) training run, loaded from its directory."""
@@ -367,7 +373,7 @@ class Run:
     path: Path
     config: TrainConfig
     classes: list[str]
-    positive_class: str
+    positive_class: str | None  # None: a multi-label run (each finding has its own threshold)
     preprocess: Preprocess
     model_config: dict
     #: The run's task by name (:func:`medsight.tasks.get_task` turns it into the object):
@@ -390,10 +396,10 @@ class Run:
             path=path,
             config=config,
             classes=list(classes["classes"]),
-            positive_class=classes["positive"],
+            positive_class=classes.get("positive"),
             preprocess=Preprocess.load(path / PREPROCESS),
             model_config=model_config,
-            task=model_config.get("task") or config.task or "classify",
+            task=model_config.get("task") or _known_task(config.task),
         )
 
     def load_model(self, weights: str = WEIGHTS):

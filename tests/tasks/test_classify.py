@@ -98,7 +98,7 @@ def test_prediction_columns_name_each_class(task):
 def test_a_misspelt_task_gets_a_suggestion():
     with pytest.raises(ConfigError, match="did you mean 'classify'"):
         get_task("clasify")
-    with pytest.raises(ConfigError, match=r"Known tasks: \['classify'\]"):
+    with pytest.raises(ConfigError, match=r"Known tasks: \['classify', 'multilabel'\]"):
         get_task("segment")
     assert get_task(None).name == "classify"
 

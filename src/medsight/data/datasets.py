@@ -46,10 +46,19 @@ class ImageDataset(Dataset):
         cache_max_side: int = 128,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int = MIN_SIDE,
+        targets: np.ndarray | None = None,
     ) -> None:
         self.table = table.reset_index(drop=True)
         self.preprocess = preprocess
         self.classes_ = list(classes) if classes is not None else class_names(table)
+        self.augment = augment
+        self.max_pixels = max_pixels
+        self.min_side = min_side
+        self._cacheable = max(preprocess.size) <= cache_max_side
+        self._cache: dict[int, np.ndarray] = {}
+        if targets is not None:  # the task's own targets (multi-hot rows of findings...)
+            self.targets = np.asarray(targets)
+            return
         index = {name: i for i, name in enumerate(self.classes_)}
         unknown = sorted(set(self.table["label"].dropna()) - set(index))
         if unknown:
@@ -61,11 +70,6 @@ class ImageDataset(Dataset):
             [index[label] if label is not None else UNLABELLED for label in self.table["label"]],
             dtype=np.int64,
         )
-        self.augment = augment
-        self.max_pixels = max_pixels
-        self.min_side = min_side
-        self._cacheable = max(preprocess.size) <= cache_max_side
-        self._cache: dict[int, np.ndarray] = {}
 
     @property
     def caches(self) -> bool:
@@ -97,9 +101,18 @@ class ImageDataset(Dataset):
         tensor = torch.from_numpy(array)
         if self.augment is not None:
             tensor = self.augment(tensor.clone())
-        return self.preprocess.normalize(tensor), int(self.targets[i])
+        target = self.targets[i]
+        if self.targets.ndim > 1:
+            return self.preprocess.normalize(tensor), torch.from_numpy(np.asarray(target))
+        return self.preprocess.normalize(tensor), int(target)
 
     def class_counts(self) -> np.ndarray:
-        """Images per class, in ``classes_`` order (for class weights and balanced sampling)."""
+        """Images per class, in ``classes_`` order (for class weights and balanced sampling);
+        with multi-hot targets, ``(2, K)``: positives and negatives per finding (ignored
+        entries are neither)."""
+        if self.targets.ndim > 1:
+            known = ~np.isnan(self.targets)
+            positive = (np.nan_to_num(self.targets) == 1) & known
+            return np.stack([positive.sum(axis=0), (known & ~positive).sum(axis=0)])
         labelled = self.targets[self.targets >= 0]
         return np.bincount(labelled, minlength=len(self.classes_))

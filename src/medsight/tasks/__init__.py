@@ -19,20 +19,49 @@ import difflib
 from medsight.errors import ConfigError
 from medsight.tasks.base import Task
 from medsight.tasks.classify import ClassifyTask
+from medsight.tasks.multilabel import MultiLabelTask
 
-__all__ = ["DEFAULT_TASK", "TASKS", "Task", "get_task"]
+__all__ = ["DEFAULT_TASK", "TASKS", "Task", "get_task", "task_for"]
 
 DEFAULT_TASK = "classify"
 
 #: Every task medsight knows, by the name runs record.
-TASKS: dict[str, type[Task]] = {ClassifyTask.name: ClassifyTask}
+TASKS: dict[str, type[Task]] = {
+    ClassifyTask.name: ClassifyTask,
+    MultiLabelTask.name: MultiLabelTask,
+}
 
 
 def get_task(name: str | None = None) -> Task:
-    """The task called ``name`` (None: the default, single-label classification)."""
-    name = name or DEFAULT_TASK
+    """The task called ``name`` (None or ``auto``: the default, single-label classification;
+    the trainer resolves ``auto`` from the data first, see :func:`task_for`)."""
+    name = DEFAULT_TASK if name in (None, "auto") else name
     if name not in TASKS:
         close = difflib.get_close_matches(name, TASKS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else "."
         raise ConfigError(f"task={name!r} is not known{hint} Known tasks: {sorted(TASKS)}")
     return TASKS[name]()
+
+
+def task_for(requested: str, table) -> str:
+    """The task a run trains: ``requested``, or with ``auto`` the one the data say
+    (a multi-label table: ``multilabel``; else ``classify``). A single-label table given
+    ``--task multilabel`` is refused, and the other way round."""
+    from medsight.data.findings import MULTILABEL, is_multilabel
+
+    found = MULTILABEL if is_multilabel(table) else DEFAULT_TASK
+    if requested == "auto":
+        return found
+    get_task(requested)  # a name that is no task is refused by name
+    if requested == MULTILABEL and found != MULTILABEL:
+        raise ConfigError(
+            "--task multilabel needs multi-label data: a CSV with one 0/1 column per finding "
+            "(--labels A,B,...), a findings column such as 'Finding Labels' (A|B), or a "
+            "MedMNIST npz with (N, K) labels; class folders hold one class per image"
+        )
+    if requested != MULTILABEL and found == MULTILABEL:
+        raise ConfigError(
+            f"--task {requested} is single-label, but these data have several findings per "
+            "image; use --task multilabel (or leave --task out)"
+        )
+    return requested

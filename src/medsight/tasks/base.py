@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel
 from torch import Tensor, nn
+
+from medsight.errors import ConfigError
 
 
 class Task(ABC):
@@ -48,7 +51,25 @@ class Task(ABC):
     #: required: it is the answer a reviewer confirms or corrects on the worklist.
     prediction_schema: type[BaseModel]
 
+    #: Whether targets are class indices a class-balanced sampler can draw by.
+    samples_by_class: bool = True
+
     # ------------------------------------------------------------------ training
+
+    @abstractmethod
+    def check_training_table(self, table: pd.DataFrame) -> tuple[list[str], list[str]]:
+        """The classes (or findings) of a split training table, in order, and notes a user
+        should read; refuses, naming the class and split at fault, data that cannot train."""
+
+    def positive_class(self, classes: Sequence[str], requested: str | None) -> str | None:
+        """The run's urgent class (``classes.json``'s ``positive``): ``requested`` or a guess
+        from the names; None for tasks whose outputs each have their own threshold."""
+        from medsight.runs import guess_positive_class
+
+        positive = requested or guess_positive_class(list(classes))
+        if positive not in classes:
+            raise ConfigError(f"positive_class {positive!r} is not a class; classes: {classes}")
+        return positive
 
     def num_outputs(self, classes: Sequence[str]) -> int:
         """Width of the network's output layer."""

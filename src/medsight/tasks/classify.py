@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from medsight.calibration import TemperatureScaler, apply_calibration
+from medsight.data.sources import class_names
 from medsight.errors import ConfigError, DataError
 from medsight.tasks.base import Task
 from medsight.tasks.classify_metrics import (
@@ -62,6 +64,32 @@ class ClassifyTask(Task):
         if unknown:
             raise DataError(f"label(s) {unknown} are not classes of this run; classes: {classes}")
         return np.array([index[v] for v in labels], dtype=np.int64)
+
+    def check_training_table(self, table: pd.DataFrame) -> tuple[list[str], list[str]]:
+        """Every class needs 2 training images and 1 validation image."""
+        development = table[table["split"].isin(["train", "val"])]
+        unlabelled = development["label"].isna().sum()
+        if unlabelled:
+            raise DataError(
+                f"{unlabelled} training/validation images have no label; "
+                "training needs labelled data"
+            )
+        classes = class_names(table)
+        if len(classes) < 2:
+            raise DataError(f"training needs at least 2 classes, found {classes}")
+        for split, minimum in (("train", 2), ("val", 1)):
+            counts = development[development["split"] == split]["label"].value_counts()
+            if counts.sum() == 0:
+                raise DataError(
+                    f"the {split} split is empty; check the split ratios or split column"
+                )
+            for name in classes:
+                if counts.get(name, 0) < minimum:
+                    raise DataError(
+                        f"class {name!r} has {counts.get(name, 0)} image(s) in the {split} split; "
+                        f"at least {minimum} needed (add images or merge the class)"
+                    )
+        return classes, []
 
     def build_loss(self, class_counts: np.ndarray | None, label_smoothing: float) -> nn.Module:
         weight = class_weights(class_counts) if class_counts is not None else None

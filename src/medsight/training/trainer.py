@@ -36,12 +36,12 @@ from medsight import runs
 from medsight.config import TrainConfig, parse_duration
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
-from medsight.data.sources import class_names, load_samples
+from medsight.data.sources import load_samples
 from medsight.data.splits import assign_splits, fold_splits
 from medsight.data.transforms import Preprocess, augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
 from medsight.events import Note, ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
-from medsight.tasks import Task, get_task
+from medsight.tasks import Task, get_task, task_for
 from medsight.training.budget import (
     BUDGET_STRETCH,
     Pace,
@@ -158,7 +158,7 @@ class _Setup:
     task: Task
     table: pd.DataFrame
     classes: list[str]
-    positive: str
+    positive: str | None  # None: a task without one urgent class (multi-label findings)
     preprocess: Preprocess
     model: torch.nn.Module
     train_set: ImageDataset
@@ -176,17 +176,19 @@ class _Setup:
         from medsight.models import create_model, get_spec
 
         _seed(config.seed)
-        task = get_task(config.task)
         d = config.data
         table = load_samples(d.path, options=d)
+        config = config.with_overrides({"task": task_for(config.task, table)})
+        task = get_task(config.task)
         table = assign_splits(table, ratios=d.ratios, seed=config.seed)
         if d.folds is not None:
             table = fold_splits(table, d.folds, d.fold, seed=config.seed)
-        classes = _check_table(table)
-        config, notes = _resolve_batch_size(config, int((table["split"] == "train").sum()))
-        positive = d.positive_class or runs.guess_positive_class(classes)
-        if positive not in classes:
-            raise ConfigError(f"positive_class {positive!r} is not a class; classes: {classes}")
+        classes, notes = task.check_training_table(table)
+        config, batch_notes = _resolve_batch_size(config, int((table["split"] == "train").sum()))
+        notes += batch_notes
+        positive = task.positive_class(classes, d.positive_class)
+        if config.optim.balanced_sampler and not task.samples_by_class:
+            raise ConfigError(f"--balanced samples by class; a {task.name} run has none to use")
 
         native_channels, native_side = _probe(table[table["split"] == "train"])
         if config.model.name == "auto":
@@ -261,9 +263,20 @@ class _Setup:
             preprocess=preprocess,
             model=model.to(device),
             train_set=ImageDataset(
-                train_rows, preprocess, classes, augment=augment, cache_max_side=cache_side
+                train_rows,
+                preprocess,
+                classes,
+                augment=augment,
+                cache_max_side=cache_side,
+                targets=task.targets(train_rows["label"], classes),
             ),
-            val_set=ImageDataset(val_rows, preprocess, classes, cache_max_side=cache_side),
+            val_set=ImageDataset(
+                val_rows,
+                preprocess,
+                classes,
+                cache_max_side=cache_side,
+                targets=task.targets(val_rows["label"], classes),
+            ),
             device=device,
             notes=notes,
         )
@@ -312,30 +325,6 @@ def _resolve_auto_model(
         }
     )
     return resolved, f"--model auto chose {choice.name}: {choice.reason}"
-
-
-def _check_table(table: pd.DataFrame) -> list[str]:
-    """Refuse data that cannot train a classifier, naming the class and split at fault."""
-    development = table[table["split"].isin(["train", "val"])]
-    unlabelled = development["label"].isna().sum()
-    if unlabelled:
-        raise DataError(
-            f"{unlabelled} training/validation images have no label; training needs labelled data"
-        )
-    classes = class_names(table)
-    if len(classes) < 2:
-        raise DataError(f"training needs at least 2 classes, found {classes}")
-    for split, minimum in (("train", 2), ("val", 1)):
-        counts = development[development["split"] == split]["label"].value_counts()
-        if counts.sum() == 0:
-            raise DataError(f"the {split} split is empty; check the split ratios or split column")
-        for name in classes:
-            if counts.get(name, 0) < minimum:
-                raise DataError(
-                    f"class {name!r} has {counts.get(name, 0)} image(s) in the {split} split; "
-                    f"at least {minimum} needed (add images or merge the class)"
-                )
-    return classes
 
 
 def _resolve_batch_size(config: TrainConfig, n_train: int) -> tuple[TrainConfig, list[str]]:
@@ -487,7 +476,8 @@ class _Loop:
     def __init__(self, engine: Engine, parts: _Parts, handlers: list[Handler]):
         self.engine, self.parts, self.handlers = engine, parts, handlers
         setup = parts.setup
-        self.positive_index = setup.classes.index(setup.positive)
+        positive = setup.positive
+        self.positive_index = setup.classes.index(positive) if positive is not None else -1
         self.n_val = len(parts.val_loader.dataset)
         self._window()
 
