@@ -101,6 +101,18 @@ class ReadOptions(_Strict):
     )
     path_column: str = "path"
     label_column: str = "label"
+    labels: str | None = Field(
+        default=None,
+        description="multi-label CSV: its 0/1 finding columns, comma-separated "
+        "(1 present, 0 absent, -1 or blank uncertain)",
+        json_schema_extra=flag("--labels"),
+    )
+    uncertain: Literal["ignore", "zeros", "ones"] = Field(
+        default="ignore",
+        description="uncertain multi-label entries (-1, blank): left out of the loss and the "
+        "metrics, or counted as absent (zeros) or present (ones)",
+        json_schema_extra=flag("--uncertain"),
+    )
     patient_column: str | None = None
     split_column: str | None = None
     nifti_axis: int = Field(

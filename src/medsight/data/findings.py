@@ -5,7 +5,8 @@ A multi-label table keeps the one ``label`` column every reader fills, as text, 
 
 * the findings present, in the table's finding order, joined by ``|``
   (``"cardiomegaly|effusion"``);
-* ``""`` for an image with no finding (NIH ChestX-ray14's ``No Finding``);
+* ``"no finding"`` for an image with none (NIH ChestX-ray14's ``No Finding``; an empty text
+  would read back from a CSV as a missing label);
 * a finding whose label is uncertain and ignored (CheXpert's −1 under ``--uncertain ignore``)
   written with a ``?`` prefix (``"effusion|?edema"``): masked out of the loss and the metrics.
 
@@ -14,8 +15,8 @@ The table says it is multi-label in ``table.attrs``: ``task = "multilabel"`` and
 that order in ``classes.json``.
 
 >>> encode_rows(np.array([[1, 0, np.nan], [0, 0, 0]]), ["effusion", "edema", "mass"])
-['effusion|?mass', '']
->>> multi_hot(["effusion|?mass", ""], ["effusion", "edema", "mass"]).tolist()
+['effusion|?mass', 'no finding']
+>>> multi_hot(["effusion|?mass", "no finding"], ["effusion", "edema", "mass"]).tolist()
 [[1.0, 0.0, nan], [0.0, 0.0, 0.0]]
 """
 
@@ -32,6 +33,8 @@ from medsight.errors import DataError
 MULTILABEL = "multilabel"
 #: Joins the findings of one image.
 SEPARATOR = "|"
+#: The label of an image with no finding (so no finding may be called this).
+NO_FINDING = "no finding"
 #: Marks a finding whose label is uncertain and ignored.
 UNCERTAIN = "?"
 #: What to do with uncertain labels (CheXpert's −1, a blank cell): leave them out of the loss
@@ -62,13 +65,13 @@ def encode_rows(matrix: np.ndarray, findings: Sequence[str]) -> list[str]:
                 parts.append(UNCERTAIN + name)
             elif value == 1:
                 parts.append(name)
-        labels.append(SEPARATOR.join(parts))
+        labels.append(SEPARATOR.join(parts) or NO_FINDING)
     return labels
 
 
 def split_label(label: str) -> list[str]:
-    """``"a|?b"`` → ``["a", "?b"]``; ``""`` → ``[]``."""
-    return [part for part in str(label).split(SEPARATOR) if part]
+    """``"a|?b"`` → ``["a", "?b"]``; ``"no finding"`` → ``[]``."""
+    return [part for part in str(label).split(SEPARATOR) if part and part != NO_FINDING]
 
 
 def multi_hot(labels: Iterable, findings: Sequence[str]) -> np.ndarray:

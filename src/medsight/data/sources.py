@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from medsight.config import READ_FORMATS, ReadOptions, explain_validation
 from medsight.data import imaging
+from medsight.data.findings import encode_rows, is_multilabel, mark_multilabel
 from medsight.data.privacy import pseudonym_salt, pseudonymise
 from medsight.errors import ConfigError, DataError, ImageDecodeError
 
@@ -179,7 +180,10 @@ def validate_table(table: pd.DataFrame, origin: str = "table") -> pd.DataFrame:
 
 
 def class_names(table: pd.DataFrame) -> list[str]:
-    """Ordered class names: the reader's order when it knows one, else sorted."""
+    """Ordered class names: the reader's order when it knows one, else sorted; a multi-label
+    table's findings, all of them, in its order."""
+    if is_multilabel(table):
+        return list(table.attrs["classes"])
     present = set(table["label"].dropna().unique())
     known = [c for c in table.attrs.get("classes", []) if c in present]
     return known + sorted(present - set(known))
@@ -401,10 +405,11 @@ def _read_manifest(
         raise DataError(f"{manifest}: not a readable CSV ({exc})") from None
     frame.columns = [c.strip() for c in frame.columns]
     available = ", ".join(frame.columns) or "none"
-    for role, column, default in (
-        ("path", opts.path_column, "path"),
-        ("label", opts.label_column, "label"),
-    ):
+    findings = _finding_columns(opts.labels, frame, manifest)
+    roles = [("path", opts.path_column, "path")]
+    if findings is None:
+        roles.append(("label", opts.label_column, "label"))
+    for role, column, default in roles:
         if column not in frame.columns:
             hint = f"name a column '{default}'" if column == default else "check the column name"
             raise DataError(
@@ -426,8 +431,12 @@ def _read_manifest(
     sources = [_resolve_manifest_path(p, base) for p in raw_paths]
     if not opts.allow_outside:
         _refuse_outside(manifest, "path", raw_paths, sources, base)
-    labels = frame[opts.label_column].str.strip()
-    _refuse_number_spellings(labels, f"{manifest}: label column {opts.label_column!r}")
+    if findings is None:
+        labels = frame[opts.label_column].str.strip()
+        _refuse_number_spellings(labels, f"{manifest}: label column {opts.label_column!r}")
+    else:
+        matrix = _finding_matrix(frame, findings, opts.uncertain, manifest)
+        labels = pd.Series(encode_rows(matrix, findings), index=frame.index)
     table = pd.DataFrame(
         {
             "sample_id": frame["sample_id"] if "sample_id" in frame.columns else raw_paths,
@@ -442,6 +451,7 @@ def _read_manifest(
     if split_column:
         table["split"] = _canonical_splits(frame[split_column], manifest)
     used = {opts.path_column, opts.label_column, patient_column, split_column, "sample_id"}
+    used |= set(findings or ())
     for column in frame.columns:
         if column in used:
             continue
@@ -455,7 +465,51 @@ def _read_manifest(
             )
         table[column] = _maybe_numeric(values)
     table.attrs["manifest"] = str(manifest.resolve())
+    if findings is not None:
+        mark_multilabel(table, findings)
     return table
+
+
+#: How multi-label cells are written: present, absent, uncertain.
+_FINDING_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": -1.0}
+
+
+def _finding_columns(labels: str | None, frame: pd.DataFrame, manifest: Path) -> list[str] | None:
+    """``--labels A,B`` → the finding columns, each checked to exist (None: single-label)."""
+    if labels is None:
+        return None
+    findings = [name.strip() for name in labels.split(",") if name.strip()]
+    if not findings:
+        raise DataError("--labels names no column; give the finding columns, e.g. --labels a,b")
+    missing = [name for name in findings if name not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{manifest}: --labels names column(s) {missing} that are not in the manifest "
+            f"(columns are: {', '.join(frame.columns)})"
+        )
+    return findings
+
+
+def _finding_matrix(
+    frame: pd.DataFrame, findings: list[str], uncertain: str, manifest: Path
+) -> np.ndarray:
+    """The 0/1 finding columns → an ``(N, K)`` matrix of 1 / 0 / NaN (ignored), uncertain
+    entries (−1, blank) resolved by the ``uncertain`` policy; any other value is refused,
+    naming its line and column."""
+    matrix = np.zeros((len(frame), len(findings)), dtype=np.float64)
+    for k, name in enumerate(findings):
+        cells = frame[name].str.strip()
+        bad = ~cells.isin(list(_FINDING_VALUES))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{manifest}: line {row + 2}, column {name!r} holds {cells.iloc[row]!r}; a "
+                "finding column holds 1 (present), 0 (absent), -1 or blank (uncertain)"
+            )
+        matrix[:, k] = cells.map(_FINDING_VALUES).to_numpy()
+    replacement = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}[uncertain]
+    matrix[matrix == -1.0] = replacement
+    return matrix
 
 
 def _refuse_outside(manifest: Path, column: str, raw, resolved, base: Path) -> None:

@@ -17,12 +17,10 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from medsight.data.findings import SEPARATOR, multi_hot, positives
+from medsight.data.findings import NO_FINDING, SEPARATOR, multi_hot, positives
 from medsight.errors import ConfigError, DataError
 from medsight.tasks.base import Task
 
-#: The label a multi-label prediction with no finding above its threshold gets.
-NO_FINDING = "no finding"
 #: Positive weights (negatives / positives of a finding) are capped here: a finding seen a
 #: handful of times would otherwise dominate the loss.
 MAX_POSITIVE_WEIGHT = 50.0
@@ -109,7 +107,7 @@ class MultiLabelTask(Task):
         if unlabelled:
             raise DataError(
                 f"{unlabelled} training/validation images have no label; training needs "
-                "labelled data (an image with no finding is an empty label, not a missing one)"
+                "labelled data (an image with no finding is labelled 'no finding', not left blank)"
             )
         notes = []
         for split in ("train", "val"):
