@@ -184,6 +184,7 @@ class _Setup:
         if d.folds is not None:
             table = fold_splits(table, d.folds, d.fold, seed=config.seed)
         classes, notes = task.check_training_table(table)
+        notes = [*table.attrs.get("notes", []), *notes]  # what the reader normalised
         config, batch_notes = _resolve_batch_size(config, int((table["split"] == "train").sum()))
         notes += batch_notes
         positive = task.positive_class(classes, d.positive_class)
