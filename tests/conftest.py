@@ -99,6 +99,30 @@ def make_two_class_manifest(root: Path, n_patients=12, per_patient=2, size=16, s
     return root
 
 
+def make_findings_manifest(root: Path, n_patients=16, per_patient=2, size=16) -> Path:
+    """Two findings on noisy gray squares: "bright" (a bright top-left block) and "dark" (a dark
+    bottom-right block), each, both or neither; patients and sex columns; the manifest names the
+    findings as 0/1 columns (read with ``labels="bright,dark"``). Every fifth patient's "dark"
+    is uncertain (-1)."""
+    rng = np.random.default_rng(0)
+    lines = ["path,patient_id,sex,bright,dark"]
+    half = size // 2
+    for p in range(n_patients):
+        for i in range(per_patient):
+            bright, dark = (p + i) % 2, (p // 2 + i) % 2
+            pixels = rng.normal(120, 15, (size, size))
+            if bright:
+                pixels[:half, :half] += 90
+            if dark:
+                pixels[half:, half:] -= 90
+            rel = f"img/{p}_{i}.png"
+            write_png(root / rel, np.clip(pixels, 0, 255).astype(np.uint8))
+            dark_text = "-1" if p % 5 == 4 else str(dark)
+            lines.append(f"{rel},P{p},{'F' if p % 3 else 'M'},{bright},{dark_text}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def tiny_train_config(data, out, **optim):
     """medcnn_s on ``data`` for 2 epochs of batches of 8 (``optim`` overrides), into ``out``."""
     from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
@@ -178,4 +202,5 @@ def helpers():
     h.make_class_folders = make_class_folders
     h.write_dicom = write_dicom
     h.make_two_class_manifest = make_two_class_manifest
+    h.make_findings_manifest = make_findings_manifest
     return h
