@@ -56,11 +56,13 @@ def deletion_insertion(
     preprocess: Any = None,
     steps: int = STEPS,
     seed: int = 0,
+    activation: str = "softmax",
 ) -> dict[str, float]:
     """Deletion and insertion AUCs of one map: ``{"deletion_auc", "insertion_auc"}``.
 
     ``x`` is one preprocessed image ``(1, C, H, W)``, ``heatmap`` its ``(H, W)`` map, ``target``
-    the explained class. Ties in the map are broken at random (seeded), not in raster order,
+    the explained class (or finding: ``activation="sigmoid"``, outputs that are independent
+    probabilities). Ties in the map are broken at random (seeded), not in raster order,
     so a flat map scores like a random one.
     """
     model = model.eval()
@@ -84,7 +86,9 @@ def deletion_insertion(
     )
     deleted = torch.where(changed, black, image[0])
     inserted = torch.where(changed, image[0], blurred)
-    probs = model(torch.cat([deleted, inserted])).softmax(-1)[:, target].float().cpu().numpy()
+    logits = model(torch.cat([deleted, inserted])).float()
+    probs = logits.sigmoid() if activation == "sigmoid" else logits.softmax(-1)
+    probs = probs[:, target].cpu().numpy()
     trapezoid = getattr(np, "trapezoid", None) or np.trapz
     return {
         "deletion_auc": float(trapezoid(probs[: steps + 1], fractions)),
@@ -100,11 +104,14 @@ def deletion_insertion_summary(
     preprocess: Any = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    activation: str = "softmax",
 ) -> dict[str, Any]:
     """Mean deletion and insertion AUC over a batch, each ``{"value", "ci"}``, and ``n_images``."""
 
     per = [
-        deletion_insertion(model, x[i : i + 1], maps[i], targets[i], preprocess=preprocess)
+        deletion_insertion(
+            model, x[i : i + 1], maps[i], targets[i], preprocess=preprocess, activation=activation
+        )
         for i in range(len(x))
     ]
     return {

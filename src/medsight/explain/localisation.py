@@ -15,7 +15,10 @@ column, as ``medsight data synth`` writes) and writes ``RUN/localisation.json``:
      "n_images": 120, "n_missing_masks": 0, ...}
 
 Maps are computed for the image's *true* class: the question is whether the model's evidence
-for the lesion class lies on the lesion, whatever it predicted.
+for the lesion class lies on the lesion, whatever it predicted. In a multi-label run each
+finding present in an image is scored against that finding's own mask (the manifest's
+``<finding>_mask_path`` column, as ``medsight data synth --multilabel`` writes), with the map of
+that finding's output; ``per_finding`` then breaks each method's scores down by finding.
 """
 
 from __future__ import annotations
@@ -225,6 +228,33 @@ def _lesion_rows(rows: pd.DataFrame) -> tuple[list[tuple[int, np.ndarray]], int,
     return scored, missing, empty, sorted(lesion)
 
 
+def _finding_rows(
+    rows: pd.DataFrame, findings: Sequence[str], where: Any
+) -> tuple[list[tuple[int, np.ndarray, int]], int, int]:
+    """``[(row position, mask, finding index)]``: each finding present in an image, with that
+    finding's mask (column ``<finding>_mask_path``); the missing and empty mask counts."""
+    from medsight.data.findings import positives
+
+    columns = {k: f"{name}_mask_path" for k, name in enumerate(findings)}
+    if not any(column in rows.columns for column in columns.values()):
+        raise DataError(
+            f"{where} has no per-finding mask column ({', '.join(columns.values())}), so there "
+            "is nothing to score the maps against; `medsight data synth --multilabel` writes them"
+        )
+    present = positives(rows["label"], findings)
+    scored, missing, empty = [], 0, 0
+    for k, column in columns.items():
+        for i in np.flatnonzero(present[:, k]):
+            mask = read_mask(rows.iloc[i][column]) if column in rows.columns else None
+            if mask is None:
+                missing += 1
+            elif not mask.any():
+                empty += 1
+            else:
+                scored.append((int(i), mask, k))
+    return scored, missing, empty
+
+
 def _applicable(model, methods: Sequence[str] | None) -> list[str]:
     from medsight.explain.attention_maps import token_blocks
     from medsight.explain.cam import METHODS, check_method
@@ -290,15 +320,22 @@ def score_localisation(
     run = Run.load(run_path)
     table = run.load_data(data)
     where = run.config.data.path if data is None else data
-    if "mask" not in table.columns:
+    multilabel = run.task == "multilabel"
+    if "mask" not in table.columns and not multilabel:
         raise DataError(
             f"{where} has no 'mask' column, so there is nothing to score the maps against;"
             " give a manifest with a mask column (path of each image's lesion mask, empty for"
             " normal images), as `medsight data synth` writes"
         )
     rows, used_split = _select_rows(table, split, run.is_own_data(data))
-    rows = rows[rows["label"].astype(str).isin(run.classes)].reset_index(drop=True)
-    scored, n_missing, n_empty, lesion_classes = _lesion_rows(rows)
+    if multilabel:
+        rows = rows[rows["label"].notna()].reset_index(drop=True)
+        scored, n_missing, n_empty = _finding_rows(rows, run.classes, where)
+        lesion_classes = sorted({run.classes[k] for _, _, k in scored})
+    else:
+        rows = rows[rows["label"].astype(str).isin(run.classes)].reset_index(drop=True)
+        lesion_rows, n_missing, n_empty, lesion_classes = _lesion_rows(rows)
+        scored = [(i, m, run.classes.index(str(rows.iloc[i]["label"]))) for i, m in lesion_rows]
     if n_missing:
         warnings.warn(
             f"{n_missing} image(s) of lesion classes have no readable mask; they are not scored",
@@ -317,7 +354,7 @@ def score_localisation(
     scored = [scored[i] for i in sorted(order)]
 
     xs, masks, targets, unreadable = [], [], [], 0
-    for position, mask in scored:
+    for position, mask, target in scored:
         row = rows.iloc[position]
         try:
             xs.append(run.preprocess(decode(str(row["source"]), window=run.preprocess.window)))
@@ -325,7 +362,7 @@ def score_localisation(
             unreadable += 1
             continue
         masks.append(mask)
-        targets.append(run.classes.index(str(row["label"])))
+        targets.append(target)
     if not xs:
         raise DataError(f"none of the {len(scored)} images to score could be read from {where}")
     x = np.stack(xs).astype(np.float32)
@@ -339,9 +376,10 @@ def score_localisation(
         "lesion_classes": lesion_classes,
         "split": used_split,
         "data": str(where),
-        "target": "true class",
+        "target": "each finding present" if multilabel else "true class",
         "threshold": threshold,
     }
+    activation = "sigmoid" if multilabel else "softmax"
     faith: dict[str, Any] = {}
     sanity: dict[str, Any] = {}
     n_faith = min(int(faithfulness), len(xs))
@@ -368,12 +406,30 @@ def score_localisation(
             for key in ("pointing_game", "box_iou", "energy_in_mask")
         }
         entry.update(layer=explainer.layer, seconds_per_image=seconds)
+        if multilabel:
+            entry["per_finding"] = {
+                run.classes[k]: {
+                    key: bootstrap_ci(
+                        [s[key] for s, t in zip(scores, targets) if t == k], n_bootstrap, seed
+                    )
+                    for key in ("pointing_game", "energy_in_mask")
+                }
+                | {"n_images": sum(t == k for t in targets)}
+                for k in sorted(set(targets))
+            }
         result["methods"][method] = entry
         if n_faith:
             say(f"{method}: faithfulness on {n_faith} images")
             sample = slice(0, n_faith)
             faith[method] = FA.deletion_insertion_summary(
-                model, x[sample], maps[sample], targets[sample], run.preprocess, n_bootstrap, seed
+                model,
+                x[sample],
+                maps[sample],
+                targets[sample],
+                run.preprocess,
+                n_bootstrap,
+                seed,
+                activation=activation,
             )
             sanity[method] = FA.sanity_summary(
                 explainer, x[sample], maps[sample], targets[sample], seed, n_bootstrap
