@@ -102,10 +102,11 @@ def make_two_class_manifest(root: Path, n_patients=12, per_patient=2, size=16, s
 def make_findings_manifest(root: Path, n_patients=16, per_patient=2, size=16) -> Path:
     """Two findings on noisy gray squares: "bright" (a bright top-left block) and "dark" (a dark
     bottom-right block), each, both or neither; patients and sex columns; the manifest names the
-    findings as 0/1 columns (read with ``labels="bright,dark"``). Every fifth patient's "dark"
-    is uncertain (-1)."""
+    findings as 0/1 columns (read with ``labels="bright,dark"``) with a mask of each finding
+    present (``bright_mask_path``, ``dark_mask_path``). Every fifth patient's "dark" is
+    uncertain (-1)."""
     rng = np.random.default_rng(0)
-    lines = ["path,patient_id,sex,bright,dark"]
+    lines = ["path,patient_id,sex,bright,dark,bright_mask_path,dark_mask_path"]
     half = size // 2
     for p in range(n_patients):
         for i in range(per_patient):
@@ -117,8 +118,21 @@ def make_findings_manifest(root: Path, n_patients=16, per_patient=2, size=16) ->
                 pixels[half:, half:] -= 90
             rel = f"img/{p}_{i}.png"
             write_png(root / rel, np.clip(pixels, 0, 255).astype(np.uint8))
+            masks = []
+            for name, present, block in (
+                ("bright", bright, (slice(None, half), slice(None, half))),
+                ("dark", dark, (slice(half, None), slice(half, None))),
+            ):
+                if not present:
+                    masks.append("")
+                    continue
+                mask = np.zeros((size, size), dtype=np.uint8)
+                mask[block] = 255
+                write_png(root / f"mask/{name}_{p}_{i}.png", mask)
+                masks.append(f"mask/{name}_{p}_{i}.png")
             dark_text = "-1" if p % 5 == 4 else str(dark)
-            lines.append(f"{rel},P{p},{'F' if p % 3 else 'M'},{bright},{dark_text}")
+            sex = "F" if p % 3 else "M"
+            lines.append(f"{rel},P{p},{sex},{bright},{dark_text},{masks[0]},{masks[1]}")
     (root / "manifest.csv").write_text("\n".join(lines) + "\n")
     return root
 

@@ -139,3 +139,23 @@ def test_the_cli_trains_findings_and_says_the_task(tmp_path, helpers):
     assert result.exit_code == 0, result.output
     assert "auroc" in result.output
     assert json.loads((tmp_path / "run" / "model.json").read_text())["task"] == "multilabel"
+
+
+def test_each_finding_is_scored_against_its_own_mask(tmp_path, helpers):
+    from medsight.explain.localisation import score_localisation
+
+    data = helpers.make_findings_manifest(tmp_path / "data")
+    run = train(_config(data, tmp_path / "run", epochs=4))
+    result = score_localisation(run.path, methods=["gradcam"], faithfulness=2, n_bootstrap=50)
+
+    table = load_samples(data / "manifest.csv", labels="bright,dark")
+    test = table.set_index("sample_id").loc[run.splits().query("split == 'test'")["sample_id"]]
+    present = {
+        name: int(test["label"].str.split("|").apply(lambda parts, n=name: n in parts).sum())
+        for name in ("bright", "dark")
+    }
+    per_finding = result["methods"]["gradcam"]["per_finding"]
+    assert {name: v["n_images"] for name, v in per_finding.items()} == present
+    assert result["n_images"] == sum(present.values())
+    assert result["target"] == "each finding present"
+    assert 0.0 <= per_finding["bright"]["pointing_game"]["value"] <= 1.0
