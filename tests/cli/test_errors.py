@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from tests.conftest import write_run
 from typer.testing import CliRunner
 
 from medsight.cli import app
+from tests.conftest import write_run
 
 runner = CliRunner()
 

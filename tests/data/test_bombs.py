@@ -14,12 +14,12 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
-from tests.data import bombs
-from tests.data.bombs import MiB
 
 from medsight.data import imaging
 from medsight.data.imaging import decode, decode_bytes, zip_source
 from medsight.errors import ImageDecodeError
+from tests.data import bombs
+from tests.data.bombs import MiB
 
 
 def _peak(function, *args, **kwargs) -> tuple[int, BaseException | None]:

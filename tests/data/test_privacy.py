@@ -9,7 +9,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from tests.data.identifying_dicom import identifying_dicom
 
 from medsight.data.privacy import (
     DeidentificationError,
@@ -18,6 +17,7 @@ from medsight.data.privacy import (
     pseudonymise,
     pseudonymous_uid,
 )
+from tests.data.identifying_dicom import identifying_dicom
 
 SALT = b"unit-test-salt"
 

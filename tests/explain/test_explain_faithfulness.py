@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.explain.test_explain_cam import REGION, SIZE, RegionNet, region_image
 
 from medsight.explain import Explainer, deletion_insertion, randomised_copy, sanity_check
 from medsight.explain.faithfulness import rank_correlation
+from tests.explain.test_explain_cam import REGION, SIZE, RegionNet, region_image
 
 
 def region_map(inside: bool) -> np.ndarray:

@@ -29,10 +29,9 @@ def local_client(app, **kwargs):
 def served_run(tmp_path_factory) -> Path:
     """A 1-epoch medcnn_s at 16 px on bright ("lesion") vs dark ("normal") squares, evaluated
     (so metrics.json holds operating points) in a few seconds."""
-    from tests.conftest import make_two_class_manifest
-
     from medsight.evaluation.evaluate import evaluate_run
     from medsight.training.trainer import train
+    from tests.conftest import make_two_class_manifest
 
     root = tmp_path_factory.mktemp("serving")
     data = make_two_class_manifest(root / "data", 12, 2, 16)

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import write_dicom
-from tests.serving.conftest import encoded, local_client, png_bytes
 from typer.testing import CliRunner
 
 from medsight.cli import app as cli
 from medsight.errors import ConfigError
 from medsight.serving.api import ServeSettings, create_app
+from tests.conftest import write_dicom
+from tests.serving.conftest import encoded, local_client, png_bytes
 
 
 def make_client(run, tmp_path, **settings) -> TestClient:

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.serving.conftest import png_bytes
 
 from medsight.serving.api import ServeSettings, create_app
+from tests.serving.conftest import png_bytes
 
 CHROMIUM = "/usr/bin/chromium"
 #: Where the page's pictures go (set it to keep them; by default the test's own tmp folder).

@@ -7,10 +7,10 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from tests.data import bombs
-from tests.serving.conftest import local_client, png_bytes
 
 from medsight.serving.api import ServeSettings, create_app
+from tests.data import bombs
+from tests.serving.conftest import local_client, png_bytes
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import logging
 
 import pydicom
 from fastapi.testclient import TestClient
-from tests.data.identifying_dicom import identifying_dicom
-from tests.serving.conftest import local_client
 
 from medsight.data.privacy import pseudonymise, pseudonymous_uid
 from medsight.serving.api import ServeSettings, create_app
+from tests.data.identifying_dicom import identifying_dicom
+from tests.serving.conftest import local_client
 
 STUDY = "1.2.826.0.1.3680043.10.9999.1"
 SERIES = "1.2.826.0.1.3680043.10.9999.2"

@@ -30,10 +30,10 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from tests.conftest import write_dicom
-from tests.serving.conftest import PAGE_HEADERS, local_client, png_bytes
 
 from medsight.serving.api import ServeSettings, create_app
+from tests.conftest import write_dicom
+from tests.serving.conftest import PAGE_HEADERS, local_client, png_bytes
 
 #: Odd DICOM values are the point here: pydicom's warnings about them are expected.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")

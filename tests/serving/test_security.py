@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from tests.serving.conftest import PAGE_HEADERS, local_client, png_bytes
 from typer.testing import CliRunner
 
 from medsight.cli import app as cli
@@ -26,6 +25,7 @@ from medsight.errors import ConfigError, MedsightError
 from medsight.serving.api import ServeSettings, StartingApp, create_app, get_worklist, serve
 from medsight.serving.security import CSP, allowed_hosts
 from medsight.serving.service import Busy, DecodeSlots, decode_slots_for
+from tests.serving.conftest import PAGE_HEADERS, local_client, png_bytes
 
 TOO_BIG = 2**63  # one past SQLite's largest integer: OverflowError (a 500) before the fix
 STRONG = "a-strong-token-0123456789"

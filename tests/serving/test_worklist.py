@@ -8,13 +8,13 @@ import threading
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import write_dicom
-from tests.serving.conftest import local_client, png_bytes
 
 from medsight.data.privacy import pseudonymise
 from medsight.serving.api import ServeSettings, create_app
 from medsight.serving.schemas import STATUSES
 from medsight.serving.worklist import TRANSITIONS, ReviewStateError, WorklistStore
+from tests.conftest import write_dicom
+from tests.serving.conftest import local_client, png_bytes
 
 
 def make_client(run, data_dir) -> TestClient:

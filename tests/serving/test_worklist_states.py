@@ -4,9 +4,9 @@ statuses, and reopening a reviewed study clears its review."""
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-from tests.serving.conftest import local_client, png_bytes
 
 from medsight.serving.api import ServeSettings, create_app
+from tests.serving.conftest import local_client, png_bytes
 
 
 def client_with_study(run, tmp_path) -> tuple[TestClient, int]:

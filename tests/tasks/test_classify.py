@@ -9,8 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.conftest import make_two_class_manifest
-from tests.serving.conftest import local_client, png_bytes
 from typer.testing import CliRunner
 
 from medsight import tasks
@@ -25,6 +23,8 @@ from medsight.serving.api import ServeSettings, create_app
 from medsight.tasks import get_task
 from medsight.tasks.classify import ClassifyTask
 from medsight.training.trainer import train
+from tests.conftest import make_two_class_manifest
+from tests.serving.conftest import local_client, png_bytes
 
 CLASSES = ["normal", "lesion"]
 

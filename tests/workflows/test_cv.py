@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tests.conftest import make_two_class_manifest
 from typer.testing import CliRunner
 
 from medsight.cli import app
@@ -17,6 +16,7 @@ from medsight.data.splits import assign_splits, fold_splits
 from medsight.errors import ConfigError
 from medsight.runs import Run
 from medsight.workflows.cv import cross_validate
+from tests.conftest import make_two_class_manifest
 
 
 @pytest.fixture(scope="module")

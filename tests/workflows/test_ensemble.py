@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from tests.conftest import make_two_class_manifest
 from typer.testing import CliRunner
 
 from medsight.calibration import apply_calibration
@@ -19,6 +18,7 @@ from medsight.models.ensemble import EnsembleClassifier
 from medsight.runs import Run
 from medsight.training.trainer import train
 from medsight.workflows.ensemble import build_ensemble
+from tests.conftest import make_two_class_manifest
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +132,8 @@ def test_ensemble_cli(members, tmp_path):
 
 
 def test_an_ensemble_is_served_with_a_heat_map(members, tmp_path):
-    from tests.serving.conftest import local_client, png_bytes
-
     from medsight.serving.api import ServeSettings, create_app
+    from tests.serving.conftest import local_client, png_bytes
 
     root, _, paths = members
     run = build_ensemble(paths, tmp_path / "ens")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from tests.conftest import make_two_class_manifest
 from typer.testing import CliRunner
 
 from medsight.cli import app
@@ -20,6 +19,7 @@ from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.errors import ConfigError, MedsightError
 from medsight.workflows import tune as tuning
 from medsight.workflows.tune import SearchSpace, open_storage, tune
+from tests.conftest import make_two_class_manifest
 
 TINY_SPACE = {
     "optim.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
