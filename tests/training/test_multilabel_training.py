@@ -159,3 +159,16 @@ def test_each_finding_is_scored_against_its_own_mask(tmp_path, helpers):
     assert result["n_images"] == sum(present.values())
     assert result["target"] == "each finding present"
     assert 0.0 <= per_finding["bright"]["pointing_game"]["value"] <= 1.0
+
+
+def test_single_label_only_workflows_refuse_findings_by_name(tmp_path, helpers):
+    from medsight.workflows.cv import check_folds
+    from medsight.workflows.ensemble import build_ensemble
+
+    data = helpers.make_findings_manifest(tmp_path / "data")
+    with pytest.raises(ConfigError, match="medsight cv pools single-label"):
+        check_folds(_config(data, tmp_path / "cv"), 3)
+    a = train(_config(data, tmp_path / "a", epochs=1))
+    b = train(_config(data, tmp_path / "b", epochs=1, lr=1e-3))
+    with pytest.raises(ConfigError, match="is a multilabel run; `medsight ensemble` averages"):
+        build_ensemble([a.path, b.path], tmp_path / "ensemble")

@@ -29,14 +29,19 @@ HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "f1_macro", "brier", "ece"
 def check_folds(config: TrainConfig, folds: int) -> pd.DataFrame:
     """Read and split the data once, and refuse ``folds`` the data cannot support (the error
     names the maximum: the patient count of the smallest class). Returns the split table."""
+    from medsight.data.findings import is_multilabel
     from medsight.data.sources import load_samples
     from medsight.data.splits import assign_splits, kfold_assignments
 
-    table = assign_splits(
-        load_samples(config.data.path, options=config.data),
-        ratios=config.data.ratios,
-        seed=config.seed,
-    )
+    table = load_samples(config.data.path, options=config.data)
+    if is_multilabel(table) or config.task not in ("auto", "classify"):
+        raise ConfigError(
+            "medsight cv pools single-label classifiers' out-of-fold predictions; these data "
+            "have several findings per image. Train and evaluate one multi-label run instead "
+            "(`medsight train` then `medsight evaluate`), or choose a fold with "
+            "--set data.folds=K --set data.fold=I"
+        )
+    table = assign_splits(table, ratios=config.data.ratios, seed=config.seed)
     development = table[table["split"].isin(["train", "val"])]
     kfold_assignments(development, folds=folds, seed=config.seed)
     return table

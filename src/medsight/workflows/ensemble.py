@@ -127,6 +127,11 @@ def _load_members(members: Sequence[str | Path]) -> list[runs.Run]:
     if len(set(paths)) != len(paths):
         raise ConfigError("the same run is listed twice; each member must be a different run")
     for run in loaded:
+        if run.task != "classify":
+            raise ConfigError(
+                f"{run.path} is a {run.task} run; `medsight ensemble` averages single-label "
+                "classifiers (softmax probabilities of one class per image) only"
+            )
         if not (run.path / runs.WEIGHTS).exists():
             raise DataError(f"{run.path} has no {runs.WEIGHTS}: the run never finished an epoch")
     first = loaded[0]
