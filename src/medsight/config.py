@@ -104,8 +104,15 @@ class ReadOptions(_Strict):
     labels: str | None = Field(
         default=None,
         description="multi-label CSV: its 0/1 finding columns, comma-separated "
-        "(1 present, 0 absent, -1 or blank uncertain)",
+        "(1 present, 0 absent, -1 or blank uncertain), or 'all' for every column that is not "
+        "a path, id, split or known metadata column",
         json_schema_extra=flag("--labels"),
+    )
+    findings_column: str | None = Field(
+        default=None,
+        description="multi-label CSV: a column of findings joined by | (NIH ChestX-ray14's "
+        "'Finding Labels', read without this flag when there is no label column)",
+        json_schema_extra=flag("--findings-column"),
     )
     uncertain: Literal["ignore", "zeros", "ones"] = Field(
         default="ignore",

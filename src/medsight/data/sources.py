@@ -14,12 +14,20 @@ split      optional; ``train``, ``val`` or ``test``
 Supported layouts, chosen from the path (``format=`` overrides): class folders
 (``root/<class>/*``, optionally ``root/<split>/<class>/*``, also inside a ``.zip``), a CSV manifest,
 a MedMNIST ``.npz``, DICOM files or folders, NIfTI files or folders.
+
+Several findings per image (a multi-label table, see :mod:`medsight.data.findings`) come from a
+CSV with one 0/1 column per finding (``labels="a,b"`` or ``labels="all"``), a CSV with a column
+of findings joined by ``|`` (NIH ChestX-ray14's ``Finding Labels``, found by its name when there
+is no ``label`` column), or a MedMNIST ``.npz`` with multi-hot labels (ChestMNIST). What a reader
+normalised on the way (finding names, delimiters, the columns it took) is listed in
+``table.attrs["notes"]``, which the trainer prints.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
+import re
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -29,7 +37,14 @@ from pydantic import ValidationError
 
 from medsight.config import READ_FORMATS, ReadOptions, explain_validation
 from medsight.data import imaging
-from medsight.data.findings import encode_rows, is_multilabel, mark_multilabel
+from medsight.data.findings import (
+    NO_FINDING,
+    SEPARATOR,
+    UNCERTAIN,
+    encode_rows,
+    is_multilabel,
+    mark_multilabel,
+)
 from medsight.data.privacy import pseudonym_salt, pseudonymise
 from medsight.errors import ConfigError, DataError, ImageDecodeError
 
@@ -76,7 +91,50 @@ MEDMNIST_CLASSES = {
         "neutrophil",
         "platelet",
     ),
+    # ChestMNIST is multi-label: its 14 multi-hot columns are these findings, in this order.
+    "chestmnist": (
+        "atelectasis",
+        "cardiomegaly",
+        "effusion",
+        "infiltration",
+        "mass",
+        "nodule",
+        "pneumonia",
+        "pneumothorax",
+        "consolidation",
+        "edema",
+        "emphysema",
+        "fibrosis",
+        "pleural",
+        "hernia",
+    ),
 }
+
+#: Columns a manifest may carry that describe the image or patient rather than a finding:
+#: ``--labels all`` never takes them (compared in lower case, spaces as underscores). DICOM
+#: headers give modality/sex/age/view/study; the phantoms sex/age/site; NIH and CheXpert CSVs
+#: the rest.
+METADATA_COLUMNS = frozenset(
+    {
+        "sex",
+        "gender",
+        "age",
+        "site",
+        "modality",
+        "view",
+        "study",
+        "patient_age",
+        "patient_sex",
+        "patient_gender",
+        "view_position",
+        "frontal/lateral",
+        "ap/pa",
+        "follow-up_#",
+        "fold",
+    }
+)
+#: The NIH ChestX-ray14 name of a column of findings joined by ``|``.
+FINDINGS_COLUMN = "Finding Labels"
 
 _JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 MANIFEST_NAME = "manifest.csv"
@@ -194,6 +252,7 @@ def class_names(table: pd.DataFrame) -> list[str]:
 
 def _read_tree(path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = None) -> pd.DataFrame:
     """Class folders (optionally under split folders), in a directory or a zip, or single files."""
+    _refuse_multilabel_options(path, fmt, opts)
     if path.is_file() and fmt != "zip" and not path.name.lower().endswith(".zip"):
         files = [path.name]
         root: Path | None = path.parent
@@ -243,6 +302,28 @@ def _read_tree(path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = Non
     table = _add_medical_metadata(table, opts, salt)
     table.attrs["ignored"] = dict(ignored)
     return table
+
+
+def _refuse_multilabel_options(path: Path, fmt: str, opts: ReadOptions) -> None:
+    """Class folders, DICOM, NIfTI and .npz collections say their labels themselves: the
+    multi-label options read a CSV manifest's columns, so asking for them elsewhere is a
+    mistake better named than ignored."""
+    given = [
+        flag
+        for flag, value in (("--labels", opts.labels), ("--findings-column", opts.findings_column))
+        if value is not None
+    ]
+    if not given:
+        return
+    if fmt == "npz":
+        why = "a MedMNIST .npz carries its own labels (multi-hot labels are read as findings)"
+    else:
+        why = f"a {fmt} collection has one label per image (its class folder), not findings"
+    raise DataError(
+        f"{path}: {' and '.join(given)} read(s) the finding columns of a CSV manifest, but "
+        f"{why}; drop {' and '.join(given)} or give a manifest.csv with one 0/1 column per "
+        f"finding or a {FINDINGS_COLUMN!r} column"
+    )
 
 
 def _walk(root: Path) -> list[str]:
@@ -403,11 +484,25 @@ def _read_manifest(
         ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{manifest}: not a readable CSV ({exc})") from None
+    if not isinstance(frame.index, pd.RangeIndex):
+        # pandas reads a first row with one field more than the header as an index, which
+        # shifts every column silently: most often an unquoted comma in a cell.
+        raise DataError(
+            f"{manifest}: line 2 has more fields than the header ({len(frame.columns)}); "
+            'quote cells that hold a comma ("effusion, mass") or fix the header'
+        )
     frame.columns = [c.strip() for c in frame.columns]
     available = ", ".join(frame.columns) or "none"
-    findings = _finding_columns(opts.labels, frame, manifest)
+    notes: list[str] = []
+    patient_column = opts.patient_column or _patient_column(frame, notes)
+    findings_column = _findings_column(opts, frame, manifest)
+    findings = (
+        None
+        if findings_column
+        else _finding_columns(opts, frame, manifest, notes, reserved={patient_column})
+    )
     roles = [("path", opts.path_column, "path")]
-    if findings is None:
+    if findings is None and findings_column is None:
         roles.append(("label", opts.label_column, "label"))
     for role, column, default in roles:
         if column not in frame.columns:
@@ -431,11 +526,16 @@ def _read_manifest(
     sources = [_resolve_manifest_path(p, base) for p in raw_paths]
     if not opts.allow_outside:
         _refuse_outside(manifest, "path", raw_paths, sources, base)
-    if findings is None:
+    if findings_column is not None:
+        labels, findings = _findings_from_cells(frame[findings_column], findings_column, manifest)
+        notes += _cell_notes(frame[findings_column], findings_column, findings)
+    elif findings is None:
         labels = frame[opts.label_column].str.strip()
         _refuse_number_spellings(labels, f"{manifest}: label column {opts.label_column!r}")
     else:
-        matrix = _finding_matrix(frame, findings, opts.uncertain, manifest)
+        matrix = _finding_matrix(
+            frame, findings, opts.uncertain, manifest, every=_takes_all(opts.labels)
+        )
         labels = pd.Series(encode_rows(matrix, findings), index=frame.index)
     table = pd.DataFrame(
         {
@@ -444,14 +544,13 @@ def _read_manifest(
             "label": labels,
         }
     )
-    patient_column = opts.patient_column or ("patient_id" if "patient_id" in frame else None)
     split_column = opts.split_column or ("split" if "split" in frame else None)
     if patient_column:
         table["patient_id"] = frame[patient_column].str.strip()
     if split_column:
         table["split"] = _canonical_splits(frame[split_column], manifest)
     used = {opts.path_column, opts.label_column, patient_column, split_column, "sample_id"}
-    used |= set(findings or ())
+    used |= set(findings or ()) if findings_column is None else {findings_column}
     for column in frame.columns:
         if column in used:
             continue
@@ -467,6 +566,8 @@ def _read_manifest(
     table.attrs["manifest"] = str(manifest.resolve())
     if findings is not None:
         mark_multilabel(table, findings)
+    if notes:
+        table.attrs["notes"] = notes
     return table
 
 
@@ -474,11 +575,46 @@ def _read_manifest(
 _FINDING_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": -1.0}
 
 
-def _finding_columns(labels: str | None, frame: pd.DataFrame, manifest: Path) -> list[str] | None:
-    """``--labels A,B`` → the finding columns, each checked to exist (None: single-label)."""
-    if labels is None:
+def _patient_column(frame: pd.DataFrame, notes: list[str]) -> str | None:
+    """``patient_id``, else a column spelled like it (NIH's ``Patient ID``): grouping by
+    patient is what keeps a patient's images out of two splits."""
+    if "patient_id" in frame.columns:
+        return "patient_id"
+    found = next((c for c in frame.columns if _finding_key(c) == "patient_id"), None)
+    if found is not None:
+        notes.append(f"patients are grouped by column {found!r}")
+    return found
+
+
+def _takes_all(labels: str | None) -> bool:
+    return labels is not None and labels.strip().lower() == "all"
+
+
+def _finding_key(name: str) -> str:
+    """How finding and metadata names are compared: lower case, runs of spaces and underscores
+    as one underscore (``"Pleural Thickening"`` and ``"pleural_thickening"`` are one)."""
+    return re.sub(r"[\s_]+", "_", name.strip().lower())
+
+
+def _is_no_finding(name: str) -> bool:
+    return _finding_key(name) == _finding_key(NO_FINDING)
+
+
+def _finding_columns(
+    opts: ReadOptions,
+    frame: pd.DataFrame,
+    manifest: Path,
+    notes: list[str],
+    reserved: set[str | None] = frozenset(),
+) -> list[str] | None:
+    """``--labels A,B`` → the finding columns, each checked to exist; ``--labels all`` → every
+    column that is not a path, id, split, label or known metadata column (said in ``notes``);
+    None: single-label."""
+    if opts.labels is None:
         return None
-    findings = [name.strip() for name in labels.split(",") if name.strip()]
+    if _takes_all(opts.labels):
+        return _all_finding_columns(opts, frame, manifest, notes, reserved)
+    findings = [name.strip() for name in opts.labels.split(",") if name.strip()]
     if not findings:
         raise DataError("--labels names no column; give the finding columns, e.g. --labels a,b")
     missing = [name for name in findings if name not in frame.columns]
@@ -487,11 +623,56 @@ def _finding_columns(labels: str | None, frame: pd.DataFrame, manifest: Path) ->
             f"{manifest}: --labels names column(s) {missing} that are not in the manifest "
             f"(columns are: {', '.join(frame.columns)})"
         )
+    nothing = [name for name in findings if _is_no_finding(name)]
+    if nothing:
+        raise DataError(
+            f"--labels names {nothing[0]!r}, which means an image without findings, so it "
+            "cannot be one; leave it out of --labels (an image with 0 in every finding column "
+            f"is read as {NO_FINDING!r})"
+        )
+    repeated = sorted({name for name in findings if findings.count(name) > 1})
+    if repeated:
+        raise DataError(f"--labels names column(s) {repeated} more than once; name each once")
+    return findings
+
+
+def _all_finding_columns(
+    opts: ReadOptions,
+    frame: pd.DataFrame,
+    manifest: Path,
+    notes: list[str],
+    reserved: set[str | None],
+) -> list[str]:
+    reserved = {*reserved, opts.path_column, opts.label_column, "sample_id", "split", "mask"}
+    reserved |= {opts.split_column}
+    findings, metadata, no_finding = [], [], []
+    for column in frame.columns:
+        if column in reserved or column.endswith("_path"):
+            continue
+        if _finding_key(column) in METADATA_COLUMNS:
+            metadata.append(column)
+        elif _is_no_finding(column):
+            no_finding.append(column)
+        else:
+            findings.append(column)
+    if not findings:
+        raise DataError(
+            f"{manifest}: --labels all found no finding column (columns are: "
+            f"{', '.join(frame.columns)}); add one 0/1 column per finding"
+        )
+    notes.append(f"--labels all: {len(findings)} finding column(s): {', '.join(findings)}")
+    if metadata:
+        notes.append(f"--labels all: kept as metadata, not findings: {', '.join(metadata)}")
+    if no_finding:
+        notes.append(
+            f"--labels all: left out column {no_finding[0]!r}: it says an image has no "
+            "finding, which the finding columns already say"
+        )
     return findings
 
 
 def _finding_matrix(
-    frame: pd.DataFrame, findings: list[str], uncertain: str, manifest: Path
+    frame: pd.DataFrame, findings: list[str], uncertain: str, manifest: Path, every: bool = False
 ) -> np.ndarray:
     """The 0/1 finding columns → an ``(N, K)`` matrix of 1 / 0 / NaN (ignored), uncertain
     entries (−1, blank) resolved by the ``uncertain`` policy; any other value is refused,
@@ -502,14 +683,108 @@ def _finding_matrix(
         bad = ~cells.isin(list(_FINDING_VALUES))
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
+            hint = (
+                "; --labels all read it as a finding: name the finding columns instead "
+                "(--labels a,b)"
+                if every
+                else ""
+            )
             raise DataError(
                 f"{manifest}: line {row + 2}, column {name!r} holds {cells.iloc[row]!r}; a "
-                "finding column holds 1 (present), 0 (absent), -1 or blank (uncertain)"
+                f"finding column holds 1 (present), 0 (absent), -1 or blank (uncertain){hint}"
             )
         matrix[:, k] = cells.map(_FINDING_VALUES).to_numpy()
     replacement = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}[uncertain]
     matrix[matrix == -1.0] = replacement
     return matrix
+
+
+#: Besides ``|``, what people separate findings in one cell with.
+_CELL_DELIMITERS = re.compile(r"[|;,]")
+
+
+def _findings_column(opts: ReadOptions, frame: pd.DataFrame, manifest: Path) -> str | None:
+    """The column of delimited findings: ``--findings-column``, else NIH's ``Finding Labels``
+    when neither ``--labels`` nor a label column is there."""
+    if opts.findings_column is not None:
+        if opts.labels is not None:
+            raise DataError(
+                "--labels (0/1 finding columns) and --findings-column (one column of findings) "
+                "are two ways to read findings; give one"
+            )
+        if opts.findings_column not in frame.columns:
+            raise DataError(
+                f"{manifest}: --findings-column {opts.findings_column!r} is not a column "
+                f"(columns are: {', '.join(frame.columns)})"
+            )
+        return opts.findings_column
+    if opts.labels is not None or opts.label_column in frame.columns:
+        return None
+    wanted = _finding_key(FINDINGS_COLUMN)
+    return next((c for c in frame.columns if _finding_key(c) == wanted), None)
+
+
+def _findings_from_cells(
+    cells: pd.Series, column: str, manifest: Path
+) -> tuple[pd.Series, list[str]]:
+    """``"Effusion|Cardiomegaly"`` cells → label texts and the sorted findings. Names are
+    compared in lower case with underscores for spaces (the spelling kept); ``;`` and ``,``
+    separate like ``|``; "No Finding" (any case) means none; a blank cell is unlabelled."""
+    parsed: list[set[str] | None] = []
+    for line, cell in enumerate(cells.str.strip(), start=2):
+        if not cell:
+            parsed.append(None)
+            continue
+        names = {_finding_key(part) for part in _CELL_DELIMITERS.split(cell) if part.strip()}
+        if _finding_key(NO_FINDING) in names and len(names) > 1:
+            raise DataError(
+                f"{manifest}: line {line}, column {column!r} holds {cell!r}: 'No Finding' "
+                "together with findings; write the findings or 'No Finding', not both"
+            )
+        odd = sorted(n for n in names if n.startswith(UNCERTAIN))
+        if odd:
+            raise DataError(
+                f"{manifest}: line {line}, column {column!r} names {odd[0]!r}; a finding name "
+                f"may not start with {UNCERTAIN!r}"
+            )
+        parsed.append(names - {_finding_key(NO_FINDING)})
+    findings = sorted(set().union(*(p for p in parsed if p is not None)))
+    if not findings:
+        raise DataError(
+            f"{manifest}: column {column!r} names no finding (every row is blank or says "
+            "'No Finding'); a multi-label set needs at least one finding"
+        )
+    labels = [
+        None if names is None else SEPARATOR.join(f for f in findings if f in names) or NO_FINDING
+        for names in parsed
+    ]
+    return pd.Series(labels, index=cells.index, dtype=object), findings
+
+
+def _cell_notes(cells: pd.Series, column: str, findings: list[str]) -> list[str]:
+    """What :func:`_findings_from_cells` normalised, for people to check."""
+    notes = [f"findings read from column {column!r}: {', '.join(findings)}"]
+    spellings: dict[str, set[str]] = defaultdict(set)
+    delimiters: set[str] = set()
+    for cell in cells.str.strip():
+        delimiters |= set(cell) & {";", ","}
+        for part in _CELL_DELIMITERS.split(cell):
+            if part.strip() and not _is_no_finding(part):
+                spellings[_finding_key(part)].add(part.strip())
+    renamed = sorted((sorted(raw), key) for key, raw in spellings.items() if raw != {key} and raw)
+    if renamed:
+        shown = "; ".join(
+            f"{' and '.join(repr(r) for r in raw)} → {key!r}" for raw, key in renamed[:4]
+        )
+        more = f" and {len(renamed) - 4} more" if len(renamed) > 4 else ""
+        notes.append(
+            f"finding names are written in lower case with underscores for spaces, spellings "
+            f"that differ only so are one finding: {shown}{more}"
+        )
+    if delimiters:
+        shown = " and ".join(repr(d) for d in sorted(delimiters))
+        notes.append(f"column {column!r} separates findings with {shown}, read like '|'")
+    return notes
 
 
 def _refuse_outside(manifest: Path, column: str, raw, resolved, base: Path) -> None:
@@ -596,6 +871,7 @@ def _optional_text(values: pd.Series) -> pd.Series:
 def _read_medmnist(
     path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = None
 ) -> pd.DataFrame:
+    _refuse_multilabel_options(path, fmt, opts)
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -611,15 +887,19 @@ def _read_medmnist(
         labels = {s: np.asarray(npz[f"{s}_labels"]) for s in splits}
         counts = {s: len(npz[f"{s}_images"]) for s in splits}
     for split, y in labels.items():
-        if y.ndim == 2 and y.shape[1] > 1:
-            raise DataError(
-                f"{path}: {split}_labels has {y.shape[1]} labels per image: a multi-label set "
-                "(like ChestMNIST); medsight trains single-label classifiers for now"
-            )
         if len(y) != counts[split]:
             raise DataError(
                 f"{path}: {split}_images has {counts[split]} images but {len(y)} labels"
             )
+    widths = {s: 1 if y.ndim == 1 else int(np.prod(y.shape[1:])) for s, y in labels.items()}
+    if len(set(widths.values())) > 1:
+        shown = ", ".join(f"{s}_labels {w}" for s, w in widths.items())
+        raise DataError(
+            f"{path}: the splits have different numbers of labels per image ({shown}); every "
+            "split of one set needs the same labels"
+        )
+    if max(widths.values()) > 1:
+        return _read_multihot(path, {s: y.reshape(len(y), -1) for s, y in labels.items()})
     names = _medmnist_names(path, max(int(y.max()) for y in labels.values()) + 1)
     records = []
     for split in splits:
@@ -635,6 +915,36 @@ def _read_medmnist(
     table = pd.DataFrame.from_records(records)
     table.attrs["classes"] = list(names)
     return table
+
+
+def _read_multihot(path: Path, labels: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Multi-hot ``(N, K)`` labels (ChestMNIST) → a multi-label table: 1 present, 0 absent."""
+    for split, y in labels.items():
+        bad = ~np.isin(y, (0, 1))
+        if bad.any():
+            row, column = (int(i) for i in np.argwhere(bad)[0])
+            value = y[row, column].item()
+            raise DataError(
+                f"{path}: {split}_labels row {row}, column {column} holds {value!r}; "
+                "multi-hot labels are 0 (absent) or 1 (present)"
+            )
+    width = next(iter(labels.values())).shape[1]
+    stem = path.name.lower()
+    known = [n for p, n in MEDMNIST_CLASSES.items() if stem.startswith(p) and len(n) == width]
+    findings = list(known[0]) if known else [f"finding_{k}" for k in range(width)]
+    records = []
+    for split, y in labels.items():
+        for index, label in enumerate(encode_rows(y, findings)):
+            records.append(
+                {
+                    "sample_id": f"{split}-{index:05d}",
+                    "source": imaging.npz_source(path, split, index),
+                    "label": label,
+                    "split": split,
+                }
+            )
+    table = pd.DataFrame.from_records(records)
+    return mark_multilabel(table, findings)
 
 
 def _medmnist_names(path: Path, n_classes: int) -> tuple[str, ...]:
