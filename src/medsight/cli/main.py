@@ -161,7 +161,16 @@ def _progress() -> Progress:
     )
 
 
-def _load(path: Path, fmt: DataFormat | None, allow_outside: bool, axis: int, index: int | None):
+def _load(
+    path: Path,
+    fmt: DataFormat | None,
+    allow_outside: bool,
+    axis: int,
+    index: int | None,
+    **findings,
+):
+    """Read ``path``; ``findings`` are the multi-label reader options (labels,
+    findings_column, uncertain) of the commands that take them."""
     from medsight.data.sources import load_samples
 
     return load_samples(
@@ -170,7 +179,40 @@ def _load(path: Path, fmt: DataFormat | None, allow_outside: bool, axis: int, in
         allow_outside=allow_outside,
         nifti_axis=axis,
         nifti_slice=index,
+        **{k: v for k, v in findings.items() if v is not None},
     )
+
+
+class Uncertain(str, Enum):
+    ignore = "ignore"
+    zeros = "zeros"
+    ones = "ones"
+
+
+LabelsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--labels",
+        help="Multi-label CSV: its 0/1 finding columns, comma-separated, or 'all' (every column "
+        "that is not a path, id, split or known metadata column).",
+    ),
+]
+FindingsColumnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--findings-column",
+        help="Multi-label CSV: a column of findings joined by | ('Finding Labels' is found "
+        "without this flag when there is no label column).",
+    ),
+]
+UncertainOption = Annotated[
+    Uncertain,
+    typer.Option(
+        "--uncertain",
+        help="Uncertain multi-label entries (-1, blank): ignored, or counted as absent (zeros) "
+        "or present (ones).",
+    ),
+]
 
 
 # --------------------------------------------------------------------------- data check
@@ -192,21 +234,41 @@ def data_check(
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     axis: AxisOption = 2,
     index: SliceOption = None,
+    labels: LabelsOption = None,
+    findings_column: FindingsColumnOption = None,
+    uncertain: UncertainOption = Uncertain.ignore,
 ) -> None:
-    """Audit a collection: counts per class and split, unreadable files, duplicates, leakage.
+    """Audit a collection: counts per class (or finding) and split, unreadable files,
+    duplicates, leakage.
 
     Exit status: 0 usable; 1 with --strict when a problem was found; 2 when nothing is readable.
     """
     from medsight.data.checks import check_samples
 
     with _user_errors():
-        table = _load(path, fmt, allow_outside, axis, index)
+        table = _load(
+            path,
+            fmt,
+            allow_outside,
+            axis,
+            index,
+            labels=labels,
+            findings_column=findings_column,
+            uncertain=uncertain.value,
+        )
+        for note in table.attrs.get("notes", []):
+            console.print(f"[dim]note:[/] {_shown(note)}", highlight=False)
         with _progress() as bar:
             task = bar.add_task("decoding images", total=len(table))
             report = check_samples(
                 table, max_pixels=max_pixels, progress=lambda n: bar.advance(task, n)
             )
-        document = {"path": str(path), "format": table.attrs.get("format"), **report.to_dict()}
+        document = {
+            "path": str(path),
+            "format": table.attrs.get("format"),
+            "notes": list(table.attrs.get("notes", [])),
+            **report.to_dict(),
+        }
         if json_out is not None:
             from medsight.runs import write_json
 
@@ -227,6 +289,78 @@ def _print_check(doc: dict) -> None:
         f"{doc['n_images']:,} images, {doc['n_readable']:,} readable",
         highlight=False,
     )
+    if doc.get("multilabel"):
+        _print_findings(doc["multilabel"])
+    else:
+        _print_classes(doc)
+    if doc["unlabelled"]:
+        console.print(f"{doc['unlabelled']:,} images have no label (an unlabelled collection)")
+    sizes = ", ".join(f"{k} ({v:,})" for k, v in list(doc["sizes"].items())[:5])
+    more = f" and {len(doc['sizes']) - 5} more" if len(doc["sizes"]) > 5 else ""
+    modes = ", ".join(f"{k} ({v:,})" for k, v in doc["channels"].items())
+    console.print(f"sizes: {sizes or '-'}{more}\nchannels: {modes or '-'}", highlight=False)
+    if doc["imbalance_ratio"] is not None:
+        console.print(f"class imbalance (largest / smallest class): {doc['imbalance_ratio']:g}")
+    if doc["ignored_files"]:
+        ignored = ", ".join(f"{k} ({v})" for k, v in doc["ignored_files"].items())
+        console.print(f"ignored files (not images): {ignored}", highlight=False)
+    _print_problems(doc)
+
+
+def _print_findings(summary: dict, pairs: int = 10) -> None:
+    """A multi-label report: prevalence per finding and split, co-occurrence, gaps."""
+    # an "unassigned" column that is every image would only repeat "all"
+    splits = [
+        s
+        for s in summary["images"]
+        if s != "unassigned" or summary["images"][s] != summary["images"]["all"]
+    ]
+    table = Table(title="Images per finding and split", title_justify="left")
+    table.add_column("finding")
+    for split in splits:
+        table.add_column(split, justify="right", style="bold" if split == "all" else None)
+    findings = summary["findings"]
+    for name in findings:
+        table.add_row(
+            _shown(name),
+            *(_count_cell(summary["prevalence"][s][name]) for s in splits),
+            end_section=name == findings[-1],
+        )
+    table.add_row("no finding", *(_count_cell(summary["no_finding"][s]) for s in splits))
+    table.add_row("images", *(f"{summary['images'][s]:,}" for s in splits), style="bold")
+    console.print(table)
+    if summary["uncertain"]:
+        shown = ", ".join(f"{_shown(f)} ({n:,})" for f, n in summary["uncertain"].items())
+        console.print(f"uncertain (ignored) entries: {shown}", highlight=False)
+    if summary["co_occurrence"]:
+        total = len(summary["co_occurrence"])
+        shown = f" (top {pairs} of {total} pairs)" if total > pairs else ""
+        together = Table(title=f"Findings seen together{shown}", title_justify="left")
+        together.add_column("findings")
+        together.add_column("images", justify="right")
+        for pair in summary["co_occurrence"][:pairs]:
+            together.add_row(_shown(" + ".join(pair["findings"])), _count_cell(pair))
+        console.print(together)
+    else:
+        console.print("no image has two findings together")
+    if summary["missing"]:
+        by_split: dict[str, list[str]] = {}
+        for gap in summary["missing"]:
+            by_split.setdefault(gap["split"], []).append(gap["finding"])
+        for split, names in by_split.items():
+            where = "any image" if split == "all" else f"split {split}"
+            console.print(
+                f"[yellow]warning:[/] {len(names)} finding(s) never occur in {where}: "
+                f"{_shown(', '.join(names))} (their metrics there cannot be computed)",
+                highlight=False,
+            )
+
+
+def _count_cell(entry: dict) -> str:
+    return f"{entry['count']:,} ({entry['percent']:.1f}%)"
+
+
+def _print_classes(doc: dict) -> None:
     classes = list(doc["classes"])
     splits = list(doc["splits"])
     total = sum(doc["classes"].values())
@@ -253,18 +387,6 @@ def _print_check(doc: dict) -> None:
     )
     if classes:
         console.print(table)
-    if doc["unlabelled"]:
-        console.print(f"{doc['unlabelled']:,} images have no label (an unlabelled collection)")
-    sizes = ", ".join(f"{k} ({v:,})" for k, v in list(doc["sizes"].items())[:5])
-    more = f" and {len(doc['sizes']) - 5} more" if len(doc["sizes"]) > 5 else ""
-    modes = ", ".join(f"{k} ({v:,})" for k, v in doc["channels"].items())
-    console.print(f"sizes: {sizes or '-'}{more}\nchannels: {modes or '-'}", highlight=False)
-    if doc["imbalance_ratio"] is not None:
-        console.print(f"class imbalance (largest / smallest class): {doc['imbalance_ratio']:g}")
-    if doc["ignored_files"]:
-        ignored = ", ".join(f"{k} ({v})" for k, v in doc["ignored_files"].items())
-        console.print(f"ignored files (not images): {ignored}", highlight=False)
-    _print_problems(doc)
 
 
 #: The lists of a ``data check`` report that make it unclean, in the order they are shown.

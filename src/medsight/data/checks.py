@@ -3,6 +3,11 @@
 :func:`check_samples` decodes every image once and returns a :class:`CheckReport`; the CLI
 prints it as tables and JSON. Nothing is fixed silently: the report names each problem file,
 duplicate group and patient that crosses splits.
+
+A multi-label table (several findings per image) is counted per finding instead of per label
+text: prevalence per finding and split, pairs of findings seen together, images without a
+finding, and each finding a split lacks (a warning: its metrics there cannot be computed);
+see :func:`multilabel_summary`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from medsight.data.findings import NO_FINDING, is_multilabel, multi_hot
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, MIN_SIDE
 from medsight.data.sources import class_names, iter_decoded
 from medsight.errors import ImageDecodeError
@@ -39,6 +45,7 @@ class CheckReport:
     unlabelled: int = 0
     ignored_files: dict[str, int] = field(default_factory=dict)
     too_small: list[dict] = field(default_factory=list)
+    multilabel: dict | None = None  # multilabel_summary() of a multi-label table
 
     @property
     def usable(self) -> bool:
@@ -119,6 +126,28 @@ def check_samples(
 
     leakage = _patient_leakage(table, splits) + duplicate_leaks
     readable_mask = ~table["sample_id"].isin({u["sample_id"] for u in unreadable})
+    if is_multilabel(table):
+        summary = multilabel_summary(table[readable_mask])
+        return CheckReport(
+            n_images=len(table),
+            n_readable=int(readable_mask.sum()),
+            # per finding: images where it is present (an image counts under each of its own)
+            classes={f: v["count"] for f, v in summary["prevalence"]["all"].items()},
+            splits={
+                s: {f: v["count"] for f, v in by_finding.items()}
+                for s, by_finding in summary["prevalence"].items()
+                if s != "all"
+            },
+            sizes=dict(sizes.most_common()),
+            channels=dict(channels.most_common()),
+            unreadable=unreadable,
+            duplicates=duplicates,
+            leakage=leakage,
+            unlabelled=int(labels[readable_mask].isna().sum()),
+            ignored_files=dict(table.attrs.get("ignored", {})),
+            too_small=too_small,
+            multilabel=summary,
+        )
     class_counts = labels[readable_mask].value_counts()
     ordered = [c for c in class_names(table) if c in class_counts.index]
     classes = {c: int(class_counts[c]) for c in ordered}
@@ -146,6 +175,64 @@ def check_samples(
         ignored_files=dict(table.attrs.get("ignored", {})),
         too_small=too_small,
     )
+
+
+def multilabel_summary(table: pd.DataFrame) -> dict:
+    """Counts of a multi-label table's findings, per split (``train``, ``val``, ``test``,
+    ``unassigned``, those present) and over ``all`` images:
+
+    * ``prevalence[split][finding]`` = ``{"count", "percent"}``: images where it is present,
+      and their share of the split's labelled images;
+    * ``no_finding[split]`` = ``{"count", "percent"}``: images labelled with no finding;
+    * ``uncertain[finding]``: images where it is uncertain and ignored (only those with any);
+    * ``co_occurrence``: ``[{"findings": [a, b], "count", "percent"}]``, every pair seen
+      together in at least one image, most frequent first;
+    * ``missing``: ``[{"split", "finding"}]``, each finding with no image in a split (over
+      ``all``: a finding that never occurs).
+
+    Unlabelled images (no label at all) are left out of every count and share.
+
+    >>> multilabel_summary(table)["prevalence"]["train"]["effusion"]   # doctest: +SKIP
+    {'count': 12, 'percent': 8.3}
+    """
+    findings = list(table.attrs["classes"])
+    labelled = table[table["label"].notna()]
+    matrix = multi_hot(labelled["label"], findings)
+    present = np.nan_to_num(matrix, nan=0.0).astype(np.int64)
+    splits = labelled["split"].fillna(UNASSIGNED).to_numpy()
+    groups = {"all": np.ones(len(labelled), dtype=bool)}
+    for name in ("train", "val", "test", UNASSIGNED):
+        if (splits == name).any():
+            groups[name] = splits == name
+    prevalence, no_finding, missing = {}, {}, []
+    for name, rows in groups.items():
+        n = int(rows.sum())
+        counts = present[rows].sum(axis=0)
+        prevalence[name] = {f: _count(int(c), n) for f, c in zip(findings, counts)}
+        no_finding[name] = _count(int((labelled["label"][rows] == NO_FINDING).sum()), n)
+        missing += [{"split": name, "finding": f} for f, c in zip(findings, counts) if c == 0]
+    uncertain = {f: int(c) for f, c in zip(findings, np.isnan(matrix).sum(axis=0)) if c}
+    together = present.T @ present  # (K, K): images with both
+    pairs = [
+        {"findings": [findings[a], findings[b]], **_count(int(together[a, b]), len(labelled))}
+        for a in range(len(findings))
+        for b in range(a + 1, len(findings))
+        if together[a, b]
+    ]
+    pairs.sort(key=lambda p: -p["count"])  # stable: ties keep the findings' order
+    return {
+        "findings": findings,
+        "images": {name: int(rows.sum()) for name, rows in groups.items()},
+        "prevalence": prevalence,
+        "no_finding": no_finding,
+        "uncertain": uncertain,
+        "co_occurrence": pairs,
+        "missing": missing,
+    }
+
+
+def _count(count: int, total: int) -> dict:
+    return {"count": count, "percent": round(100.0 * count / total, 1) if total else 0.0}
 
 
 def _patient_leakage(table: pd.DataFrame, splits: pd.Series) -> list[dict]:
