@@ -461,18 +461,29 @@ def data_synth(
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 1200,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same files).")] = 0,
+    multilabel: Annotated[
+        bool,
+        typer.Option(
+            "--multilabel",
+            help="Several findings per image (nodule, cyst, calcification; a mask each) with a "
+            "NIH-style 'Finding Labels' manifest, instead of three classes.",
+        ),
+    ] = False,
 ) -> None:
-    """Write the embedded default dataset: phantom slices in three classes, with lesion masks."""
-    from medsight.data.synth import write_phantom_dataset
+    """Write the embedded default dataset: phantom slices in three classes, with lesion masks
+    (with --multilabel: none, one or several findings per slice)."""
+    from medsight.data.synth import FINDINGS, write_multilabel_phantoms, write_phantom_dataset
 
+    write = write_multilabel_phantoms if multilabel else write_phantom_dataset
     with _user_errors():
         with _progress() as bar:
             task = bar.add_task("drawing phantoms", total=n)
-            manifest = write_phantom_dataset(
+            manifest = write(
                 out, n=n, size=size, seed=seed, progress=lambda k: bar.advance(task, k)
             )
+        what = f"findings {', '.join(FINDINGS)}, " if multilabel else ""
         console.print(
-            f"wrote {n:,} images of {size}x{size} px and their masks; manifest: {manifest}"
+            f"wrote {n:,} images of {size}x{size} px ({what}with masks); manifest: {manifest}"
         )
 
 

@@ -2,6 +2,11 @@
 
 The embedded default dataset: it needs no download, is deterministic for a seed, has patients,
 several slices per patient and per-patient metadata (sex, age, site) for subgroup analysis.
+
+:func:`write_multilabel_phantoms` draws the multi-label variant: the same anatomy with none,
+one or several of three findings that look different (a bright smooth ``nodule``, a dark
+``cyst`` with a bright wall, a cluster of tiny very bright ``calcification`` specks), each with
+its own mask, and a NIH-style manifest (``Finding Labels``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,22 @@ from medsight.errors import ConfigError
 CLASSES: tuple[str, ...] = ("normal", "benign", "malignant")
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "mask", "sex", "age", "site")
+
+#: The findings of the multi-label phantoms, in their order.
+FINDINGS: tuple[str, ...] = ("nodule", "cyst", "calcification")
+#: The multi-label manifest: NIH ChestX-ray14's findings column and one mask per finding.
+MULTILABEL_COLUMNS: tuple[str, ...] = (
+    "path",
+    "patient_id",
+    "Finding Labels",
+    *(f"{f}_mask_path" for f in FINDINGS),
+    "sex",
+    "age",
+    "site",
+)
+_IMAGES = "images"
+# How often a finding a patient has shows in one of its slices (a small one can be missed).
+_SHOWN_IN_SLICE = 0.9
 
 # Share of images per class, in the order of CLASSES.
 _CLASS_SHARE = (0.4, 0.3, 0.3)
@@ -260,6 +281,23 @@ def make_phantom(
         raise ConfigError(f"label={label!r} is not a phantom class; use one of {CLASSES}")
     if patient is None:
         patient = PatientAnatomy.sample(rng)
+    img, body, rho_body, inside, rim_width = _anatomy(rng, size, patient)
+    yy, xx = _grid(size)
+    mask = np.zeros((size, size), dtype=bool)
+    if label != "normal":
+        opacity, value, mask = _lesion(rng, yy, xx, patient, body, label)
+        interior = rho_body < 1.0 - rim_width
+        opacity = opacity * interior
+        mask &= interior
+        img = img * (1.0 - opacity) + value * opacity
+    return _finish(rng, img, patient, rho_body, inside, rim_width), mask.astype(np.uint8) * 255
+
+
+def _anatomy(
+    rng: np.random.Generator, size: int, patient: PatientAnatomy
+) -> tuple[np.ndarray, tuple, np.ndarray, np.ndarray, float]:
+    """One slice of ``patient`` before any lesion: (intensities, the slice's body ellipse, the
+    elliptic radius of the body, inside-body mask, rim width in body radii)."""
     yy, xx = _grid(size)
     cy, cx, ay, ax, angle = patient.body
     body = (
@@ -292,21 +330,26 @@ def make_phantom(
         vy, vx = _to_image(body, v + rng.normal(0, 0.03), u + rng.normal(0, 0.03))
         rho = np.sqrt((yy - vy) ** 2 + (xx - vx) ** 2) / (radius * rng.uniform(0.85, 1.15))
         img[(rho < 1.0) & inside] = value
-    mask = np.zeros((size, size), dtype=bool)
-    if label != "normal":
-        opacity, value, mask = _lesion(rng, yy, xx, patient, body, label)
-        interior = rho_body < 1.0 - rim_width
-        opacity = opacity * interior
-        mask &= interior
-        img = img * (1.0 - opacity) + value * opacity
+    return img, body, rho_body, inside, rim_width
+
+
+def _finish(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    patient: PatientAnatomy,
+    rho_body: np.ndarray,
+    inside: np.ndarray,
+    rim_width: float,
+) -> np.ndarray:
+    """The body's rim, then the patient's scanner (blur, noise, gain) → an 8-bit image."""
+    size = img.shape[0]
     img[(rho_body >= 1.0 - rim_width) & inside] = _RIM
     noise, gain, blur = _SITES[patient.site]
     img = ndimage.gaussian_filter(img, blur * size / 64 * rng.uniform(0.85, 1.15), mode="nearest")
     img = img + rng.normal(0.0, noise * rng.uniform(0.85, 1.15), img.shape)
     img = (img - _BACKGROUND) * gain * rng.uniform(0.88, 1.12) + _BACKGROUND
     img = img + rng.uniform(-0.04, 0.04)
-    image = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    return image, mask.astype(np.uint8) * 255
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
 def _check_size(size: int) -> None:
@@ -316,7 +359,8 @@ def _check_size(size: int) -> None:
 
 
 def _check_out(out: Path) -> None:
-    """Refuse to write into anything but an empty folder or a previous phantom dataset."""
+    """Refuse to write into anything but an empty folder or a previous phantom dataset (of
+    either kind)."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -329,11 +373,30 @@ def _check_out(out: Path) -> None:
     if manifest.is_file():
         with manifest.open(newline="") as f:
             header = f.readline().strip()
-    if header != ",".join(MANIFEST_COLUMNS) or not entries <= {*CLASSES, "masks", "manifest.csv"}:
+    headers = {",".join(MANIFEST_COLUMNS), ",".join(MULTILABEL_COLUMNS)}
+    if header not in headers or not entries <= {*CLASSES, _IMAGES, "masks", "manifest.csv"}:
         raise ConfigError(
             f"out={str(out)!r} is a non-empty folder that is not a phantom dataset; "
             "give an empty or new folder"
         )
+
+
+def _clear(out: Path) -> None:
+    """Remove a previous phantom dataset's folders (either kind), so no stale file is left."""
+    for name in (*CLASSES, _IMAGES, "masks"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+
+
+def _check_arguments(n, size: int, seed) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < _MIN_N:
+        raise ConfigError(
+            f"n={n!r} is not allowed; use an integer of at least {_MIN_N} "
+            "(enough images for three classes and train/val/test splits)"
+        )
+    _check_size(size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed={seed!r} is not allowed; use a non-negative integer")
 
 
 def _patient_sizes(rng: np.random.Generator, n: int) -> list[int]:
@@ -365,10 +428,12 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
-def _write_manifest(path: Path, rows: list[tuple]) -> None:
+def _write_manifest(
+    path: Path, rows: list[tuple], columns: tuple[str, ...] = MANIFEST_COLUMNS
+) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerow(columns)
         writer.writerows(rows)
 
 
@@ -390,19 +455,10 @@ def write_phantom_dataset(
     Example:
         >>> manifest = write_phantom_dataset("phantom", n=300, size=64, seed=0)
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < _MIN_N:
-        raise ConfigError(
-            f"n={n!r} is not allowed; use an integer of at least {_MIN_N} "
-            "(enough images for three classes and train/val/test splits)"
-        )
-    _check_size(size)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed={seed!r} is not allowed; use a non-negative integer")
+    _check_arguments(n, size, seed)
     out = Path(out)
     _check_out(out)
-    for name in (*CLASSES, "masks"):
-        if (out / name).exists():
-            shutil.rmtree(out / name)
+    _clear(out)
     for label in CLASSES:
         (out / "masks" / label).mkdir(parents=True, exist_ok=True)
         (out / label).mkdir(exist_ok=True)
@@ -431,4 +487,194 @@ def write_phantom_dataset(
         if progress is not None:
             progress(k)
     _write_manifest(manifest, rows)
+    return manifest
+
+
+# --------------------------------------------------------------------------- multi-label
+
+
+@dataclass(frozen=True, eq=False)
+class _Findings:
+    """Where one patient's cyst and calcifications are and what they look like; the nodule is
+    the patient's benign lesion (:class:`_Lesion`). Each finding sits a third of a turn from the
+    others, so they rarely overlap."""
+
+    cyst: tuple[float, float, float, float]  # r, phi, radius, wall width
+    calcification: tuple[float, float, np.ndarray]  # r, phi, specks (m, 3): dy, dx, radius
+
+
+def _sample_findings(rng: np.random.Generator, patient: PatientAnatomy) -> _Findings:
+    turn = 2 * math.pi / 3
+    cyst = (
+        math.sqrt(rng.uniform(0.0, 0.8)),
+        patient.lesion.phi + turn + rng.normal(0, 0.3),
+        rng.uniform(0.13, 0.17),
+        rng.uniform(0.035, 0.045),
+    )
+    m = int(rng.integers(4, 8))
+    spread = rng.uniform(0.08, 0.12)
+    specks = np.column_stack(
+        [rng.normal(0, spread / 2, (m, 2)).clip(-spread, spread), rng.uniform(0.03, 0.045, m)]
+    )
+    calcification = (
+        math.sqrt(rng.uniform(0.0, 0.8)),
+        patient.lesion.phi + 2 * turn + rng.normal(0, 0.3),
+        specks,
+    )
+    return _Findings(cyst, calcification)
+
+
+def _place(rng, body, r: float, phi: float, reach: float) -> tuple[float, float]:
+    """A slice's jittered centre for a finding at (r, phi) in the body, kept ``reach`` inside
+    (as :func:`_lesion` places its lesion)."""
+    room = max(0.0, 1.0 - (reach + 0.06) / min(body[2], body[3]))
+    r = min(abs(r + rng.normal(0, 0.04)), 1.0)
+    phi = phi + rng.normal(0, 0.08)
+    return _to_image(body, room * r * math.sin(phi), room * r * math.cos(phi))
+
+
+def _cyst(
+    rng, yy, xx, body, tissue: float, spec: tuple
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A round, dark (fluid) cyst with a thin bright wall: opacity, intensity, mask."""
+    r, phi, radius, wall = spec
+    radius *= rng.uniform(0.9, 1.1)
+    cy, cx = _place(rng, body, r, phi, radius)
+    rho = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    opacity = 1.0 / (1.0 + np.exp(-(radius - rho) / 0.006))
+    value = np.where(rho < radius - wall, tissue - 0.3, tissue + 0.3)
+    return opacity, value, rho < radius
+
+
+def _calcification(rng, yy, xx, body, spec: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A cluster of tiny, very bright specks: opacity, intensity, mask (the specks, widened by
+    a pixel's worth so that a 64 px mask is not lost to blur)."""
+    r, phi, specks = spec
+    cy, cx = _place(rng, body, r, phi, 0.15)
+    near = np.full(yy.shape, np.inf)
+    for dy, dx, radius in specks:
+        jy, jx = rng.normal(0, 0.006, 2)
+        d = np.sqrt((yy - cy - dy - jy) ** 2 + (xx - cx - dx - jx) ** 2) - radius
+        near = np.minimum(near, d)
+    opacity = 1.0 / (1.0 + np.exp(near / 0.004))
+    return opacity, np.full(yy.shape, 1.05), near < 2.0 / yy.shape[0]
+
+
+def make_multilabel_phantom(
+    rng: np.random.Generator,
+    size: int,
+    findings: set[str] | frozenset[str],
+    patient: PatientAnatomy | None = None,
+    sites: _Findings | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Draw one phantom slice showing ``findings`` (a subset of :data:`FINDINGS`).
+
+    Returns ``(image, masks)``: an 8-bit ``size``×``size`` image and a 0/255 mask per finding
+    drawn. ``patient`` and ``sites`` (where the patient's findings are) are drawn from ``rng``
+    when ``None``.
+
+    Example:
+        >>> image, masks = make_multilabel_phantom(np.random.default_rng(0), 64, {"cyst"})
+        >>> sorted(masks), int(masks["cyst"].max())
+        (['cyst'], 255)
+    """
+    _check_size(size)
+    unknown = set(findings) - set(FINDINGS)
+    if unknown:
+        raise ConfigError(f"findings {sorted(unknown)} are not phantom findings; use {FINDINGS}")
+    if patient is None:
+        patient = PatientAnatomy.sample(rng)
+    if sites is None:
+        sites = _sample_findings(rng, patient)
+    img, body, rho_body, inside, rim_width = _anatomy(rng, size, patient)
+    yy, xx = _grid(size)
+    interior = rho_body < 1.0 - rim_width
+    masks = {}
+    for name in FINDINGS:  # a fixed order: the same findings draw the same way
+        if name not in findings:
+            continue
+        if name == "nodule":
+            opacity, value, mask = _lesion(rng, yy, xx, patient, body, "benign")
+        elif name == "cyst":
+            opacity, value, mask = _cyst(rng, yy, xx, body, patient.tissue, sites.cyst)
+        else:
+            opacity, value, mask = _calcification(rng, yy, xx, body, sites.calcification)
+        opacity = opacity * interior
+        img = img * (1.0 - opacity) + value * opacity
+        masks[name] = (mask & interior).astype(np.uint8) * 255
+    return _finish(rng, img, patient, rho_body, inside, rim_width), masks
+
+
+def _patient_findings(rng: np.random.Generator) -> frozenset[str]:
+    """Findings that go together, as in patients: one latent burden raises the odds of a
+    nodule and of calcifications, and calcifications are likelier beside a nodule (a calcified
+    granuloma); cysts are nearly independent of both."""
+    burden = rng.normal()
+    nodule = rng.random() < _sigmoid(-0.1 + 1.4 * burden)
+    calcification = rng.random() < _sigmoid(-1.6 + 0.8 * burden + 1.8 * nodule)
+    cyst = rng.random() < _sigmoid(-0.2 + 0.2 * burden)
+    return frozenset(name for name, has in zip(FINDINGS, (nodule, cyst, calcification)) if has)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def write_multilabel_phantoms(
+    out: str | Path,
+    n: int = 1200,
+    size: int = 64,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write ``n`` multi-label phantom images, a mask per finding shown, and ``manifest.csv``.
+
+    Each patient has none, one or several of :data:`FINDINGS` (correlated, about a quarter of
+    the images show none); a finding the patient has shows in most of its slices. Layout:
+    ``images/<patient>_<slice>.png``, ``masks/<finding>/<same name>.png``; the manifest's
+    columns are :data:`MULTILABEL_COLUMNS`: ``Finding Labels`` as NIH ChestX-ray14 writes it
+    (``nodule|calcification``, ``No Finding``), so ``load_samples(out)`` reads it as
+    multi-label without options, and ``<finding>_mask_path`` (empty when the finding is not
+    shown). The same ``(n, size, seed)`` gives byte-identical files; a previous phantom
+    dataset in ``out`` is replaced, any other non-empty folder refused.
+
+    Example:
+        >>> manifest = write_multilabel_phantoms("findings", n=300, seed=0)
+    """
+    _check_arguments(n, size, seed)
+    out = Path(out)
+    _check_out(out)
+    _clear(out)
+    (out / _IMAGES).mkdir(parents=True)
+    for name in FINDINGS:
+        (out / "masks" / name).mkdir(parents=True)
+    manifest = out / "manifest.csv"
+    _write_manifest(manifest, [], MULTILABEL_COLUMNS)
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for number, k in enumerate(_patient_sizes(rng, int(n)), start=1):
+        patient_id = f"P{number:04d}"
+        patient = PatientAnatomy.sample(rng)
+        sites = _sample_findings(rng, patient)
+        has = _patient_findings(rng)
+        sex = "F" if rng.random() < 0.5 else "M"
+        age = int(np.clip(np.rint(rng.normal(56, 15)), 20, 90))
+        for s in range(1, k + 1):
+            shown = {f for f in has if rng.random() < _SHOWN_IN_SLICE}
+            image, masks = make_multilabel_phantom(rng, size, shown, patient, sites)
+            name = f"{patient_id}_{s:02d}.png"
+            _save_png(image, out / _IMAGES / name)
+            paths = {}
+            for finding, mask in masks.items():
+                paths[finding] = f"masks/{finding}/{name}"
+                _save_png(mask, out / paths[finding])
+            labels = "|".join(f for f in FINDINGS if f in shown) or "No Finding"
+            mask_paths = (paths.get(f, "") for f in FINDINGS)
+            rows.append(
+                (f"{_IMAGES}/{name}", patient_id, labels, *mask_paths, sex, age, patient.site)
+            )
+        if progress is not None:
+            progress(k)
+    _write_manifest(manifest, rows, MULTILABEL_COLUMNS)
     return manifest
