@@ -55,6 +55,10 @@ README_FLAGS = [
     (["--allow-outside"], "data.allow_outside", True),
     (["--axis", "1"], "data.nifti_axis", 1),
     (["--slice", "4"], "data.nifti_slice", 4),
+    (["--ema", "0"], "optim.ema", 0.0),
+    (["--labels", "effusion,mass"], "data.labels", "effusion,mass"),
+    (["--uncertain", "zeros"], "data.uncertain", "zeros"),
+    (["--findings-column", "Findings"], "data.findings_column", "Findings"),
 ]
 
 
