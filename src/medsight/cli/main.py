@@ -918,7 +918,17 @@ def demo_command(
     data: Annotated[
         str | None, typer.Option("--data", help="Your own data instead of the phantom set.")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 12,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Training epochs (classify; multilabel: auto).")
+    ] = 12,
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="classify (normal/benign/malignant) or multilabel (nodule, cyst, "
+            "calcification: several per slice).",
+        ),
+    ] = "classify",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a previous demo.")
     ] = False,
@@ -931,7 +941,9 @@ def demo_command(
     from medsight.workflows.demo import run_demo
 
     with _user_errors(), _events() as events:
-        result = run_demo(out, data=data, epochs=epochs, overwrite=overwrite, events=events)
+        result = run_demo(
+            out, data=data, epochs=epochs, task=task, overwrite=overwrite, events=events
+        )
         console.print(
             f"\n[bold green]done[/] in {result.seconds:.0f} s\n"
             f"  data    {result.data}\n  run     {result.run}\n  report  {result.report}\n\n"
