@@ -1531,10 +1531,11 @@ def _cooccurrence_figure(y: np.ndarray, findings: list[str]) -> dict:
     side = max(3.4, 0.42 * k + 1.7)
     labels = [_plot_label(c, 16) for c in findings]
     rotate = k > 3 or max(len(s) for s in labels) > 8
-    size = 9 if k <= 6 else 7.5 if k <= 10 else 6
+    size = 9 if k <= 6 else 7.5 if k <= 10 else 7
+    stacked = k > 8  # side by side, many findings would shrink to unreadable cells
     with _style():
-        fig = new_figure(2 * side + 0.6, side)
-        axes = fig.subplots(1, 2)
+        fig = new_figure(side, 2 * side + 0.3) if stacked else new_figure(2 * side + 0.6, side)
+        axes = fig.subplots(2, 1) if stacked else fig.subplots(1, 2)
         panels = (
             (counts.astype(float), "Images with both", lambda v: f"{int(v)}", counts.max() or 1),
             (share, "Share: row → column", lambda v: f"{v:.2f}", 1),
