@@ -802,6 +802,7 @@ def evaluate_command(
     tta: TtaOption = None,
 ) -> None:
     """Evaluate a run: metrics with CIs, thresholds, calibration, subgroups → metrics.json."""
+    from medsight.cli.render import evaluation_tables
     from medsight.evaluation.evaluate import evaluate_run
     from medsight.runs import Run
     from medsight.tasks import get_task
@@ -820,26 +821,9 @@ def evaluate_command(
             tta=tta.value if tta else None,
         )
         title = f"{run} on {split} (n={metrics['n']:,})" + (f", TTA {tta.value}" if tta else "")
-        table = Table(title=title, title_justify="left")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        table.add_column("95 % CI", justify="right")
-        for name in task.headline_metrics:
-            table.add_row(name, *_value_ci(metrics[name]))
-        console.print(table)
-        classes = metrics.get("per_class") or {}  # the task's per-class metrics, if any
-        if classes:
-            per_class = Table(title="Per class (one-vs-rest)", title_justify="left")
-            per_class.add_column("metric")
-            for name in classes:
-                per_class.add_column(name, justify="right")
-            for column in [c for c in next(iter(classes.values())) if c != "support"]:
-                per_class.add_row(
-                    column, *(_value_ci(v[column], compact=True) for v in classes.values())
-                )
-            per_class.add_row("support", *(str(v.get("support", "")) for v in classes.values()))
-            console.print(per_class)
-        for warning in metrics.get("warnings", []):
+        for table in evaluation_tables(metrics, task.headline_metrics, title):
+            console.print(table)
+        for warning in [*metrics.get("warnings", []), *metrics.get("notes", [])]:
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         for column, result in metrics["subgroups"].items():
             for warning in result.get("warnings", []):
@@ -863,33 +847,17 @@ def compare_command(
 ) -> None:
     """Compare evaluated runs: headline metrics with CIs, and a paired bootstrap p-value for
     each run's AUROC against the first run's, on the test samples they share."""
+    from medsight.cli.render import comparison_tables
     from medsight.evaluation.compare import compare_runs
+    from medsight.runs import Run
+    from medsight.tasks import get_task
 
     with _user_errors():
         result = compare_runs(runs_, n_bootstrap=bootstrap, seed=seed)
-        table = Table(title=f"{result['n_shared']:,} shared samples", title_justify="left")
-        table.add_column("run")
-        for name in ("auroc", "accuracy", "balanced_accuracy", "f1_macro"):
-            table.add_column(name, justify="right")
-        table.add_column("ΔAUROC vs first (95 % CI)", justify="right")
-        table.add_column("p", justify="right")
-        for row in result["runs"]:
-            paired = row.get("paired")
-            delta = (
-                f"{paired['difference']:+.3f} ({paired['ci'][0]:+.3f}–{paired['ci'][1]:+.3f})"
-                if paired
-                else ""
-            )
-            table.add_row(
-                row["run"],
-                *(
-                    _value_ci(row["metrics"][m], compact=True)
-                    for m in ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
-                ),
-                delta,
-                f"{paired['p_value']:.3g}" if paired else "",
-            )
-        console.print(table)
+        task = get_task(Run.load(runs_[0]).task)
+        # a task's subgroup metrics are its few key ones: they fit one row per run
+        for table in comparison_tables(result, task.subgroup_metrics):
+            console.print(table)
 
 
 # --------------------------------------------------------------------------- report, demo

@@ -9,8 +9,10 @@ The library reports; only the CLI draws. Pass a :class:`Renderer` as ``events``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -41,7 +43,7 @@ from medsight.events import (
     TuningEnd,
     ValidationEnd,
 )
-from medsight.stats import format_number
+from medsight.stats import format_ci, format_number, format_value_ci
 
 #: How the epoch line abbreviates metric names.
 _SHORT = {"accuracy": "acc", "balanced_accuracy": "bal acc"}
@@ -351,3 +353,122 @@ def _trials_table(event: TrialsTable) -> Table:
 
 def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _value_ci(entry: dict | None) -> tuple[str, str]:
+    entry = entry or {}
+    return format_number(entry.get("value")), format_ci(entry.get("ci")) or ""
+
+
+def evaluation_tables(metrics: dict, headline: Sequence[str], title: str) -> list[Table]:
+    """``medsight evaluate``'s tables: the task's headline metrics with 95 % CIs, then its
+    per-class (one-vs-rest) or per-finding table, whichever ``metrics.json`` holds."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95 % CI", justify="right")
+    for name in headline:
+        table.add_row(name, *_value_ci(metrics.get(name)))
+    tables = [table]
+    classes = metrics.get("per_class") or {}
+    if classes:
+        per_class = Table(title="Per class (one-vs-rest)", title_justify="left")
+        per_class.add_column("metric")
+        for name in classes:
+            per_class.add_column(name, justify="right")
+        for column in [c for c in next(iter(classes.values())) if c != "support"]:
+            per_class.add_row(column, *(format_value_ci(v[column]) for v in classes.values()))
+        per_class.add_row("support", *(str(v.get("support", "")) for v in classes.values()))
+        tables.append(per_class)
+    if metrics.get("per_finding"):
+        tables.append(findings_table(metrics["per_finding"]))
+    return tables
+
+
+def findings_table(per_finding: dict) -> Table:
+    """One row per finding: its positives among the known images, prevalence, AUROC and AP
+    with 95 % CIs, and sensitivity / specificity at its Youden threshold."""
+    table = Table(title="Per finding", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("finding")
+    for column in ("pos / n", "prev.", "AUROC (95 % CI)", "AP (95 % CI)", "Youden sens / spec"):
+        table.add_column(column, justify="right")
+    for name, entry in per_finding.items():
+        known = entry["n_positive"] + entry["n_negative"]
+        youden = (entry.get("operating_points") or {}).get("youden")
+        at = (
+            f"{format_number(youden['sensitivity'])} / {format_number(youden['specificity'])}"
+            if youden
+            else format_number(None)
+        )
+        table.add_row(
+            name,
+            f"{entry['n_positive']:,} / {known:,}",
+            format_number(entry["prevalence"]["value"]),
+            format_value_ci(entry["auroc"]),
+            format_value_ci(entry["average_precision"]),
+            at,
+        )
+    return table
+
+
+#: The columns ``medsight compare`` shows for a classification run (its key metric first).
+COMPARE_COLUMNS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
+
+
+def comparison_tables(result: dict, key_metrics: Sequence[str]) -> list[Table]:
+    """``medsight compare``'s tables: each run's metrics (the classification columns, or else
+    ``key_metrics``) and its paired difference against the first run; for tasks that test each
+    finding too, a table of those differences."""
+    first = result["runs"][0]["metrics"]
+    columns = [m for m in COMPARE_COLUMNS if m in first] or list(key_metrics)
+    key = (result["runs"][1].get("paired") or {}).get("metric") if len(result["runs"]) > 1 else None
+    delta_name = "Δ mean AUROC" if key == "auroc_macro" else "ΔAUROC"
+    table = Table(title=f"{result['n_shared']:,} shared samples", title_justify="left")
+    table.add_column("run")
+    for name in columns:
+        table.add_column(name, justify="right")
+    table.add_column(f"{delta_name} vs first (95 % CI)", justify="right")
+    table.add_column("p", justify="right")
+    for row in result["runs"]:
+        paired = row.get("paired")
+        table.add_row(
+            row["run"],
+            *(format_value_ci(row["metrics"].get(m)) for m in columns),
+            _difference(paired) if paired else "",
+            _p_value(paired) if paired else "",
+        )
+    tables = [table]
+    for row in result["runs"][1:]:
+        per_finding = (row.get("paired") or {}).get("per_finding")
+        if not per_finding:
+            continue
+        detail = Table(title=f"{row['run']} vs first, per finding", title_justify="left")
+        for column in ("finding", "AUROC", "AUROC of first", "Δ (95 % CI)", "p"):
+            detail.add_column(column, justify="left" if column == "finding" else "right")
+        for name, paired in per_finding.items():
+            detail.add_row(
+                name,
+                format_number(paired.get("auroc_a")),
+                format_number(paired.get("auroc_b")),
+                _difference(paired),
+                _p_value(paired),
+            )
+        tables.append(detail)
+    return tables
+
+
+def _difference(paired: dict) -> str:
+    """``+0.031 (+0.004–+0.060)``; the undefined mark when there is no difference."""
+    difference, ci = paired.get("difference"), paired.get("ci")
+    if difference is None:
+        return format_number(None)
+    text = f"{difference:+.3f}"
+    return f"{text} ({ci[0]:+.3f}–{ci[1]:+.3f})" if ci else text
+
+
+def _p_value(paired: dict) -> str:
+    p = paired.get("p_value")
+    return format_number(None) if p is None else f"{p:.3g}"

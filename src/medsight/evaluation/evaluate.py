@@ -15,6 +15,7 @@ from medsight import runs
 from medsight.errors import DataError
 from medsight.evaluation.subgroups import bin_numeric, subgroup_metrics
 from medsight.inference import Predictor
+from medsight.tasks import Task, get_task
 
 
 def load_table(run: runs.Run, data: str | Path | None, split: str = "test") -> pd.DataFrame:
@@ -25,20 +26,26 @@ def load_table(run: runs.Run, data: str | Path | None, split: str = "test") -> p
     return table
 
 
-def select_split(run: runs.Run, table: pd.DataFrame, split: str) -> pd.DataFrame:
-    """The labelled rows of ``split``; refuses classes the run does not know."""
+def select_split(
+    run: runs.Run, table: pd.DataFrame, split: str, task: Task | None = None
+) -> pd.DataFrame:
+    """The labelled rows of ``split``; refuses classes (or findings) the run does not know."""
+    task = task or get_task(run.task)
     rows = table[table["split"] == split]
     if rows.empty:
         raise DataError(
             f"the {split} split is empty (splits present: "
             f"{sorted(table['split'].dropna().unique())}); choose one with --split"
         )
-    extra = sorted(set(rows["label"].dropna()) - set(run.classes))
-    if extra:
-        raise DataError(
-            f"the data has class(es) {extra} that the run does not know; "
-            f"the run's classes are {run.classes}"
-        )
+    if task.samples_by_class:  # a label is one class name
+        extra = sorted(set(rows["label"].dropna()) - set(run.classes))
+        if extra:
+            raise DataError(
+                f"the data has class(es) {extra} that the run does not know; "
+                f"the run's classes are {run.classes}"
+            )
+    else:  # the task reads its own labels (findings "a|b") and names what it cannot use
+        task.targets(rows["label"].dropna(), run.classes)
     if rows["label"].isna().any():
         raise DataError(f"{int(rows['label'].isna().sum())} {split} images have no label")
     return rows.reset_index(drop=True)
@@ -76,11 +83,11 @@ def evaluate_run(
     predictor = Predictor.from_run(run.path, backend=backend, tta=tta)
     task = predictor.task
     if calibrate:
-        val = select_split(run, table, "val")
+        val = select_split(run, table, "val", task)
         y_val = task.targets(val["label"], run.classes)
         predictor.calibration = task.calibrate(predictor.logits_table(val), y_val)
         runs.write_json(run.path / runs.CALIBRATION, predictor.calibration)
-    rows = select_split(run, table, split)
+    rows = select_split(run, table, split, task)
     probs = predictor.predict_table(rows)
     y = task.targets(rows["label"], run.classes)
     metrics = task.metrics(

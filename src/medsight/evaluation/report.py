@@ -36,6 +36,7 @@ from medsight.evaluation import modelcard
 from medsight.stats import UNDEFINED, format_ci, format_number
 from medsight.tasks import Task, get_task
 from medsight.tasks.classify_metrics import ECE_BINS
+from medsight.tasks.multilabel_metrics import DECISION_THRESHOLD
 
 __all__ = ["SECTIONS", "render_page", "write_report"]
 
@@ -52,6 +53,18 @@ HEADLINE_TILES = (
     ("brier", "Brier score", False),
     ("ece", "ECE", False),
 )
+#: The tiles of a multi-label run: its macro / micro headline.
+MULTILABEL_TILES = (
+    ("auroc_macro", "AUROC (macro)", True),
+    ("auroc_micro", "AUROC (micro)", True),
+    ("average_precision_macro", "Average precision (macro)", True),
+    ("average_precision_micro", "Average precision (micro)", True),
+    ("hamming_loss", "Hamming loss", False),
+    ("subset_accuracy", "Subset accuracy", True),
+    ("label_ranking_average_precision", "Label ranking AP", True),
+)
+#: The tile drawn as the key one.
+KEY_TILES = ("auroc", "auroc_macro")
 OPERATING_POINTS = (
     ("sensitivity_0.90", "Sensitivity ≥ 0.90"),
     ("sensitivity_0.95", "Sensitivity ≥ 0.95"),
@@ -71,6 +84,16 @@ SUBGROUP_COLUMNS = (
     ("sensitivity", "Sensitivity"),
     ("specificity", "Specificity"),
     ("precision", "Precision"),
+    ("auroc_macro", "AUROC (macro)"),
+    ("average_precision_macro", "AP (macro)"),
+    ("hamming_loss", "Hamming loss"),
+)
+#: The subgroup gaps the model card quotes, those of the task's subgroup metrics.
+GAP_METRICS = (
+    ("auroc", "AUROC"),
+    ("sensitivity", "sensitivity"),
+    ("auroc_macro", "mean AUROC"),
+    ("average_precision_macro", "mean average precision"),
 )
 #: Colour-blind-safe class colours (Okabe & Ito), then matplotlib's defaults for many classes.
 CLASS_COLOURS = (
@@ -96,6 +119,7 @@ _MONITOR_LABELS = {
     "auroc": "validation AUROC",
     "accuracy": "validation accuracy",
     "balanced_accuracy": "validation balanced accuracy",
+    "average_precision": "validation average precision",
     "loss": "validation loss",
 }
 _STYLE = {
@@ -546,6 +570,7 @@ def _training_figure(history: pd.DataFrame, best: float | None, monitor: str) ->
             (score, "val_auroc", "validation AUROC", ACCENT, "-"),
             (score, "val_accuracy", "validation accuracy", "#009E73", "-"),
             (score, "val_balanced_accuracy", "validation balanced accuracy", "#009E73", ":"),
+            (score, "val_average_precision", "validation average precision", "#D55E00", "-"),
         )
         for ax, column, label, colour, ls in series:
             if column in history and history[column].notna().any():
@@ -585,7 +610,18 @@ def _training_figure(history: pd.DataFrame, best: float | None, monitor: str) ->
 # --------------------------------------------------------------------------- sections
 
 
-def _data_summary(run: runs.Run, splits: pd.DataFrame | None) -> dict:
+def _label_counts(labels: pd.Series, classes: list[str], task: Task) -> pd.Series:
+    """Images per class; for a task whose labels hold several findings, images per finding."""
+    if task.samples_by_class:
+        return labels.astype(str).value_counts()
+    try:
+        y = task.targets(list(labels), classes)
+    except DataError:  # labels the run does not know: shown as no counts, not a failed report
+        return pd.Series(dtype=np.int64)
+    return pd.Series((np.nan_to_num(y) == 1).sum(axis=0), index=classes)
+
+
+def _data_summary(run: runs.Run, splits: pd.DataFrame | None, task: Task) -> dict:
     classes = run.classes
     out: dict[str, Any] = {"splits": [], "balance": [], "n_total": None, "patients": None}
     out["leak_patients"] = 0
@@ -595,10 +631,14 @@ def _data_summary(run: runs.Run, splits: pd.DataFrame | None) -> dict:
     order = [s for s in _SPLIT_ORDER if (splits["split"] == s).any()]
     order += sorted(set(splits["split"]) - set(order))
     has_patients = "patient_id" in splits and splits["patient_id"].notna().any()
-    labels = splits["label"].astype(str) if "label" in splits else pd.Series(dtype=str)
+    labels = splits["label"] if "label" in splits else pd.Series(dtype=str)
     for name in [*order, "all"]:
         rows = splits if name == "all" else splits[splits["split"] == name]
-        counts = labels.loc[rows.index].value_counts() if "label" in splits else pd.Series()
+        counts = (
+            _label_counts(labels.loc[rows.index], classes, task)
+            if "label" in splits
+            else pd.Series()
+        )
         n = len(rows)
         out["balance"].append(
             {
@@ -625,7 +665,7 @@ def _data_summary(run: runs.Run, splits: pd.DataFrame | None) -> dict:
     return out
 
 
-def _split_method(run: runs.Run, data: dict) -> str:
+def _split_method(run: runs.Run, data: dict, by: str = "class") -> str:
     d = run.config.data
     if d.split_column:
         how = f"given by the data's column {d.split_column!r}"
@@ -633,7 +673,7 @@ def _split_method(run: runs.Run, data: dict) -> str:
         how = (
             "train / val / test "
             + " / ".join(f"{r:g}" for r in d.ratios)
-            + f", stratified by class (seed {run.config.seed}) unless the data came split"
+            + f", stratified by {by} (seed {run.config.seed}) unless the data came split"
         )
     if data["patients"]:
         leak = data["leak_patients"]
@@ -733,13 +773,14 @@ def _training_summary(run: runs.Run, history: pd.DataFrame | None) -> dict:
                 ("val_loss", "val loss"),
                 ("val_auroc", "val AUROC"),
                 ("val_accuracy", "val accuracy"),
+                ("val_average_precision", "val AP"),
             )
             if column in row
         ]
     return out
 
 
-def _subgroups(metrics: dict) -> list[dict]:
+def _subgroups(metrics: dict, columns=SUBGROUP_COLUMNS) -> list[dict]:
     tables = []
     for column, result in (metrics.get("subgroups") or {}).items():
         rows = []
@@ -748,12 +789,12 @@ def _subgroups(metrics: dict) -> list[dict]:
                 {
                     "name": name,
                     "n": entry.get("n"),
-                    "cells": [_cell(entry.get(key)) for key, _ in SUBGROUP_COLUMNS],
+                    "cells": [_cell(entry.get(key)) for key, _ in columns],
                     "warning": entry.get("warning"),
                 }
             )
         gaps = []
-        for key, _ in SUBGROUP_COLUMNS:
+        for key, _ in columns:
             gap = (result.get("gaps") or {}).get(key) or {}
             if gap.get("gap") is None:
                 gaps.append({"undefined": True, "text": "—", "detail": None})
@@ -772,13 +813,14 @@ def _subgroups(metrics: dict) -> list[dict]:
     return tables
 
 
-def _largest_gaps(metrics: dict) -> list[str]:
-    """One sentence per subgroup column: its largest AUROC / sensitivity gap."""
+def _largest_gaps(metrics: dict, keys=GAP_METRICS[:2]) -> list[str]:
+    """One sentence per subgroup column: its largest gaps in ``keys`` (classification: AUROC
+    and sensitivity)."""
     findings = []
     for column, result in (metrics.get("subgroups") or {}).items():
         groups = result.get("groups") or {}
         parts = []
-        for key, label in (("auroc", "AUROC"), ("sensitivity", "sensitivity")):
+        for key, label in keys:
             gap = (result.get("gaps") or {}).get(key) or {}
             if gap.get("gap") is None:
                 continue
@@ -835,6 +877,34 @@ def _thumbnail(source: str, window) -> tuple[str, bool]:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), small
 
 
+def _pick_finding_examples(pred: pd.DataFrame, y: np.ndarray, probs: np.ndarray, n: int):
+    """Multi-label: up to ``n`` images whose known findings are all called right (the most
+    clear-cut first) and ``n`` with a finding called wrong (the most confident mistake first),
+    taking the true labels ("a|b", "no finding"…) in turn."""
+    known = ~np.isnan(y)
+    called = probs >= DECISION_THRESHOLD
+    wrong_entry = known & (called != (np.nan_to_num(y) == 1))
+    margin = np.abs(probs - DECISION_THRESHOLD)
+    right = known.any(axis=1) & ~wrong_entry.any(axis=1)
+    clear_cut = np.where(known, margin, np.inf).min(axis=1)  # the least sure known finding
+    worst = np.where(wrong_entry, margin, 0.0).max(axis=1)
+    truth = pred["label"].astype(str).to_numpy()
+
+    def pick(mask: np.ndarray, score: np.ndarray) -> list[int]:
+        queues = []
+        for label in pd.unique(truth[mask]):
+            members = np.flatnonzero(mask & (truth == label))
+            queues.append(list(members[np.argsort(-score[members], kind="stable")]))
+        chosen: list[int] = []
+        while len(chosen) < n and any(queues):
+            for queue in queues:
+                if queue and len(chosen) < n:
+                    chosen.append(int(queue.pop(0)))
+        return chosen
+
+    return pick(right, clear_cut), pick(~right & known.any(axis=1), worst), wrong_entry
+
+
 def _examples(run, metrics, pred, y, probs, n: int) -> dict:
     """Thumbnails of right and wrong predictions; a note instead when the images are gone."""
     out: dict[str, Any] = {"groups": [], "note": None, "requested": n}
@@ -842,9 +912,33 @@ def _examples(run, metrics, pred, y, probs, n: int) -> dict:
         out["note"] = "No example images were requested (examples=0)."
         return out
     classes = run.classes
-    predicted = pred["predicted"].map(lambda v: classes.index(v) if v in classes else -1)
-    predicted = np.where(predicted >= 0, predicted, probs.argmax(axis=1)).astype(np.int64)
-    right, wrong = _pick_examples(y, predicted, probs, n)
+    if y.ndim == 2:  # several findings per image: each finding's probability is shown
+        right, wrong, wrong_entry = _pick_finding_examples(pred, y, probs, n)
+
+        def describe(i: int) -> dict:
+            return {
+                "truth": str(pred["label"].iloc[i]),
+                "predicted": str(pred["predicted"].iloc[i]),
+                "correct": not wrong_entry[i].any(),
+                "scores": [
+                    {"name": name, "p": f"{probs[i, k]:.2f}", "wrong": bool(wrong_entry[i, k])}
+                    for k, name in enumerate(classes)
+                ],
+            }
+    else:
+        predicted = pred["predicted"].map(lambda v: classes.index(v) if v in classes else -1)
+        predicted = np.where(predicted >= 0, predicted, probs.argmax(axis=1)).astype(np.int64)
+        right, wrong = _pick_examples(y, predicted, probs, n)
+
+        def describe(i: int) -> dict:
+            return {
+                "truth": classes[y[i]],
+                "predicted": classes[predicted[i]],
+                "p": f"{probs[i, predicted[i]]:.2f}",
+                "p_truth": f"{probs[i, y[i]]:.2f}",
+                "correct": bool(predicted[i] == y[i]),
+            }
+
     data = metrics.get("data") or run.config.data.path
     try:
         table = run.load_data(data)
@@ -856,7 +950,12 @@ def _examples(run, metrics, pred, y, probs, n: int) -> dict:
         )
         return out
     failed = 0
-    for title, indices in (("Correctly classified", right), ("Misclassified", wrong)):
+    titles = (
+        ("All findings called right", "A finding called wrong")
+        if y.ndim == 2
+        else ("Correctly classified", "Misclassified")
+    )
+    for title, indices in zip(titles, (right, wrong)):
         items = []
         for i in indices:
             sample = str(pred["sample_id"].iloc[i])
@@ -865,18 +964,7 @@ def _examples(run, metrics, pred, y, probs, n: int) -> dict:
             except Exception:  # noqa: BLE001 - a missing or unreadable image is skipped
                 failed += 1
                 continue
-            items.append(
-                {
-                    "src": src,
-                    "pixelated": small,
-                    "sample_id": sample,
-                    "truth": classes[y[i]],
-                    "predicted": classes[predicted[i]],
-                    "p": f"{probs[i, predicted[i]]:.2f}",
-                    "p_truth": f"{probs[i, y[i]]:.2f}",
-                    "correct": bool(predicted[i] == y[i]),
-                }
-            )
+            items.append({"src": src, "pixelated": small, "sample_id": sample, **describe(i)})
         out["groups"].append({"title": title, "items": items, "empty": not indices})
     shown = sum(len(g["items"]) for g in out["groups"])
     if failed and not shown:
@@ -1046,11 +1134,12 @@ def _limitations(run, metrics: dict, pred: pd.DataFrame, data: dict, calibration
             f"Small evaluation set: {n} images. Every estimate here is uncertain; read the 95 % "
             "confidence intervals, not the point values."
         )
-    auroc = metrics.get("auroc") or {}
+    key, name = ("auroc", "AUROC") if "auroc" in metrics else ("auroc_macro", "mean AUROC")
+    auroc = metrics.get(key) or {}
     if auroc.get("ci"):
         lo, hi = auroc["ci"]
         notes.append(
-            f"The 95 % CI of AUROC spans {hi - lo:.3f} ({lo:.3f}–{hi:.3f}): differences between "
+            f"The 95 % CI of {name} spans {hi - lo:.3f} ({lo:.3f}–{hi:.3f}): differences between "
             "models smaller than that are not evidence of a better model."
         )
     if "site" in pred.columns:
@@ -1071,6 +1160,12 @@ def _limitations(run, metrics: dict, pred: pd.DataFrame, data: dict, calibration
             "images, so performance at other hospitals or on other scanners is untested."
         )
     ece = (metrics.get("ece") or {}).get("value")
+    ece_name, fitted = "ECE", "a temperature"
+    if "ece" not in metrics and metrics.get("per_finding"):  # one ECE per finding: the worst
+        eces = [(e.get("ece") or {}).get("value") for e in metrics["per_finding"].values()]
+        eces = [v for v in eces if v is not None]
+        ece = max(eces) if eces else None
+        ece_name, fitted = "largest per-finding ECE", "one temperature per finding"
     if calibration:
         notes.append(
             "Probabilities were calibrated by temperature scaling on the validation split; "
@@ -1078,8 +1173,8 @@ def _limitations(run, metrics: dict, pred: pd.DataFrame, data: dict, calibration
         )
     elif ece is not None:
         notes.append(
-            f"Probabilities are not calibrated (ECE {ece:.3f}); do not read them as risks. "
-            f"`medsight evaluate {run.path} --calibrate` fits a temperature on the validation "
+            f"Probabilities are not calibrated ({ece_name} {ece:.3f}); do not read them as "
+            f"risks. `medsight evaluate {run.path} --calibrate` fits {fitted} on the validation "
             "split."
         )
     prep = run.preprocess
@@ -1113,15 +1208,25 @@ class _Page:
         self.positive = self.metrics.get("positive") or self.run.positive_class
         self.calibration = self.metrics.get("calibration") or self.run.calibration()
         splits = _read_optional_csv(self.run.path / runs.SPLITS, dtype={"patient_id": str})
-        self.data = _data_summary(self.run, splits)
+        self.data = _data_summary(self.run, splits, self.task)
+        #: Several findings per image: ``y`` is an (N, K) matrix of 1 / 0 / NaN (ignored).
+        self.multilabel = self.y.ndim == 2
 
 
 def _summary(page: _Page) -> dict:
     tiles = []
-    for key, label, higher in HEADLINE_TILES:
+    for key, label, higher in MULTILABEL_TILES if page.multilabel else HEADLINE_TILES:
         if key in ("auroc", "average_precision"):
             label += f" ({page.positive})" if page.k == 2 else " (macro, one-vs-rest)"
-        tiles.append({"key": key, "label": label, "higher": higher, **_cell(page.metrics.get(key))})
+        tiles.append(
+            {
+                "key": key,
+                "primary": key in KEY_TILES,
+                "label": label,
+                "higher": higher,
+                **_cell(page.metrics.get(key)),
+            }
+        )
     return {"tiles": tiles, "model": _model_summary(page.run)}
 
 
@@ -1191,11 +1296,18 @@ def _subgroup_section(page: _Page) -> dict:
         if c not in ("sample_id", "label", "predicted", "patient_id", "mask", "path")
         and c not in page.task.prediction_columns(page.classes)
     ]
+    columns = _subgroup_columns(page.task)
     return {
-        "subgroups": _subgroups(page.metrics),
-        "subgroup_columns": [label for _, label in SUBGROUP_COLUMNS],
+        "subgroups": _subgroups(page.metrics, columns),
+        "subgroup_columns": [label for _, label in columns],
         "metadata_columns": metadata,
     }
+
+
+def _subgroup_columns(task: Task) -> tuple[tuple[str, str], ...]:
+    """The subgroup table's columns: the task's subgroup metrics, labelled."""
+    labels = dict(SUBGROUP_COLUMNS)
+    return tuple((key, labels.get(key, key)) for key in task.subgroup_metrics)
 
 
 def _training(page: _Page) -> dict:
@@ -1220,9 +1332,251 @@ def _model_card(page: _Page) -> dict:
     return {
         "intended_use": modelcard.INTENDED_USE.format(classes=", ".join(page.classes)),
         "not_for_diagnosis": modelcard.NOT_FOR_DIAGNOSIS,
-        "gap_findings": _largest_gaps(page.metrics),
+        "gap_findings": _largest_gaps(
+            page.metrics, tuple((k, v) for k, v in GAP_METRICS if k in page.task.subgroup_metrics)
+        ),
         "limitations": _limitations(page.run, page.metrics, page.pred, page.data, page.calibration),
         "versions": sorted(versions.items()) if isinstance(versions, dict) else [],
+    }
+
+
+def _findings(page: _Page) -> dict:
+    """Multi-label: each finding's prevalence against its performance, and its operating
+    points (sensitivity / specificity)."""
+    rows = []
+    for name, entry in (page.metrics.get("per_finding") or {}).items():
+        points = entry.get("operating_points") or {}
+        rows.append(
+            {
+                "name": name,
+                "n": entry["n_positive"] + entry["n_negative"],
+                "positives": entry["n_positive"],
+                "ignored": entry.get("n_ignored", 0),
+                "prevalence": _cell(entry.get("prevalence")),
+                "auroc": _cell(entry.get("auroc")),
+                "ap": _cell(entry.get("average_precision")),
+                "ece": _cell(entry.get("ece")),
+                "points": [_sens_spec(points.get(key)) for key, _ in OPERATING_POINTS],
+            }
+        )
+    return {
+        "findings": {
+            "rows": rows,
+            "points": ["sens. ≥ 0.90", "sens. ≥ 0.95", "Youden"],
+            "figure": _prevalence_figure(page.metrics.get("per_finding") or {}) if rows else None,
+            "ignored": any(row["ignored"] for row in rows),
+        }
+    }
+
+
+def _sens_spec(point: dict | None) -> str:
+    """``0.92 / 0.81``: sensitivity / specificity at one operating point."""
+    if not point:
+        return UNDEFINED
+    return f"{format_number(point['sensitivity'], 2)} / {format_number(point['specificity'], 2)}"
+
+
+def _prevalence_figure(per_finding: dict) -> dict | None:
+    """AUROC and average precision of each finding against its prevalence; AP's chance level
+    is the prevalence itself (the diagonal)."""
+    names, prevalence, auroc, ap = [], [], [], []
+    for name, entry in per_finding.items():
+        p = (entry.get("prevalence") or {}).get("value")
+        if p is None:
+            continue
+        names.append(name)
+        prevalence.append(p)
+        auroc.append((entry.get("auroc") or {}).get("value"))
+        ap.append((entry.get("average_precision") or {}).get("value"))
+    if not names or all(v is None for v in auroc):
+        return None
+    prevalence = np.asarray(prevalence)
+    auroc = np.array([np.nan if v is None else v for v in auroc])
+    ap = np.array([np.nan if v is None else v for v in ap])
+    right = min(1.0, max(0.1, float(np.nanmax(prevalence)) * 1.15))
+    with _style():
+        fig = new_figure(6.4, 3.8)
+        ax = fig.subplots()
+        ax.plot([0, 1], [0, 1], ls="--", lw=1, color=MUTED, label="AP of chance (= prevalence)")
+        ax.scatter(prevalence, auroc, s=36, color=ACCENT, label="AUROC", zorder=3)
+        ax.scatter(
+            prevalence, ap, s=36, marker="s", facecolor="white", edgecolor="#D55E00", lw=1.6,
+            label="average precision", zorder=3,
+        )  # fmt: skip
+        for x, a, name in zip(prevalence, auroc, names):
+            if np.isfinite(a):
+                ax.annotate(
+                    _plot_label(name, 16), (x, a), xytext=(4, 3), textcoords="offset points",
+                    fontsize=7.5, color="#52606d",
+                )  # fmt: skip
+        ax.set(xlim=(0, right), ylim=(0, 1.1), xlabel="Prevalence in the evaluated split")
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_ylabel("Score")
+        ax.set_title("Performance against prevalence", loc="left")
+        fig.legend(loc="outside right upper")
+        return embed_figure(fig, "AUROC and average precision of each finding by prevalence")
+
+
+def _grid(k: int, columns: int = 4) -> tuple[int, int]:
+    ncols = min(columns, k)
+    return math.ceil(k / ncols), ncols
+
+
+def _finding_roc_figure(curves: dict, thresholds: dict, per_finding: dict) -> dict | None:
+    """One small ROC panel per finding, with its operating points."""
+    names = list(curves)
+    if not names:
+        return None
+    nrows, ncols = _grid(len(names))
+    markers = {"sensitivity_0.90": "o", "sensitivity_0.95": "s", "youden": "D"}
+    with _style():
+        fig = new_figure(2.35 * ncols + 0.5, 2.35 * nrows + 0.75)
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, name in zip(axes, names):
+            roc = (curves[name] or {}).get("roc")
+            ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=MUTED)
+            ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02))  # square by the figure's size
+            ax.tick_params(labelsize=7.5)
+            auroc = ((per_finding.get(name) or {}).get("auroc") or {}).get("value")
+            shown = UNDEFINED if auroc is None else f"{auroc:.3f}"
+            ax.set_title(f"{_plot_label(name, 16)} · AUROC {shown}", loc="left", fontsize=9)
+            if roc is None:
+                ax.text(
+                    0.5, 0.5, "undefined:\none class only", ha="center", va="center",
+                    fontsize=8.5, color=MUTED, transform=ax.transAxes,
+                )  # fmt: skip
+                continue
+            ax.plot(roc["fpr"], roc["tpr"], color=ACCENT, lw=1.8)
+            for key, marker in markers.items():
+                point = (thresholds.get(name) or {}).get(key)
+                if point and point.get("specificity") is not None:
+                    ax.plot(
+                        1 - point["specificity"], point["sensitivity"], marker=marker, ms=5.5,
+                        mfc="white", mec=ACCENT, mew=1.4, ls="none", zorder=5,
+                    )  # fmt: skip
+        for ax in axes[len(names) :]:
+            ax.set_visible(False)
+        for ax in axes[: len(names)]:
+            ax.label_outer()
+        fig.supxlabel("1 − specificity (FPR)", fontsize=9.5)
+        fig.supylabel("Sensitivity (TPR)", fontsize=9.5)
+        from matplotlib.lines import Line2D
+
+        handles = [
+            Line2D([], [], marker=m, ls="none", mfc="white", mec=INK, mew=1.3, ms=6)
+            for m in markers.values()
+        ]
+        fig.legend(
+            handles,
+            ["operating point: sensitivity ≥ 0.90", "sensitivity ≥ 0.95", "Youden"],
+            loc="outside upper center",
+            ncol=3,
+            fontsize=8.5,
+        )
+        return embed_figure(fig, "ROC curve of each finding")
+
+
+def _finding_reliability_figure(curves: dict) -> dict | None:
+    """One small reliability panel per finding: the observed frequency of the finding against
+    its mean predicted probability in each non-empty bin, the marker's area showing how many
+    images the bin holds."""
+    names = [n for n in curves if (curves[n] or {}).get("reliability")]
+    if not names:
+        return None
+    nrows, ncols = _grid(len(names))
+    with _style():
+        fig = new_figure(2.35 * ncols + 0.5, 2.35 * nrows + 0.5)
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, name in zip(axes, names):
+            data = curves[name]["reliability"]
+            count = np.asarray(data["count"], dtype=np.float64)
+            ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=MUTED)
+            ax.plot(data["probability"], data["frequency"], color=ACCENT, lw=1.2, zorder=2)
+            ax.scatter(
+                data["probability"], data["frequency"], s=12 + 120 * count / count.max(),
+                color=ACCENT, edgecolor="white", lw=0.6, zorder=3,
+            )  # fmt: skip
+            ax.set(xlim=(-0.02, 1.02), ylim=(-0.04, 1.04))
+            ax.tick_params(labelsize=7.5)
+            ax.set_title(f"{_plot_label(name, 16)} · n={int(count.sum())}", loc="left", fontsize=9)
+        for ax in axes[len(names) :]:
+            ax.set_visible(False)
+        for ax in axes[: len(names)]:
+            ax.label_outer()
+        fig.supxlabel("Mean predicted probability (bin)", fontsize=9.5)
+        fig.supylabel("Observed frequency", fontsize=9.5)
+        return embed_figure(fig, "Reliability of each finding's probability")
+
+
+def _finding_curves(page: _Page) -> dict:
+    curves = page.metrics.get("curves") or {}
+    per_finding = page.metrics.get("per_finding") or {}
+    return {
+        "finding_roc": _finding_roc_figure(
+            curves, page.metrics.get("thresholds") or {}, per_finding
+        ),
+        "finding_reliability": _finding_reliability_figure(curves),
+    }
+
+
+def _cooccurrence_figure(y: np.ndarray, findings: list[str]) -> dict:
+    """Images with both findings (counts; the diagonal: with the finding), and the share of
+    each row finding's images that also have the column finding."""
+    present = (np.nan_to_num(y) == 1).astype(np.int64)
+    counts = present.T @ present
+    k = len(findings)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = counts / np.diag(counts)[:, None]
+    share = np.where(np.diag(counts)[:, None] > 0, share, np.nan)
+    side = max(3.4, 0.42 * k + 1.7)
+    labels = [_plot_label(c, 16) for c in findings]
+    rotate = k > 3 or max(len(s) for s in labels) > 8
+    size = 9 if k <= 6 else 7.5 if k <= 10 else 7
+    stacked = k > 8  # side by side, many findings would shrink to unreadable cells
+    with _style():
+        fig = new_figure(side, 2 * side + 0.3) if stacked else new_figure(2 * side + 0.6, side)
+        axes = fig.subplots(2, 1) if stacked else fig.subplots(1, 2)
+        panels = (
+            (counts.astype(float), "Images with both", lambda v: f"{int(v)}", counts.max() or 1),
+            (share, "Share: row → column", lambda v: f"{v:.2f}", 1),
+        )
+        for ax, (values, title, fmt, vmax) in zip(axes, panels):
+            shown = np.nan_to_num(values, nan=0.0)
+            ax.imshow(shown, cmap="Purples", vmin=0, vmax=vmax, aspect="equal")
+            ax.grid(False)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            for i in range(k):
+                for j in range(k):
+                    v = values[i, j]
+                    dark = np.isfinite(v) and v > 0.55 * vmax
+                    ax.text(
+                        j, i, "—" if not np.isfinite(v) else fmt(v), ha="center", va="center",
+                        fontsize=size, color="white" if dark else INK,
+                        fontweight="bold" if i == j else "normal",
+                    )  # fmt: skip
+            ax.set_xticks(
+                range(k), labels, rotation=35 if rotate else 0, ha="right" if rotate else "center"
+            )
+            ax.set_yticks(range(k), labels)
+            ax.tick_params(length=0)
+            ax.set_title(title, loc="left")
+        return embed_figure(fig, "Co-occurrence of findings in the evaluated split")
+
+
+def _cooccurrence(page: _Page) -> dict:
+    y = page.y
+    present = np.nan_to_num(y) == 1
+    per_image = present.sum(axis=1)
+    return {
+        "cooccurrence": {
+            "figure": _cooccurrence_figure(y, page.classes),
+            "n": int(y.shape[0]),
+            "none": int((per_image == 0).sum()),
+            "one": int((per_image == 1).sum()),
+            "several": int((per_image >= 2).sum()),
+            "most": int(per_image.max()) if per_image.size else 0,
+        }
     }
 
 
@@ -1233,6 +1587,9 @@ SECTIONS: dict[str, tuple[str, str, Callable[[_Page], dict]]] = {
     "confusion": ("confusion", "Confusion matrix", _confusion),
     "curves": ("curves", "ROC & PR", _curves),
     "calibration": ("calibration", "Calibration", _calibration),
+    "findings": ("findings", "Findings", _findings),
+    "finding_curves": ("finding-curves", "Curves per finding", _finding_curves),
+    "cooccurrence": ("cooccurrence", "Co-occurrence", _cooccurrence),
     "thresholds": ("operating-points", "Operating points", _thresholds),
     "per_class": ("per-class", "Per-class", _per_class),
     "subgroups": ("subgroups", "Subgroups", _subgroup_section),
@@ -1248,7 +1605,7 @@ def _build_context(page: _Page) -> dict:
 
     run, metrics, data = page.run, page.metrics, page.data
     versions = _read_optional_json(run.path / runs.VERSIONS) or {}
-    warnings = list(metrics.get("warnings") or [])
+    warnings = [*(metrics.get("warnings") or []), *(metrics.get("notes") or [])]
     if data["leak_patients"]:
         warnings.append(
             f"{data['leak_patients']} patient(s) have images in more than one split (see "
@@ -1266,6 +1623,7 @@ def _build_context(page: _Page) -> dict:
         "classes": page.classes,
         "positive": page.positive,
         "binary": page.k == 2,
+        "multilabel": page.multilabel,
         "warnings": warnings,
         "subgroup_warnings": subgroup_warnings,
         "split": metrics.get("split", "test"),
@@ -1275,7 +1633,9 @@ def _build_context(page: _Page) -> dict:
         "data_path": str(run.config.data.path),
         "data_format": run.config.data.format or "detected from the path",
         "data": data,
-        "split_method": _split_method(run, data),
+        "split_method": _split_method(
+            run, data, "class" if page.task.samples_by_class else "finding"
+        ),
         "sections": list(page.task.report_sections),
         "nav": [],
     }

@@ -82,6 +82,7 @@ class MultiLabelTask(Task):
         "summary",
         "findings",
         "finding_curves",
+        "thresholds",
         "cooccurrence",
         "subgroups",
         "training",
