@@ -13,6 +13,8 @@ import numpy as np
 from tests.conftest import write_png
 
 FINDINGS = ("a", "b")
+#: The Youden thresholds the serving tests' run is given (``multilabel_run`` fixture).
+THRESHOLDS = {"a": 0.5, "b": 0.3}
 
 
 def finding_image(a: bool, b: bool, size: int = 32, seed: int = 0) -> np.ndarray:
