@@ -2,7 +2,8 @@
 
 ``export_run(RUN)`` writes ``RUN/model.onnx``: the eval-mode network from ``model.json`` +
 ``model.safetensors``, input ``(N, C, H, W)`` as ``preprocess.json`` describes it, output the
-raw logits (softmax and calibration stay in :class:`~medsight.inference.Predictor`).
+raw logits (the task's activation, softmax or per-finding sigmoid, and calibration stay in
+:class:`~medsight.inference.Predictor`).
 The file is written atomically and only after its outputs match torch's on a sample batch, so a
 ``model.onnx`` in a run directory is always one that passed the parity check.
 
@@ -46,7 +47,8 @@ EXPORT_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.torc
 FORMATS: tuple[str, ...] = tuple(EXPORT_FILES)
 #: Opset 17 has LayerNorm as one op (the token-attention blocks use it); ONNX Runtime ≥ 1.12.
 DEFAULT_OPSET = 17
-#: Largest |Δ probability| (after softmax) allowed between torch and the exported model.
+#: Largest |Δ probability| (after the run's task activation: softmax for classification,
+#: sigmoid per finding for multi-label) allowed between torch and the exported model.
 PARITY_TOLERANCE = 1e-4
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -71,10 +73,11 @@ def export_run(
 
     The input is one preprocessed batch ``(N, C, H, W)`` (``N`` free when ``dynamic_batch``,
     else 1), the output the raw logits ``(N, K)``. With ``check`` the exported model is run on
-    a seeded sample batch (8 images, then 1) in the preprocessed value range and its softmax
-    compared with torch's; the file is kept only if the largest difference is below
-    :data:`PARITY_TOLERANCE`, else :class:`ExportError` is raised. ``opset`` (ONNX only)
-    defaults to :data:`DEFAULT_OPSET`. TorchScript graphs are traced and take any batch size.
+    a seeded sample batch (8 images, then 1) in the preprocessed value range and its
+    probabilities (the run's task's: softmax, or a sigmoid per finding) compared with torch's;
+    the file is kept only if the largest difference is below :data:`PARITY_TOLERANCE`, else
+    :class:`ExportError` is raised. ``opset`` (ONNX only) defaults to :data:`DEFAULT_OPSET`.
+    TorchScript graphs are traced and take any batch size.
 
     Returns ``{"path", "format", "opset", "max_abs_diff_prob", "seconds"}`` (``opset`` is None
     for TorchScript, ``max_abs_diff_prob`` None without ``check``).
@@ -324,26 +327,28 @@ def _torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def _parity(
     model: nn.Module, run_exported: Callable[[np.ndarray], np.ndarray], run: Run, batched: bool
 ) -> float:
-    """Largest |Δ probability| between torch and the export on a seeded batch and on batch 1."""
+    """Largest |Δ probability| between torch and the export on a seeded batch and on batch 1,
+    the probabilities being the run's task's (uncalibrated)."""
+    from medsight.tasks import get_task
+
+    task = get_task(run.task)
+
+    def probs(logits: np.ndarray) -> np.ndarray:
+        return task.probabilities(np.asarray(logits, dtype=np.float64))
+
     prep = run.preprocess
     rng = np.random.default_rng(_PARITY_SEED)
     pixels = rng.random((_PARITY_BATCH, prep.channels, *prep.size), dtype=np.float32)
     x = prep.normalize(torch.from_numpy(pixels)).numpy()  # the range the model saw in training
     with torch.no_grad():
-        expected = _softmax(model(torch.from_numpy(x)).float().numpy())
+        expected = probs(model(torch.from_numpy(x)).float().numpy())
     if batched:
         got = run_exported(x)
     else:
         got = np.concatenate([run_exported(x[i : i + 1]) for i in range(len(x))])
     single = run_exported(x[:1])
-    diff = np.abs(_softmax(got) - expected).max()
-    return float(max(diff, np.abs(_softmax(single) - expected[:1]).max()))
+    diff = np.abs(probs(got) - expected).max()
+    return float(max(diff, np.abs(probs(single) - expected[:1]).max()))

@@ -5,11 +5,14 @@ and the input pipeline from ``preprocess.json``; callers never re-implement prep
 The network runs on a *backend*: torch (the default) or ONNX Runtime
 (``backend="onnx"``, from ``RUN/model.onnx``, exported on first use). Both turn a preprocessed
 batch into logits; the run's task turns logits into probabilities (through its calibration)
-and probabilities into predictions, the same way for both.
+and probabilities into predictions, the same way for both. A task that decides each output by
+its own threshold (multi-label findings) takes it from the run's evaluated operating points
+(``metrics.json`` ``thresholds``, Youden's point by default), else 0.5.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -24,11 +27,34 @@ from torch.utils.data import DataLoader
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, decode, decode_bytes
 from medsight.errors import ConfigError, DataError, MedsightError
-from medsight.runs import WEIGHTS, Run
+from medsight.runs import METRICS, WEIGHTS, Run
 from medsight.tasks import Task, get_task
 
 #: Names accepted by ``Predictor.from_run(..., backend=)``.
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
+#: The evaluated operating point a thresholded task (multi-label) decides its outputs at.
+DEFAULT_POINT = "youden"
+
+
+def operating_points(run: Run) -> dict[str, dict[str, dict]]:
+    """``{class: {point: {threshold, sensitivity, ...}}}`` from the run's ``metrics.json``
+    (``thresholds``), points without a threshold left out; empty when the run was not
+    evaluated (or the file cannot be read)."""
+    try:
+        found = json.loads((run.path / METRICS).read_text()).get("thresholds") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {
+        name: {
+            k: v
+            for k, v in points.items()
+            if isinstance(v, dict) and v.get("threshold") is not None
+        }
+        for name, points in found.items()
+        if name in run.classes and isinstance(points, dict) and points
+    }
 
 
 class Backend(Protocol):
@@ -188,6 +214,7 @@ class Predictor:
         *,
         backend: Backend | None = None,
         tta: str | None = None,
+        point: str = DEFAULT_POINT,
     ):
         if (model is None) == (backend is None):
             raise ConfigError("Predictor needs a torch model or a backend (exactly one of them)")
@@ -203,13 +230,36 @@ class Predictor:
         self.calibration = run.calibration()
         #: Test-time augmentation (:data:`TTA_MODES`) applied by the ``predict_*`` methods.
         self.tta = check_tta(tta, run)
+        #: The evaluated operating point thresholds are taken from (thresholded tasks).
+        self.point = point
+        #: The threshold each output is decided by, in class order (multi-label: per finding,
+        #: from ``metrics.json`` at :attr:`point`, else 0.5); None when the task decides
+        #: without thresholds (classification: the most probable class).
+        points = operating_points(run)
+        self.thresholds_: list[float] | None = self.task.decision_thresholds(
+            self.classes_, points, point
+        )
+        #: Where :attr:`thresholds_` come from, in words (None without thresholds).
+        self.thresholds_from_: str | None = None
+        if self.thresholds_ is not None:
+            self.thresholds_from_ = (
+                f"metrics.json, operating point {point}"
+                if points
+                else "0.5 each: the run has not been evaluated"
+            )
 
     @classmethod
     def from_run(
-        cls, path: str | Path, backend: str = "torch", tta: str | None = None
+        cls,
+        path: str | Path,
+        backend: str = "torch",
+        tta: str | None = None,
+        point: str = DEFAULT_POINT,
     ) -> Predictor:
         """Load a run for prediction on ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime).
         ``tta`` (``"flip"`` or ``"rot"``) averages the probabilities of transformed views.
+        ``point``: the evaluated operating point whose thresholds decide a multi-label run's
+        findings (``youden``, ``sensitivity_0.90``...; 0.5 when the run was not evaluated).
 
         ``"onnx"`` uses ``RUN/model.onnx``, exporting it first when it is missing or older than
         ``model.safetensors`` (with a warning); without onnxruntime installed it warns and
@@ -231,8 +281,8 @@ class Predictor:
                     stacklevel=2,
                 )
             else:
-                return cls(run, backend=_onnx_backend(run), tta=tta)
-        return cls(run, run.load_model(), tta=tta)
+                return cls(run, backend=_onnx_backend(run), tta=tta, point=point)
+        return cls(run, run.load_model(), tta=tta, point=point)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -255,12 +305,22 @@ class Predictor:
         return np.mean([self.probabilities(self.logits_array(v)) for v in views], axis=0)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Logits → probabilities (the task's), through the run's calibration when it has one."""
+        """Logits → probabilities (the task's), through the run's calibration when it has one.
+
+        Raises :class:`~medsight.errors.DataError` when a row of logits holds NaN or infinity.
+        """
+        z = np.asarray(logits)
+        if not np.isfinite(z).all():
+            row = int(np.flatnonzero(~np.isfinite(z).all(axis=1))[0])
+            raise DataError(f"logits row {row} holds NaN or infinity: {z[row].tolist()}")
         return self.task.probabilities(logits, self.calibration)
 
     def decode(self, probs: np.ndarray) -> list[dict]:
-        """``(N, K)`` probabilities → one prediction per row, in the task's schema."""
-        return self.task.decode(probs, self.classes_)
+        """``(N, K)`` probabilities → one prediction per row, in the task's schema (each
+        output against :attr:`thresholds_` when the task has thresholds)."""
+        if self.thresholds_ is None:
+            return self.task.decode(probs, self.classes_)
+        return self.task.decode(probs, self.classes_, thresholds=self.thresholds_)
 
     def _no_rows(self) -> np.ndarray:
         return np.zeros((0, self.task.num_outputs(self.classes_)), np.float32)
@@ -303,19 +363,28 @@ def predict_paths(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     batch_size: int = 64,
     tta: str | None = None,
+    point: str = DEFAULT_POINT,
 ) -> pd.DataFrame:
-    """Predict image files with a run: one row per file (``file``, the fields of the task's
-    prediction, its probability columns, ``error``; for classification ``file, label,
-    confidence, p_<class>..., error``). A file that cannot be read, or whose outputs hold NaN
-    or infinity (NaN or infinite pixels), gets its reason in ``error`` and an empty prediction;
-    every other file is predicted as if it were alone.
+    """Predict image files with a run: one row per file (``file``, the single-valued fields of
+    the task's prediction, its probability columns, ``error``; for classification ``file,
+    label, confidence, p_<class>..., error``; for multi-label ``file, label, confidence,
+    p_<finding>..., error``, the label naming the findings above their thresholds, which are
+    taken at the evaluated operating ``point``). A file that cannot be read, or whose outputs
+    hold NaN or infinity (NaN or infinite pixels), gets its reason in ``error`` and an empty
+    prediction; every other file is predicted as if it were alone.
 
     >>> predict_paths("runs/phantom", ["a.png", "b.dcm"]).label.tolist()   # doctest: +SKIP
     ['lesion', 'normal']
     """
-    predictor = Predictor.from_run(run, backend=backend, tta=tta)
+    predictor = Predictor.from_run(run, backend=backend, tta=tta, point=point)
     task = predictor.task
-    fields = task.prediction_schema.model_fields
+    # A table cell holds one value: list fields (multi-label "findings") are the probability
+    # columns and the label already.
+    fields = {
+        name: field
+        for name, field in task.prediction_schema.model_fields.items()
+        if field.annotation in (str, float, int, bool)
+    }
     columns = task.prediction_columns(predictor.classes_)
     # An unreadable file's prediction is empty: "" for text fields, NaN for numbers.
     empty = {name: "" if field.annotation is str else np.nan for name, field in fields.items()}
@@ -341,9 +410,14 @@ def predict_paths(
                     f"{rows[i]['file']}: the model's outputs hold NaN or infinity{pixels}"
                 )
                 continue
-            rows[i].update(predictor.decode(probs[None])[0])
+            decoded = predictor.decode(probs[None])[0]
+            rows[i].update({name: decoded[name] for name in fields})
             rows[i].update({name: float(v) for name, v in zip(columns, probs)})
-    return pd.DataFrame(rows, columns=["file", *fields, *columns, "error"])
+    table = pd.DataFrame(rows, columns=["file", *fields, *columns, "error"])
+    if predictor.thresholds_ is not None:
+        table.attrs["thresholds"] = dict(zip(predictor.classes_, predictor.thresholds_))
+        table.attrs["thresholds_from"] = predictor.thresholds_from_
+    return table
 
 
 def _probabilities(predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray | None]:

@@ -46,6 +46,17 @@ def served_run(tmp_path_factory) -> Path:
     return run.path
 
 
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory) -> Path:
+    """A trained multi-label run (bright square: finding a, dark square: b) whose metrics.json
+    holds Youden thresholds a 0.5, b 0.3 (:data:`tests.serving.multilabel.THRESHOLDS`)."""
+    from tests.serving.multilabel import THRESHOLDS, train_multilabel_run, write_thresholds
+
+    run = train_multilabel_run(tmp_path_factory.mktemp("multilabel-serving"))
+    write_thresholds(run, THRESHOLDS)
+    return run
+
+
 def png_bytes(value: int = 128, size: int = 16, seed: int = 0) -> bytes:
     """A noisy gray square around ``value`` as PNG bytes (distinct per seed)."""
     rng = np.random.default_rng(seed)

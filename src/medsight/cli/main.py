@@ -67,6 +67,15 @@ TtaOption = Annotated[
     ),
 ]
 
+PointOption = Annotated[
+    str,
+    typer.Option(
+        "--point",
+        help="Multi-label: the evaluated operating point (metrics.json thresholds) each finding "
+        "is decided at: youden, sensitivity_0.90, sensitivity_0.95 (0.5 when not evaluated).",
+    ),
+]
+
 FormatOption = Annotated[
     DataFormat | None, typer.Option("--format", help="Reader to use (detected from the path).")
 ]
@@ -1003,6 +1012,16 @@ def serve_command(
             show_default=False,
         ),
     ] = None,
+    urgent: Annotated[
+        str | None,
+        typer.Option(
+            "--urgent",
+            help="Findings that order a multi-label run's worklist, comma-separated (default: "
+            "classes.json 'urgent', else every finding); a classification run: its urgent class.",
+            show_default=False,
+        ),
+    ] = None,
+    point: PointOption = "youden",
 ) -> None:
     """Serve a run: REST API (/docs), web page (/) and triage worklist."""
     import logging
@@ -1025,6 +1044,8 @@ def serve_command(
                 max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                 max_pixels=max_pixels,
                 allowed_hosts=allowed_host or [],
+                urgent=[n.strip() for n in urgent.split(",") if n.strip()] if urgent else None,
+                point=point,
             )
         except ValidationError as exc:
             problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
@@ -1048,17 +1069,25 @@ def predict_command(
     ] = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     tta: TtaOption = None,
+    point: PointOption = "youden",
 ) -> None:
     """Predict files with a run, preprocessing exactly as serving does. A file that cannot be
     read, or whose outputs hold NaN or infinity, is a row with its reason in the error column;
-    every other file is predicted. Exit status 0 when at least one file was predicted, 2 when
-    none was (the --out CSV is written in both cases)."""
+    every other file is predicted. A multi-label run writes p_<finding> columns and, as the
+    label, the findings at or above their thresholds (the evaluated --point, else 0.5). Exit
+    status 0 when at least one file was predicted, 2 when none was (the --out CSV is written
+    in both cases)."""
     from medsight.inference import predict_paths
     from medsight.runs import write_text
 
     with _user_errors():
         table = predict_paths(
-            run, files, backend=backend.value, max_pixels=max_pixels, tta=tta.value if tta else None
+            run,
+            files,
+            backend=backend.value,
+            max_pixels=max_pixels,
+            tta=tta.value if tta else None,
+            point=point,
         )
         if out is not None:
             write_text(out, table.to_csv(index=False))
@@ -1073,6 +1102,14 @@ def predict_command(
                 )
             )
         console.print(shown)
+        thresholds = table.attrs.get("thresholds")
+        if thresholds:
+            console.print(
+                "thresholds "
+                + ", ".join(f"{_shown(name)} {t:.3f}" for name, t in thresholds.items())
+                + f" ({table.attrs.get('thresholds_from')})",
+                highlight=False,
+            )
         failed = table["error"].astype(bool).sum()
         if failed:
             err_console.print(
@@ -1103,7 +1140,12 @@ def explain_command(
         ),
     ] = "auto",
     target: Annotated[
-        str | None, typer.Option("--class", help="Class to explain (default: the predicted one).")
+        str | None,
+        typer.Option(
+            "--class",
+            help="Class or finding to explain (default: the predicted class; multi-label: one "
+            "map per finding above its threshold, or the most probable finding).",
+        ),
     ] = None,
     layer: Annotated[
         str | None, typer.Option("--layer", help="Target layer (default: chosen per model).")
@@ -1167,8 +1209,12 @@ def explain_command(
 
         records = explain_files(run, images, out, method=method, target=target, layer=layer)
         for r in records:
+            whose = (
+                f" (map: {r['target']} {r['target_probability']:.3f})" if "threshold" in r else ""
+            )
             console.print(
-                f"{r['image']}: {r['predicted']} {r['probability']:.3f} → {out / r['overlay']}",
+                f"{r['image']}: {r['predicted']} {r['probability']:.3f}{whose} → "
+                f"{out / r['overlay']}",
                 highlight=False,
             )
         console.print(f"wrote {len(records)} explanation(s) to {out / EXPLANATIONS}")

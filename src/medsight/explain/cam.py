@@ -280,7 +280,9 @@ class Explainer:
     def explain(self, x: np.ndarray, target: int | str | None = None) -> np.ndarray:
         """The heat-map of one preprocessed image ``x`` (float32 ``(1, C, H, W)``).
 
-        ``target`` is a class index or name; None explains the predicted class. Returns float32
+        ``target`` is a class (or finding) index or name; None explains the predicted (most
+        probable) class. A multi-label run's finding is explained through its own logit, so
+        each finding has its own map. Returns float32
         ``(H, W)`` in ``[0, 1]`` (the maximum is 1 unless the map is flat, then all 0).
         """
         batch = self._check_input(x, single=True)
@@ -309,10 +311,15 @@ class Explainer:
         return np.stack([_normalise(m) for m in maps]).astype(np.float32)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Softmax probabilities ``(N, K)`` of a preprocessed batch (no calibration)."""
+        """Probabilities ``(N, K)`` of a preprocessed batch (no calibration): the run's task's
+        (softmax, or a sigmoid per finding), softmax without a run."""
         batch = self._check_input(x, single=False)
         with torch.no_grad():
             logits = self.model(torch.as_tensor(batch, device=self._device()))
+        if self.run is not None:
+            from medsight.tasks import get_task
+
+            return get_task(self.run.task).probabilities(logits.float().cpu().numpy())
         return logits.softmax(-1).float().cpu().numpy()
 
     def close(self) -> None:
@@ -375,7 +382,9 @@ class Explainer:
         if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
             if not self.classes or target not in self.classes:
                 known = ", ".join(self.classes or []) or "unknown (no run loaded)"
-                raise ConfigError(f"class {target!r} is not one of the run's classes: {known}")
+                multilabel = getattr(self.run, "task", None) == "multilabel"
+                noun, nouns = ("finding", "findings") if multilabel else ("class", "classes")
+                raise ConfigError(f"{noun} {target!r} is not one of the run's {nouns}: {known}")
             return self.classes.index(target)
         index = int(target)
         if index < 0 or (k is not None and index >= k):

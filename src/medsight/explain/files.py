@@ -4,6 +4,10 @@ For each image: ``<stem>_<method>.png`` (the heat-map over the image, with the p
 and its probability written on it), ``<stem>_<method>.npy`` (the raw float32 map at the model's
 input size) and one JSON line in ``explanations.jsonl`` (appended, so several methods can share
 a folder).
+
+A multi-label run has one map per finding explained, each through that finding's own logit:
+the finding named by ``target``, else every finding above its threshold (the most probable one
+when none is). Their files carry the finding's name: ``<stem>_<finding>_<method>.png``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medsight import runs
-from medsight.errors import DataError, MedsightError
+from medsight.errors import ConfigError, DataError, MedsightError
 
 __all__ = ["explain_files"]
 
@@ -37,8 +41,11 @@ def explain_files(
 ) -> list[dict[str, Any]]:
     """Explain each file in ``images`` with the run's model and write the results to ``out``.
 
-    ``target`` is a class name (default: each image's predicted class). Returns the records
-    written to ``out/explanations.jsonl``. An image the run cannot read or preprocess stops
+    ``target`` is a class name (default: each image's predicted class); for a multi-label run a
+    finding (default: one map for each finding above its threshold, or for the most probable
+    finding when none is). Returns the records written to ``out/explanations.jsonl``, one per
+    map; a multi-label record also holds the finding's ``target_probability``, ``threshold``
+    and ``above_threshold``. An image the run cannot read or preprocess stops
     with a :class:`~medsight.errors.DataError` naming it, before anything is written.
 
     Example:
@@ -57,6 +64,13 @@ def explain_files(
     # Probabilities exactly as serving reports them (with the run's calibration, if any),
     # from the same network the maps come from.
     predictor = Predictor(explainer.run, explainer.model)
+    task, thresholds = predictor.task, predictor.thresholds_
+    classes = explainer.classes or []
+    if target is not None and target not in classes:
+        noun, nouns = ("finding", "findings") if thresholds is not None else ("class", "classes")
+        raise ConfigError(
+            f"{noun} {target!r} is not one of the run's {nouns}: {', '.join(classes)}"
+        )
     prep = explainer.preprocess
     decoded, inputs = [], []
     for image in images:
@@ -76,39 +90,53 @@ def explain_files(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    classes = explainer.classes or []
+    # Outputs with thresholds of their own (findings) get a map each: the names say whose.
+    per_output = thresholds is not None
     records, used = [], set()
     for path, picture, x in zip(map(Path, images), decoded, inputs):
         probs = predictor.predict_array(x)[0]
-        predicted = int(np.argmax(probs))
-        heatmap = explainer.explain(x, target=target)
-        explained = classes.index(target) if target is not None else predicted
+        prediction = predictor.decode(probs[None])[0]
+        targets = (
+            [target] if target is not None else task.explain_targets(probs, classes, thresholds)
+        )
         stem = _safe_stem(path)
-        name, k = f"{stem}_{explainer.method}", 1
-        while name in used:  # two files with one stem (different folders) keep both results
-            k += 1
-            name = f"{stem}-{k}_{explainer.method}"
-        used.add(name)
-        label = f"{classes[predicted]} {probs[predicted]:.2f}"
-        if explained != predicted:
-            label += f" | map: {classes[explained]}"
-        picture_out = overlay(display_image(picture.pixels), heatmap, label=label)
-        png, npy = out / f"{name}.png", out / f"{name}.npy"
-        write_atomic(png, lambda tmp, im=picture_out: im.save(tmp, format="PNG"))
-        write_atomic(npy, lambda tmp, m=heatmap: np.save(tmp.open("wb"), m))
-        records.append(
-            {
+        for explained in targets:
+            k = classes.index(explained)
+            heatmap = explainer.explain(x, target=explained)
+            tag = f"_{_safe_stem(Path(explained))}" if per_output else ""
+            name, n = f"{stem}{tag}_{explainer.method}", 1
+            while name in used:  # two files with one stem (different folders) keep both results
+                n += 1
+                name = f"{stem}-{n}{tag}_{explainer.method}"
+            used.add(name)
+            if per_output:
+                label = f"{prediction['label']} | map: {explained} {probs[k]:.2f}"
+            else:
+                label = f"{prediction['label']} {prediction['confidence']:.2f}"
+                if explained != prediction["label"]:
+                    label += f" | map: {explained}"
+            picture_out = overlay(display_image(picture.pixels), heatmap, label=label)
+            png, npy = out / f"{name}.png", out / f"{name}.npy"
+            write_atomic(png, lambda tmp, im=picture_out: im.save(tmp, format="PNG"))
+            write_atomic(npy, lambda tmp, m=heatmap: np.save(tmp.open("wb"), m))
+            record = {
                 "image": str(path),
-                "predicted": classes[predicted],
-                "probability": float(probs[predicted]),
+                "predicted": prediction["label"],
+                "probability": float(prediction["confidence"]),
                 "probabilities": {c: float(p) for c, p in zip(classes, probs)},
-                "target": classes[explained],
+                "target": explained,
                 "method": explainer.method,
                 "layer": explainer.layer,
                 "overlay": png.name,
                 "map": npy.name,
             }
-        )
+            if per_output:
+                record.update(
+                    target_probability=float(probs[k]),
+                    threshold=float(thresholds[k]),
+                    above_threshold=bool(probs[k] >= thresholds[k]),
+                )
+            records.append(record)
     explainer.close()
     with (out / runs.EXPLANATIONS).open("a", encoding="utf-8") as f:
         for record in records:

@@ -65,6 +65,7 @@ from medsight.serving.service import (
     DecodeSlots,
     ExplanationsUnavailable,
     ModelService,
+    UnknownTarget,
     UnsupportedImage,
     decode_slots_for,
 )
@@ -104,6 +105,17 @@ class ServeSettings(BaseModel):
     )
     decode_wait_s: float = Field(
         5.0, ge=0, description="How long a request waits for a decode slot before its 503."
+    )
+    urgent: list[str] | None = Field(
+        None,
+        description="The findings that order a multi-label run's worklist (--urgent a,b; "
+        "default: classes.json 'urgent', else every finding); for a classification run, its "
+        "one urgent class (default: classes.json 'positive').",
+    )
+    point: str = Field(
+        "youden",
+        description="Multi-label: the evaluated operating point (metrics.json thresholds) each "
+        "finding is decided at (--point; 0.5 when the run was not evaluated).",
     )
 
     @field_validator("allowed_hosts")
@@ -234,12 +246,21 @@ async def _read(file: Upload) -> bytes:
     return await file.read()
 
 
+def _rounded(value):
+    """Floats to 6 decimals, inside lists and dicts too (a multi-label run's findings)."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _prediction(model: ModelService, scored) -> dict:
     """The task's decoded prediction (numbers to 6 decimals) with what serving adds."""
     probs = scored.probabilities
-    decoded = {
-        k: round(v, 6) if isinstance(v, float) else v for k, v in model.prediction(probs).items()
-    }
+    decoded = _rounded(model.prediction(probs))
     return {
         **decoded,
         "probabilities": model.probabilities(probs),
@@ -258,15 +279,35 @@ def predict(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
     return result
 
 
-def explain(model: Model, data: Annotated[bytes, Depends(_read)]) -> dict:
+ExplainTarget = Annotated[
+    str | None,
+    Query(
+        alias="class",
+        description="The class or finding to explain (default: the predicted class; for a "
+        "multi-label run the most probable finding above its threshold, else the most "
+        "probable finding). Each finding has its own map.",
+    ),
+]
+
+
+def explain(
+    model: Model, data: Annotated[bytes, Depends(_read)], target: ExplainTarget = None
+) -> dict:
     """The prediction plus a heat map of the regions that drove it, over the image (PNG)."""
     start = time.perf_counter()
+    model.check_target(target)  # 422 before any decoding
     with model.slots.hold():
         scored = model.score(data)
-        method, layer, png = model.explain(scored)
+        method, layer, png, explained = model.explain(scored, target)
     scored.seconds = time.perf_counter() - start
     log.info("explain method=%s latency_ms=%.1f", method, scored.seconds * 1000)
-    return {**_prediction(model, scored), "method": method, "layer": layer, "overlay_png": png}
+    return {
+        **_prediction(model, scored),
+        "method": method,
+        "layer": layer,
+        "overlay_png": png,
+        "target": explained,
+    }
 
 
 def _prediction_routes(task: Task) -> APIRouter:
@@ -303,16 +344,26 @@ def model_info(model: Model, request: Request) -> dict:
     prep = model.predictor.preprocess
     metrics = model.metrics or {}
     headline = {}
-    for name in ("auroc", "accuracy", "balanced_accuracy", "average_precision", "f1_macro"):
+    names = ("auroc", "accuracy", "balanced_accuracy", "average_precision", "f1_macro")
+    for name in (*names, "auroc_macro", "average_precision_macro"):
         entry = metrics.get(name)
         if isinstance(entry, dict) and "value" in entry:
             headline[name] = {"value": entry.get("value"), "ci": entry.get("ci")}
     points = model.operating_points().get(model.positive, {})
+    thresholds = model.thresholds
     return {
         "model": model.model_ref,
         "backend": model.backend,
+        "task": model.task.name,
         "classes": model.classes,
         "positive_class": model.positive,
+        "urgent": model.urgent,
+        "decision_point": None if thresholds is None else model.predictor.point,
+        "decision_thresholds": (
+            None
+            if thresholds is None
+            else {name: float(t) for name, t in zip(model.classes, thresholds)}
+        ),
         "input": {
             "channels": prep.channels,
             "height": prep.size[0],
@@ -342,6 +393,7 @@ def _item(study: Study) -> dict:
     return {
         "id": study.id,
         "urgency": study.urgency,
+        "urgency_finding": study.urgency_finding,
         "label": study.label,
         "probabilities": study.probabilities,
         "flag": study.flag,
@@ -387,6 +439,7 @@ def _add_study(model: ModelService, store: WorklistStore, data: bytes) -> dict:
         fmt, extension = _raster_kind(data)
         meta = {}
     probs = scored.probabilities
+    urgency, driver = model.triage(probs)
     study = store.add(
         data=data,
         extension=extension,
@@ -394,11 +447,18 @@ def _add_study(model: ModelService, store: WorklistStore, data: bytes) -> dict:
         meta=meta,
         label=model.label(probs),
         probabilities=model.probabilities(probs),
-        urgency=round(model.urgency(probs), 6),
-        flag=model.flag(probs),
+        urgency=round(urgency, 6),
+        urgency_finding=driver,
+        flag=model.flag(probs, driver),
         model=model.model_ref.model_dump(),
     )
-    log.info("study %d queued urgency=%.3f flag=%s", study.id, study.urgency, study.flag)
+    log.info(
+        "study %d queued urgency=%.3f by=%s flag=%s",
+        study.id,
+        study.urgency,
+        study.urgency_finding,
+        study.flag,
+    )
     return _item(study)
 
 
@@ -470,14 +530,10 @@ def study_image(study_id: StudyId, store: Store) -> FileResponse:
 def update_study(
     study_id: StudyId, update: schemas.StudyUpdate, store: Store, model: Model
 ) -> dict:
-    """Set the status (pending, in_review, reviewed) and optionally the reviewer's label."""
-    if update.reviewer_label is not None and update.reviewer_label not in model.classes:
-        raise HTTPException(
-            422,
-            f"reviewer_label {update.reviewer_label!r} is not a class of this model; "
-            f"use one of: {', '.join(model.classes)}",
-        )
-    study = store.update(study_id, update.status, update.reviewer_label)
+    """Set the status (pending, in_review, reviewed) and optionally the reviewer's label
+    (multi-label: the findings present joined by '|', or 'no finding')."""
+    reviewer_label = model.reviewer_label(update.reviewer_label)  # 422 when it is not one
+    study = store.update(study_id, update.status, reviewer_label)
     if study is None:
         raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
     log.info("study %d status=%s", study.id, study.status)
@@ -566,6 +622,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _review_state(request: Request, exc: ReviewStateError):
         return JSONResponse({"detail": str(exc), "allowed": list(exc.allowed)}, status_code=409)
 
+    @app.exception_handler(UnknownTarget)
+    async def _unknown_target(request: Request, exc: UnknownTarget):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
     @app.exception_handler(ExplanationsUnavailable)
     async def _no_explain(request: Request, exc: ExplanationsUnavailable):
         return JSONResponse({"detail": str(exc)}, status_code=501)
@@ -615,9 +675,10 @@ def create_app(
 
         slots = settings.decode_slots or decode_slots_for(settings.max_pixels)
         model = ModelService(
-            Predictor.from_run(settings.run, backend=settings.backend),
+            Predictor.from_run(settings.run, backend=settings.backend, point=settings.point),
             max_pixels=settings.max_pixels,
             slots=DecodeSlots(slots, wait=settings.decode_wait_s),
+            urgent=settings.urgent,
         )
     if worklist is None:
         worklist = WorklistStore(settings.resolved_db(), settings.resolved_data_dir())

@@ -51,6 +51,11 @@ class Explained(BaseModel):
     method: str = Field(examples=["gradcam"])
     layer: str | None = None
     overlay_png: str = Field(description="Heat map over the image, a base64-encoded PNG.")
+    target: str | None = Field(
+        default=None,
+        description="The class or finding the map explains (the 'class' query parameter, else "
+        "the predicted class; multi-label: the most probable finding above its threshold).",
+    )
 
 
 def _fields(model: type[BaseModel]) -> dict[str, Any]:
@@ -117,8 +122,30 @@ class ModelInfo(BaseModel):
 
     model: ModelRef
     backend: str
+    task: str = Field(
+        default="classify", description="The run's task: classify or multilabel (findings)."
+    )
     classes: list[str]
-    positive_class: str = Field(description="The urgent class: it orders the triage worklist.")
+    positive_class: str | None = Field(
+        description="The urgent class: it orders the triage worklist (null for a multi-label "
+        "run: see urgent)."
+    )
+    urgent: list[str] = Field(
+        default_factory=list,
+        description="The classes or findings triage watches: the urgent class; for a "
+        "multi-label run the urgent findings (classes.json 'urgent' or serve --urgent; all "
+        "findings when none are named).",
+    )
+    decision_point: str | None = Field(
+        default=None,
+        description="Multi-label: the evaluated operating point each finding is decided at "
+        "(thresholds of 0.5 when the run was not evaluated); null for classification.",
+    )
+    decision_thresholds: dict[str, float] | None = Field(
+        default=None,
+        description="Multi-label: the threshold of each finding (above it: the finding is "
+        "reported); null for classification (the most probable class is the label).",
+    )
     input: InputSpec
     evaluated: bool
     evaluated_split: str | None = None
@@ -150,7 +177,14 @@ class StudyItem(BaseModel):
 
     id: int
     urgency: float = Field(
-        description="Triage score from the run's task (classify: probability of the urgent class)."
+        description="Triage score from the run's task (classify: probability of the urgent "
+        "class; multi-label: the highest urgent-finding probability rescaled so that its "
+        "threshold is 0.5, so 0.5 or more means that finding reached its threshold)."
+    )
+    urgency_finding: str | None = Field(
+        default=None,
+        description="The class or finding whose probability set the urgency (null for studies "
+        "queued before it was recorded).",
     )
     label: str = Field(description="The label of the task's prediction.")
     probabilities: dict[str, float]
@@ -178,7 +212,11 @@ class StudyUpdate(BaseModel):
     """A reviewer's change to a study; the label is kept to audit model–reviewer agreement."""
 
     status: StudyStatus
-    reviewer_label: str | None = Field(default=None, description="One of the model's classes.")
+    reviewer_label: str | None = Field(
+        default=None,
+        description="One of the model's classes; multi-label: the findings present joined by "
+        "'|' (a|b), or 'no finding'.",
+    )
 
 
 class ErrorBody(BaseModel):

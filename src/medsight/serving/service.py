@@ -4,7 +4,11 @@
 their content, the evaluated operating points (``metrics.json``), the model's identity for
 audit trails, lazily loaded explanations, and a bound on how many uploads are decoded at once
 (:class:`DecodeSlots`). What a prediction says and how urgent it is are the run's task's
-(``decode``, ``urgency``). It knows nothing about HTTP.
+(``decode``, ``triage``): triage watches the run's urgent outputs — classification's urgent
+class (``classes.json`` ``positive``); a multi-label run's ``urgent`` findings
+(``classes.json`` key ``"urgent"``, or ``medsight serve --urgent a,b``; all findings when
+neither names any) — and records which of them set each study's urgency. It knows nothing about
+HTTP.
 
 Memory and time budget of one upload (what :class:`DecodeSlots` is sized from): decoding an
 image of ``max_pixels`` pixels costs at most about :data:`BYTES_PER_PIXEL` bytes per pixel at its
@@ -26,7 +30,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_bytes, sniff
-from medsight.errors import ImageDecodeError, MedsightError
+from medsight.errors import ConfigError, ImageDecodeError, MedsightError
 from medsight.serving.schemas import ModelRef, ThresholdFlag
 
 if TYPE_CHECKING:  # torch comes with these: the server imports them only once it is listening
@@ -57,6 +61,10 @@ class BadImage(MedsightError):
 
 class ExplanationsUnavailable(MedsightError):
     """Heat maps cannot be made here (``medsight.explain`` missing or failing) (HTTP 501)."""
+
+
+class UnknownTarget(MedsightError):
+    """An explanation asked for a class or finding the model does not have (HTTP 422)."""
 
 
 class Busy(MedsightError):
@@ -163,8 +171,9 @@ class ModelService:
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         slots: DecodeSlots | None = None,
+        urgent: Sequence[str] | None = None,
     ):
-        from medsight.runs import METRICS, WEIGHTS
+        from medsight.runs import CLASSES, METRICS, WEIGHTS
 
         self.predictor = predictor
         self.run = predictor.run
@@ -172,6 +181,17 @@ class ModelService:
         self.task = predictor.task
         self.classes = list(predictor.classes_)
         self.positive = self.run.positive_class
+        #: The threshold each output is decided by (multi-label findings), else None.
+        self.thresholds = predictor.thresholds_
+        #: The outputs triage watches (see :func:`urgent_outputs`).
+        self.urgent = urgent_outputs(
+            self.classes,
+            self.positive,
+            urgent if urgent else (_read_json(self.run.path / CLASSES) or {}).get("urgent"),
+            "--urgent" if urgent else f"{self.run.path / CLASSES} 'urgent'",
+        )
+        if self.positive is not None:
+            self.positive = self.urgent[0]
         self.metrics = _read_json(self.run.path / METRICS)
         self.model_ref = ModelRef(
             name=str(self.run.model_config.get("name", "unknown")),
@@ -225,8 +245,9 @@ class ModelService:
         return Scored(image, x, np.asarray(probs, dtype=np.float64), time.perf_counter() - start)
 
     def prediction(self, probs: np.ndarray) -> dict:
-        """One image's ``(K,)`` probabilities → its prediction, in the task's schema."""
-        return self.task.decode(np.asarray(probs)[None], self.classes)[0]
+        """One image's ``(K,)`` probabilities → its prediction, in the task's schema (each
+        output against its threshold where the task has them)."""
+        return self.predictor.decode(np.asarray(probs)[None])[0]
 
     def label(self, probs: np.ndarray) -> str:
         """The label of the task's prediction (what a reviewer confirms or corrects)."""
@@ -265,17 +286,27 @@ class ModelService:
                 )
         return flags
 
-    def urgency(self, probs: np.ndarray) -> float:
-        """The task's triage score of one image (the worklist order), for the urgent class
-        (classes.json ``positive``)."""
-        return self.task.urgency(probs, self.classes, self.positive)
+    def triage(self, probs: np.ndarray) -> tuple[float, str | None]:
+        """The task's triage score of one image (the worklist order) and the class or finding
+        that set it: classification's urgent class; for a multi-label run the urgent finding
+        whose probability, against its own threshold, is highest (see
+        :meth:`~medsight.tasks.multilabel.MultiLabelTask.triage`)."""
+        return self.task.triage(
+            probs, self.classes, self.positive, thresholds=self.thresholds, urgent=self.urgent
+        )
 
-    def flag(self, probs: np.ndarray) -> str | None:
-        """The strictest (highest-threshold) operating point of the urgent class reached."""
+    def urgency(self, probs: np.ndarray) -> float:
+        """The task's triage score of one image (see :meth:`triage`)."""
+        return self.triage(probs)[0]
+
+    def flag(self, probs: np.ndarray, driver: str | None = None) -> str | None:
+        """The strictest (highest-threshold) operating point reached by ``driver``, the class
+        or finding that set the urgency (default: the urgent class)."""
+        driver = driver or self.positive
         reached = [
             (f.threshold, f.operating_point)
             for f in self.threshold_flags(probs)
-            if f.class_name == self.positive and f.flagged
+            if f.class_name == driver and f.flagged
         ]
         return max(reached)[1] if reached else None
 
@@ -313,17 +344,69 @@ class ModelService:
         except (ImportError, ValueError):
             return False
 
-    def explain(self, scored: Scored) -> tuple[str, str | None, str]:
-        """``(method, layer, base64 PNG)`` of the heat map over the image for a scored upload."""
+    def check_target(self, target: str | None) -> None:
+        """Raise :class:`UnknownTarget` unless ``target`` is None or a class (finding)."""
+        if target is not None and target not in self.classes:
+            raise UnknownTarget(
+                f"class {target!r} is not an output of this model; use one of: "
+                f"{', '.join(self.classes)}"
+            )
+
+    def explain_target(self, probs: np.ndarray, target: str | None = None) -> str:
+        """The class or finding a heat map explains: ``target`` (checked), else the task's
+        first (most probable) explanation target — the predicted class, or the most probable
+        finding above its threshold."""
+        self.check_target(target)
+        if target is not None:
+            return target
+        return self.task.explain_targets(probs, self.classes, self.thresholds)[0]
+
+    def reviewer_label(self, text: str | None) -> str | None:
+        """A reviewer's label, checked against the model's outputs: a class; for a run whose
+        outputs each have a threshold (findings), the findings present joined by ``|`` (put in
+        the model's finding order, so that agreement compares like with like) or
+        ``"no finding"``. Raises :class:`UnknownTarget` naming what is allowed."""
+        if text is None:
+            return None
+        if self.thresholds is None:
+            if text not in self.classes:
+                raise UnknownTarget(
+                    f"reviewer_label {text!r} is not a class of this model; "
+                    f"use one of: {', '.join(self.classes)}"
+                )
+            return text
+        from medsight.data.findings import NO_FINDING, SEPARATOR
+
+        parts = [part.strip() for part in text.split(SEPARATOR)]
+        if parts == [NO_FINDING]:
+            return NO_FINDING
+        unknown = [part for part in parts if part not in self.classes]
+        if unknown or not parts:
+            raise UnknownTarget(
+                f"reviewer_label {text!r} names {', '.join(map(repr, unknown))}, not findings "
+                f"of this model; give the findings present joined by '{SEPARATOR}' "
+                f"(findings: {', '.join(self.classes)}) or '{NO_FINDING}'"
+            )
+        return SEPARATOR.join(name for name in self.classes if name in parts)
+
+    def explain(
+        self, scored: Scored, target: str | None = None
+    ) -> tuple[str, str | None, str, str]:
+        """``(method, layer, base64 PNG, target)`` of the heat map over the image for a scored
+        upload: the map of ``target`` (a class or finding; see :meth:`explain_target`)."""
+        target = self.explain_target(scored.probabilities, target)
         explainer = self.explainer()
         try:
             from medsight.explain import overlay
 
             with self._infer_lock:
-                heatmap = np.asarray(explainer.explain(scored.x), dtype=np.float32)
+                heatmap = np.asarray(explainer.explain(scored.x, target=target), dtype=np.float32)
             display = _display_image(self.predictor, scored.image)
             heatmap = _resize(heatmap, display.shape[:2])
             caption = _caption(self.prediction(scored.probabilities))
+            if self.thresholds is not None:  # one map per output: say whose this is
+                k = self.classes.index(target)
+                caption = f"map: {target} {scored.probabilities[k]:.0%}"
             picture = overlay(display, heatmap, label=caption)
         except ExplanationsUnavailable:
             raise
@@ -337,7 +420,34 @@ class ModelService:
             method,
             (str(layer) if layer is not None else None),
             base64.b64encode(buffer.getvalue()).decode("ascii"),
+            target,
         )
+
+
+def urgent_outputs(
+    classes: list[str], positive: str | None, urgent: Sequence[str] | str | None, source: str
+) -> list[str]:
+    """The classes (findings) triage watches, in class order: ``urgent`` (a list, or names
+    joined by commas) when given, else the urgent class ``positive``, else every output.
+    A run with one urgent class (classification) takes exactly one. Names that are not
+    outputs of the run are refused, naming ``source`` and the outputs."""
+    if isinstance(urgent, str):
+        urgent = [name.strip() for name in urgent.split(",") if name.strip()]
+    if not urgent:
+        return [positive] if positive is not None else list(classes)
+    names = [str(name).strip() for name in urgent]
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        raise ConfigError(
+            f"{source} names {', '.join(map(repr, unknown))}, not outputs of this run; "
+            f"choose among: {', '.join(classes)}"
+        )
+    if positive is not None and len(set(names)) != 1:
+        raise ConfigError(
+            f"{source} names {len(set(names))} classes; a classification run has one urgent "
+            f"class (the one its worklist is ordered by): name one of {', '.join(classes)}"
+        )
+    return [name for name in classes if name in names]
 
 
 def _display_image(predictor: Predictor, image: DecodedImage) -> np.ndarray:

@@ -36,6 +36,7 @@ from sqlalchemy import (
     Integer,
     String,
     create_engine,
+    inspect,
     select,
     update,
 )
@@ -83,6 +84,9 @@ class Study(Base):
     label: Mapped[str] = mapped_column(String(200))
     probabilities: Mapped[dict] = mapped_column(JSON)
     urgency: Mapped[float] = mapped_column(Float, index=True)
+    #: The class or finding whose probability set the urgency (null: studies queued before
+    #: it was recorded).
+    urgency_finding: Mapped[str | None] = mapped_column(String(200), nullable=True)
     flag: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default="pending")
     reviewer_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -130,6 +134,7 @@ class WorklistStore:
         try:
             self.engine = create_engine(url, **kwargs)
             Base.metadata.create_all(self.engine)
+            _add_new_columns(self.engine)
         except Exception as exc:  # noqa: BLE001 - a bad URL or driver is a user error
             raise ConfigError(
                 f"worklist database {_safe_url(url)!r} cannot be opened ({exc}); pass --db "
@@ -171,8 +176,10 @@ class WorklistStore:
         urgency: float,
         flag: str | None,
         model: dict[str, str],
+        urgency_finding: str | None = None,
     ) -> Study:
-        """Store the (already de-identified) file and queue a pending study."""
+        """Store the (already de-identified) file and queue a pending study; ``urgency_finding``
+        is the class or finding whose probability set ``urgency``."""
         digest, relative = self.store_file(data, extension)
         meta = dict(meta)
         study = Study(
@@ -186,6 +193,7 @@ class WorklistStore:
             label=label,
             probabilities=probabilities,
             urgency=urgency,
+            urgency_finding=urgency_finding,
             flag=flag,
             status="pending",
             model_name=model["name"],
@@ -283,6 +291,22 @@ class WorklistStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+#: Columns added to ``studies`` after its first release: ``create_all`` makes new tables only,
+#: so a worklist database from an older medsight gains them here (as NULL for its studies).
+_NEW_COLUMNS = {"urgency_finding": "VARCHAR(200)"}
+
+
+def _add_new_columns(engine) -> None:
+    present = {column["name"] for column in inspect(engine).get_columns(Study.__tablename__)}
+    missing = {name: kind for name, kind in _NEW_COLUMNS.items() if name not in present}
+    if missing:
+        with engine.begin() as connection:
+            for name, kind in missing.items():
+                connection.execute(
+                    sql_text(f"ALTER TABLE {Study.__tablename__} ADD COLUMN {name} {kind}")
+                )
 
 
 def _safe_url(url: str) -> str:

@@ -121,6 +121,35 @@ class Task(ABC):
         """One image's ``(K,)`` probabilities → its triage score (higher: read sooner); the
         worklist is ordered by it."""
 
+    def decision_thresholds(
+        self, classes: Sequence[str], operating_points: dict[str, dict], point: str
+    ) -> list[float] | None:
+        """The threshold each output is decided by (``decode(..., thresholds=)``), from the
+        evaluated ``operating_points`` (``metrics.json``'s ``thresholds``) at ``point``; None
+        for tasks that decide without thresholds (the default: the most probable class)."""
+        return None
+
+    def triage(
+        self,
+        probs: np.ndarray,
+        classes: Sequence[str],
+        positive: str | None,
+        *,
+        thresholds: Sequence[float] | None = None,
+        urgent: Sequence[str] | None = None,
+    ) -> tuple[float, str | None]:
+        """One image's :meth:`urgency` and the class (or finding) that set it: by default the
+        urgent class ``positive``. ``urgent`` (the classes triage watches) and ``thresholds``
+        (:meth:`decision_thresholds`) matter to tasks with several urgent outputs."""
+        return self.urgency(probs, classes, positive), positive
+
+    def explain_targets(
+        self, probs: np.ndarray, classes: Sequence[str], thresholds: Sequence[float] | None = None
+    ) -> list[str]:
+        """The classes whose heat maps explain one image's ``(K,)`` prediction, most probable
+        first: by default the predicted (most probable) class alone."""
+        return [classes[int(np.argmax(probs))]]
+
     def prediction_columns(self, classes: Sequence[str]) -> list[str]:
         """Names of the ``K`` probability columns, in column order: in ``predictions.csv`` and
         ``medsight predict``."""

@@ -2,13 +2,19 @@
 cross-entropy with per-finding positive weights, ignored (uncertain) labels masked out.
 
 Targets are ``(N, K)`` float matrices: 1 present, 0 absent, NaN ignored
-(:mod:`medsight.data.findings` writes and reads them). The triage urgency of an image is the
-highest probability among the urgent findings, each against its own threshold.
+(:mod:`medsight.data.findings` writes and reads them).
+
+Each finding is decided by its own threshold (:meth:`MultiLabelTask.decision_thresholds`:
+the evaluated operating point, Youden's by default, else 0.5). The triage urgency of an image
+(:func:`threshold_scaled`) is the highest, over the urgent findings, of the finding's
+probability rescaled so that its own threshold sits at 0.5: an image with any urgent finding
+above its threshold ranks above every image with none, and with thresholds of 0.5 the urgency
+is the highest probability.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +30,10 @@ from medsight.tasks.base import Task
 #: Positive weights (negatives / positives of a finding) are capped here: a finding seen a
 #: handful of times would otherwise dominate the loss.
 MAX_POSITIVE_WEIGHT = 50.0
+#: A finding's threshold when the run was not evaluated (or its point is undefined).
+DEFAULT_THRESHOLD = 0.5
+#: The operating point findings are decided at by default (metrics.json ``thresholds``).
+DEFAULT_POINT = "youden"
 
 
 class FindingScore(BaseModel):
@@ -183,12 +193,13 @@ class MultiLabelTask(Task):
         self,
         probs: np.ndarray,
         classes: Sequence[str],
-        thresholds: Sequence[float] | None = None,
+        thresholds: Sequence[float] | Mapping[str, float] | None = None,
     ) -> list[dict[str, Any]]:
-        """Each finding with its probability against its threshold (default 0.5); ``label``:
-        the findings above threshold joined by ``|`` (``"no finding"`` when none is)."""
+        """Each finding with its probability against its threshold (default 0.5; a sequence
+        in finding order or a ``{finding: threshold}`` mapping); ``label``: the findings above
+        threshold joined by ``|`` (``"no finding"`` when none is)."""
         probs = np.asarray(probs, dtype=np.float64)
-        cut = np.full(len(classes), 0.5) if thresholds is None else np.asarray(thresholds)
+        cut = _thresholds(thresholds, classes)
         out = []
         for row in probs:
             above = row >= cut
@@ -206,12 +217,87 @@ class MultiLabelTask(Task):
             out.append({"label": label, "confidence": float(row.max()), "findings": findings})
         return out
 
-    def urgency(self, probs: np.ndarray, classes: Sequence[str], positive: str | None) -> float:
-        """The highest probability among the findings (``positive``: only that one)."""
-        probs = np.asarray(probs, dtype=np.float64)
-        if positive:
-            return float(probs[list(classes).index(positive)])
-        return float(probs.max())
+    def decision_thresholds(
+        self, classes: Sequence[str], operating_points: dict[str, dict], point: str = DEFAULT_POINT
+    ) -> list[float]:
+        """Each finding's threshold at the evaluated operating ``point`` (``metrics.json``'s
+        ``thresholds``: ``{finding: {point: {"threshold": t, ...}}}``); 0.5 for every finding
+        of a run that was not evaluated, and for a finding whose point is undefined (no
+        positive image in the evaluated split). A point the evaluation did not compute is
+        refused, listing those it did."""
+        operating_points = operating_points or {}
+        if not operating_points:
+            return [DEFAULT_THRESHOLD] * len(classes)
+        known = sorted({p for points in operating_points.values() for p in (points or {})})
+        if point not in known:
+            raise ConfigError(
+                f"operating point {point!r} is not in the run's metrics.json; evaluated points: "
+                f"{', '.join(known) or 'none'}"
+            )
+        out = []
+        for name in classes:
+            value = ((operating_points.get(name) or {}).get(point) or {}).get("threshold")
+            out.append(DEFAULT_THRESHOLD if value is None else float(value))
+        return out
+
+    def triage(
+        self,
+        probs: np.ndarray,
+        classes: Sequence[str],
+        positive: str | None,
+        *,
+        thresholds: Sequence[float] | Mapping[str, float] | None = None,
+        urgent: Sequence[str] | None = None,
+    ) -> tuple[float, str]:
+        """The urgency of one image's ``(K,)`` probabilities and the finding that set it.
+
+        Over the ``urgent`` findings (default: ``positive`` when set, else every finding), the
+        highest :func:`threshold_scaled` probability, each finding against its own threshold
+        (default 0.5); ties go to the earlier finding. An urgency of 0.5 or more means the
+        driving finding reached its threshold.
+
+        >>> MultiLabelTask().triage(np.array([0.4, 0.6]), ["a", "b"], None, thresholds=[0.2, 0.8])
+        (0.625, 'a')
+        """
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+        names = list(classes)
+        watched = list(urgent) if urgent else ([positive] if positive else names)
+        unknown = [name for name in watched if name not in names]
+        if unknown:
+            raise ConfigError(
+                f"urgent finding(s) {unknown} are not findings of this run; findings: {names}"
+            )
+        cut = _thresholds(thresholds, names)
+        scores = [threshold_scaled(probs[names.index(n)], cut[names.index(n)]) for n in watched]
+        best = int(np.argmax(scores))
+        return float(scores[best]), watched[best]
+
+    def urgency(
+        self,
+        probs: np.ndarray,
+        classes: Sequence[str],
+        positive: str | None,
+        *,
+        thresholds: Sequence[float] | Mapping[str, float] | None = None,
+        urgent: Sequence[str] | None = None,
+    ) -> float:
+        """The triage score of :meth:`triage` (with default thresholds: the highest
+        probability among the urgent findings; ``positive``: only that one)."""
+        return self.triage(probs, classes, positive, thresholds=thresholds, urgent=urgent)[0]
+
+    def explain_targets(
+        self,
+        probs: np.ndarray,
+        classes: Sequence[str],
+        thresholds: Sequence[float] | Mapping[str, float] | None = None,
+    ) -> list[str]:
+        """The findings above their thresholds, most probable first; the most probable
+        finding when none is."""
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+        cut = _thresholds(thresholds, classes)
+        order = np.argsort(-probs, kind="stable")
+        above = [classes[int(i)] for i in order if probs[i] >= cut[i]]
+        return above or [classes[int(order[0])]]
 
     def prediction_columns(self, classes: Sequence[str]) -> list[str]:
         return [f"p_{name}" for name in classes]
@@ -246,6 +332,37 @@ class MultiLabelTask(Task):
         return paired_bootstrap_auroc(
             y, probs, base_probs, list(classes), n_bootstrap=n_bootstrap, seed=seed
         )
+
+
+def threshold_scaled(p: float, threshold: float) -> float:
+    """``p`` rescaled piecewise-linearly so that ``threshold`` maps to 0.5, 0 to 0 and 1 to 1:
+    ``0.5·p/t`` below the threshold, ``0.5 + 0.5·(p − t)/(1 − t)`` at or above it. Monotone in
+    ``p``, and equal to ``p`` when ``t`` is 0.5.
+
+    >>> threshold_scaled(0.3, 0.2), threshold_scaled(0.1, 0.2), threshold_scaled(0.7, 0.5)
+    (0.5625, 0.25, 0.7)
+    """
+    t = min(max(float(threshold), 1e-6), 1 - 1e-6)
+    p = float(p)
+    return 0.5 * p / t if p < t else 0.5 + 0.5 * (p - t) / (1 - t)
+
+
+def _thresholds(
+    thresholds: Sequence[float] | Mapping[str, float] | None, classes: Sequence[str]
+) -> np.ndarray:
+    """Thresholds in finding order from a sequence, a ``{finding: t}`` mapping (missing
+    findings: 0.5) or None (all 0.5)."""
+    if thresholds is None:
+        return np.full(len(classes), DEFAULT_THRESHOLD)
+    if isinstance(thresholds, Mapping):
+        unknown = sorted(set(thresholds) - set(classes))
+        if unknown:
+            raise ConfigError(f"thresholds name {unknown}, not findings; findings: {list(classes)}")
+        return np.array([float(thresholds.get(n, DEFAULT_THRESHOLD)) for n in classes])
+    cut = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if cut.shape != (len(classes),):
+        raise ConfigError(f"got {cut.size} thresholds for {len(classes)} findings; give one each")
+    return cut
 
 
 def positive_weights(counts: np.ndarray) -> torch.Tensor:

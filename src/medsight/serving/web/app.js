@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, file: null, selected: null, token: sessionStorage.getItem("medsight-token") || "" };
+const state = { model: null, file: null, selected: null, finding: null, explainSeq: 0, token: sessionStorage.getItem("medsight-token") || "" };
 
 // ------------------------------------------------------------------ API
 
@@ -35,6 +35,11 @@ async function json(response) {
   }
   return body;
 }
+
+// A multi-label run decides each finding by its own threshold: the page lists findings.
+function isMulti() { return Boolean(state.model && state.model.decision_thresholds); }
+// A multi-label label names its findings joined by "|": show them as a list.
+function labelText(label) { return isMulti() ? String(label).split("|").map(pretty).join(", ") : pretty(label); }
 
 function upload(path, file) {
   const form = new FormData();
@@ -90,6 +95,51 @@ function renderBars(container, probabilities) {
   }
 }
 
+// One row per finding: its probability bar with its threshold marked, highlighted when at or
+// above it. ``onPick`` (optional) makes the rows buttons that ask for that finding's map.
+function renderFindings(container, findings, onPick) {
+  container.replaceChildren();
+  container.classList.add("findings");
+  for (const f of findings) {
+    const fill = el("div", { class: "fill" });
+    fill.style.width = "0%";
+    const mark = el("div", { class: "threshold", title: `threshold ${pct(f.threshold)}` });
+    mark.style.left = (100 * f.threshold).toFixed(1) + "%";
+    const status = f.above_threshold ? "above" : "below";
+    const row = el("div", {
+      class: "bar finding " + status + (onPick && f.name === state.finding ? " selected" : ""),
+      "data-class": f.name,
+      title: `${pretty(f.name)}: ${pct(f.probability)}, ${status} its threshold of ${pct(f.threshold)}`,
+    }, [
+      el("span", { class: "cls", text: pretty(f.name), title: f.name }),
+      el("div", { class: "track" }, [fill, mark]),
+      el("span", { class: "pct", text: pct(f.probability) }),
+    ]);
+    if (onPick) {
+      row.setAttribute("role", "button");
+      row.setAttribute("tabindex", "0");
+      row.setAttribute("aria-label", `Show the heat map of ${pretty(f.name)}`);
+      row.addEventListener("click", () => onPick(f.name));
+      row.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); onPick(f.name); } });
+    }
+    container.append(row);
+    requestAnimationFrame(() => { fill.style.width = (100 * f.probability).toFixed(1) + "%"; });
+  }
+}
+
+// A study keeps its probabilities; the model's thresholds make them findings again.
+function findingsOf(probabilities) {
+  const thresholds = state.model.decision_thresholds;
+  return Object.entries(probabilities).map(([name, p]) => ({
+    name, probability: p, threshold: thresholds[name], above_threshold: p >= thresholds[name],
+  }));
+}
+
+function markSelected(name) {
+  state.finding = name;
+  for (const row of document.querySelectorAll("#bars .finding")) row.classList.toggle("selected", row.dataset.class === name);
+}
+
 // ------------------------------------------------------------------ model
 
 async function loadModel() {
@@ -102,16 +152,24 @@ async function loadModel() {
     const facts = $("model-facts");
     facts.replaceChildren();
     const add = (k, v) => facts.append(el("dt", { text: k }), el("dd", { text: v }));
-    add("Classes", model.classes.map(pretty).join(", "));
-    add("Urgent class", pretty(model.positive_class));
+    if (isMulti()) {
+      add("Findings", model.classes.map(pretty).join(", "));
+      add("Urgent findings", model.urgent.map(pretty).join(", "));
+      const thresholds = Object.entries(model.decision_thresholds).map(([k, t]) => `${pretty(k)} ${t.toFixed(2)}`).join(", ");
+      add("Thresholds", thresholds + (model.evaluated ? ` (${pointName(model.decision_point)} point)` : " (0.5: not evaluated)"));
+    } else {
+      add("Classes", model.classes.map(pretty).join(", "));
+      add("Urgent class", pretty(model.positive_class));
+    }
     add("Input", `${model.input.channels === 1 ? "grayscale" : "colour"}, ${model.input.width}×${model.input.height} px`);
     if (model.evaluated) {
+      const shown = { auroc: "AUROC", accuracy: "Accuracy", auroc_macro: "AUROC (mean over findings)" };
       for (const [name, m] of Object.entries(model.metrics)) {
-        if (!["auroc", "accuracy"].includes(name) || m.value === null) continue;
+        if (!(name in shown) || m.value === null) continue;
         const ci = m.ci ? ` (95 % CI ${m.ci[0].toFixed(2)}–${m.ci[1].toFixed(2)})` : "";
-        add(name === "auroc" ? "AUROC" : "Accuracy", m.value.toFixed(3) + ci);
+        add(shown[name], m.value.toFixed(3) + ci);
       }
-      add("Evaluated on", `${model.evaluated_split} split, n = ${model.n_evaluated}`);
+      if (model.evaluated_split) add("Evaluated on", `${model.evaluated_split} split, n = ${model.n_evaluated}`);
     } else {
       add("Evaluation", "not evaluated yet (medsight evaluate RUN)");
     }
@@ -119,11 +177,54 @@ async function loadModel() {
     const select = $("reviewer-label");
     select.replaceChildren(el("option", { value: "", text: "— no finding recorded —" }));
     for (const c of model.classes) select.append(el("option", { value: c, text: pretty(c) }));
+    setupMulti(model);
     refreshCount();
   } catch (error) {
     $("model-chip").textContent = "model unavailable";
     showBanner(error.message);
   }
+}
+
+// The parts of the page that differ for a multi-label run: wording, the worklist's finding
+// column, and a reviewer's findings as checkboxes (an image may have several, or none).
+function setupMulti(model) {
+  const multi = isMulti();
+  $("result-kicker").textContent = multi ? "Findings above threshold" : "Most likely";
+  $("confidence-kicker").textContent = multi ? "Highest probability" : "Confidence";
+  $("bars-hint").hidden = !multi;
+  $("wl-finding-head").hidden = !multi;
+  $("reviewer-label").hidden = multi;
+  $("reviewer-findings").hidden = !multi;
+  $("reviewer-caption").textContent = multi ? "Reviewer’s findings" : "Reviewer’s finding";
+  if (multi) {
+    $("urgency-explainer").textContent = `Ordered by urgency: the highest probability among the urgent findings (${model.urgent.map(pretty).join(", ")}), each scaled so that its own threshold sits at 50 % — 50 % or more means that finding reached its threshold; ties by arrival. “Finding” names the one that set the urgency.`;
+    // Nothing ticked: no finding recorded (as the select's first option); "No finding" is a
+    // reviewer's answer of its own, exclusive of the findings.
+    const boxes = $("reviewer-findings");
+    boxes.replaceChildren();
+    for (const c of [...model.classes, "no finding"]) {
+      const box = el("input", { type: "checkbox", value: c });
+      box.addEventListener("change", () => {
+        if (!box.checked) return;
+        for (const other of boxes.querySelectorAll("input")) {
+          if (other !== box && (c === "no finding" || other.value === "no finding")) other.checked = false;
+        }
+      });
+      boxes.append(el("label", { class: "check" + (c === "no finding" ? " none" : "") }, [box, document.createTextNode(" " + pretty(c))]));
+    }
+  }
+}
+
+function reviewerLabel() {
+  if (!isMulti()) return $("reviewer-label").value || null;
+  const checked = [...document.querySelectorAll("#reviewer-findings input:checked")].map((b) => b.value);
+  return checked.length ? checked.join("|") : null;
+}
+
+function setReviewer(label) {
+  if (!isMulti()) { $("reviewer-label").value = label || ""; return; }
+  const present = label ? label.split("|") : [];
+  for (const box of document.querySelectorAll("#reviewer-findings input")) box.checked = present.includes(box.value);
 }
 
 // ------------------------------------------------------------------ analyse
@@ -153,7 +254,9 @@ async function analyse(file) {
   $("result-empty").textContent = "Analysing…";
   $("queue-btn").disabled = false;
   $("queue-btn").textContent = "Add to worklist";
+  state.finding = null;
 
+  const seq = ++state.explainSeq;
   const prediction = upload("/v1/predict", file).then(json);
   const explanation = upload("/v1/explain", file).then(json);
   try {
@@ -164,29 +267,58 @@ async function analyse(file) {
     showBanner(error.message);
     return;
   }
+  await showExplanation(explanation, seq);
+}
+
+// Show a heat map once it arrives, unless a newer one has been asked for meanwhile.
+async function showExplanation(pending, seq) {
   try {
-    const body = await explanation;
+    const body = await pending;
+    if (seq !== state.explainSeq) return;
     const img = $("overlay-img");
     img.src = "data:image/png;base64," + body.overlay_png;
     img.hidden = false;
     $("overlay-note").hidden = true;
-    $("overlay-caption").textContent = `Heat map (${pretty(body.method)}${body.layer ? ", " + body.layer : ""})`;
+    const whose = isMulti() && body.target ? pretty(body.target) + " · " : "";
+    $("overlay-caption").textContent = `Heat map (${whose}${pretty(body.method)}${body.layer ? ", " + body.layer : ""})`;
+    if (isMulti() && body.target) markSelected(body.target);
   } catch (error) {
+    if (seq !== state.explainSeq) return;
+    $("overlay-img").hidden = true;
+    $("overlay-note").hidden = false;
     $("overlay-note").textContent = error.status === 501 ? "Heat maps are not available on this server." : "Heat map failed: " + error.message;
   }
+}
+
+// A finding's row was clicked: that finding's own map (Grad-CAM on its logit).
+function explainFinding(name) {
+  if (!state.file || name === state.finding) return;
+  markSelected(name);
+  const seq = ++state.explainSeq;
+  $("overlay-note").hidden = false;
+  $("overlay-note").textContent = `Computing the heat map of ${pretty(name)}…`;
+  $("overlay-img").hidden = true;
+  $("overlay-caption").textContent = `Heat map (${pretty(name)})`;
+  showExplanation(upload("/v1/explain?class=" + encodeURIComponent(name), state.file).then(json), seq);
 }
 
 function showPrediction(body) {
   $("result-empty").hidden = true;
   $("result").hidden = false;
   const label = $("result-label");
-  label.textContent = pretty(body.label);
-  label.classList.toggle("urgent", state.model && body.label === state.model.positive_class);
+  label.textContent = labelText(body.label);
+  label.classList.toggle("urgent", state.model && (body.findings
+    ? body.findings.some((f) => f.above_threshold && state.model.urgent.includes(f.name))
+    : body.label === state.model.positive_class));
   $("result-confidence").textContent = pct(body.confidence);
-  renderBars($("bars"), body.probabilities);
+  if (body.findings) renderFindings($("bars"), body.findings, explainFinding);
+  else renderBars($("bars"), body.probabilities);
   const flags = $("flags");
   flags.replaceChildren();
-  for (const f of body.threshold_flags) {
+  // Multi-label: the bars show each finding's decision threshold; chips add the other
+  // evaluated points only where the finding reaches them.
+  const shownFlags = body.findings ? body.threshold_flags.filter((f) => f.flagged && f.operating_point !== state.model.decision_point) : body.threshold_flags;
+  for (const f of shownFlags) {
     const text = `${pretty(f.class_name)} ${f.flagged ? "above" : "below"} the ${pointName(f.operating_point)} threshold (${f.threshold.toFixed(2)})`;
     flags.append(el("span", { class: "chip" + (f.flagged ? " on" : ""), text, title: `sensitivity ${f.sensitivity}, specificity ${f.specificity} on the evaluated split` }));
   }
@@ -228,7 +360,8 @@ async function loadWorklist() {
       const row = el("tr", { class: "wl-row" + (state.selected === item.id ? " selected" : ""), "data-id": String(item.id) }, [
         el("td", { text: String(item.id) }),
         el("td", {}, [el("div", { class: "urgency" }, [el("div", { class: "track" }, [fill]), el("span", { text: pct(item.urgency) })])]),
-        el("td", { text: pretty(item.label) }),
+        el("td", { text: labelText(item.label) }),
+        ...(isMulti() ? [el("td", { class: "wl-finding", text: item.urgency_finding ? pretty(item.urgency_finding) : "—" })] : []),
         el("td", {}, [item.flag ? el("span", { class: "chip on", text: "≥ " + pointName(item.flag), title: "at or above the " + pointName(item.flag) + " threshold" }) : el("span", { class: "muted", text: "—" })]),
         el("td", {}, [el("span", { class: "chip " + item.status, text: pretty(item.status) })]),
         el("td", { class: "muted", text: new Date(item.received_at).toLocaleString() }),
@@ -249,19 +382,20 @@ async function openStudy(item) {
   $("study-empty").hidden = true;
   $("study").hidden = false;
   $("study-title").textContent = `Study #${item.id}`;
-  renderBars($("study-bars"), item.probabilities);
+  if (isMulti()) renderFindings($("study-bars"), findingsOf(item.probabilities));
+  else renderBars($("study-bars"), item.probabilities);
   const facts = $("study-facts");
   facts.replaceChildren();
   const add = (k, v) => facts.append(el("dt", { text: k }), el("dd", { text: v }));
-  add("Model label", pretty(item.label));
-  add("Urgency", pct(item.urgency));
+  add(isMulti() ? "Model findings" : "Model label", labelText(item.label));
+  add("Urgency", pct(item.urgency) + (isMulti() && item.urgency_finding ? ` (set by ${pretty(item.urgency_finding)})` : ""));
   add("Flag", item.flag ? `at or above the ${pointName(item.flag)} threshold` : state.model && state.model.evaluated ? "below every operating point" : "none (run not evaluated)");
   add("Status", pretty(item.status));
   add("Format", item.format + (item.modality ? " · " + item.modality : ""));
   if (item.patient) add("Patient", item.patient + " (pseudonym)");
   add("Received", new Date(item.received_at).toLocaleString());
-  if (item.reviewer_label) add("Reviewer", pretty(item.reviewer_label) + (item.agreement ? " (agrees)" : " (disagrees)"));
-  $("reviewer-label").value = item.reviewer_label || "";
+  if (item.reviewer_label) add("Reviewer", labelText(item.reviewer_label) + (item.agreement ? " (agrees)" : " (disagrees)"));
+  setReviewer(item.reviewer_label || "");
   $("mark-reviewed").disabled = item.status === "reviewed";
   $("start-review").disabled = item.status !== "pending";
 
@@ -283,7 +417,7 @@ async function openStudy(item) {
 
 async function setStatus(status) {
   if (state.selected === null) return;
-  const reviewer = $("reviewer-label").value || null;
+  const reviewer = reviewerLabel();
   try {
     const item = await json(await api(`/v1/studies/${state.selected}`, {
       method: "PATCH",
