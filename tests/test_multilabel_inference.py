@@ -10,12 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit
-from tests.serving.multilabel import (
-    copy_run,
-    train_multilabel_run,
-    write_finding_images,
-    write_thresholds,
-)
 from typer.testing import CliRunner
 
 from medsight.cli import app
@@ -23,6 +17,12 @@ from medsight.errors import ConfigError
 from medsight.inference import Predictor, predict_paths
 from medsight.tasks import get_task
 from medsight.tasks.multilabel import threshold_scaled
+from tests.serving.multilabel import (
+    copy_run,
+    train_multilabel_run,
+    write_finding_images,
+    write_thresholds,
+)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from medsight.training.trainer import train
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import make_two_class_manifest
+    from tests.conftest import make_two_class_manifest
 
     root = tmp_path_factory.mktemp("eval")
     data = make_two_class_manifest(root / "data", n_patients=16, per_patient=3)

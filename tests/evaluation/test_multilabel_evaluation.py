@@ -28,7 +28,7 @@ FINDINGS = ["bright", "dark"]
 def make_findings_manifest(root, n_patients=24, per_patient=2, size=16):
     """A bright square top-left = "bright", a dark one bottom-right = "dark" (either, both or
     neither); a few "dark" entries uncertain (-1); patients and sex columns."""
-    from conftest import write_png
+    from tests.conftest import write_png
 
     rng = np.random.default_rng(0)
     lines = ["path,patient_id,sex,bright,dark"]

@@ -40,7 +40,7 @@ TRICKY = '<b>lesion & "mass"</b>'
 
 def make_run(root: Path, classes: list[str], positive: str, *, by=(), n: int = 60) -> Path:
     """A finished, evaluated run over a manifest of ``n`` 16×16 PNGs (one per patient)."""
-    from conftest import random_image, write_png
+    from tests.conftest import random_image, write_png
 
     rng = np.random.default_rng(0)
     k = len(classes)

@@ -9,18 +9,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.serving.multilabel import (
-    copy_run,
-    train_multilabel_run,
-    write_finding_images,
-    write_thresholds,
-)
 from typer.testing import CliRunner
 
 from medsight.cli import app
 from medsight.errors import ConfigError
 from medsight.explain import Explainer, explain_files
 from medsight.inference import Predictor
+from tests.serving.multilabel import (
+    copy_run,
+    train_multilabel_run,
+    write_finding_images,
+    write_thresholds,
+)
 
 
 @pytest.fixture(scope="module")

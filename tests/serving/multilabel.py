@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from tests.conftest import write_png
 
 FINDINGS = ("a", "b")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.serving.conftest import local_client
-from tests.serving.multilabel import THRESHOLDS, copy_run, write_finding_images
 
 from medsight.errors import ConfigError
 from medsight.serving.api import ServeSettings, create_app
 from medsight.tasks.multilabel import threshold_scaled
+from tests.serving.conftest import local_client
+from tests.serving.multilabel import THRESHOLDS, copy_run, write_finding_images
 
 
 @pytest.fixture

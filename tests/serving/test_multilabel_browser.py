@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+from medsight.serving.api import ServeSettings, create_app
 from tests.serving.multilabel import THRESHOLDS, finding_image
 from tests.serving.test_browser import SCREENSHOTS_ENV, _explanations_available, _free_port
 from tests.serving.test_browser import browser as browser  # noqa: F401 - the fixture
-
-from medsight.serving.api import ServeSettings, create_app
 
 
 @pytest.fixture(scope="module")
