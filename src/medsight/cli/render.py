@@ -391,24 +391,37 @@ def evaluation_tables(metrics: dict, headline: Sequence[str], title: str) -> lis
 def findings_table(per_finding: dict) -> Table:
     """One row per finding: its positives among the known images, prevalence, AUROC and AP
     with 95 % CIs, and sensitivity / specificity at its Youden threshold."""
-    table = Table(title="Per finding", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("finding")
-    for column in ("pos / n", "prev.", "AUROC (95 % CI)", "AP (95 % CI)", "Youden sens / spec"):
-        table.add_column(column, justify="right")
+    # Values and intervals in columns of their own, none wrapping: the table fits 80 columns
+    # with finding names of up to ~16 characters.
+    table = Table(
+        title="Per finding",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 0, 0, 1),
+        show_edge=False,
+    )
+    table.add_column("finding", no_wrap=True)
+    for column in ("pos/n", "prev.", "AUROC", "95 % CI", "AP", "95 % CI", "sens/spec*"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.caption = "* at each finding's Youden threshold"
+    table.caption_justify = "left"
     for name, entry in per_finding.items():
         known = entry["n_positive"] + entry["n_negative"]
         youden = (entry.get("operating_points") or {}).get("youden")
         at = (
-            f"{format_number(youden['sensitivity'])} / {format_number(youden['specificity'])}"
+            f"{format_number(youden['sensitivity'], 2)}/{format_number(youden['specificity'], 2)}"
             if youden
             else format_number(None)
         )
         table.add_row(
             name,
-            f"{entry['n_positive']:,} / {known:,}",
+            f"{entry['n_positive']:,}/{known:,}",
             format_number(entry["prevalence"]["value"]),
-            format_value_ci(entry["auroc"]),
-            format_value_ci(entry["average_precision"]),
+            format_number(entry["auroc"]["value"]),
+            format_ci(entry["auroc"].get("ci")) or "",
+            format_number(entry["average_precision"]["value"]),
+            format_ci(entry["average_precision"].get("ci")) or "",
             at,
         )
     return table
