@@ -1294,6 +1294,7 @@ def _subgroup_section(page: _Page) -> dict:
         c
         for c in page.pred.columns
         if c not in ("sample_id", "label", "predicted", "patient_id", "mask", "path")
+        and not c.endswith("_path")  # files (per-finding masks), not groups of patients
         and c not in page.task.prediction_columns(page.classes)
     ]
     columns = _subgroup_columns(page.task)
