@@ -329,11 +329,36 @@ def _class_colour(k: int) -> str:
     return colormaps["tab20"](k % 20)
 
 
+def _matrix_panel(ax, values, title, fmt, vmax, labels, *, cmap: str, size: float) -> None:
+    """One annotated square matrix (confusion, co-occurrence): cells shaded up to ``vmax``,
+    each written with ``fmt`` ("—" when undefined), the diagonal in bold."""
+    k = len(labels)
+    rotate = k > 3 or max(len(s) for s in labels) > 8
+    ax.imshow(np.nan_to_num(values, nan=0.0), cmap=cmap, vmin=0, vmax=vmax, aspect="equal")
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    for i in range(k):
+        for j in range(k):
+            v = values[i, j]
+            dark = np.isfinite(v) and v > 0.55 * vmax
+            ax.text(
+                j, i, "—" if not np.isfinite(v) else fmt(v), ha="center", va="center",
+                fontsize=size, color="white" if dark else INK,
+                fontweight="bold" if i == j else "normal",
+            )  # fmt: skip
+    ax.set_xticks(
+        range(k), labels, rotation=35 if rotate else 0, ha="right" if rotate else "center"
+    )
+    ax.set_yticks(range(k), labels)
+    ax.tick_params(length=0)
+    ax.set_title(title, loc="left")
+
+
 def _confusion_figure(cm: np.ndarray, classes: list[str]) -> dict:
     k = len(classes)
     side = max(3.4, 0.5 * k + 1.6)
     labels = [_plot_label(c, 16) for c in classes]
-    rotate = k > 3 or max(len(s) for s in labels) > 8
     support = cm.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         normalised = np.where(support > 0, cm / np.maximum(support, 1), np.nan)
@@ -346,34 +371,9 @@ def _confusion_figure(cm: np.ndarray, classes: list[str]) -> dict:
             (normalised, "Row-normalised", lambda v: f"{v:.2f}", 1),
         )
         for ax, (values, title, fmt, vmax) in zip(axes, panels):
-            shown = np.nan_to_num(values, nan=0.0)
-            ax.imshow(shown, cmap="Blues", vmin=0, vmax=vmax, aspect="equal")
-            ax.grid(False)
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            for i in range(k):
-                for j in range(k):
-                    v = values[i, j]
-                    text = "—" if not np.isfinite(v) else fmt(v)
-                    dark = np.isfinite(v) and v > 0.55 * vmax
-                    ax.text(
-                        j,
-                        i,
-                        text,
-                        ha="center",
-                        va="center",
-                        fontsize=size,
-                        color="white" if dark else INK,
-                        fontweight="bold" if i == j else "normal",
-                    )
-            ax.set_xticks(
-                range(k), labels, rotation=35 if rotate else 0, ha="right" if rotate else "center"
-            )
-            ax.set_yticks(range(k), labels)
-            ax.tick_params(length=0)
+            _matrix_panel(ax, values, title, fmt, vmax, labels, cmap="Blues", size=size)
             ax.set_xlabel("Predicted class")
             ax.set_ylabel("True class")
-            ax.set_title(title, loc="left")
         return embed_figure(fig, "Confusion matrix: counts and row-normalised")
 
 
@@ -1531,7 +1531,6 @@ def _cooccurrence_figure(y: np.ndarray, findings: list[str]) -> dict:
     share = np.where(np.diag(counts)[:, None] > 0, share, np.nan)
     side = max(3.4, 0.42 * k + 1.7)
     labels = [_plot_label(c, 16) for c in findings]
-    rotate = k > 3 or max(len(s) for s in labels) > 8
     size = 9 if k <= 6 else 7.5 if k <= 10 else 7
     stacked = k > 8  # side by side, many findings would shrink to unreadable cells
     with _style():
@@ -1542,26 +1541,7 @@ def _cooccurrence_figure(y: np.ndarray, findings: list[str]) -> dict:
             (share, "Share: row → column", lambda v: f"{v:.2f}", 1),
         )
         for ax, (values, title, fmt, vmax) in zip(axes, panels):
-            shown = np.nan_to_num(values, nan=0.0)
-            ax.imshow(shown, cmap="Purples", vmin=0, vmax=vmax, aspect="equal")
-            ax.grid(False)
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            for i in range(k):
-                for j in range(k):
-                    v = values[i, j]
-                    dark = np.isfinite(v) and v > 0.55 * vmax
-                    ax.text(
-                        j, i, "—" if not np.isfinite(v) else fmt(v), ha="center", va="center",
-                        fontsize=size, color="white" if dark else INK,
-                        fontweight="bold" if i == j else "normal",
-                    )  # fmt: skip
-            ax.set_xticks(
-                range(k), labels, rotation=35 if rotate else 0, ha="right" if rotate else "center"
-            )
-            ax.set_yticks(range(k), labels)
-            ax.tick_params(length=0)
-            ax.set_title(title, loc="left")
+            _matrix_panel(ax, values, title, fmt, vmax, labels, cmap="Purples", size=size)
         return embed_figure(fig, "Co-occurrence of findings in the evaluated split")
 
 

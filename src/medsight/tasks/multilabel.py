@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from medsight.data.findings import NO_FINDING, SEPARATOR, multi_hot, positives
 from medsight.errors import ConfigError, DataError
 from medsight.tasks.base import Task
+from medsight.tasks.multilabel_metrics import HEADLINE
 
 #: Positive weights (negatives / positives of a finding) are capped here: a finding seen a
 #: handful of times would otherwise dominate the loss.
@@ -79,15 +80,7 @@ class MultiLabelTask(Task):
     name = "multilabel"
     validation_metrics = ("average_precision", "auroc")
     progress_metrics = ("auroc",)
-    headline_metrics = (
-        "auroc_macro",
-        "auroc_micro",
-        "average_precision_macro",
-        "average_precision_micro",
-        "hamming_loss",
-        "subset_accuracy",
-        "label_ranking_average_precision",
-    )
+    headline_metrics = HEADLINE
     report_sections = (
         "summary",
         "findings",
