@@ -35,6 +35,24 @@ def interval(values: np.ndarray | None, confidence: float = 0.95) -> list[float]
     return [float(lo), float(hi)]
 
 
+def value_entry(
+    value: float | None, values: np.ndarray | None, confidence: float = 0.95, *, reach: bool = False
+) -> dict[str, Any]:
+    """``{"value", "ci"}`` of a point value and its bootstrap ``values`` (an undefined value
+    gives ``{"value": None, "ci": None}``); ``reach`` extends the interval to include the point
+    value.
+
+    >>> value_entry(0.9, np.array([0.8, 0.85, 0.95]), reach=True)["value"]
+    0.9
+    """
+    if value is None or not math.isfinite(value):
+        return {"value": None, "ci": None}
+    ci = interval(values, confidence)
+    if ci is not None and reach:
+        ci = [min(ci[0], float(value)), max(ci[1], float(value))]
+    return {"value": float(value), "ci": ci}
+
+
 def bootstrap_ci(
     values: Sequence[float],
     n_bootstrap: int = 1000,

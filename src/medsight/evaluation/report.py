@@ -846,20 +846,23 @@ def _pick_examples(y: np.ndarray, predicted: np.ndarray, probs: np.ndarray, n: i
     from the true classes in turn so that every class is shown."""
     confidence = probs[np.arange(len(y)), predicted]
 
-    def pick(mask: np.ndarray) -> list[int]:
-        queues = []
-        for c in np.unique(y[mask]):
-            members = np.flatnonzero(mask & (y == c))
-            queues.append(list(members[np.argsort(-confidence[members], kind="stable")]))
-        chosen: list[int] = []
-        while len(chosen) < n and any(queues):
-            for queue in queues:
-                if queue and len(chosen) < n:
-                    chosen.append(int(queue.pop(0)))
-        return chosen
-
     right = predicted == y
-    return pick(right), pick(~right)
+    return _take_in_turn(right, y, confidence, n), _take_in_turn(~right, y, confidence, n)
+
+
+def _take_in_turn(mask: np.ndarray, groups: np.ndarray, score: np.ndarray, n: int) -> list[int]:
+    """Up to ``n`` indices of ``mask``, one group (true class, true findings) after another,
+    each group's highest ``score`` first: every group is shown before any shows twice."""
+    queues = []
+    for group in np.unique(groups[mask]):
+        members = np.flatnonzero(mask & (groups == group))
+        queues.append(list(members[np.argsort(-score[members], kind="stable")]))
+    chosen: list[int] = []
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(int(queue.pop(0)))
+    return chosen
 
 
 def _thumbnail(source: str, window) -> tuple[str, bool]:
@@ -889,20 +892,12 @@ def _pick_finding_examples(pred: pd.DataFrame, y: np.ndarray, probs: np.ndarray,
     clear_cut = np.where(known, margin, np.inf).min(axis=1)  # the least sure known finding
     worst = np.where(wrong_entry, margin, 0.0).max(axis=1)
     truth = pred["label"].astype(str).to_numpy()
-
-    def pick(mask: np.ndarray, score: np.ndarray) -> list[int]:
-        queues = []
-        for label in pd.unique(truth[mask]):
-            members = np.flatnonzero(mask & (truth == label))
-            queues.append(list(members[np.argsort(-score[members], kind="stable")]))
-        chosen: list[int] = []
-        while len(chosen) < n and any(queues):
-            for queue in queues:
-                if queue and len(chosen) < n:
-                    chosen.append(int(queue.pop(0)))
-        return chosen
-
-    return pick(right, clear_cut), pick(~right & known.any(axis=1), worst), wrong_entry
+    wrong = ~right & known.any(axis=1)
+    return (
+        _take_in_turn(right, truth, clear_cut, n),
+        _take_in_turn(wrong, truth, worst, n),
+        wrong_entry,
+    )
 
 
 def _examples(run, metrics, pred, y, probs, n: int) -> dict:

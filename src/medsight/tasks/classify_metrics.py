@@ -38,7 +38,7 @@ from medsight.calibration import (
     expected_calibration_error,
 )
 from medsight.errors import ConfigError
-from medsight.stats import interval
+from medsight.stats import interval, value_entry
 
 __all__ = [
     "HEADLINE",
@@ -249,16 +249,6 @@ def _bootstrap(ctx: _Context, y: np.ndarray, n_bootstrap: int, seed: int) -> dic
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def _entry(value, values: np.ndarray | None, confidence: float, *, reach: bool = False) -> dict:
-    """``{"value", "ci"}``; ``reach`` extends the interval to include the point value."""
-    if value is None or not math.isfinite(value):
-        return {"value": None, "ci": None}
-    ci = interval(values, confidence)
-    if ci is not None and reach:
-        ci = [min(ci[0], float(value)), max(ci[1], float(value))]
-    return {"value": float(value), "ci": ci}
-
-
 # --------------------------------------------------------------------------- point values
 
 
@@ -441,13 +431,13 @@ def compute_metrics(
         # Plug-in ECE is biased upward under resampling (binning noise only adds to it), so for a
         # well-calibrated model its percentile interval can lie wholly above the point value.
         reach = name == "ece"
-        result[name] = _entry(point[name], resampled(name), confidence, reach=reach)
+        result[name] = value_entry(point[name], resampled(name), confidence, reach=reach)
 
     support = np.bincount(y, minlength=k)
     result["per_class"] = {
         name: {
             **{
-                metric: _entry(
+                metric: value_entry(
                     float(point["per_class"][metric][c]), resampled(metric, c), confidence
                 )
                 for metric in PER_CLASS
@@ -575,7 +565,7 @@ def subgroup_scores(
         if n_bootstrap > 0:
             boot = _bootstrap(_Context(yg, pg, pos), yg, int(n_bootstrap), seed)
         values, samples = _summarise(point, boot, pos, k)
-        entries = {m: _entry(values[m], samples[m], confidence) for m in SUBGROUP_METRICS}
+        entries = {m: value_entry(values[m], samples[m], confidence) for m in SUBGROUP_METRICS}
         notes = []
         lacking = [names[c] for c in range(k) if not (yg == c).any()]
         if lacking:

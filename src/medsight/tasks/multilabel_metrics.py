@@ -31,7 +31,6 @@ over the images), so 1,000 resamples cost a few vectorised passes, not 1,000 sci
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -47,7 +46,7 @@ from sklearn.metrics import (
 
 from medsight.calibration import bin_index
 from medsight.errors import ConfigError, DataError
-from medsight.stats import interval
+from medsight.stats import interval, value_entry
 from medsight.tasks.classify_metrics import ECE_BINS, operating_points
 
 __all__ = [
@@ -264,16 +263,6 @@ def _bootstrap(engine: _Engine, n_bootstrap: int, seed: int) -> dict[str, np.nda
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def _entry(value, values: np.ndarray | None, confidence: float, *, reach: bool = False) -> dict:
-    """``{"value", "ci"}``; ``reach`` extends the interval to include the point value."""
-    if value is None or not math.isfinite(value):
-        return {"value": None, "ci": None}
-    ci = interval(values, confidence)
-    if ci is not None and reach:
-        ci = [min(ci[0], float(value)), max(ci[1], float(value))]
-    return {"value": float(value), "ci": ci}
-
-
 # --------------------------------------------------------------------------- point values
 
 
@@ -430,7 +419,7 @@ def compute_metrics(
         "decision_threshold": DECISION_THRESHOLD,
     }
     for name in HEADLINE:
-        result[name] = _entry(point[name], resampled(name), confidence)
+        result[name] = value_entry(point[name], resampled(name), confidence)
     known = ~np.isnan(y)
     per_finding, thresholds, curves = {}, {}, {}
     for c, name in enumerate(names):
@@ -444,7 +433,7 @@ def compute_metrics(
         for metric in PER_FINDING:
             # Plug-in ECE only grows under resampling (binning noise), so its interval is
             # stretched to include the point value, as classification's is.
-            entry[metric] = _entry(
+            entry[metric] = value_entry(
                 point["per_finding"][metric][c],
                 resampled(metric, c),
                 confidence,
@@ -505,7 +494,8 @@ def subgroup_scores(
         point = _point_values(yg, pg)
         boot = _bootstrap(_Engine(yg, pg, micro=False), int(n_bootstrap), seed)
         entries = {
-            m: _entry(point[m], boot[m] if boot else None, confidence) for m in SUBGROUP_METRICS
+            m: value_entry(point[m], boot[m] if boot else None, confidence)
+            for m in SUBGROUP_METRICS
         }
         known = ~np.isnan(yg)
         lacking = [
