@@ -379,9 +379,16 @@ def tune(
 
         def on_epoch(epoch: int, row: dict) -> None:
             nonlocal best
-            value = float(row[f"val_{metric}"])
+            key = f"val_{metric}"
+            if key not in row:  # e.g. accuracy of a multi-label run, which has none
+                validated = sorted(k[4:] for k in row if k.startswith("val_") and k != "val_images")
+                raise ConfigError(
+                    f"--metric {metric} is not validated by this run's task; choose one of: "
+                    f"{', '.join(validated)}"
+                )
+            value = float("nan") if row[key] is None else float(row[key])
             if math.isnan(value):
-                value = float(row["val_balanced_accuracy"])
+                value = float(row.get("val_balanced_accuracy", math.nan))
             best = max(best, value) if direction == "maximize" else min(best, value)
             trial.report(value, epoch)
             state.update(epoch=epoch, value=best)
