@@ -135,7 +135,7 @@ def _headline(metrics: dict) -> str:
 def fused_stages(run_dir: Path) -> str | None:
     """The custom CNN's stages after the stem as one fused CAM target (``stage1,stage2,...``),
     or None for another network. On the multi-label phantoms, Grad-CAM++ fused over stages
-    1–3 points at each finding 0.89–0.94 of the time where the last stage alone does 0.18–0.36
+    1–3 points at each finding 0.81–0.94 of the time where the last stage alone does 0.00–0.35
     (benchmarks/README.md)."""
     from medsight.runs import Run
 
