@@ -448,3 +448,49 @@ def test_data_synth_multilabel_command_writes_a_readable_set(tmp_path):
     result = CliRunner().invoke(app, ["data", "synth", str(out), "--multilabel", "--n", "40"])
     assert result.exit_code == 0, result.output
     assert load_samples(out).attrs["task"] == "multilabel"
+
+
+def test_data_split_and_preview_take_the_finding_columns(tmp_path, helpers):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from medsight.cli import app
+
+    data = helpers.make_findings_manifest(tmp_path / "data")
+    out = tmp_path / "splits.csv"
+    result = CliRunner().invoke(
+        app,
+        ["data", "split", str(data / "manifest.csv"), "--labels", "bright,dark", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    splits = pd.read_csv(out)
+    assert set(splits["label"]) <= {
+        "bright",
+        "dark",
+        "bright|dark",
+        "no finding",
+        "?dark",
+        "bright|?dark",
+    }
+    assert (splits.groupby("patient_id")["split"].nunique() == 1).all()
+    for split, rows in splits.groupby("split"):
+        for finding in ("bright", "dark"):  # 16 patients: each finding reaches every split
+            assert rows["label"].str.split("|").apply(lambda p, f=finding: f in p).any(), split
+
+    grid = tmp_path / "grid.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "preview",
+            str(data / "manifest.csv"),
+            "--labels",
+            "bright,dark",
+            "--out",
+            str(grid),
+            "--per-class",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "(6 images)" in " ".join(result.output.split()) and grid.exists()

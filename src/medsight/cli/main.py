@@ -517,12 +517,26 @@ def data_split(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     fmt: FormatOption = None,
     allow_outside: AllowOutsideOption = False,
+    labels: LabelsOption = None,
+    findings_column: FindingsColumnOption = None,
+    uncertain: UncertainOption = Uncertain.ignore,
 ) -> None:
-    """Assign patient-grouped, stratified train/val/test splits (a given split is kept)."""
+    """Assign patient-grouped, stratified train/val/test splits (a given split is kept);
+    several findings per image are stratified iteratively."""
     from medsight.data.splits import assign_splits, kfold_assignments
 
     with _user_errors():
-        table = assign_splits(_load(path, fmt, allow_outside, 2, None), ratios=ratios, seed=seed)
+        table = _load(
+            path,
+            fmt,
+            allow_outside,
+            2,
+            None,
+            labels=labels,
+            findings_column=findings_column,
+            uncertain=uncertain.value,
+        )
+        table = assign_splits(table, ratios=ratios, seed=seed)
         columns = ["sample_id", "label", "patient_id", "split"]
         result = table[columns].copy()
         if folds:
@@ -551,12 +565,16 @@ def data_preview(
     allow_outside: AllowOutsideOption = False,
     axis: AxisOption = 2,
     index: SliceOption = None,
+    labels: LabelsOption = None,
+    findings_column: FindingsColumnOption = None,
 ) -> None:
-    """Save a labelled montage of a few images per class."""
+    """Save a labelled montage of a few images per class (or combination of findings)."""
     from medsight.data.preview import make_montage
 
     with _user_errors():
-        table = _load(path, fmt, allow_outside, axis, index)
+        table = _load(
+            path, fmt, allow_outside, axis, index, labels=labels, findings_column=findings_column
+        )
         shown = make_montage(table, out, per_class=per_class, seed=seed)
         console.print(f"wrote {out} ({shown} images)")
 

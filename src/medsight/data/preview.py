@@ -1,4 +1,5 @@
-"""A labelled montage of a few images per class: people would rather look than read."""
+"""A labelled montage of a few images per class (or per finding, for several findings per
+image): people would rather look than read."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medsight.data.findings import is_multilabel, positives
 from medsight.data.imaging import decode
 from medsight.data.sources import class_names
 from medsight.errors import ConfigError, DataError, ImageDecodeError
@@ -22,7 +24,9 @@ def make_montage(
 ) -> int:
     """Write a grid (one row per class, ``per_class`` images each) to ``out``; return images shown.
 
-    Unreadable images are skipped (the next candidate of the class is used instead).
+    A multi-label table gets one row per finding, of images showing that finding (with or
+    without others). Unreadable images are skipped (the next candidate of the row is used
+    instead).
     """
     import matplotlib
 
@@ -33,10 +37,15 @@ def make_montage(
         raise ConfigError(f"per_class must be at least 1, got {per_class}")
     labelled = table["label"].notna().any()
     groups = class_names(table) if labelled else ["(unlabelled)"]
+    if is_multilabel(table):
+        present = positives(table["label"], groups) == 1
+        members = {name: present[:, k] for k, name in enumerate(groups)}
+    else:
+        members = {name: (table["label"] == name).to_numpy() for name in groups}
     rng = np.random.default_rng(seed)
     picked: dict[str, list] = {}
     for name in groups:
-        rows = table[table["label"] == name] if labelled else table
+        rows = table[members[name]] if labelled else table
         order = rng.permutation(len(rows))
         images = []
         for i in order:
@@ -59,7 +68,7 @@ def make_montage(
         squeeze=False,
     )
     for r, name in enumerate(groups):
-        counts = int((table["label"] == name).sum()) if labelled else len(table)
+        counts = int(members[name].sum()) if labelled else len(table)
         for c in range(columns):
             ax = axes[r][c]
             ax.set_xticks([])
@@ -86,7 +95,8 @@ def make_montage(
                     va="center",
                     labelpad=8,
                 )
-    kinds = f"{len(groups)} classes" if labelled else "unlabelled"
+    noun = "findings" if is_multilabel(table) else "classes"
+    kinds = f"{len(groups)} {noun}" if labelled else "unlabelled"
     fig.suptitle(f"{len(table):,} images, {kinds}", fontsize=10)
     fig.tight_layout()
     out = Path(out)
