@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tests.conftest import make_two_class_manifest, train_tiny_run, write_run
 from typer.testing import CliRunner
 
 from medsight import runs
@@ -27,6 +26,7 @@ from medsight.export import export_run
 from medsight.inference import Predictor, check_tta, predict_paths, tta_views
 from medsight.models import create_model
 from medsight.runs import Run
+from tests.conftest import make_two_class_manifest, train_tiny_run, write_run
 
 needs_onnxruntime = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed"
