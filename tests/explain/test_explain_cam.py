@@ -188,3 +188,49 @@ def test_explain_works_inside_inference_mode_as_a_server_may_call_it():
     with torch.inference_mode():
         heatmap = explainer.explain(region_image(), target=1)
     assert in_region(heatmap)
+
+
+def test_a_map_that_fails_the_sanity_check_is_never_the_default(tiny_run):
+    from medsight.explain.cam import choose_best
+    from medsight.explain.faithfulness import SANITY_MAX_RHO, passes_sanity
+
+    def rho(value):
+        return {"spearman": {"value": value, "ci": None}}
+
+    assert SANITY_MAX_RHO == 0.5
+    assert [passes_sanity(rho(v)) for v in (0.49, 0.5, 0.89)] == [True, False, False]
+    assert passes_sanity(None) is None and passes_sanity(rho(None)) is None
+
+    methods = {
+        "ig": {"pointing_game": {"value": 0.99}},  # points best, survives random weights
+        "gradcam++": {"pointing_game": {"value": 0.85}, "layer": "backbone.stage2"},
+        "gradcam": {"pointing_game": {"value": 0.80}},
+    }
+    sanity = {"ig": rho(0.89), "gradcam++": rho(0.16), "gradcam": rho(-0.16)}
+    assert choose_best(methods, sanity) == "gradcam++"
+    assert choose_best(methods, {}) == "ig"  # not checked: nothing to hold against it
+    failing = {m: rho(0.9) for m in methods}
+    assert choose_best(methods, failing) == "ig"  # all fail: the best of all, marked failing
+
+    (tiny_run / "localisation.json").write_text(json.dumps({"methods": methods, "sanity": sanity}))
+    explainer = Explainer.from_run(tiny_run)
+    assert (explainer.method, explainer.layer) == ("gradcam++", "backbone.stage2")
+
+
+def test_the_report_marks_the_methods_that_fail_the_sanity_check(tiny_run):
+    from medsight.evaluation.report import _explanation_table
+
+    scores = {
+        "methods": {
+            "ig": {"pointing_game": {"value": 0.99, "ci": [0.97, 1.0]}, "layer": "input"},
+            "gradcam": {"pointing_game": {"value": 0.8, "ci": [0.7, 0.9]}, "layer": "s3"},
+        },
+        "sanity": {
+            "ig": {"spearman": {"value": 0.89, "ci": [0.88, 0.9]}},
+            "gradcam": {"spearman": {"value": -0.1, "ci": [-0.2, 0.0]}},
+        },
+        "best_method": "gradcam",
+    }
+    rows = {row["method"]: row for row in _explanation_table(scores)}
+    assert rows["ig"]["fails_sanity"] and not rows["ig"]["best"]
+    assert rows["gradcam"]["best"] and not rows["gradcam"]["fails_sanity"]

@@ -988,6 +988,8 @@ MAP_BOX = (0, 176, 255)
 
 
 def _explanation_table(scores: dict) -> list[dict]:
+    from medsight.explain.faithfulness import passes_sanity
+
     rows = []
     for method, entry in (scores.get("methods") or {}).items():
         cells = []
@@ -995,11 +997,13 @@ def _explanation_table(scores: dict) -> list[dict]:
             block = entry if where == "methods" else (scores.get(where) or {}).get(method) or {}
             cells.append(_cell(block.get(key), digits))
         seconds = entry.get("seconds_per_image")
+        sanity = (scores.get("sanity") or {}).get(method)
         rows.append(
             {
                 "method": method,
                 "layer": entry.get("layer", ""),
                 "best": method == scores.get("best_method"),
+                "fails_sanity": passes_sanity(sanity) is False,
                 "cells": cells,
                 "seconds": "—" if seconds is None else f"{seconds:.3f}",
             }
@@ -1041,6 +1045,8 @@ def _explanations(run, metrics, pred, y, probs, n: int) -> dict | None:
     """Localisation/faithfulness table and a gallery of true positives, false positives and false
     negatives (of the positive class) with heat-maps; None until ``medsight explain --masks``
     has written ``RUN/localisation.json``."""
+    from medsight.explain.faithfulness import SANITY_MAX_RHO
+
     scores = _read_optional_json(run.path / runs.LOCALISATION)
     if not isinstance(scores, dict) or not scores.get("methods"):
         return None
@@ -1050,6 +1056,7 @@ def _explanations(run, metrics, pred, y, probs, n: int) -> dict | None:
         "n_images": scores.get("n_images"),
         "n_missing": scores.get("n_missing_masks", 0),
         "n_faithfulness": scores.get("n_faithfulness_images"),
+        "sanity_max_rho": SANITY_MAX_RHO,
         "split": scores.get("split", ""),
         "method": None,
         "layer": None,

@@ -42,6 +42,7 @@ __all__ = [
     "METHODS",
     "Explainer",
     "best_method",
+    "choose_best",
     "candidate_layers",
     "check_method",
     "default_layer",
@@ -83,20 +84,26 @@ def check_method(method: str) -> str:
 
 
 def best_method(run_path: str | Path) -> str | None:
-    """The method with the highest pointing game in ``RUN/localisation.json`` (energy in mask
-    breaks ties), or None when the run has not been scored."""
+    """The best method of ``RUN/localisation.json`` (:func:`choose_best`), or None when the
+    run has not been scored."""
     path = Path(run_path) / runs.LOCALISATION
     try:
-        methods = json.loads(path.read_text()).get("methods") or {}
+        scores = json.loads(path.read_text())
+        methods = scores.get("methods") or {}
     except (FileNotFoundError, json.JSONDecodeError, AttributeError):
         return None
+    known = {m: s for m, s in methods.items() if m in METHODS}
+    return choose_best(known, scores.get("sanity") or {}) if known else None
 
-    ranked = sorted(
-        ((m, s) for m, s in methods.items() if m in METHODS),
-        key=lambda item: rank_key(item[1]),
-        reverse=True,
-    )
-    return ranked[0][0] if ranked else None
+
+def choose_best(methods: dict[str, dict], sanity: dict[str, dict]) -> str:
+    """The method with the highest pointing game (energy in mask breaks ties) among those that
+    pass the randomisation check, or were not checked; only when every checked method fails,
+    the highest of all (the report and ``localisation.json`` say it failed)."""
+    from medsight.explain.faithfulness import passes_sanity
+
+    eligible = [m for m in methods if passes_sanity(sanity.get(m)) is not False] or list(methods)
+    return max(eligible, key=lambda m: rank_key(methods[m]))
 
 
 def rank_key(scores: dict | None) -> tuple[float, float]:

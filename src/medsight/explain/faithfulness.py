@@ -181,6 +181,19 @@ def sanity_check(
     return [rank_correlation(a, b) for a, b in zip(maps, random_maps)]
 
 
+#: A map passes the model-randomisation check (Adebayo et al., 2018) when its mean Spearman ρ
+#: with the same method's map on re-initialised weights stays below this: above it, most of
+#: the map survives without the trained model, so it shows the image more than the model.
+SANITY_MAX_RHO = 0.5
+
+
+def passes_sanity(sanity: dict | None) -> bool | None:
+    """Whether a :func:`sanity_summary` passes (:data:`SANITY_MAX_RHO`); None when it was not
+    measured or is undefined (flat maps)."""
+    value = ((sanity or {}).get("spearman") or {}).get("value")
+    return None if value is None else bool(value < SANITY_MAX_RHO)
+
+
 def sanity_summary(
     explainer: Any,
     x: np.ndarray,
@@ -189,7 +202,10 @@ def sanity_summary(
     seed: int = 0,
     n_bootstrap: int = 1000,
 ) -> dict[str, Any]:
-    """Mean Spearman correlation trained vs randomised, ``{"value", "ci"}``, and ``n_images``."""
+    """Mean Spearman correlation trained vs randomised, ``{"value", "ci"}``, ``n_images`` and
+    whether it ``passes`` (:func:`passes_sanity`)."""
 
     values = sanity_check(explainer, x, targets, seed=seed, maps=maps)
-    return {"spearman": bootstrap_ci(values, n_bootstrap, seed), "n_images": len(values)}
+    summary = {"spearman": bootstrap_ci(values, n_bootstrap, seed), "n_images": len(values)}
+    summary["passes"] = passes_sanity(summary)
+    return summary

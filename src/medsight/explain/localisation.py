@@ -11,7 +11,8 @@ column, as ``medsight data synth`` writes) and writes ``RUN/localisation.json``:
                              "box_iou": {...}, "energy_in_mask": {...},
                              "layer": "backbone.stage3", "seconds_per_image": 0.01}, ...},
      "faithfulness": {"gradcam": {"deletion_auc": {...}, "insertion_auc": {...}}, ...},
-     "sanity": {"gradcam": {"spearman": {...}}, ...},
+     "sanity": {"gradcam": {"spearman": {...}, "passes": true}, ...},
+     "best_method": "gradcam",
      "n_images": 120, "n_missing_masks": 0, ...}
 
 Maps are computed for the image's *true* class: the question is whether the model's evidence
@@ -309,7 +310,7 @@ def score_localisation(
     """
     from medsight.data.imaging import decode
     from medsight.explain import faithfulness as FA
-    from medsight.explain.cam import Explainer, rank_key
+    from medsight.explain.cam import Explainer, choose_best
     from medsight.runs import LOCALISATION, Run, write_json
 
     say = progress or (lambda message: None)
@@ -439,7 +440,9 @@ def score_localisation(
         result["faithfulness"] = faith
         result["sanity"] = sanity
         result["n_faithfulness_images"] = n_faith
-    result["best_method"] = max(result["methods"], key=lambda m: rank_key(result["methods"][m]))
+    # A map that survives randomised weights never becomes the default, however well it points.
+    result["best_method"] = choose_best(result["methods"], sanity)
+    result["sanity_max_rho"] = FA.SANITY_MAX_RHO
     if write:
         write_json(run.path / LOCALISATION, result)
     return result

@@ -21,7 +21,7 @@ DEMO_SUBGROUPS = ("sex", "site")
 DEMO_TASKS = ("classify", "multilabel")
 #: The explain step's sample: enough for a rough pointing game, well under 30 s on 2 cores.
 DEMO_EXPLAIN_IMAGES = 24
-DEMO_FAITHFULNESS_IMAGES = 4
+DEMO_FAITHFULNESS_IMAGES = 8  # the sanity check decides the default map: more than a handful
 DEMO_EXPLAIN_METHODS = ("gradcam", "gradcam++", "attention")
 #: The default recipe's network has no attention block to read a map from.
 DEMO_FINDING_METHODS = ("gradcam", "gradcam++", "layercam")
