@@ -115,3 +115,36 @@ def test_score_localisation_needs_a_mask_column(tiny_run, tmp_path, helpers):
     data = helpers.make_class_folders(tmp_path / "plain", {"normal": 2, "lesion": 2})
     with pytest.raises(DataError, match="no 'mask' column.*medsight data synth"):
         score_localisation(tiny_run, data, methods=["gradcam"])
+
+
+def test_a_layer_search_keeps_each_methods_best_layer_that_passes_the_sanity_check(
+    tiny_run, mask_data, monkeypatch
+):
+    from medsight.explain import faithfulness as FA
+
+    stage2 = "backbone.stage2"
+    real = FA.sanity_summary
+
+    def stage2_fails(explainer, *args, **kwargs):  # as if stage 2's maps ignored the weights
+        summary = real(explainer, *args, **kwargs)
+        if explainer.layer == stage2:
+            summary["spearman"] = {"value": 0.95, "ci": [0.9, 1.0]}
+            summary["passes"] = FA.passes_sanity(summary)
+        return summary
+
+    monkeypatch.setattr(FA, "sanity_summary", stage2_fails)
+    with pytest.warns(UserWarning):
+        result = score_localisation(
+            tiny_run, mask_data, methods=["gradcam"], split=None, faithfulness=2,
+            search_layers=True, write=False,
+        )  # fmt: skip
+    entry = result["methods"]["gradcam"]
+    fused = "backbone.stage1,backbone.stage2,backbone.stage3"
+    assert set(entry["layers_tried"]) == {"backbone.stage3", stage2, fused}
+    assert entry["layers_tried"][stage2]["sanity"]["passes"] is False
+    assert entry["layer"] != stage2  # never the kept layer, however well it points
+    assert result["sanity"]["gradcam"]["passes"] is not False
+    tried = {k: v for k, v in entry["layers_tried"].items() if k != stage2}
+    best = max(tried.values(), key=lambda v: (v["pointing_game"]["value"],
+                                              v["energy_in_mask"]["value"]))  # fmt: skip
+    assert entry["pointing_game"] == best["pointing_game"]

@@ -39,7 +39,14 @@ def test_the_multilabel_demo_trains_evaluates_and_explains_each_finding(tmp_path
     localisation = json.loads((out / "run" / "localisation.json").read_text())
     assert localisation["target"] == "each finding present"
     best = localisation["methods"][localisation["best_method"]]
-    assert best["layer"] == "backbone.stage1,backbone.stage2,backbone.stage3"
+    # each CAM method tried the last stage, the one before and all three fused
+    assert set(best["layers_tried"]) == {
+        "backbone.stage3",
+        "backbone.stage2",
+        "backbone.stage1,backbone.stage2,backbone.stage3",
+    }
+    assert best["layer"] in best["layers_tried"]
+    assert localisation["sanity"][localisation["best_method"]]["passes"] is not False
     assert set(best["per_finding"]) <= {"calcification", "cyst", "nodule"}
     assert "Co-occurrence" in (out / "run" / "report.html").read_text()
 

@@ -1190,6 +1190,15 @@ def explain_command(
     faithfulness: Annotated[
         int, typer.Option("--faithfulness", help="With --masks: images for deletion/insertion.")
     ] = 16,
+    search_layers: Annotated[
+        bool,
+        typer.Option(
+            "--search-layers/--no-search-layers",
+            help="With --masks and no --layer: also score each CAM method on the stage before "
+            "the last and on all stages fused, keeping its best layer that passes the sanity "
+            "check.",
+        ),
+    ] = True,
 ) -> None:
     """Explain predictions (overlays + maps), or score maps against lesion masks (--masks)."""
     from medsight.errors import ConfigError
@@ -1211,6 +1220,7 @@ def explain_command(
                     layer=layer,
                     faithfulness=faithfulness,
                     progress=lambda message: status.update(message),
+                    search_layers=search_layers,
                 )
             _print_localisation(result)
             console.print(f"wrote {Path(run) / 'localisation.json'}")
@@ -1247,7 +1257,7 @@ def _print_localisation(result: dict) -> None:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
-    columns = ["method", "point", "IoU", "energy"]
+    columns = ["method", "layer", "point", "IoU", "energy"]
     if faith:
         columns += ["del ↓", "ins ↑", "rand ρ"]
     for column in (*columns, "s/img"):
@@ -1259,11 +1269,16 @@ def _print_localisation(result: dict) -> None:
             entries += [f.get("deletion_auc"), f.get("insertion_auc")]
             entries.append((sanity.get(name) or {}).get("spearman"))
         cells = [_value_ci(e or {})[0] for e in entries]  # the CIs are in the JSON
-        table.add_row(name, *(str(c) for c in cells), f"{entry['seconds_per_image']:.3f}")
+        passes = (sanity.get(name) or {}).get("passes")
+        shown = name + (" *" if name == result.get("best_method") else "")
+        shown += " (fails sanity)" if passes is False else ""
+        layer = str(entry.get("layer") or "").replace("backbone.", "")
+        table.add_row(shown, layer, *(str(c) for c in cells), f"{entry['seconds_per_image']:.3f}")
     console.print(table)
     console.print(
         "point: pointing game · IoU: box IoU · energy: in mask · del/ins: deletion/insertion"
-        " AUC · rand ρ: Spearman vs random weights (near 0 is good); CIs in localisation.json",
+        " AUC · rand ρ: Spearman vs random weights (near 0 is good; 0.5 or more fails the"
+        " sanity check) · *: the default (--method auto); CIs in localisation.json",
         highlight=False,
     )
     if result.get("n_missing_masks"):

@@ -256,6 +256,77 @@ def _finding_rows(
     return scored, missing, empty
 
 
+def _layers_to_try(model, method: str, layer: str | None, search: bool) -> list[str | None]:
+    """The target layers to score ``method`` on: ``layer`` (None: the default), and with
+    ``search`` for a CAM method also the stage before the last and all stages after the stem
+    fused (pytorch-grad-cam averages their maps): a coarse last stage often misses small
+    lesions that finer stages see (benchmarks/README.md, multi-label phantoms)."""
+    chosen = _layer_for(model, method, layer)
+    if not search or layer is not None or method in ("ig", "attention"):
+        return [chosen]
+    modules = dict(model.named_modules())
+    stages = [
+        f"backbone.{name}"
+        for name in getattr(model, "stage_names", lambda: [])()
+        if name != "stem" and f"backbone.{name}" in modules
+    ]
+    if len(stages) < 2:
+        return [chosen]
+    return list(dict.fromkeys([None, stages[-2], ",".join(stages)]))
+
+
+def _score_method(
+    model, method, layer, run, x, masks, targets, n_faith, activation, *,
+    threshold, n_bootstrap, seed, batch_size, multilabel, say,
+) -> tuple[dict, dict | None, dict | None]:  # fmt: skip
+    """One method on one layer: its localisation entry, and (with ``n_faith`` images) its
+    deletion/insertion and sanity summaries."""
+    from medsight.explain import faithfulness as FA
+    from medsight.explain.cam import Explainer
+
+    explainer = Explainer(model, method, layer, classes=run.classes, preprocess=run.preprocess)
+    try:
+        started = time.perf_counter()
+        maps = np.concatenate(
+            [
+                explainer.explain_batch(x[i : i + batch_size], targets[i : i + batch_size])
+                for i in range(0, len(x), batch_size)
+            ]
+        )
+        seconds = (time.perf_counter() - started) / len(x)
+        scores = [score_map(m, mask, threshold) for m, mask in zip(maps, masks)]
+        entry: dict[str, Any] = {
+            key: bootstrap_ci([s[key] for s in scores], n_bootstrap, seed)
+            for key in ("pointing_game", "box_iou", "energy_in_mask")
+        }
+        entry.update(layer=explainer.layer, seconds_per_image=seconds)
+        if multilabel:
+            entry["per_finding"] = {
+                run.classes[k]: {
+                    key: bootstrap_ci(
+                        [s[key] for s, t in zip(scores, targets) if t == k], n_bootstrap, seed
+                    )
+                    for key in ("pointing_game", "energy_in_mask")
+                }
+                | {"n_images": sum(t == k for t in targets)}
+                for k in sorted(set(targets))
+            }
+        if not n_faith:
+            return entry, None, None
+        say(f"{method}: faithfulness on {n_faith} images")
+        sample = slice(0, n_faith)
+        faith = FA.deletion_insertion_summary(
+            model, x[sample], maps[sample], targets[sample], run.preprocess, n_bootstrap, seed,
+            activation=activation,
+        )  # fmt: skip
+        sanity = FA.sanity_summary(
+            explainer, x[sample], maps[sample], targets[sample], seed, n_bootstrap
+        )
+        return entry, faith, sanity
+    finally:
+        explainer.close()
+
+
 def _applicable(model, methods: Sequence[str] | None) -> list[str]:
     from medsight.explain.attention_maps import token_blocks
     from medsight.explain.cam import METHODS, check_method
@@ -293,6 +364,7 @@ def score_localisation(
     batch_size: int = 16,
     write: bool = True,
     progress: Callable[[str], None] | None = None,
+    search_layers: bool = False,
 ) -> dict:
     """Score each method's maps against the lesion masks of ``data`` (default: the run's data).
 
@@ -301,16 +373,18 @@ def score_localisation(
     run's split when ``data`` is the run's own data (``None``: every image). ``limit`` scores a
     seeded random sample of that many images. ``methods`` default to every method the model
     supports; ``layer`` overrides the CAM methods' target layer (and attention's when it names
-    an attention block). ``faithfulness`` images per method also get deletion/insertion AUCs and the
-    randomised-weights check (0: skip). Writes ``RUN/localisation.json`` unless ``write`` is
-    False, and returns its content.
+    an attention block). ``search_layers`` (without ``layer``): each CAM method is also scored
+    on the stage before the last and on all stages fused, and keeps its best layer among those
+    passing the sanity check (``layers_tried`` lists them all). ``faithfulness`` images per
+    method also get deletion/insertion AUCs and the randomised-weights check (0: skip).
+    Writes ``RUN/localisation.json`` unless ``write`` is False, and returns its content.
 
     Example:
         >>> score_localisation("runs/phantom", methods=["gradcam"], limit=100)  # doctest: +SKIP
     """
     from medsight.data.imaging import decode
     from medsight.explain import faithfulness as FA
-    from medsight.explain.cam import Explainer, choose_best
+    from medsight.explain.cam import choose_best
     from medsight.runs import LOCALISATION, Run, write_json
 
     say = progress or (lambda message: None)
@@ -385,57 +459,31 @@ def score_localisation(
     sanity: dict[str, Any] = {}
     n_faith = min(int(faithfulness), len(xs))
     for method in _applicable(model, methods):
-        explainer = Explainer(
-            model,
-            method,
-            _layer_for(model, method, layer),
-            classes=run.classes,
-            preprocess=run.preprocess,
+        tried = {}
+        for chosen in _layers_to_try(model, method, layer, search_layers):
+            say(f"{method}{f' on {chosen}' if chosen else ''}: {len(xs)} images")
+            tried[chosen] = _score_method(
+                model, method, chosen, run, x, masks, targets, n_faith, activation,
+                threshold=threshold, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
+                multilabel=multilabel, say=say,
+            )  # fmt: skip
+        # Each method keeps its best layer among those whose maps pass the sanity check.
+        best = choose_best(
+            {k: v[0] for k, v in tried.items()}, {k: v[2] for k, v in tried.items() if v[2]}
         )
-        say(f"{method}: {len(xs)} images")
-        started = time.perf_counter()
-        maps = np.concatenate(
-            [
-                explainer.explain_batch(x[i : i + batch_size], targets[i : i + batch_size])
-                for i in range(0, len(x), batch_size)
-            ]
-        )
-        seconds = (time.perf_counter() - started) / len(x)
-        scores = [score_map(m, mask, threshold) for m, mask in zip(maps, masks)]
-        entry: dict[str, Any] = {
-            key: bootstrap_ci([s[key] for s in scores], n_bootstrap, seed)
-            for key in ("pointing_game", "box_iou", "energy_in_mask")
-        }
-        entry.update(layer=explainer.layer, seconds_per_image=seconds)
-        if multilabel:
-            entry["per_finding"] = {
-                run.classes[k]: {
-                    key: bootstrap_ci(
-                        [s[key] for s, t in zip(scores, targets) if t == k], n_bootstrap, seed
-                    )
-                    for key in ("pointing_game", "energy_in_mask")
+        entry, faith_entry, sanity_entry = tried[best]
+        if len(tried) > 1:
+            entry["layers_tried"] = {
+                v[0]["layer"]: {
+                    "pointing_game": v[0]["pointing_game"],
+                    "energy_in_mask": v[0]["energy_in_mask"],
+                    **({"sanity": v[2]} if v[2] else {}),
                 }
-                | {"n_images": sum(t == k for t in targets)}
-                for k in sorted(set(targets))
+                for v in tried.values()
             }
         result["methods"][method] = entry
-        if n_faith:
-            say(f"{method}: faithfulness on {n_faith} images")
-            sample = slice(0, n_faith)
-            faith[method] = FA.deletion_insertion_summary(
-                model,
-                x[sample],
-                maps[sample],
-                targets[sample],
-                run.preprocess,
-                n_bootstrap,
-                seed,
-                activation=activation,
-            )
-            sanity[method] = FA.sanity_summary(
-                explainer, x[sample], maps[sample], targets[sample], seed, n_bootstrap
-            )
-        explainer.close()
+        if faith_entry is not None:
+            faith[method], sanity[method] = faith_entry, sanity_entry
     if n_faith:
         result["faithfulness"] = faith
         result["sanity"] = sanity

@@ -109,10 +109,7 @@ def run_demo(
             " against their masks",
         )
     )
-    if multilabel:
-        _explain_step(run_dir, events, DEMO_FINDING_METHODS, fused_stages(run_dir))
-    else:
-        _explain_step(run_dir, events, DEMO_EXPLAIN_METHODS)
+    _explain_step(run_dir, events, DEMO_FINDING_METHODS if multilabel else DEMO_EXPLAIN_METHODS)
     events(Step(6, 6, "writing the report"))
     report_path = write_report(run_dir)
     return DemoResult(data, run_dir, report_path, time.perf_counter() - started)
@@ -132,22 +129,7 @@ def _headline(metrics: dict) -> str:
     )
 
 
-def fused_stages(run_dir: Path) -> str | None:
-    """The custom CNN's stages after the stem as one fused CAM target (``stage1,stage2,...``),
-    or None for another network. On the multi-label phantoms, Grad-CAM++ fused over stages
-    1–3 points at each finding 0.81–0.94 of the time where the last stage alone does 0.00–0.35
-    (benchmarks/README.md)."""
-    from medsight.runs import Run
-
-    model = Run.load(run_dir).load_model()
-    names = [f"backbone.{stage}" for stage in model.stage_names() if stage != "stem"]
-    modules = dict(model.named_modules())
-    return ",".join(names) if names and all(n in modules for n in names) else None
-
-
-def _explain_step(
-    run_dir: Path, events: Reporter, methods: tuple[str, ...], layer: str | None = None
-) -> dict | None:
+def _explain_step(run_dir: Path, events: Reporter, methods: tuple[str, ...]) -> dict | None:
     """Score a few methods on a small sample of test lesions (RUN/localisation.json), so the
     report shows the localisation table and heat-map gallery; skipped when the data has no
     masks (the user's own data)."""
@@ -166,7 +148,7 @@ def _explain_step(
             result = score_localisation(
                 run_dir,
                 methods=methods,
-                layer=layer,
+                search_layers=True,
                 limit=DEMO_EXPLAIN_IMAGES,
                 faithfulness=DEMO_FAITHFULNESS_IMAGES,
                 n_bootstrap=500,
@@ -178,7 +160,11 @@ def _explain_step(
         torch.set_num_threads(threads)
     best = result["best_method"]
     pointing = result["methods"][best]["pointing_game"]
-    detail = f"best map: {best}, pointing game {format_value_ci(pointing)} (n={result['n_images']})"
+    layer = result["methods"][best].get("layer")
+    detail = (
+        f"best map: {best} on {layer}, pointing game {format_value_ci(pointing)} "
+        f"(n={result['n_images']})"
+    )
     per_finding = result["methods"][best].get("per_finding")
     if per_finding:
         detail += "; per finding: " + ", ".join(
