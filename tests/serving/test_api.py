@@ -280,3 +280,26 @@ def test_error_bodies_are_json(client):
     response = client.post("/v1/predict", files=upload(b"GIF89a......"))
     assert response.headers["content-type"].startswith("application/json")
     assert json.loads(response.text)["detail"]
+
+
+def test_explain_says_whether_its_method_passed_the_sanity_check(served_run, tmp_path):
+    pytest.importorskip("medsight.explain")
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run)
+    unchecked = make_client(run, tmp_path / "a").post("/v1/explain", files=upload(png_bytes(170)))
+    assert unchecked.json()["passes_sanity"] is None and unchecked.json()["sanity_rho"] is None
+
+    scores = {
+        "methods": {"gradcam": {"pointing_game": {"value": 0.9}}, "ig": {}},
+        "sanity": {
+            "gradcam": {"spearman": {"value": 0.12, "ci": None}},
+            "ig": {"spearman": {"value": 0.9, "ci": None}},
+        },
+    }
+    (run / "localisation.json").write_text(json.dumps(scores))
+    body = make_client(run, tmp_path / "b").post("/v1/explain", files=upload(png_bytes(170)))
+    assert body.json()["method"] == "gradcam"
+    assert (body.json()["sanity_rho"], body.json()["passes_sanity"]) == (0.12, True)

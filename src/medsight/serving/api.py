@@ -307,6 +307,7 @@ def explain(
         "layer": layer,
         "overlay_png": png,
         "target": explained,
+        **model.sanity(method),
     }
 
 

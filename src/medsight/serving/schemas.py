@@ -56,6 +56,15 @@ class Explained(BaseModel):
         description="The class or finding the map explains (the 'class' query parameter, else "
         "the predicted class; multi-label: the most probable finding above its threshold).",
     )
+    sanity_rho: float | None = Field(
+        default=None,
+        description="Spearman ρ between this method's maps and those with random weights, from "
+        "the run's `medsight explain --masks` (None: not checked). Near 0 the map depends on "
+        "the model; 0.5 or more fails the check.",
+    )
+    passes_sanity: bool | None = Field(
+        default=None, description="Whether the method passes the randomisation check."
+    )
 
 
 def _fields(model: type[BaseModel]) -> dict[str, Any]:

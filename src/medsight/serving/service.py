@@ -331,6 +331,20 @@ class ModelService:
                 raise ExplanationsUnavailable(self._explainer_error)
             return self._explainer
 
+    def sanity(self, method: str) -> dict:
+        """``sanity_rho`` and ``passes_sanity`` of ``method`` from the run's
+        ``localisation.json`` (both None when it was not checked)."""
+        from medsight.explain.faithfulness import passes_sanity
+        from medsight.runs import LOCALISATION
+
+        try:
+            scores = json.loads((self.run.path / LOCALISATION).read_text())
+            entry = (scores.get("sanity") or {}).get(method)
+        except (OSError, ValueError, AttributeError):
+            entry = None
+        rho = ((entry or {}).get("spearman") or {}).get("value")
+        return {"sanity_rho": rho, "passes_sanity": passes_sanity(entry)}
+
     def explanations_available(self) -> bool:
         """True when ``medsight.explain`` can be imported (the explainer itself loads lazily)."""
         if self._explainer is not None:

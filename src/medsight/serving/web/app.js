@@ -280,7 +280,10 @@ async function showExplanation(pending, seq) {
     img.hidden = false;
     $("overlay-note").hidden = true;
     const whose = isMulti() && body.target ? pretty(body.target) + " · " : "";
-    $("overlay-caption").textContent = `Heat map (${whose}${pretty(body.method)}${body.layer ? ", " + body.layer : ""})`;
+    const sanity = body.passes_sanity === false
+      ? ` · fails the sanity check (ρ ${body.sanity_rho.toFixed(2)} with random weights): it shows the image more than the model`
+      : body.passes_sanity ? ` · passes the sanity check (ρ ${body.sanity_rho.toFixed(2)})` : "";
+    $("overlay-caption").textContent = `Heat map (${whose}${pretty(body.method)}${body.layer ? ", " + body.layer : ""})${sanity}`;
     if (isMulti() && body.target) markSelected(body.target);
   } catch (error) {
     if (seq !== state.explainSeq) return;
