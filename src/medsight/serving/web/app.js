@@ -283,7 +283,8 @@ async function showExplanation(pending, seq) {
     const sanity = body.passes_sanity === false
       ? ` · fails the sanity check (ρ ${body.sanity_rho.toFixed(2)} with random weights): it shows the image more than the model`
       : body.passes_sanity ? ` · passes the sanity check (ρ ${body.sanity_rho.toFixed(2)})` : "";
-    $("overlay-caption").textContent = `Heat map (${whose}${pretty(body.method)}${body.layer ? ", " + body.layer : ""})${sanity}`;
+    const layer = body.layer ? ", " + body.layer.replaceAll(",", " + ") : "";  // fused stages
+    $("overlay-caption").textContent = `Heat map (${whose}${pretty(body.method)}${layer})${sanity}`;
     if (isMulti() && body.target) markSelected(body.target);
   } catch (error) {
     if (seq !== state.explainSeq) return;
