@@ -494,3 +494,22 @@ def test_data_split_and_preview_take_the_finding_columns(tmp_path, helpers):
     )
     assert result.exit_code == 0, result.output
     assert "(6 images)" in " ".join(result.output.split()) and grid.exists()
+
+
+def test_the_same_seed_draws_the_same_multilabel_phantoms_in_any_process(tmp_path):
+    """String hashing differs between processes (PYTHONHASHSEED): nothing may depend on it."""
+    import os
+    import subprocess
+    import sys
+
+    manifests = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        code = (
+            "from medsight.data.synth import write_multilabel_phantoms;"
+            f"write_multilabel_phantoms({str(out)!r}, n=40, size=32, seed=3)"
+        )
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
+        manifests.append((out / "manifest.csv").read_bytes())
+    assert manifests[0] == manifests[1]

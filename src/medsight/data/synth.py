@@ -661,7 +661,9 @@ def write_multilabel_phantoms(
         sex = "F" if rng.random() < 0.5 else "M"
         age = int(np.clip(np.rint(rng.normal(56, 15)), 20, 90))
         for s in range(1, k + 1):
-            shown = {f for f in has if rng.random() < _SHOWN_IN_SLICE}
+            # In FINDINGS order, never the set's: a set's order follows string hashing, which
+            # differs between processes, and the same seed must draw the same slices.
+            shown = {f for f in FINDINGS if f in has and rng.random() < _SHOWN_IN_SLICE}
             image, masks = make_multilabel_phantom(rng, size, shown, patient, sites)
             name = f"{patient_id}_{s:02d}.png"
             _save_png(image, out / _IMAGES / name)
