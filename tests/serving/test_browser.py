@@ -27,13 +27,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_server(served_run, tmp_path_factory):
-    """The real app under uvicorn in a background thread, on a free loopback port."""
+def serve_in_thread(app):
+    """Run ``app`` under uvicorn in a background thread on a free loopback port; yields its
+    URL, and stops it after."""
     import uvicorn
 
-    data_dir = tmp_path_factory.mktemp("browser-serve")
-    app = create_app(ServeSettings(run=served_run, data_dir=data_dir))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -43,9 +41,18 @@ def live_server(served_run, tmp_path_factory):
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the test server did not start within 20 s")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
+    yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_server(served_run, tmp_path_factory):
+    """The real app under uvicorn in a background thread, on a free loopback port."""
+    data_dir = tmp_path_factory.mktemp("browser-serve")
+    app = create_app(ServeSettings(run=served_run, data_dir=data_dir))
+    for url in serve_in_thread(app):
+        yield url, app
 
 
 @pytest.fixture(scope="module")

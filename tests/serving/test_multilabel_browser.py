@@ -7,36 +7,22 @@ Skipped (with the reason) when Playwright or Chromium cannot start here, as test
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from medsight.serving.api import ServeSettings, create_app
 from tests.serving.multilabel import THRESHOLDS, finding_image
-from tests.serving.test_browser import SCREENSHOTS_ENV, _explanations_available, _free_port
+from tests.serving.test_browser import SCREENSHOTS_ENV, _explanations_available, serve_in_thread
 from tests.serving.test_browser import browser as browser  # noqa: F401 - the fixture
 
 
 @pytest.fixture(scope="module")
 def live_multilabel(multilabel_run, tmp_path_factory):
-    import uvicorn
-
     data_dir = tmp_path_factory.mktemp("browser-multilabel")
     app = create_app(ServeSettings(run=multilabel_run, data_dir=data_dir, urgent=["b"]))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the test server did not start within 20 s")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(10)
+    for url in serve_in_thread(app):
+        yield url, app
 
 
 def test_findings_bars_maps_per_finding_and_the_worklist_driver(live_multilabel, browser, tmp_path):
