@@ -272,6 +272,13 @@ class OptimConfig(_Strict):
         "about this many epochs of steps (0: the weights as trained)",
         json_schema_extra=flag("--ema"),
     )
+    loss: Literal["auto", "focal"] = Field(
+        default="auto",
+        description="auto: cross-entropy (classes), binary cross-entropy weighted per finding "
+        "(findings); focal: sigmoid focal loss for findings (torchvision's, alpha 0.25, "
+        "gamma 2)",
+        json_schema_extra=flag("--loss"),
+    )
     class_weights: Literal["auto", "none"] = Field(
         default="auto",
         description="weight the loss by inverse class frequency (auto) or not",

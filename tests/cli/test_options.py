@@ -56,6 +56,7 @@ README_FLAGS = [
     (["--axis", "1"], "data.nifti_axis", 1),
     (["--slice", "4"], "data.nifti_slice", 4),
     (["--ema", "0"], "optim.ema", 0.0),
+    (["--loss", "focal"], "optim.loss", "focal"),
     (["--labels", "effusion,mass"], "data.labels", "effusion,mass"),
     (["--uncertain", "zeros"], "data.uncertain", "zeros"),
     (["--findings-column", "Findings"], "data.findings_column", "Findings"),

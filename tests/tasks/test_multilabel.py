@@ -66,3 +66,19 @@ def test_validation_scores_average_auroc_over_defined_findings():
     scores = task.validation_scores(logits, targets, -1)
     # effusion separates perfectly (1.0); edema has no positive (left out); mass: 1 of 2 pairs
     assert scores["auroc"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_the_focal_option_is_torchvisions_focal_loss_on_the_known_entries():
+    from torchvision.ops import sigmoid_focal_loss
+
+    from medsight.errors import ConfigError
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.5, 1.5, 3.0]])
+    targets = torch.tensor([[1.0, 0.0, float("nan")], [0.0, float("nan"), 1.0]])
+    focal = get_task("multilabel").build_loss(np.array([[1, 1, 1], [1, 1, 1]]), 0.0, "focal")
+    known = ~torch.isnan(targets)
+    each = sigmoid_focal_loss(logits[known], targets[known], reduction="none")
+    assert focal(logits, targets).item() == pytest.approx(each.mean().item(), rel=1e-6)
+    assert focal(logits, targets).item() < MaskedBCEWithLogits()(logits, targets).item()
+    with pytest.raises(ConfigError, match="--loss focal is a loss for several findings"):
+        get_task("classify").build_loss(None, 0.0, "focal")

@@ -172,3 +172,20 @@ def test_single_label_only_workflows_refuse_findings_by_name(tmp_path, helpers):
     b = train(_config(data, tmp_path / "b", epochs=1, lr=1e-3))
     with pytest.raises(ConfigError, match="is a multilabel run; `medsight ensemble` averages"):
         build_ensemble([a.path, b.path], tmp_path / "ensemble")
+
+
+def test_findings_train_with_the_focal_loss_and_classes_refuse_it(tmp_path, helpers):
+    data = helpers.make_findings_manifest(tmp_path / "data")
+    run = train(_config(data, tmp_path / "focal", epochs=6, loss="focal"))
+    assert yaml.safe_load((run.path / "config.yaml").read_text())["optim"]["loss"] == "focal"
+    assert run.history()["val_auroc"].max() > 0.9
+
+    classes = helpers.make_two_class_manifest(tmp_path / "classes")
+    config = TrainConfig(
+        data=DataConfig(path=str(classes / "manifest.csv")),
+        optim=OptimConfig(loss="focal"),
+        out=str(tmp_path / "refused"),
+    )
+    with pytest.raises(ConfigError, match="--loss focal is a loss for several findings"):
+        train(config)
+    assert not (tmp_path / "refused").exists()

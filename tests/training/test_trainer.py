@@ -200,7 +200,9 @@ def test_nan_loss_stops_with_the_batch_named(tmp_path, helpers, monkeypatch):
         def forward(self, logits, y):
             return logits.sum() * float("nan")
 
-    monkeypatch.setattr(ClassifyTask, "build_loss", lambda self, counts, smoothing: NanLoss())
+    monkeypatch.setattr(
+        ClassifyTask, "build_loss", lambda self, counts, smoothing, loss="auto": NanLoss()
+    )
     with pytest.raises(TrainingError, match="at epoch 1, batch 1") as caught:
         train(_config(data, tmp_path / "r"), show_progress=False)
     assert "before its first checkpoint (no checkpoint yet), so no run was kept" in str(
@@ -224,8 +226,8 @@ def test_nan_loss_after_a_checkpoint_names_it(tmp_path, helpers, monkeypatch):
             value = self.loss(logits, y)
             return value * float("nan") if self.calls > 1 else value  # 1 step per epoch
 
-    def nan_in_epoch_two(self, counts, smoothing):
-        return NanInEpochTwo(real_build(self, counts, smoothing))
+    def nan_in_epoch_two(self, counts, smoothing, loss="auto"):
+        return NanInEpochTwo(real_build(self, counts, smoothing, loss))
 
     monkeypatch.setattr(ClassifyTask, "build_loss", nan_in_epoch_two)
     out = tmp_path / "r"

@@ -81,8 +81,11 @@ class Task(ABC):
         rows…); raises :class:`~medsight.errors.DataError` naming labels it cannot use."""
 
     @abstractmethod
-    def build_loss(self, class_counts: np.ndarray | None, label_smoothing: float) -> nn.Module:
-        """The training loss; ``class_counts`` (None: unweighted) balances rare classes."""
+    def build_loss(
+        self, class_counts: np.ndarray | None, label_smoothing: float, loss: str = "auto"
+    ) -> nn.Module:
+        """The training loss; ``class_counts`` (None: unweighted) balances rare classes;
+        ``loss`` names a variant (``optim.loss``: ``auto`` is the task's own)."""
 
     @abstractmethod
     def validation_scores(

@@ -91,7 +91,14 @@ class ClassifyTask(Task):
                     )
         return classes, []
 
-    def build_loss(self, class_counts: np.ndarray | None, label_smoothing: float) -> nn.Module:
+    def build_loss(
+        self, class_counts: np.ndarray | None, label_smoothing: float, loss: str = "auto"
+    ) -> nn.Module:
+        if loss != "auto":
+            raise ConfigError(
+                f"--loss {loss} is a loss for several findings per image (sigmoid outputs); a "
+                "classification run trains with cross-entropy: leave --loss out"
+            )
         weight = class_weights(class_counts) if class_counts is not None else None
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 

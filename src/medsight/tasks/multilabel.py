@@ -56,21 +56,34 @@ class FindingsPrediction(BaseModel):
 
 class MaskedBCEWithLogits(nn.Module):
     """Binary cross-entropy over the known entries of an ``(N, K)`` target (NaN: ignored),
-    each finding's positives weighted by ``pos_weight``; the mean over the known entries."""
+    each finding's positives weighted by ``pos_weight``; the mean over the known entries.
+    ``focal``: torchvision's sigmoid focal loss (alpha 0.25, gamma 2) instead, masked alike."""
 
-    def __init__(self, pos_weight: Tensor | None = None, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        pos_weight: Tensor | None = None,
+        label_smoothing: float = 0.0,
+        *,
+        focal: bool = False,
+    ):
         super().__init__()
         self.register_buffer("pos_weight", pos_weight)
         self.label_smoothing = label_smoothing
+        self.focal = focal
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         known = ~torch.isnan(targets)
         target = torch.nan_to_num(targets, nan=0.0)
         if self.label_smoothing:
             target = target * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
-        loss = nn.functional.binary_cross_entropy_with_logits(
-            logits.float(), target, pos_weight=self.pos_weight, reduction="none"
-        )
+        if self.focal:
+            from torchvision.ops import sigmoid_focal_loss
+
+            loss = sigmoid_focal_loss(logits.float(), target, reduction="none")
+        else:
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                logits.float(), target, pos_weight=self.pos_weight, reduction="none"
+            )
         return (loss * known).sum() / known.sum().clamp(min=1)
 
 
@@ -139,8 +152,14 @@ class MultiLabelTask(Task):
     def targets(self, labels: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
         return multi_hot(list(labels), classes)
 
-    def build_loss(self, class_counts: np.ndarray | None, label_smoothing: float) -> nn.Module:
-        """``class_counts``: ``(2, K)`` — positives and negatives per finding (None: unweighted)."""
+    def build_loss(
+        self, class_counts: np.ndarray | None, label_smoothing: float, loss: str = "auto"
+    ) -> nn.Module:
+        """``class_counts``: ``(2, K)`` — positives and negatives per finding (None: unweighted).
+        ``loss="focal"``: the sigmoid focal loss, which balances by down-weighting easy entries
+        instead of by positive weights."""
+        if loss == "focal":
+            return MaskedBCEWithLogits(label_smoothing=label_smoothing, focal=True)
         weight = positive_weights(class_counts) if class_counts is not None else None
         return MaskedBCEWithLogits(weight, label_smoothing)
 

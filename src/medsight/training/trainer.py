@@ -783,7 +783,8 @@ def _optimiser(setup: _Setup):
     """The optimiser, the gradient scaler and the loss (the schedule waits for the plan)."""
     optim_cfg, model = setup.config.optim, setup.model
     counts = setup.train_set.class_counts() if optim_cfg.class_weights == "auto" else None
-    loss_fn = setup.task.build_loss(counts, optim_cfg.label_smoothing).to(setup.device)
+    loss_fn = setup.task.build_loss(counts, optim_cfg.label_smoothing, optim_cfg.loss)
+    loss_fn = loss_fn.to(setup.device)
     backbone_lr = optim_cfg.lr * (optim_cfg.backbone_lr_mult if optim_cfg.mode == "finetune" else 1)
     groups = model.param_groups(optim_cfg.lr, backbone_lr, optim_cfg.weight_decay)
     optimizer = build_optimizer(optim_cfg.optimizer, groups, optim_cfg.lr)
