@@ -48,7 +48,9 @@ def test_the_multilabel_demo_trains_evaluates_and_explains_each_finding(tmp_path
     assert best["layer"] in best["layers_tried"]
     assert localisation["sanity"][localisation["best_method"]]["passes"] is not False
     assert set(best["per_finding"]) <= {"calcification", "cyst", "nodule"}
-    assert "Co-occurrence" in (out / "run" / "report.html").read_text()
+    html = (out / "run" / "report.html").read_text()
+    assert "Co-occurrence" in html
+    assert "Per finding: " in html and "findings of the test split" in html  # the maps, per finding
 
     refused = CliRunner().invoke(app, ["demo", "--task", "detect", "--out", str(tmp_path / "x")])
     assert refused.exit_code == 2 and "the demo runs classify or multilabel" in refused.output

@@ -987,6 +987,11 @@ TRUTH_BOX = (0, 200, 83)
 MAP_BOX = (0, 176, 255)
 
 
+def _layer_label(layer: str | None) -> str:
+    """A CAM layer as a reader wants it: ``stage1 + stage2`` for fused ``backbone.stage1,…``."""
+    return " + ".join(part.removeprefix("backbone.") for part in str(layer or "").split(","))
+
+
 def _explanation_table(scores: dict) -> list[dict]:
     from medsight.explain.faithfulness import passes_sanity
 
@@ -1001,7 +1006,7 @@ def _explanation_table(scores: dict) -> list[dict]:
         rows.append(
             {
                 "method": method,
-                "layer": entry.get("layer", ""),
+                "layer": _layer_label(entry.get("layer")),
                 "best": method == scores.get("best_method"),
                 "fails_sanity": passes_sanity(sanity) is False,
                 "cells": cells,
@@ -1062,7 +1067,21 @@ def _explanations(run, metrics, pred, y, probs, n: int) -> dict | None:
         "layer": None,
         "groups": [],
         "note": None,
+        "per_finding": [],
     }
+    if np.ndim(y) > 1:  # findings: each method's scores per finding instead of a gallery
+        best = scores["methods"].get(scores.get("best_method")) or {}
+        out["per_finding"] = [
+            {
+                "finding": name,
+                "n": entry.get("n_images"),
+                "cells": [_cell(entry.get(k), 3) for k in ("pointing_game", "energy_in_mask")],
+            }
+            for name, entry in (best.get("per_finding") or {}).items()
+        ]
+        out["best_method"] = scores.get("best_method")
+        out["best_layer"] = _layer_label(best.get("layer"))
+        return out
     if n == 0:
         out["note"] = "No example images were requested (examples=0), so no overlays are shown."
         return out

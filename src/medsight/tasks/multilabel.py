@@ -103,6 +103,7 @@ class MultiLabelTask(Task):
         "subgroups",
         "training",
         "examples",
+        "explanations",
         "model_card",
     )
     subgroup_metrics = ("auroc_macro", "average_precision_macro", "hamming_loss")
