@@ -99,6 +99,10 @@ def make_two_class_manifest(root: Path, n_patients=12, per_patient=2, size=16, s
     return root
 
 
+#: Every label text :func:`make_findings_manifest` data can read as (``?dark``: uncertain).
+FINDINGS_LABELS = {"bright", "dark", "bright|dark", "no finding", "?dark", "bright|?dark"}
+
+
 def make_findings_manifest(root: Path, n_patients=16, per_patient=2, size=16) -> Path:
     """Two findings on noisy gray squares: "bright" (a bright top-left block) and "dark" (a dark
     bottom-right block), each, both or neither; patients and sex columns; the manifest names the

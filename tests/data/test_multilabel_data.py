@@ -16,6 +16,7 @@ from medsight.data.sources import MEDMNIST_CLASSES, load_samples, validate_table
 from medsight.data.splits import assign_splits, fold_splits, kfold_assignments, max_folds
 from medsight.data.synth import FINDINGS, MULTILABEL_COLUMNS, write_multilabel_phantoms
 from medsight.errors import ConfigError, DataError
+from tests.conftest import FINDINGS_LABELS
 
 
 def _manifest(root, header: str, rows: list[str], helpers, name: str = "manifest.csv"):
@@ -464,14 +465,7 @@ def test_data_split_and_preview_take_the_finding_columns(tmp_path, helpers):
     )
     assert result.exit_code == 0, result.output
     splits = pd.read_csv(out)
-    assert set(splits["label"]) <= {
-        "bright",
-        "dark",
-        "bright|dark",
-        "no finding",
-        "?dark",
-        "bright|?dark",
-    }
+    assert set(splits["label"]) <= FINDINGS_LABELS
     assert (splits.groupby("patient_id")["split"].nunique() == 1).all()
     for split, rows in splits.groupby("split"):
         for finding in ("bright", "dark"):  # 16 patients: each finding reaches every split

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tests.conftest import FINDINGS_LABELS
 
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.data.sources import load_samples
@@ -49,14 +50,7 @@ def test_findings_columns_train_a_multilabel_run_that_records_its_task(tmp_path,
     assert history["val_auroc"].max() > 0.9
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     splits = run.splits()
-    assert set(splits["label"]) <= {
-        "bright",
-        "dark",
-        "bright|dark",
-        "no finding",
-        "?dark",
-        "bright|?dark",
-    }
+    assert set(splits["label"]) <= FINDINGS_LABELS
 
 
 def test_uncertain_findings_follow_the_policy(tmp_path, helpers):
