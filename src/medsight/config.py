@@ -31,7 +31,18 @@ Attention = Literal["none", "se", "cbam", "self", "diff", "sparse"]
 Logger = Literal["none", "tensorboard", "mlflow"]
 
 #: Collection layouts the readers know (:func:`medsight.data.sources.load_samples`).
-READ_FORMATS: tuple[str, ...] = ("folder", "zip", "csv", "npz", "dicom", "nifti")
+READ_FORMATS: tuple[str, ...] = (
+    "folder",
+    "zip",
+    "csv",
+    "npz",
+    "dicom",
+    "nifti",
+    "coco",
+    "yolo",
+    "voc",
+    "boxes",
+)
 
 
 def flag(name: str, *, choices: tuple[str, ...] | None = None, show_default: bool = True) -> dict:

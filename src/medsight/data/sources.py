@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from medsight.config import READ_FORMATS, ReadOptions, explain_validation
 from medsight.data import imaging
+from medsight.data.boxes import box_csv_columns, is_detection
 from medsight.data.findings import (
     NO_FINDING,
     SEPARATOR,
@@ -150,7 +151,11 @@ def load_samples(
 ) -> pd.DataFrame:
     """Read the collection at ``path`` into a validated SampleTable.
 
-    ``format`` is one of ``folder, zip, csv, npz, dicom, nifti`` (detected when omitted).
+    ``format`` is one of ``folder, zip, csv, npz, dicom, nifti`` or, for images with boxes
+    (:mod:`medsight.data.boxes`), ``coco, yolo, voc, boxes`` (detected when omitted: a
+    ``.json`` is COCO, a folder with ``Annotations/`` and ``JPEGImages/`` VOC, one with
+    ``images/`` and ``labels/`` YOLO, a CSV whose header names x1,y1,x2,y2 or xmin..ymax a box
+    CSV).
     Other options: ``allow_outside`` (manifest paths may leave the manifest's folder),
     ``path_column``/``label_column``/``patient_column``/``split_column`` (manifest column names),
     ``nifti_axis``/``nifti_slice`` (which slice of 3-D volumes), as keywords or as one
@@ -169,6 +174,10 @@ def load_samples(
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     readers = {
+        "coco": _read_boxes,
+        "yolo": _read_boxes,
+        "voc": _read_boxes,
+        "boxes": _read_boxes,
         "folder": _read_tree,
         "zip": _read_tree,
         "dicom": _read_tree,
@@ -187,13 +196,19 @@ def detect_format(path: Path) -> str:
     """Pick a reader from the path: extension for files, contents for folders."""
     name = path.name.lower()
     if path.is_dir():
+        if (path / "Annotations").is_dir() and (path / "JPEGImages").is_dir():
+            return "voc"
+        if (path / "images").is_dir() and (path / "labels").is_dir():
+            return "yolo"
         if (path / MANIFEST_NAME).is_file():
-            return "csv"
+            return "boxes" if _has_box_columns(path / MANIFEST_NAME) else "csv"
         return "folder"
     if name.endswith(".zip"):
         return "zip"
+    if name.endswith(".json"):
+        return "coco"
     if name.endswith(".csv"):
-        return "csv"
+        return "boxes" if _has_box_columns(path) else "csv"
     if name.endswith(".npz"):
         return "npz"
     if imaging.has_extension(name, imaging.NIFTI_EXTENSIONS):
@@ -204,7 +219,38 @@ def detect_format(path: Path) -> str:
         return "folder"
     raise DataError(
         f"{path}: cannot tell what kind of dataset this is (extension {path.suffix or 'none'!r}); "
-        "give a folder, .zip, .csv, .npz, DICOM or NIfTI file, or pass --format"
+        "give a folder, .zip, .csv, .npz, COCO .json, DICOM or NIfTI file, or pass --format"
+    )
+
+
+def _has_box_columns(csv: Path) -> bool:
+    """Whether a CSV's header names box corners (x1..y2 or xmin..ymax): a box CSV."""
+    try:
+        with csv.open(newline="", encoding="utf-8-sig") as f:
+            header = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return box_csv_columns(part.strip().strip('"') for part in header.split(",")) is not None
+
+
+def _read_boxes(path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = None) -> pd.DataFrame:
+    """The box formats (:mod:`medsight.data.boxes`): COCO, YOLO, Pascal VOC, a box CSV."""
+    from medsight.data import boxes
+
+    _refuse_multilabel_options(path, fmt, opts)
+    if fmt == "coco":
+        if path.is_dir():
+            raise DataError(f"{path}: --format coco reads a COCO .json file, not a folder")
+        return boxes.read_coco(path)
+    if fmt in ("yolo", "voc"):
+        if not path.is_dir():
+            raise DataError(f"{path}: --format {fmt} reads a folder, not a file")
+        return boxes.read_yolo(path) if fmt == "yolo" else boxes.read_voc(path)
+    return boxes.read_box_csv(
+        path / MANIFEST_NAME if path.is_dir() else path,
+        allow_outside=opts.allow_outside,
+        path_column=opts.path_column if opts.path_column != "path" else None,
+        label_column=opts.label_column if opts.label_column != "label" else None,
     )
 
 
@@ -240,7 +286,7 @@ def validate_table(table: pd.DataFrame, origin: str = "table") -> pd.DataFrame:
 def class_names(table: pd.DataFrame) -> list[str]:
     """Ordered class names: the reader's order when it knows one, else sorted; a multi-label
     table's findings, all of them, in its order."""
-    if is_multilabel(table):
+    if is_multilabel(table) or is_detection(table):
         return list(table.attrs["classes"])
     present = set(table["label"].dropna().unique())
     known = [c for c in table.attrs.get("classes", []) if c in present]
@@ -317,6 +363,8 @@ def _refuse_multilabel_options(path: Path, fmt: str, opts: ReadOptions) -> None:
         return
     if fmt == "npz":
         why = "a MedMNIST .npz carries its own labels (multi-hot labels are read as findings)"
+    elif fmt in ("coco", "yolo", "voc", "boxes"):
+        why = f"a {fmt} collection has boxes, whose classes are its labels"
     else:
         why = f"a {fmt} collection has one label per image (its class folder), not findings"
     raise DataError(

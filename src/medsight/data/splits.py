@@ -5,8 +5,10 @@ the whole set's as grouping allows, and a seed makes every split repeatable. A s
 already carries (a ``split`` column, MedMNIST's official one) is respected, never redrawn.
 
 Multi-label tables (several findings per image, :func:`medsight.data.findings.is_multilabel`)
-are split by *iterative stratification* (Sechidis, Tsoumakas & Vlahavas, ECML PKDD 2011, as
-implemented by the ``iterative-stratification`` package), over patients:
+and detection tables (boxes, :func:`medsight.data.boxes.is_detection`: their label is the box
+classes present, ``"RBC|WBC"``, so each class is a finding) are split by *iterative
+stratification* (Sechidis, Tsoumakas & Vlahavas, ECML PKDD 2011, as implemented by the
+``iterative-stratification`` package), over patients:
 
 1. each patient (an image without ``patient_id`` is its own patient) gets the findings of all
    its images (the maximum over them of :func:`~medsight.data.findings.positives`), plus one
@@ -29,12 +31,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from medsight.data.boxes import is_detection
 from medsight.data.findings import is_multilabel, positives
 from medsight.data.sources import SPLITS
 from medsight.errors import ConfigError, DataError
 
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 _UNLABELLED = "\0unlabelled"
+
+
+def _by_findings(table: pd.DataFrame) -> bool:
+    """Multi-label and detection tables are stratified by the findings (box classes) present."""
+    return is_multilabel(table) or is_detection(table)
 
 
 def assign_splits(
@@ -58,7 +66,7 @@ def assign_splits(
             f"{int((~given).sum())} of {len(table)} rows have no split while the others do; "
             "give every row a split (train/val/test) or none, so medsight assigns them all"
         )
-    if is_multilabel(table):
+    if _by_findings(table):
         return _assign_multilabel(table, ratios, seed)
     groups = group_keys(table)
     labels = table["label"].fillna(_UNLABELLED).to_numpy()
@@ -96,7 +104,7 @@ def group_keys(table: pd.DataFrame) -> np.ndarray:
 def max_folds(table: pd.DataFrame) -> int:
     """The most folds possible: each class must reach every fold (counted in patients); for a
     multi-label table each finding that occurs, and there must be a patient per fold."""
-    if is_multilabel(table):
+    if _by_findings(table):
         _, names, findings = _patient_findings(table)
         held = findings.sum(axis=0)
         return int(min(len(names), *held[held > 0])) if held.any() else len(names)
@@ -118,12 +126,14 @@ def kfold_assignments(table: pd.DataFrame, folds: int = 5, seed: int = 0) -> pd.
         raise ConfigError(f"folds must be at least 2, got {folds}")
     possible = max_folds(table)
     if folds > possible:
-        what = "finding" if is_multilabel(table) else "class"
+        what = (
+            "box class" if is_detection(table) else "finding" if is_multilabel(table) else "class"
+        )
         raise ConfigError(
             f"folds={folds} is more than the smallest {what} has patients; "
             f"the maximum possible here is {possible}"
         )
-    if is_multilabel(table):
+    if _by_findings(table):
         return _kfold_multilabel(table, folds, seed)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     labels = table["label"].fillna(_UNLABELLED).to_numpy()
