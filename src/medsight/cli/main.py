@@ -298,7 +298,9 @@ def _print_check(doc: dict) -> None:
         f"{doc['n_images']:,} images, {doc['n_readable']:,} readable",
         highlight=False,
     )
-    if doc.get("multilabel"):
+    if doc.get("detection"):
+        _print_boxes(doc["detection"])
+    elif doc.get("multilabel"):
         _print_findings(doc["multilabel"])
     else:
         _print_classes(doc)
@@ -363,6 +365,76 @@ def _print_findings(summary: dict, pairs: int = 10) -> None:
                 f"{_shown(', '.join(names))} (their metrics there cannot be computed)",
                 highlight=False,
             )
+
+
+def _print_boxes(summary: dict, limit: int = 10) -> None:
+    """A detection report: boxes per class and split, per image, and boxes drawn wrong."""
+    splits = [s for s in summary["boxes_per_class"] if s != "all"] + ["all"]
+    table = Table(title="Boxes per class and split", title_justify="left")
+    table.add_column("class")
+    for split in splits:
+        table.add_column(split, justify="right", style="bold" if split == "all" else None)
+    table.add_column("images with one", justify="right")
+    names = list(summary["boxes_per_class"]["all"])
+    for name in names:
+        table.add_row(
+            _shown(name),
+            *(f"{summary['boxes_per_class'][s].get(name, 0):,}" for s in splits),
+            f"{summary['images_per_class'].get(name, 0):,}",
+            end_section=name == names[-1],
+        )
+    table.add_row(
+        "boxes",
+        *(f"{sum(summary['boxes_per_class'][s].values()):,}" for s in splits),
+        "",
+        style="bold",
+    )
+    console.print(table)
+    per_image = summary["boxes_per_image"]
+    console.print(
+        f"boxes per image: mean {per_image['mean']:g}, max {per_image['max']:,}; "
+        f"{summary['images_without_boxes']:,} of {summary['images']:,} images without boxes",
+        highlight=False,
+    )
+    fixes = summary.get("reader_fixes") or {}
+    done = [
+        f"{fixes[k]} {what}"
+        for k, what in (
+            ("zero_area", "of zero area dropped"),
+            ("clipped", "partly outside clipped"),
+        )
+        if fixes.get(k)
+    ]
+    if done:
+        console.print(f"[dim]the reader fixed boxes:[/] {', '.join(done)}", highlight=False)
+    if summary["unknown_classes"]:
+        console.print(
+            f"[yellow]warning:[/] box classes not in the class list: "
+            f"{_shown(', '.join(summary['unknown_classes']))}",
+            highlight=False,
+        )
+    for key, title in (
+        ("outside", "Boxes outside their image"),
+        ("zero_area", "Boxes of zero area"),
+        ("duplicate_boxes", "Duplicate boxes (same image and class, IoU > 0.95)"),
+    ):
+        found = summary[key]
+        if not found:
+            continue
+        problems = Table(title=f"{title} ({len(found)})", title_justify="left")
+        problems.add_column("sample")
+        problems.add_column("box(es)", overflow="fold")
+        for item in found[:limit]:
+            shown = item.get("boxes") or [item["box"]]
+            text = "; ".join(f"{b[4]} ({b[0]:g}, {b[1]:g}, {b[2]:g}, {b[3]:g})" for b in shown)
+            if "size" in item:
+                text += f" in {item['size']}"
+            if "iou" in item:
+                text += f", IoU {item['iou']:g}"
+            problems.add_row(_shown(item["sample_id"]), _shown(text))
+        console.print(problems)
+        if len(found) > limit:
+            console.print(f"({len(found) - limit} more in the --json report)")
 
 
 def _count_cell(entry: dict) -> str:
@@ -455,6 +527,16 @@ def _print_problems(doc: dict, limit: int = 20) -> None:
     if hidden:
         console.print(f"({'; '.join(hidden)} in the --json report)")
     problems = [f"{len(doc[k])} {k.replace('_', ' ')}" for k in PROBLEM_KINDS if doc.get(k)]
+    boxes = doc.get("detection") or {}
+    problems += [
+        f"{len(boxes[k])} {what}"
+        for k, what in (
+            ("outside", "box(es) outside the image"),
+            ("zero_area", "box(es) of zero area"),
+            ("duplicate_boxes", "duplicate box pair(s)"),
+        )
+        if boxes.get(k)
+    ]
     if problems:
         console.print(f"[yellow]problems:[/] {', '.join(problems)}")
     else:

@@ -8,6 +8,12 @@ A multi-label table (several findings per image) is counted per finding instead 
 text: prevalence per finding and split, pairs of findings seen together, images without a
 finding, and each finding a split lacks (a warning: its metrics there cannot be computed);
 see :func:`multilabel_summary`.
+
+A detection table (boxes, :mod:`medsight.data.boxes`) is counted per box class: images where
+a class is present per split (as for findings), and the boxes themselves: per image (mean, max,
+images without any), per class and split, and the boxes a model cannot learn from as drawn:
+outside their image, of zero area, or duplicated (same image and class, IoU above
+:data:`DUPLICATE_IOU`); see :func:`detection_summary`.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from medsight.data.boxes import is_detection, parse_boxes
 from medsight.data.findings import NO_FINDING, is_multilabel, multi_hot
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, MIN_SIDE
 from medsight.data.sources import class_names, iter_decoded
 from medsight.errors import ImageDecodeError
 
 UNASSIGNED = "unassigned"
+#: Two boxes of one class in one image overlapping more than this are counted as duplicates.
+DUPLICATE_IOU = 0.95
 
 
 @dataclass
@@ -46,6 +55,7 @@ class CheckReport:
     ignored_files: dict[str, int] = field(default_factory=dict)
     too_small: list[dict] = field(default_factory=list)
     multilabel: dict | None = None  # multilabel_summary() of a multi-label table
+    detection: dict | None = None  # detection_summary() of a table with boxes
 
     @property
     def usable(self) -> bool:
@@ -54,8 +64,13 @@ class CheckReport:
 
     @property
     def clean(self) -> bool:
-        """No unreadable or too small file, no duplicate, no leakage (what ``--strict`` demands)."""
-        return not (self.unreadable or self.too_small or self.duplicates or self.leakage)
+        """No unreadable or too small file, no duplicate, no leakage, and for boxes none outside
+        its image, of zero area or duplicated (what ``--strict`` demands)."""
+        boxes = self.detection or {}
+        bad_boxes = any(boxes.get(k) for k in ("outside", "zero_area", "duplicate_boxes"))
+        return not (
+            self.unreadable or self.too_small or self.duplicates or self.leakage or bad_boxes
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +141,7 @@ def check_samples(
 
     leakage = _patient_leakage(table, splits) + duplicate_leaks
     readable_mask = ~table["sample_id"].isin({u["sample_id"] for u in unreadable})
-    if is_multilabel(table):
+    if is_multilabel(table) or is_detection(table):
         summary = multilabel_summary(table[readable_mask])
         return CheckReport(
             n_images=len(table),
@@ -146,7 +161,8 @@ def check_samples(
             unlabelled=int(labels[readable_mask].isna().sum()),
             ignored_files=dict(table.attrs.get("ignored", {})),
             too_small=too_small,
-            multilabel=summary,
+            multilabel=None if is_detection(table) else summary,
+            detection=detection_summary(table[readable_mask]) if is_detection(table) else None,
         )
     class_counts = labels[readable_mask].value_counts()
     ordered = [c for c in class_names(table) if c in class_counts.index]
@@ -229,6 +245,102 @@ def multilabel_summary(table: pd.DataFrame) -> dict:
         "co_occurrence": pairs,
         "missing": missing,
     }
+
+
+def detection_summary(table: pd.DataFrame) -> dict:
+    """Counts of a detection table's boxes:
+
+    * ``boxes``: all boxes; ``boxes_per_image`` = ``{"mean", "max"}``;
+      ``images_without_boxes`` (negatives) and ``images``;
+    * ``boxes_per_class[split][class]`` for ``all`` and each split present (``unassigned`` for
+      rows without one); ``images_per_class[class]``: images with at least one;
+    * ``outside``: boxes reaching beyond their image (``{"sample_id", "box", "size"}``);
+      ``zero_area``: boxes with ``x2 <= x1`` or ``y2 <= y1``; ``duplicate_boxes``: pairs of
+      one image and class with IoU above :data:`DUPLICATE_IOU` (``{"sample_id", "boxes",
+      "iou"}``); ``unknown_classes``: box classes not in the table's classes;
+    * ``reader_fixes``: what the reader already did (boxes of zero area dropped, boxes partly
+      outside clipped), from ``table.attrs["box_fixes"]``.
+
+    >>> detection_summary(table)["boxes_per_image"]        # doctest: +SKIP
+    {'mean': 13.4, 'max': 32}
+    """
+    classes = list(table.attrs.get("classes", []))
+    splits = table["split"].fillna(UNASSIGNED).to_numpy()
+    per_class: dict[str, Counter] = {"all": Counter()}
+    images_per_class: Counter[str] = Counter()
+    counts, outside, zero_area, duplicates, unknown = [], [], [], [], set()
+    for sample_id, text, width, height, split in zip(
+        table["sample_id"], table["boxes"], table["width"], table["height"], splits
+    ):
+        boxes = parse_boxes(text)
+        counts.append(len(boxes))
+        per_class.setdefault(str(split), Counter())
+        for box in boxes:
+            per_class["all"][box[4]] += 1
+            per_class[str(split)][box[4]] += 1
+        images_per_class.update({b[4] for b in boxes})
+        unknown |= {b[4] for b in boxes} - set(classes)
+        for box in boxes:
+            x1, y1, x2, y2 = box[:4]
+            if x2 <= x1 or y2 <= y1:
+                zero_area.append({"sample_id": str(sample_id), "box": box})
+            if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+                outside.append(
+                    {"sample_id": str(sample_id), "box": box, "size": f"{width}x{height}"}
+                )
+        duplicates += _duplicate_boxes(str(sample_id), boxes)
+    order = classes + sorted(unknown)
+    split_order = ["all", "train", "val", "test", UNASSIGNED]
+    counts_array = np.asarray(counts, dtype=np.int64)
+    return {
+        "classes": classes,
+        "images": len(counts),
+        "boxes": int(counts_array.sum()),
+        "boxes_per_image": {
+            "mean": round(float(counts_array.mean()), 2) if len(counts) else 0.0,
+            "max": int(counts_array.max()) if len(counts) else 0,
+        },
+        "images_without_boxes": int((counts_array == 0).sum()),
+        "boxes_per_class": {
+            s: {c: int(per_class[s].get(c, 0)) for c in order}
+            for s in split_order
+            if s in per_class
+        },
+        "images_per_class": {c: int(images_per_class.get(c, 0)) for c in order},
+        "outside": outside,
+        "zero_area": zero_area,
+        "duplicate_boxes": duplicates,
+        "unknown_classes": sorted(unknown),
+        "reader_fixes": dict(table.attrs.get("box_fixes", {})),
+    }
+
+
+def _duplicate_boxes(sample_id: str, boxes: list[list]) -> list[dict]:
+    """Pairs of boxes of one class in one image with IoU above :data:`DUPLICATE_IOU`."""
+    found = []
+    by_class: dict[str, list[list]] = defaultdict(list)
+    for box in boxes:
+        by_class[box[4]].append(box)
+    for same in by_class.values():
+        if len(same) < 2:
+            continue
+        xy = np.asarray([b[:4] for b in same], dtype=np.float64)
+        area = np.clip(xy[:, 2] - xy[:, 0], 0, None) * np.clip(xy[:, 3] - xy[:, 1], 0, None)
+        lo = np.maximum(xy[:, None, :2], xy[None, :, :2])
+        hi = np.minimum(xy[:, None, 2:], xy[None, :, 2:])
+        inter = np.clip(hi - lo, 0, None).prod(axis=2)
+        union = area[:, None] + area[None, :] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        for a, b in zip(*np.triu_indices(len(same), k=1)):
+            if iou[a, b] > DUPLICATE_IOU:
+                found.append(
+                    {
+                        "sample_id": sample_id,
+                        "boxes": [same[a], same[b]],
+                        "iou": round(float(iou[a, b]), 3),
+                    }
+                )
+    return found
 
 
 def _count(count: int, total: int) -> dict:
