@@ -560,12 +560,44 @@ def data_synth(
             "NIH-style 'Finding Labels' manifest, instead of three classes.",
         ),
     ] = False,
+    detect: Annotated[
+        bool,
+        typer.Option(
+            "--detect",
+            help="Boxes: 0-3 lesions per slice (nodule, cyst) with masks and a box CSV "
+            "(path,x1,y1,x2,y2,label; one row per box), instead of three classes.",
+        ),
+    ] = False,
+    with_splits: Annotated[
+        bool,
+        typer.Option(
+            "--splits", help="With --detect: fill the CSV's split column (70/15/15 by patient)."
+        ),
+    ] = False,
 ) -> None:
     """Write the embedded default dataset: phantom slices in three classes, with lesion masks
-    (with --multilabel: none, one or several findings per slice)."""
-    from medsight.data.synth import FINDINGS, write_multilabel_phantoms, write_phantom_dataset
+    (with --multilabel: none, one or several findings per slice; with --detect: lesions with
+    boxes)."""
+    from functools import partial
 
-    write = write_multilabel_phantoms if multilabel else write_phantom_dataset
+    from medsight.data.synth import (
+        DETECT_CLASSES,
+        FINDINGS,
+        write_detection_phantoms,
+        write_multilabel_phantoms,
+        write_phantom_dataset,
+    )
+
+    if multilabel and detect:
+        _error_line("--multilabel and --detect draw different datasets; give one")
+        raise typer.Exit(2)
+    if with_splits and not detect:
+        _error_line("--splits fills the box CSV's split column; it goes with --detect")
+        raise typer.Exit(2)
+    if detect:
+        write = partial(write_detection_phantoms, splits=with_splits)
+    else:
+        write = write_multilabel_phantoms if multilabel else write_phantom_dataset
     with _user_errors():
         with _progress() as bar:
             task = bar.add_task("drawing phantoms", total=n)
@@ -573,6 +605,8 @@ def data_synth(
                 out, n=n, size=size, seed=seed, progress=lambda k: bar.advance(task, k)
             )
         what = f"findings {', '.join(FINDINGS)}, " if multilabel else ""
+        if detect:
+            what = f"boxes of {', '.join(DETECT_CLASSES)}, "
         console.print(
             f"wrote {n:,} images of {size}x{size} px ({what}with masks); manifest: {manifest}"
         )

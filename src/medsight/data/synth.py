@@ -7,6 +7,12 @@ several slices per patient and per-patient metadata (sex, age, site) for subgrou
 one or several of three findings that look different (a bright smooth ``nodule``, a dark
 ``cyst`` with a bright wall, a cluster of tiny very bright ``calcification`` specks), each with
 its own mask, and a NIH-style manifest (``Finding Labels``).
+
+:func:`write_detection_phantoms` draws the detection variant: the same anatomy with none, one
+or several (up to three) separate lesions per slice, each a bright smooth ``nodule`` or a dark
+``cyst`` with a bright wall, at least about 6 px across at 64 px, and a box CSV (one row per
+box, tight on the lesion's mask) that :func:`medsight.data.sources.load_samples` reads as a
+detection table.
 """
 
 from __future__ import annotations
@@ -40,6 +46,31 @@ MULTILABEL_COLUMNS: tuple[str, ...] = (
     "age",
     "site",
 )
+#: The box classes of the detection phantoms, in their order.
+DETECT_CLASSES: tuple[str, ...] = ("nodule", "cyst")
+#: The detection manifest: one row per box (a slice without lesions has one row, no corners).
+DETECT_COLUMNS: tuple[str, ...] = (
+    "path",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "label",
+    "patient_id",
+    "split",
+    "mask",
+    "sex",
+    "age",
+    "site",
+)
+# Lesions per slice: 0, 1, 2 or 3, with these odds.
+_LESION_COUNTS = (0.25, 0.35, 0.25, 0.15)
+# Lesion radius in image units ([-1, 1]); with an aspect of 0.8 or more the narrowest lesion
+# is 0.12 * 0.8 * 64 ≈ 6 px across at 64 px.
+_DETECT_RADIUS = (0.12, 0.18)
+# Image-unit gap kept between lesions (≈ 3 px at 64 px), so each mask region is one lesion.
+_DETECT_GAP = 0.1
+_DETECT_SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 _IMAGES = "images"
 # How often a finding a patient has shows in one of its slices (a small one can be missed).
 _SHOWN_IN_SLICE = 0.9
@@ -373,7 +404,7 @@ def _check_out(out: Path) -> None:
     if manifest.is_file():
         with manifest.open(newline="") as f:
             header = f.readline().strip()
-    headers = {",".join(MANIFEST_COLUMNS), ",".join(MULTILABEL_COLUMNS)}
+    headers = {",".join(c) for c in (MANIFEST_COLUMNS, MULTILABEL_COLUMNS, DETECT_COLUMNS)}
     if header not in headers or not entries <= {*CLASSES, _IMAGES, "masks", "manifest.csv"}:
         raise ConfigError(
             f"out={str(out)!r} is a non-empty folder that is not a phantom dataset; "
@@ -680,3 +711,157 @@ def write_multilabel_phantoms(
             progress(k)
     _write_manifest(manifest, rows, MULTILABEL_COLUMNS)
     return manifest
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _detection_lesion(
+    rng: np.random.Generator,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    centre: tuple[float, float],
+    radius: float,
+    kind: str,
+    tissue: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One lesion of the detection phantoms at ``centre``: opacity, intensity and mask. A
+    nodule is a bright smooth oval, a cyst a round dark (fluid) centre with a bright wall."""
+    cy, cx = centre
+    dy, dx = yy - cy, xx - cx
+    if kind == "nodule":
+        aspect, angle = rng.uniform(0.8, 1.0), rng.uniform(0, math.pi)
+        cos, sin = math.cos(angle), math.sin(angle)
+        rho = np.sqrt((cos * dx + sin * dy) ** 2 + ((-sin * dx + cos * dy) / aspect) ** 2)
+        value = tissue + rng.uniform(0.28, 0.38) + 0.02 * _smooth_noise(rng, yy.shape[0], 1.0)
+    else:
+        rho = np.sqrt(dy**2 + dx**2)
+        wall = rng.uniform(0.03, 0.04)
+        value = np.where(rho < radius - wall, tissue - 0.3, tissue + 0.3)
+    opacity = 1.0 / (1.0 + np.exp(-(radius - rho) / 0.006))
+    return opacity, value, rho < radius
+
+
+def make_detection_phantom(
+    rng: np.random.Generator,
+    size: int,
+    kinds: list[str],
+    patient: PatientAnatomy | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[list]]:
+    """Draw one phantom slice with a lesion of each of ``kinds`` (names in
+    :data:`DETECT_CLASSES`, repeats allowed), placed apart inside the body.
+
+    Returns ``(image, mask, boxes)``: the 8-bit image, a 0/255 mask of all lesions and one
+    ``[x1, y1, x2, y2, kind]`` box per lesion, tight on its mask (pixel corners: ``x2`` is one
+    past the last column). A lesion that finds no room is left out (and has no box).
+
+    Example:
+        >>> image, mask, boxes = make_detection_phantom(np.random.default_rng(0), 64, ["cyst"])
+        >>> boxes[0][4], int(mask.max())
+        ('cyst', 255)
+    """
+    _check_size(size)
+    unknown = sorted(set(kinds) - set(DETECT_CLASSES))
+    if unknown:
+        raise ConfigError(f"lesions {unknown} are not phantom lesions; use {DETECT_CLASSES}")
+    if patient is None:
+        patient = PatientAnatomy.sample(rng)
+    img, body, rho_body, inside, rim_width = _anatomy(rng, size, patient)
+    yy, xx = _grid(size)
+    interior = rho_body < 1.0 - rim_width
+    union = np.zeros((size, size), dtype=bool)
+    placed: list[tuple[float, float, float]] = []
+    boxes = []
+    for kind in kinds:
+        radius = rng.uniform(*_DETECT_RADIUS)
+        room = max(0.0, 1.0 - (radius + 0.06) / min(body[2], body[3]))
+        for _ in range(50):
+            r, phi = room * math.sqrt(rng.uniform()), rng.uniform(0, 2 * math.pi)
+            cy, cx = _to_image(body, r * math.sin(phi), r * math.cos(phi))
+            if all(math.hypot(cy - y, cx - x) > radius + q + _DETECT_GAP for y, x, q in placed):
+                break
+        else:
+            continue
+        placed.append((cy, cx, radius))
+        opacity, value, mask = _detection_lesion(
+            rng, yy, xx, (cy, cx), radius, kind, patient.tissue
+        )
+        mask &= interior
+        if not mask.any():
+            continue
+        img = img * (1.0 - opacity * interior) + value * opacity * interior
+        union |= mask
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes.append([int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1, kind])
+    image = _finish(rng, img, patient, rho_body, inside, rim_width)
+    return image, union.astype(np.uint8) * 255, boxes
+
+
+def write_detection_phantoms(
+    out: str | Path,
+    n: int = 1200,
+    size: int = 64,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    splits: bool = False,
+) -> Path:
+    """Write ``n`` detection phantom slices, their lesion masks and a box CSV under ``out``;
+    returns the CSV's path (``out/manifest.csv``).
+
+    Each slice shows 0 to 3 separate lesions (a quarter show none), each a :data:`DETECT_CLASSES`
+    kind. Layout: ``images/<patient>_<slice>.png``, ``masks/<same name>.png`` (all the slice's
+    lesions); the CSV's columns are :data:`DETECT_COLUMNS`, one row per box in pixel corners
+    (``path,x1,y1,x2,y2,label``, tight on the lesion's mask) and one row with empty corners for
+    a slice without lesions; ``split`` is filled, by patient (70/15/15), only when ``splits``.
+    ``load_samples(out)`` reads it as a detection table. The same arguments give byte-identical
+    files; a previous phantom dataset in ``out`` is replaced, any other non-empty folder refused.
+
+    Example:
+        >>> csv_path = write_detection_phantoms("lesions", n=300, seed=0)
+    """
+    _check_arguments(n, size, seed)
+    out = Path(out)
+    _check_out(out)
+    _clear(out)
+    (out / _IMAGES).mkdir(parents=True)
+    (out / "masks").mkdir()
+    manifest = out / "manifest.csv"
+    _write_manifest(manifest, [], DETECT_COLUMNS)
+
+    rng = np.random.default_rng(seed)
+    sizes = _patient_sizes(rng, int(n))
+    patient_splits = _detection_splits(len(sizes)) if splits else [""] * len(sizes)
+    rows = []
+    for number, k in enumerate(sizes, start=1):
+        patient_id = f"P{number:04d}"
+        patient = PatientAnatomy.sample(rng)
+        sex = "F" if rng.random() < 0.5 else "M"
+        age = int(np.clip(np.rint(rng.normal(56, 15)), 20, 90))
+        split = patient_splits[number - 1]
+        for s in range(1, k + 1):
+            count = int(rng.choice(len(_LESION_COUNTS), p=_LESION_COUNTS))
+            kinds = [DETECT_CLASSES[int(i)] for i in rng.integers(0, len(DETECT_CLASSES), count)]
+            image, mask, boxes = make_detection_phantom(rng, size, kinds, patient)
+            name = f"{patient_id}_{s:02d}.png"
+            _save_png(image, out / _IMAGES / name)
+            _save_png(mask, out / "masks" / name)
+            rest = (patient_id, split, f"masks/{name}", sex, age, patient.site)
+            path = f"{_IMAGES}/{name}"
+            for x1, y1, x2, y2, kind in boxes:
+                rows.append((path, x1, y1, x2, y2, kind, *rest))
+            if not boxes:
+                rows.append((path, "", "", "", "", "", *rest))
+        if progress is not None:
+            progress(k)
+    _write_manifest(manifest, rows, DETECT_COLUMNS)
+    return manifest
+
+
+def _detection_splits(patients: int) -> list[str]:
+    """Patients (drawn in random order already) → train/val/test by the 70/15/15 shares."""
+    out, start = [], 0
+    for name, share in _DETECT_SPLITS:
+        stop = patients if name == "test" else start + int(round(share * patients))
+        out += [name] * (stop - start)
+        start = stop
+    return out
