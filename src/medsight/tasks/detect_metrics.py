@@ -119,7 +119,7 @@ def _check_arrays(gt, pred) -> tuple[np.ndarray, np.ndarray]:
         if (cls != np.round(cls)).any() or (cls < -1).any():
             i, j = (int(v[0]) for v in np.nonzero((cls != np.round(cls)) | (cls < -1)))
             raise DataError(
-                f"{name}[{i}, {j}] has class {cls[i, j]!r}; classes are whole numbers ≥ 0 "
+                f"{name}[{i}, {j}] has class {float(cls[i, j])!r}; classes are whole numbers ≥ 0 "
                 "(-1 marks a padding row)"
             )
         valid = cls >= 0
@@ -135,7 +135,7 @@ def _check_arrays(gt, pred) -> tuple[np.ndarray, np.ndarray]:
     if bad.any():
         i, j = (int(v[0]) for v in np.nonzero(bad))
         raise DataError(
-            f"predictions[{i}, {j}] has score {score[i, j]!r}; scores must lie in [0, 1]"
+            f"predictions[{i}, {j}] has score {float(score[i, j])!r}; scores must lie in [0, 1]"
         )
     return g, p
 
