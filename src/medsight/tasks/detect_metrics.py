@@ -67,6 +67,7 @@ __all__ = [
     "coco_map",
     "detection_metrics",
     "froc",
+    "froc_sensitivity",
     "image_auroc",
     "image_scores",
     "match_detections",
@@ -326,10 +327,17 @@ class _Curve:
         return np.r_[np.inf, self.score[self.ends]]
 
 
-def _read_curve(x: np.ndarray, s: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """Sensitivity of the piecewise-linear curve through ``(x, s)`` (x non-decreasing) at
-    ``at``: at an FP rate the curve reaches, its highest sensitivity there; between two rates,
-    the straight line; beyond the last, the last sensitivity."""
+def froc_sensitivity(x, s, at) -> np.ndarray:
+    """Sensitivity of the piecewise-linear FROC curve through ``(x, s)`` (FP per image, non-
+    decreasing, and sensitivity: :func:`froc`'s ``curve``) at the FP rates ``at``: at a rate
+    the curve reaches, its highest sensitivity there; between two rates, the straight line;
+    beyond the last, the last sensitivity.
+
+    >>> froc_sensitivity([0, 0, 0.5, 0.5], [0, 0.5, 0.5, 1.0], [0.25, 0.5, 2]).tolist()
+    [0.5, 1.0, 1.0]
+    """
+    x, s = np.asarray(x, dtype=np.float64), np.asarray(s, dtype=np.float64)
+    at = np.asarray(at, dtype=np.float64)
     j = np.searchsorted(x, at, side="right") - 1  # the last point with x ≤ at
     j = np.clip(j, 0, x.size - 1)
     nxt = np.minimum(j + 1, x.size - 1)
@@ -357,7 +365,13 @@ def _weights(idx: np.ndarray, n: int, cells_per_row: int):
 def _froc_point(m: Matching, fps: np.ndarray) -> dict:
     curve = _Curve(m)
     x, s, tp = curve.points(np.ones((1, m.n_images)))
-    return {"curve": curve, "x": x[0], "s": s[0], "tp": tp[0], "at": _read_curve(x[0], s[0], fps)}
+    return {
+        "curve": curve,
+        "x": x[0],
+        "s": s[0],
+        "tp": tp[0],
+        "at": froc_sensitivity(x[0], s[0], fps),
+    }
 
 
 def _check_fps(fps_per_image) -> np.ndarray:
@@ -422,8 +436,8 @@ def froc(
         at_parts, grid_parts = [], []
         for w in _weights(resamples, m.n_images, curve.image.size + m.n_images):
             x, s, _ = curve.points(w)
-            at_parts.append(np.array([_read_curve(x[r], s[r], fps) for r in range(len(w))]))
-            grid_parts.append(np.array([_read_curve(x[r], s[r], grid) for r in range(len(w))]))
+            at_parts.append(np.array([froc_sensitivity(x[r], s[r], fps) for r in range(len(w))]))
+            grid_parts.append(np.array([froc_sensitivity(x[r], s[r], grid) for r in range(len(w))]))
         boot_at, boot_grid = np.vstack(at_parts), np.vstack(grid_parts)
     out["sensitivity"] = [
         value_entry(float(v), None if boot_at is None else boot_at[:, c], confidence)
