@@ -83,9 +83,6 @@ def make_detection_run(root: Path) -> Path:
             "seconds": [3.0, 3.0, 3.0],
         }
     ).to_csv(run / "history.csv", index=False)
-    manifest.assign(sample_id=manifest["path"], split="test")[
-        ["sample_id", "label", "split"]
-    ].to_csv(run / "splits.csv", index=False)
 
     index = {name: k for k, name in enumerate(CLASSES)}
     gt = np.zeros((N, 2, 5))
@@ -125,6 +122,9 @@ def make_detection_run(root: Path) -> Path:
     predictions["width"] = SIDE
     predictions["height"] = SIDE
     predictions.to_csv(run / "predictions.csv", index=False)
+    predictions.assign(split="test")[["sample_id", "label", "split"]].to_csv(
+        run / "splits.csv", index=False
+    )
     return run
 
 
@@ -172,6 +172,10 @@ def test_detection_sections_render_in_the_tasks_order(detection_report):
         "model-card",
     ]
     assert "detection: boxes of 2 classes" in html
+    # one key tile, mAP@0.5; the class balance counts images with a box of each class
+    assert html.count('class="tile key"') == 1
+    balance = re.findall(r"<td>(\d+) <span", html.split('id="summary"')[1].split("</section>")[0])
+    assert balance[:2] == ["8", "4"]
 
 
 def test_headline_tiles_and_table_show_the_detection_metrics(detection_report):

@@ -1253,13 +1253,14 @@ class _Page:
 def _summary(page: _Page) -> dict:
     tiles = []
     shown = [(key, *TILES[key]) for key in page.task.headline_metrics if key in TILES]
+    primary = next((key for key, _, _ in shown if key in KEY_TILES), None)
     for key, label, higher in shown:
         if key in ("auroc", "average_precision"):
             label += f" ({page.positive})" if page.k == 2 else " (macro, one-vs-rest)"
         tiles.append(
             {
                 "key": key,
-                "primary": key in KEY_TILES,
+                "primary": key == primary,
                 "label": label,
                 "higher": higher,
                 **_cell(page.metrics.get(key)),
@@ -1853,7 +1854,7 @@ def _boxed_thumbnail(source: str, window, truth: np.ndarray, found: np.ndarray, 
     ).convert("RGB")
     sx, sy = shown[0] / float(width), shown[1] / float(height)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=11)
+    font = ImageFont.load_default(size=13)
     for x1, y1, x2, y2, _ in truth:
         draw.rectangle((x1 * sx, y1 * sy, x2 * sx - 1, y2 * sy - 1), outline=TRUTH_BOX, width=2)
     for x1, y1, x2, y2, score, _ in found:
