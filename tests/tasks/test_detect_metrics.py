@@ -329,6 +329,13 @@ def test_detection_metrics_is_the_metrics_json_body():
     assert result["sensitivity_at_1fp"]["value"] == result["froc"]["sensitivity"][3]["value"]
 
 
+def test_no_bootstrap_gives_no_intervals():
+    gt, pred = four_images()
+    result = detection_metrics(gt, pred, ["lesion"], n_bootstrap=0)
+    assert all(result[key]["ci"] is None for key in dm.HEADLINE)
+    assert result["froc"]["band"] is None and result["bootstrap"]["n_map"] == 0
+
+
 def test_validation_scores_are_cheap_point_values():
     gt, pred = four_images()
     scores = validation_scores(gt, pred)

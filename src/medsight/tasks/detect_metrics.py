@@ -107,6 +107,8 @@ def _check_arrays(gt, pred) -> tuple[np.ndarray, np.ndarray]:
             f"predictions must be an (images, boxes, 6) array of [x1, y1, x2, y2, score, class]; "
             f"got shape {p.shape}"
         )
+    if g.shape[0] == 0:
+        raise DataError("no images to score: the ground truth array is empty")
     if g.shape[0] != p.shape[0]:
         raise DataError(
             f"ground truth covers {g.shape[0]} images but predictions {p.shape[0]}; give both "
@@ -913,7 +915,9 @@ def detection_metrics(
         "map": aps["map"],
         "sensitivity_at_1fp": at_1,
         "froc_score": curve["score"],
-        "median_iou": median_iou(matching=m, resamples=resamples, confidence=confidence),
+        "median_iou": median_iou(
+            matching=m, n_bootstrap=n_bootstrap, confidence=confidence, resamples=resamples
+        ),
         "auroc_macro": image["auroc_macro"],
         "map75": aps["map75"],
         "froc": curve,
