@@ -63,8 +63,24 @@ MULTILABEL_TILES = (
     ("subset_accuracy", "Subset accuracy", True),
     ("label_ranking_average_precision", "Label ranking AP", True),
 )
+#: The tiles of a detection run (its image-level AUROC is the multi-label ``auroc_macro``).
+DETECTION_TILES = (
+    ("map50", "mAP @ IoU 0.5", True),
+    ("map", "mAP @ IoU 0.5:0.95", True),
+    ("sensitivity_at_1fp", "Lesion sensitivity at 1 FP / image", True),
+    ("froc_score", "FROC score (mean of 7 points)", True),
+    ("median_iou", "Median IoU of found lesions", True),
+)
+#: Every tile by its metrics.json key: the summary shows the task's headline metrics that
+#: have one, in the task's order.
+TILES = {
+    key: (label, higher)
+    for key, label, higher in (*HEADLINE_TILES, *MULTILABEL_TILES, *DETECTION_TILES)
+}
 #: The tile drawn as the key one.
-KEY_TILES = ("auroc", "auroc_macro")
+KEY_TILES = ("auroc", "auroc_macro", "map50")
+#: The sections that show boxes (the summary then describes the run as a detector).
+DETECTION_SECTIONS = ("detection", "froc", "detection_pr", "detection_gallery")
 OPERATING_POINTS = (
     ("sensitivity_0.90", "Sensitivity ≥ 0.90"),
     ("sensitivity_0.95", "Sensitivity ≥ 0.95"),
@@ -1236,13 +1252,15 @@ class _Page:
 
 def _summary(page: _Page) -> dict:
     tiles = []
-    for key, label, higher in MULTILABEL_TILES if page.multilabel else HEADLINE_TILES:
+    shown = [(key, *TILES[key]) for key in page.task.headline_metrics if key in TILES]
+    primary = next((key for key, _, _ in shown if key in KEY_TILES), None)
+    for key, label, higher in shown:
         if key in ("auroc", "average_precision"):
             label += f" ({page.positive})" if page.k == 2 else " (macro, one-vs-rest)"
         tiles.append(
             {
                 "key": key,
-                "primary": key in KEY_TILES,
+                "primary": key == primary,
                 "label": label,
                 "higher": higher,
                 **_cell(page.metrics.get(key)),
@@ -1582,6 +1600,371 @@ def _cooccurrence(page: _Page) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- detection
+
+#: Boxes drawn on the detection gallery: true (green) and predicted (blue).
+PRED_BOX = (37, 99, 235)
+#: The FP rate whose operating point decides which predicted boxes the gallery shows.
+GALLERY_FPS = 1.0
+#: The predicted boxes shown when metrics.json has no operating point at GALLERY_FPS.
+GALLERY_DEFAULT_THRESHOLD = 0.5
+DETECTION_ROWS = (
+    ("map50", "mAP @ IoU 0.5", "COCO average precision at IoU ≥ 0.5, mean over classes"),
+    ("map", "mAP @ IoU 0.5:0.95", "COCO average precision, mean over IoU 0.50, 0.55 … 0.95"),
+    ("sensitivity_at_1fp", "Sensitivity at 1 FP / image", "share of lesions found"),
+    ("froc_score", "FROC score (CPM)", "mean sensitivity at 1/8 … 8 FP / image"),
+    ("median_iou", "Median IoU of found lesions", "overlap of each found lesion's box"),
+    ("auroc_macro", "Image-level AUROC (macro)", "top box score vs. image has the class"),
+)
+
+
+def _fps_label(value: float) -> str:
+    """``1/8`` for 0.125, ``2`` for 2.0: an FP rate as the FROC literature writes it."""
+    if value < 1 and abs(1 / value - round(1 / value)) < 1e-9:
+        return f"1/{round(1 / value)}"
+    return f"{value:g}"
+
+
+def _detection(page: _Page) -> dict:
+    """The detection headline table, per-class table and operating points."""
+    m = page.metrics
+    per_class = []
+    for name in page.classes:
+        entry = (m.get("per_class") or {}).get(name) or {}
+        per_class.append(
+            {
+                "class": name,
+                "lesions": entry.get("n_lesions"),
+                "images": entry.get("n_images"),
+                "detections": entry.get("n_detections"),
+                "cells": [
+                    _cell(entry.get("ap50")),
+                    _cell(entry.get("ap")),
+                    _cell(entry.get("sensitivity")),
+                    _cell(entry.get("auroc")),
+                ],
+            }
+        )
+    points = []
+    for point in m.get("operating_points") or []:
+        points.append(
+            {
+                "target": _fps_label(point["fps_per_image_target"]),
+                "cells": [
+                    _cell(point.get("threshold"), 3),
+                    _cell(point.get("fps_per_image"), 2),
+                    _cell(point.get("sensitivity")),
+                    _cell(point.get("precision")),
+                ],
+                "n": point.get("n_detections"),
+            }
+        )
+    return {
+        "detection": {
+            "rows": [
+                {"label": label, "help": help_text, **_cell(m.get(key))}
+                for key, label, help_text in DETECTION_ROWS
+            ],
+            "per_class": per_class,
+            "points": points,
+            "n_images": m.get("n_images"),
+            "n_lesions": m.get("n_lesions"),
+            "n_detections": m.get("n_detections"),
+            "iou": m.get("iou_threshold", 0.5),
+            "n_map": (m.get("bootstrap") or {}).get("n_map"),
+            "n_bootstrap": (m.get("bootstrap") or {}).get("n"),
+        }
+    }
+
+
+def _froc_figure(result: dict) -> dict | None:
+    """The FROC curve on a log FP axis, its bootstrap band, and the seven rates with their
+    intervals."""
+    from medsight.tasks.detect_metrics import froc_sensitivity
+
+    curve = result.get("curve")
+    if not curve:
+        return None
+    rates = np.asarray(result["fps_per_image"], dtype=np.float64)
+    x = np.asarray(curve["fps_per_image"], dtype=np.float64)
+    s = np.asarray(curve["sensitivity"], dtype=np.float64)
+    left, right = rates.min() / 1.6, max(rates.max() * 1.6, 1.0)
+    grid = np.geomspace(left, right, 400)
+    with _style():
+        fig = new_figure(6.6, 4.0)
+        ax = fig.subplots()
+        band = result.get("band")
+        if band:
+            lower = np.array([np.nan if v is None else v for v in band["lower"]], dtype=float)
+            upper = np.array([np.nan if v is None else v for v in band["upper"]], dtype=float)
+            ax.fill_between(
+                band["fps_per_image"], lower, upper, color=ACCENT, alpha=0.14, lw=0,
+                label="95 % CI (bootstrap over images)",
+            )  # fmt: skip
+        ax.plot(grid, froc_sensitivity(x, s, grid), color=ACCENT, lw=2, label="FROC")
+        values, lo, hi = [], [], []
+        for entry in result["sensitivity"]:
+            v = entry.get("value")
+            ci = entry.get("ci") or [v, v]
+            values.append(np.nan if v is None else v)
+            lo.append(np.nan if v is None or ci[0] is None else v - ci[0])
+            hi.append(np.nan if v is None or ci[1] is None else ci[1] - v)
+        ax.errorbar(
+            rates, values, yerr=[lo, hi], fmt="o", ms=5.5, mfc="white", mec=ACCENT, mew=1.5,
+            ecolor=ACCENT, elinewidth=1, capsize=3, zorder=5, label="the 7 FROC points",
+        )  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(rates, [_fps_label(r) for r in rates])
+        ax.minorticks_off()
+        ax.set(xlim=(left, right), ylim=(-0.01, 1.02))
+        ax.set_xlabel("False positives per image")
+        ax.set_ylabel("Lesion sensitivity")
+        score = (result.get("score") or {}).get("value")
+        shown = UNDEFINED if score is None else f"{score:.3f}"
+        ax.set_title(f"FROC · score (mean of the 7 points) {shown}", loc="left")
+        ax.legend(loc="lower right")
+        return embed_figure(fig, "FROC curve: lesion sensitivity against false positives per image")
+
+
+def _froc_section(page: _Page) -> dict:
+    result = page.metrics.get("froc") or {}
+    rows = [
+        {"fps": _fps_label(r), **_cell(entry)}
+        for r, entry in zip(result.get("fps_per_image") or [], result.get("sensitivity") or [])
+    ]
+    return {
+        "froc": {
+            "figure": _froc_figure(result) if result else None,
+            "rows": rows,
+            "score": _cell(result.get("score")),
+            "n_lesions": result.get("n_lesions"),
+            "n_images": result.get("n_images"),
+            "iou": result.get("iou_threshold", 0.5),
+        }
+    }
+
+
+def _detection_pr_figure(curves: dict, per_class: dict) -> dict | None:
+    """One precision–recall panel per class at IoU 0.5 (COCO's interpolated precision)."""
+    names = list(curves)
+    if not names or all(curves[n] is None for n in names):
+        return None
+    nrows, ncols = _grid(len(names))
+    with _style():
+        fig = new_figure(2.6 * ncols + 0.5, 2.5 * nrows + 0.5)
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for c, (ax, name) in enumerate(zip(axes, names)):
+            ap = (((per_class.get(name) or {}).get("ap50")) or {}).get("value")
+            shown = UNDEFINED if ap is None else f"{ap:.3f}"
+            ax.set_title(f"{_plot_label(name, 16)} · AP@0.5 {shown}", loc="left", fontsize=9)
+            ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02))
+            ax.tick_params(labelsize=7.5)
+            curve = curves[name]
+            if curve is None:
+                ax.text(
+                    0.5, 0.5, "undefined:\nno true box", ha="center", va="center",
+                    fontsize=8.5, color=MUTED, transform=ax.transAxes,
+                )  # fmt: skip
+                continue
+            recall = np.asarray(curve["recall"], dtype=float)
+            precision = np.asarray(curve["precision"], dtype=float)
+            reached = precision > 0
+            colour = _class_colour(c)
+            ax.fill_between(recall, 0, precision, step="post", color=colour, alpha=0.12, lw=0)
+            ax.plot(
+                recall[reached], precision[reached], color=colour, lw=1.8, drawstyle="steps-post"
+            )
+        for ax in axes[len(names) :]:
+            ax.set_visible(False)
+        for ax in axes[: len(names)]:
+            ax.label_outer()
+        fig.supxlabel("Recall (share of lesions found)", fontsize=9.5)
+        fig.supylabel("Precision", fontsize=9.5)
+        return embed_figure(fig, "Precision–recall curve of each class at IoU 0.5")
+
+
+def _detection_pr(page: _Page) -> dict:
+    curves = (page.metrics.get("curves") or {}).get("pr") or {}
+    per_class = page.metrics.get("per_class") or {}
+    return {"detection_pr": {"figure": _detection_pr_figure(curves, per_class)}}
+
+
+def _parse_box_list(text: Any, with_score: bool) -> list:
+    """A ``boxes`` / ``true_boxes`` cell: a JSON list of ``[x1, y1, x2, y2, "class"(, score)]``;
+    anything unreadable is no boxes."""
+    try:
+        boxes = json.loads(text) if isinstance(text, str) and text.strip() else []
+    except json.JSONDecodeError:
+        return []
+    size = 6 if with_score else 5
+    return [b for b in boxes if isinstance(b, list) and len(b) == size]
+
+
+def _gallery_threshold(metrics: dict) -> tuple[float, str]:
+    """The score from which predicted boxes are drawn, and how it was chosen."""
+    for point in metrics.get("operating_points") or []:
+        target = point.get("fps_per_image_target", -1)
+        if math.isclose(target, GALLERY_FPS) and point.get("threshold") is not None:
+            return float(point["threshold"]), f"the {GALLERY_FPS:g} FP / image operating point"
+    return GALLERY_DEFAULT_THRESHOLD, "a default threshold (no operating point was recorded)"
+
+
+def _box_arrays(pred: pd.DataFrame, classes: list[str], threshold: float):
+    """The ``true_boxes`` and ``boxes`` columns (pixels) as the metric arrays; predicted boxes
+    below ``threshold`` and boxes of unknown classes are left out."""
+    index = {name: k for k, name in enumerate(classes)}
+    truth = [
+        [b[:4] + [index[b[4]]] for b in _parse_box_list(t, False) if b[4] in index]
+        for t in pred["true_boxes"]
+    ]
+    found = [
+        [b[:4] + [b[5], index[b[4]]] for b in _parse_box_list(t, True) if b[4] in index]
+        for t in pred["boxes"]
+    ]
+    found = [[b for b in boxes if b[4] >= threshold] for boxes in found]
+    n = len(pred)
+    gt = np.zeros((n, max(1, max(map(len, truth), default=0)), 5))
+    gt[..., 4] = -1
+    dt = np.zeros((n, max(1, max(map(len, found), default=0)), 6))
+    dt[..., 5] = -1
+    for i, (t, f) in enumerate(zip(truth, found)):
+        if t:
+            gt[i, : len(t)] = t
+        if f:
+            dt[i, : len(f)] = sorted(f, key=lambda b: -b[4])
+    return gt, dt
+
+
+def _boxed_thumbnail(source: str, window, truth: np.ndarray, found: np.ndarray, size) -> str:
+    """The image with its true boxes (green) and predicted boxes (blue, score beside each),
+    drawn at the thumbnail's own resolution so lines and text stay sharp."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from medsight.data.imaging import decode
+    from medsight.explain.overlay import display_image
+
+    pixels = np.clip(decode(source, window=window).pixels, 0.0, 1.0)
+    image = Image.fromarray(display_image(pixels, min_side=1))
+    width, height = size if size else image.size
+    scale = THUMBNAIL_SIDE / max(image.size)
+    shown = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    small = max(image.size) < THUMBNAIL_SIDE
+    image = image.resize(
+        shown, Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS
+    ).convert("RGB")
+    sx, sy = shown[0] / float(width), shown[1] / float(height)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    for x1, y1, x2, y2, _ in truth:
+        draw.rectangle((x1 * sx, y1 * sy, x2 * sx - 1, y2 * sy - 1), outline=TRUTH_BOX, width=2)
+    for x1, y1, x2, y2, score, _ in found:
+        box = (x1 * sx, y1 * sy, x2 * sx - 1, y2 * sy - 1)
+        draw.rectangle(box, outline=PRED_BOX, width=2)
+        text = f"{score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        w, h = right - left + 4, bottom - top + 3
+        tx = min(max(0.0, box[0]), shown[0] - w)
+        ty = box[1] - h if box[1] - h >= 0 else min(box[3] + 1, shown[1] - h)
+        draw.rectangle((tx, ty, tx + w, ty + h), fill=PRED_BOX)
+        draw.text((tx + 2 - left, ty + 1 - top), text, fill=(255, 255, 255), font=font)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _detection_gallery(page: _Page) -> dict:
+    """Thumbnails of lesions found, lesions missed and false positives, at the 1 FP / image
+    operating point; a note instead when the boxes or the images are not there."""
+    from medsight.tasks.detect_metrics import match_detections
+
+    n, pred = page.examples, page.pred
+    threshold, chosen_by = _gallery_threshold(page.metrics)
+    out: dict[str, Any] = {
+        "groups": [],
+        "note": None,
+        "threshold": f"{threshold:.3f}",
+        "chosen_by": chosen_by,
+    }
+    if n == 0:
+        out["note"] = "No example images were requested (examples=0)."
+        return {"detection_gallery": out}
+    lacking = [c for c in ("boxes", "true_boxes") if c not in pred.columns]
+    if lacking:
+        out["note"] = f"predictions.csv has no {' or '.join(lacking)} column: no boxes to show."
+        return {"detection_gallery": out}
+    gt, dt = _box_arrays(pred, page.classes, threshold)
+    m = match_detections(gt, dt)
+    images = np.arange(len(pred))
+    found = np.bincount(m.lesion_image[m.found], minlength=len(pred))
+    missed = np.bincount(m.lesion_image[~m.found], minlength=len(pred))
+    lesions = found + missed
+    fp = np.bincount(m.det_image[~m.hit], minlength=len(pred))
+    best_hit = np.full(len(pred), -np.inf)
+    np.maximum.at(best_hit, m.det_image[m.hit], m.det_score[m.hit])
+    top_fp = np.full(len(pred), -np.inf)
+    np.maximum.at(top_fp, m.det_image[~m.hit], m.det_score[~m.hit])
+    groups = (
+        ("Lesions found", found > 0, -best_hit),
+        ("Lesions missed", missed > 0, -missed.astype(float)),
+        ("False positives", fp > 0, -top_fp),
+    )
+    data = page.metrics.get("data") or page.run.config.data.path
+    try:
+        table = page.run.load_data(data)
+        sources = dict(zip(table["sample_id"].astype(str), table["source"]))
+    except Exception as exc:  # noqa: BLE001 - a report never fails for want of its pictures
+        out["note"] = (
+            f"Example images are not shown: the data at {data} could not be read ({exc}). "
+            "Restore the data at that path and write the report again to include them."
+        )
+        return {"detection_gallery": out}
+    sizes = (
+        list(zip(pred["width"], pred["height"]))
+        if {"width", "height"} <= set(pred.columns)
+        else [None] * len(pred)
+    )
+    failed = 0
+    for title, members, order in groups:
+        chosen = images[members]
+        chosen = chosen[np.argsort(order[members], kind="stable")][:n]
+        items = []
+        for i in chosen:
+            sample = str(pred["sample_id"].iloc[i])
+            size = sizes[i]
+            if size is not None and not all(np.isfinite(np.asarray(size, dtype=float))):
+                size = None
+            try:
+                src = _boxed_thumbnail(
+                    sources[sample], page.run.preprocess.window, gt[i][gt[i, :, 4] >= 0],
+                    dt[i][dt[i, :, 5] >= 0], size,
+                )  # fmt: skip
+            except Exception:  # noqa: BLE001 - a missing or unreadable image is skipped
+                failed += 1
+                continue
+            items.append(
+                {
+                    "src": src,
+                    "sample_id": sample,
+                    "found": int(found[i]),
+                    "lesions": int(lesions[i]),
+                    "fp": int(fp[i]),
+                    "correct": bool(missed[i] == 0 and fp[i] == 0),
+                    "truth": str(pred["label"].iloc[i]),
+                }
+            )
+        out["groups"].append({"title": title, "items": items, "empty": chosen.size == 0})
+    shown = sum(len(g["items"]) for g in out["groups"])
+    if failed and not shown:
+        out["groups"] = []
+        out["note"] = (
+            f"Example images are not shown: none of the {failed} chosen images could be read "
+            f"from {data} (moved or deleted?)."
+        )
+    elif failed:
+        out["note"] = f"{failed} chosen image(s) could not be read from {data} and are left out."
+    return {"detection_gallery": out}
+
+
 #: Every section the report can show, in the template's names: its anchor, its title in the
 #: page's contents, and what it adds to the template's context. A task lists the ones it has.
 SECTIONS: dict[str, tuple[str, str, Callable[[_Page], dict]]] = {
@@ -1592,6 +1975,10 @@ SECTIONS: dict[str, tuple[str, str, Callable[[_Page], dict]]] = {
     "findings": ("findings", "Findings", _findings),
     "finding_curves": ("finding-curves", "Curves per finding", _finding_curves),
     "cooccurrence": ("cooccurrence", "Co-occurrence", _cooccurrence),
+    "detection": ("detection", "Detection", _detection),
+    "froc": ("froc", "FROC", _froc_section),
+    "detection_pr": ("detection-pr", "Precision–recall", _detection_pr),
+    "detection_gallery": ("detection-gallery", "Found & missed", _detection_gallery),
     "thresholds": ("operating-points", "Operating points", _thresholds),
     "per_class": ("per-class", "Per-class", _per_class),
     "subgroups": ("subgroups", "Subgroups", _subgroup_section),
@@ -1639,6 +2026,7 @@ def _build_context(page: _Page) -> dict:
             run, data, "class" if page.task.samples_by_class else "finding"
         ),
         "sections": list(page.task.report_sections),
+        "boxes": any(name in DETECTION_SECTIONS for name in page.task.report_sections),
         "nav": [],
     }
     for name in page.task.report_sections:
@@ -1647,5 +2035,8 @@ def _build_context(page: _Page) -> dict:
         context.update(part)
         if any(value is not None for value in part.values()):  # e.g. no explanations yet
             context["nav"].append((anchor, title))
-    context["embeds_images"] = bool((context.get("examples") or {}).get("groups"))
+    context["embeds_images"] = bool(
+        (context.get("examples") or {}).get("groups")
+        or (context.get("detection_gallery") or {}).get("groups")
+    )
     return context
