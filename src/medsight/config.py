@@ -25,7 +25,7 @@ Mode = Literal["features", "finetune", "full", "scratch"]
 Optimizer = Literal["adam", "adamw", "rmsprop", "sgd"]
 Schedule = Literal["cosine", "onecycle", "plateau", "none"]
 Augment = Literal["auto", "xray", "ct", "mri", "derm", "histo", "none"]
-Monitor = Literal["auroc", "accuracy", "balanced_accuracy", "loss"]
+Monitor = Literal["auroc", "accuracy", "balanced_accuracy", "loss", "map50", "map"]
 #: Attention blocks on a network's features (:mod:`medsight.models.attention` builds them).
 Attention = Literal["none", "se", "cbam", "self", "diff", "sparse"]
 Logger = Literal["none", "tensorboard", "mlflow"]
@@ -255,8 +255,11 @@ class OptimConfig(_Strict):
     optimizer: Optimizer = Field(
         default="adamw", description="optimiser", json_schema_extra=flag("--optimizer")
     )
-    lr: float = Field(
-        default=3e-3, gt=0, description="learning rate (head)", json_schema_extra=flag("--lr")
+    lr: float | Literal["auto"] = Field(
+        default="auto",
+        description="learning rate (head); auto: 3e-3, for a detector 3e-4 (the run's "
+        "config.yaml records the number)",
+        json_schema_extra=flag("--lr"),
     )
     backbone_lr_mult: float = Field(default=0.1, gt=0, le=1)
     weight_decay: float = Field(
@@ -314,7 +317,8 @@ class OptimConfig(_Strict):
     )
     monitor: Monitor = Field(
         default="auroc",
-        description="validation metric for early stopping and the kept checkpoint",
+        description="validation metric for early stopping and the kept checkpoint "
+        "(detection: map50 or map; auroc means map50 there)",
         json_schema_extra=flag("--monitor"),
     )
     patience: int = Field(
@@ -364,6 +368,19 @@ class OptimConfig(_Strict):
             number = int(value)
         if number is None or number < 1:
             raise ValueError(f"must be a whole number of at least 1 or 'auto', got {value!r}")
+        return number
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _rate_or_auto(cls, value):
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if isinstance(value, bool) or number is None or not number > 0 or number == float("inf"):
+            raise ValueError(f"must be a positive number or 'auto', got {value!r}")
         return number
 
     @field_validator("time")

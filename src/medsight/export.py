@@ -106,6 +106,12 @@ def export_run(
         raise ConfigError(f"opset={opset!r} applies to ONNX only; leave it out for TorchScript")
 
     loaded = run if isinstance(run, Run) else Run.load(run)
+    from medsight.tasks import get_task
+
+    if not get_task(loaded.task).dynamic_batch_export:
+        # torchvision's detectors post-process image by image: a traced graph holds the batch
+        # size it was traced with. One image per call; the ONNX backend feeds them in turn.
+        dynamic_batch = False
     model = loaded.load_model()
     shape = (1, loaded.preprocess.channels, *loaded.preprocess.size)
     target = loaded.path / EXPORT_FILES[kind]

@@ -165,6 +165,11 @@ def check_tta(tta: str | None, run: Run) -> str | None:
     the run's modality (its augmentation preset) and warns when the modality is unknown."""
     if tta is None or str(tta).strip().lower() in ("", "none"):
         return None
+    if not get_task(getattr(run, "task", None)).averages_views:
+        raise ConfigError(
+            f"--tta averages outputs of transformed views; a {run.task} run's outputs (boxes) "
+            "cannot be averaged that way: leave --tta out"
+        )
     mode = str(tta).strip().lower()
     if mode not in TTA_MODES:
         raise ConfigError(f"--tta {tta!r} is not known; choose one of: {', '.join(TTA_MODES)}")
@@ -311,19 +316,23 @@ class Predictor:
         """
         z = np.asarray(logits)
         if not np.isfinite(z).all():
-            row = int(np.flatnonzero(~np.isfinite(z).all(axis=1))[0])
+            row = int(np.flatnonzero(~np.isfinite(z.reshape(len(z), -1)).all(axis=1))[0])
             raise DataError(f"logits row {row} holds NaN or infinity: {z[row].tolist()}")
         return self.task.probabilities(logits, self.calibration)
 
-    def decode(self, probs: np.ndarray) -> list[dict]:
+    def decode(
+        self, probs: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[dict]:
         """``(N, K)`` probabilities → one prediction per row, in the task's schema (each
-        output against :attr:`thresholds_` when the task has thresholds)."""
-        if self.thresholds_ is None:
-            return self.task.decode(probs, self.classes_)
-        return self.task.decode(probs, self.classes_, thresholds=self.thresholds_)
+        output against :attr:`thresholds_` when the task has thresholds). ``sizes``: each
+        row's original ``(height, width)``, which places a detector's boxes in its pixels."""
+        kwargs: dict = {} if sizes is None else {"sizes": sizes}
+        if self.thresholds_ is not None:
+            kwargs["thresholds"] = self.thresholds_
+        return self.task.decode(probs, self.classes_, **kwargs)
 
     def _no_rows(self) -> np.ndarray:
-        return np.zeros((0, self.task.num_outputs(self.classes_)), np.float32)
+        return np.zeros((0, *self.task.output_shape(self.classes_)), np.float32)
 
     def predict_files(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Raw image files (any format medsight reads) → ``(N, K)`` probabilities."""
@@ -385,17 +394,25 @@ def predict_paths(
         for name, field in task.prediction_schema.model_fields.items()
         if field.annotation in (str, float, int, bool)
     }
+    # List fields a table shows as JSON text (a detector's boxes).
+    as_json = [
+        name
+        for name, field in task.prediction_schema.model_fields.items()
+        if (field.json_schema_extra or {}).get("table") == "json"
+    ]
     columns = task.prediction_columns(predictor.classes_)
     # An unreadable file's prediction is empty: "" for text fields, NaN for numbers.
     empty = {name: "" if field.annotation is str else np.nan for name, field in fields.items()}
+    empty.update(dict.fromkeys(as_json, ""))
     rows: list[dict] = []
     ready: list[tuple[int, np.ndarray]] = []
+    sizes: dict[int, tuple[int, int]] = {}
     for path in paths:
         row: dict = {"file": str(path), **empty, **dict.fromkeys(columns, np.nan), "error": ""}
         try:
-            ready.append(
-                (len(rows), predictor.preprocess(decode(str(path), max_pixels=max_pixels)))
-            )
+            image = decode(str(path), max_pixels=max_pixels)
+            sizes[len(rows)] = image.size
+            ready.append((len(rows), predictor.preprocess(image)))
         except MedsightError as exc:
             row["error"] = str(exc)
         except OSError as exc:  # e.g. a file that is not readable by this user
@@ -410,10 +427,13 @@ def predict_paths(
                     f"{rows[i]['file']}: the model's outputs hold NaN or infinity{pixels}"
                 )
                 continue
-            decoded = predictor.decode(probs[None])[0]
+            decoded = predictor.decode(probs[None], sizes=[sizes[i]])[0]
             rows[i].update({name: decoded[name] for name in fields})
-            rows[i].update({name: float(v) for name, v in zip(columns, probs)})
-    table = pd.DataFrame(rows, columns=["file", *fields, *columns, "error"])
+            rows[i].update({name: json.dumps(decoded[name]) for name in as_json})
+            values = task.column_values(probs[None], predictor.classes_)[0]
+            rows[i].update({name: float(v) for name, v in zip(columns, values)})
+    table = pd.DataFrame(rows, columns=["file", *fields, *as_json, *columns, "error"])
+    table.attrs["json_columns"] = as_json  # cells holding JSON text (boxes)
     if predictor.thresholds_ is not None:
         table.attrs["thresholds"] = dict(zip(predictor.classes_, predictor.thresholds_))
         table.attrs["thresholds_from"] = predictor.thresholds_from_

@@ -98,7 +98,7 @@ def test_prediction_columns_name_each_class(task):
 def test_a_misspelt_task_gets_a_suggestion():
     with pytest.raises(ConfigError, match="did you mean 'classify'"):
         get_task("clasify")
-    with pytest.raises(ConfigError, match=r"Known tasks: \['classify', 'multilabel'\]"):
+    with pytest.raises(ConfigError, match=r"Known tasks: \['classify', 'detect', 'multilabel'\]"):
         get_task("segment")
     assert get_task(None).name == "classify"
 
@@ -131,7 +131,7 @@ class CalmFirst(ClassifyTask):
     def urgency(self, probs, classes, positive):
         return 1.0 - float(np.asarray(probs)[list(classes).index(positive)])
 
-    def decode(self, probs, classes):
+    def decode(self, probs, classes, sizes=None):
         return [{**row, "label": row["label"].upper()} for row in super().decode(probs, classes)]
 
     def metrics(self, y, probs, classes, positive, *, n_bootstrap=1000, seed=0):

@@ -1192,6 +1192,25 @@ def serve_command(
 
 
 @app.command("predict")
+def _prediction_file(table, out: Path) -> str:
+    """``medsight predict --out``: CSV (JSON-valued cells, a detector's boxes, as JSON text),
+    or with a ``.json`` name a list of records (boxes as lists)."""
+    import json
+
+    if out.suffix.lower() != ".json":
+        return table.to_csv(index=False)
+    json_columns = table.attrs.get("json_columns", [])
+    records = []
+    for record in table.to_dict("records"):
+        for key, value in record.items():
+            if key in json_columns:
+                record[key] = json.loads(value) if value else []
+            elif isinstance(value, float) and value != value:
+                record[key] = None
+        records.append(record)
+    return json.dumps(records, indent=1) + "\n"
+
+
 def predict_command(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     files: Annotated[
@@ -1199,7 +1218,12 @@ def predict_command(
     ],
     backend: Annotated[Backend, typer.Option("--backend", help="torch | onnx")] = Backend.torch,
     out: Annotated[
-        Path | None, typer.Option("--out", help="CSV to write: file, label, p_<class>, error.")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="CSV to write: file, label, p_<class>, error (a detector's boxes as JSON); "
+            "a .json name writes a list of records instead.",
+        ),
     ] = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     tta: TtaOption = None,
@@ -1224,7 +1248,7 @@ def predict_command(
             point=point,
         )
         if out is not None:
-            write_text(out, table.to_csv(index=False))
+            write_text(out, _prediction_file(table, out))
         shown = Table(title=f"{_shown(run.name)}: {len(table)} file(s)", title_justify="left")
         for column in table.columns:
             shown.add_column(_shown(column), overflow="fold")

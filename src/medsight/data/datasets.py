@@ -99,9 +99,12 @@ class ImageDataset(Dataset):
             if self._cacheable:
                 self._cache[i] = array
         tensor = torch.from_numpy(array)
+        target = self.targets[i]
+        if getattr(self.augment, "takes_targets", False):  # boxes move with the image
+            tensor, target = self.augment(tensor.clone(), torch.from_numpy(np.asarray(target)))
+            return self.preprocess.normalize(tensor), target
         if self.augment is not None:
             tensor = self.augment(tensor.clone())
-        target = self.targets[i]
         if self.targets.ndim > 1:
             return self.preprocess.normalize(tensor), torch.from_numpy(np.asarray(target))
         return self.preprocess.normalize(tensor), int(target)

@@ -171,6 +171,70 @@ def augmentation(
     return v2.Compose(steps)
 
 
+class BoxAugment:
+    """Augmentation that moves a detection target's boxes with the image: called as
+    ``augment(image, target)`` on a ``(C, H, W)`` tensor in ``[0, 1]`` and its ``(M, 5)``
+    normalised ``[x1, y1, x2, y2, class]`` rows (class −1: padding); returns both, boxes pushed
+    out of the image dropped (the rows stay ``M``, re-padded)."""
+
+    #: Datasets hand this augmentation the target too.
+    takes_targets = True
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image: torch.Tensor, target: torch.Tensor):
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        height, width = image.shape[-2:]
+        real = target[:, 4] >= 0
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        boxes = tv_tensors.BoundingBoxes(
+            target[real, :4] * scale, format="XYXY", canvas_size=(height, width)
+        )
+        labels = target[real, 4]
+        image, boxes, labels = self.transform(tv_tensors.Image(image), boxes, labels)
+        boxes, labels = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=None)(
+            {"boxes": boxes, "labels": labels}
+        ).values()
+        out = torch.zeros_like(target)
+        out[:, 4] = -1
+        out[: len(boxes), :4] = boxes.as_subclass(torch.Tensor) / scale
+        out[: len(boxes), 4] = labels
+        return image.as_subclass(torch.Tensor).clamp_(0.0, 1.0), out
+
+
+def box_augmentation(preset: str, channels: int = 1, strength: float = 1.0) -> BoxAugment | None:
+    """:func:`augmentation`'s presets for detection: the same flip rules per modality (X-rays
+    never flipped left-right), scale and shift with the boxes moved alike, no free rotation
+    (a rotated box's enclosing box is looser than the lesion); right-angle turns where every
+    orientation is valid (dermatoscopy, histology)."""
+    from torchvision.transforms import v2
+
+    if preset not in AUGMENT_PRESETS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {preset!r}")
+    if not 0 <= strength <= 3:
+        raise ConfigError(f"augmentation strength must be between 0 and 3, got {strength}")
+    if preset == "none" or strength == 0:
+        return None
+    s = float(strength)
+    affine = v2.RandomAffine(
+        degrees=0, translate=(0.08 * s, 0.08 * s), scale=(1 - 0.15 * s, 1 + 0.15 * s)
+    )
+    steps: list = []
+    if preset in ("ct", "mri", "derm", "histo"):
+        steps.append(v2.RandomHorizontalFlip())
+    if preset in ("derm", "histo"):
+        steps.append(v2.RandomVerticalFlip())
+        steps.append(v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]))
+    steps.append(affine)
+    if preset in ("derm", "histo") and channels == 3:
+        jitter = min(0.2 * s, 0.9)
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    return BoxAugment(v2.Compose(steps))
+
+
 class _RandomRot90(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.rot90(x, int(torch.randint(0, 4, ()).item()), dims=(-2, -1))

@@ -20,7 +20,7 @@ from medsight.tasks import Task, get_task
 
 def load_table(run: runs.Run, data: str | Path | None, split: str = "test") -> pd.DataFrame:
     """The run's own data with its recorded splits, or other data (all of it one split)."""
-    table = run.load_data(data)
+    table = get_task(run.task).prepare_table(run.load_data(data))
     if data is not None and table["split"].isna().all():
         table = table.assign(split=split)  # an external set: all of it is evaluated
     return table
@@ -45,7 +45,7 @@ def select_split(
                 f"the run's classes are {run.classes}"
             )
     else:  # the task reads its own labels (findings "a|b") and names what it cannot use
-        task.targets(rows["label"].dropna(), run.classes)
+        task.table_targets(rows[rows["label"].notna()], run.classes)
     if rows["label"].isna().any():
         raise DataError(f"{int(rows['label'].isna().sum())} {split} images have no label")
     return rows.reset_index(drop=True)
@@ -84,12 +84,12 @@ def evaluate_run(
     task = predictor.task
     if calibrate:
         val = select_split(run, table, "val", task)
-        y_val = task.targets(val["label"], run.classes)
+        y_val = task.table_targets(val, run.classes)
         predictor.calibration = task.calibrate(predictor.logits_table(val), y_val)
         runs.write_json(run.path / runs.CALIBRATION, predictor.calibration)
     rows = select_split(run, table, split, task)
     probs = predictor.predict_table(rows)
-    y = task.targets(rows["label"], run.classes)
+    y = task.table_targets(rows, run.classes)
     metrics = task.metrics(
         y, probs, run.classes, run.positive_class, n_bootstrap=n_bootstrap, seed=seed
     )
@@ -120,9 +120,13 @@ def evaluate_run(
             "predicted": [p["label"] for p in predictor.decode(probs)],
         }
     )
+    values = task.column_values(probs, run.classes)
     for k, name in enumerate(task.prediction_columns(run.classes)):
-        predictions[name] = probs[:, k]
+        predictions[name] = values[:, k]
+    for name, column in task.prediction_extras(rows, probs, run.classes).items():
+        predictions[name] = column
     meta = [c for c in rows.columns if c not in ("sample_id", "source", "label", "split")]
+    meta = [c for c in meta if c not in predictions.columns]
     predictions = pd.concat([predictions, rows[meta].reset_index(drop=True)], axis=1)
     runs.write_text(run.path / runs.PREDICTIONS, predictions.to_csv(index=False))
     runs.write_json(run.path / runs.METRICS, metrics)

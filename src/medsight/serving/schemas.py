@@ -132,7 +132,8 @@ class ModelInfo(BaseModel):
     model: ModelRef
     backend: str
     task: str = Field(
-        default="classify", description="The run's task: classify or multilabel (findings)."
+        default="classify",
+        description="The run's task: classify, multilabel (findings) or detect (boxes).",
     )
     classes: list[str]
     positive_class: str | None = Field(

@@ -244,17 +244,23 @@ class ModelService:
                 raise BadImage(f"the model cannot score this image: {exc}") from None
         return Scored(image, x, np.asarray(probs, dtype=np.float64), time.perf_counter() - start)
 
-    def prediction(self, probs: np.ndarray) -> dict:
+    def prediction(self, probs: np.ndarray, size: tuple[int, int] | None = None) -> dict:
         """One image's ``(K,)`` probabilities → its prediction, in the task's schema (each
-        output against its threshold where the task has them)."""
-        return self.predictor.decode(np.asarray(probs)[None])[0]
+        output against its threshold where the task has them); ``size``, the image's
+        ``(height, width)``, places a detector's boxes in its pixels."""
+        sizes = None if size is None else [tuple(size)]
+        return self.predictor.decode(np.asarray(probs)[None], sizes=sizes)[0]
 
     def label(self, probs: np.ndarray) -> str:
         """The label of the task's prediction (what a reviewer confirms or corrects)."""
         return self.prediction(probs)["label"]
 
+    def class_scores(self, probs: np.ndarray) -> np.ndarray:
+        """``(K,)``: each class's probability (a detector's: its top box score)."""
+        return self.task.column_values(np.asarray(probs)[None], self.classes)[0]
+
     def probabilities(self, probs: np.ndarray) -> dict[str, float]:
-        return {name: round(float(p), 6) for name, p in zip(self.classes, probs)}
+        return {name: round(float(p), 6) for name, p in zip(self.classes, self.class_scores(probs))}
 
     # ------------------------------------------------------------------ operating points
 
@@ -271,8 +277,9 @@ class ModelService:
         """Every evaluated operating point, and whether this image's probability of its class
         (the probability column the task's metrics set the threshold on) reaches it."""
         flags = []
+        scores = self.class_scores(probs)
         for name, points in self.operating_points().items():
-            p = float(probs[self.classes.index(name)])
+            p = float(scores[self.classes.index(name)])
             for point, values in points.items():
                 flags.append(
                     ThresholdFlag(
@@ -315,6 +322,11 @@ class ModelService:
     def explainer(self):
         """The run's explainer, built on first use; :class:`ExplanationsUnavailable` if none."""
         with self._explainer_lock:
+            if not self.task.explains:
+                self._explainer_error = (
+                    f"a {self.task.name} run shows where its finding is with its boxes "
+                    "(/v1/predict); heat maps explain classifiers"
+                )
             if self._explainer is None and self._explainer_error is None:
                 try:
                     from medsight.explain import Explainer
@@ -349,7 +361,7 @@ class ModelService:
         """True when ``medsight.explain`` can be imported (the explainer itself loads lazily)."""
         if self._explainer is not None:
             return True
-        if self._explainer_error is not None:
+        if self._explainer_error is not None or not self.task.explains:
             return False
         import importlib.util
 

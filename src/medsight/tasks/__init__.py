@@ -19,6 +19,7 @@ import difflib
 from medsight.errors import ConfigError
 from medsight.tasks.base import Task
 from medsight.tasks.classify import ClassifyTask
+from medsight.tasks.detect import DetectTask
 from medsight.tasks.multilabel import MultiLabelTask
 
 __all__ = ["DEFAULT_TASK", "TASKS", "Task", "get_task", "task_for"]
@@ -29,6 +30,7 @@ DEFAULT_TASK = "classify"
 TASKS: dict[str, type[Task]] = {
     ClassifyTask.name: ClassifyTask,
     MultiLabelTask.name: MultiLabelTask,
+    DetectTask.name: DetectTask,
 }
 
 
@@ -45,14 +47,26 @@ def get_task(name: str | None = None) -> Task:
 
 def task_for(requested: str, table) -> str:
     """The task a run trains: ``requested``, or with ``auto`` the one the data say
-    (a multi-label table: ``multilabel``; else ``classify``). A single-label table given
-    ``--task multilabel`` is refused, and the other way round."""
+    (a table of boxes: ``detect``; a multi-label table: ``multilabel``; else ``classify``).
+    A single-label table given ``--task multilabel`` is refused, and the other way round;
+    ``--task detect`` takes boxes, or masks (made boxes), and says how to provide them."""
+    from medsight.data.boxes import DETECT, is_detection
     from medsight.data.findings import MULTILABEL, is_multilabel
 
+    if is_detection(table):
+        if requested not in ("auto", DETECT):
+            get_task(requested)
+            raise ConfigError(
+                f"--task {requested}: these data are boxes (a detection set); train a detector "
+                "with --task detect (or leave --task out)"
+            )
+        return DETECT
     found = MULTILABEL if is_multilabel(table) else DEFAULT_TASK
     if requested == "auto":
         return found
     get_task(requested)  # a name that is no task is refused by name
+    if requested == DETECT:
+        return DETECT  # masks become boxes, or the task says how to provide them
     if requested == MULTILABEL and found != MULTILABEL:
         raise ConfigError(
             "--task multilabel needs multi-label data: a CSV with one 0/1 column per finding "

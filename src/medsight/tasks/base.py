@@ -53,6 +53,34 @@ class Task(ABC):
 
     #: Whether targets are class indices a class-balanced sampler can draw by.
     samples_by_class: bool = True
+    #: The network ``--model auto`` trains (None: the recipe chooses a classifier).
+    default_model: str | None = None
+    #: The batch size ``batch_size: auto`` takes, unless the training set is smaller.
+    default_batch_size: int = 64
+    #: The learning rate ``lr: auto`` takes (AdamW, the head's; the backbone's is scaled).
+    default_lr: float = 3e-3
+    #: The smallest input side the task's networks work at (0: any).
+    min_image_size: int = 0
+    #: Whether geometric augmentation must move the targets with the image (boxes).
+    augments_boxes: bool = False
+    #: Whether test-time augmentation may average the outputs of transformed views.
+    averages_views: bool = True
+    #: Whether heat maps (``medsight.explain``) explain its outputs.
+    explains: bool = True
+    #: Whether its networks export with a free batch size (a detector's: one image per call).
+    dynamic_batch_export: bool = True
+
+    def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The training table as this task reads it (a detector makes boxes of masks)."""
+        return table
+
+    def check_model(self, spec) -> None:
+        """Refuse a network (its :class:`~medsight.models.spec.ModelSpec`) the task cannot
+        train: classification and findings take classifiers, not detectors."""
+        if spec.family == "detector":
+            raise ConfigError(
+                f"{spec.name} is a box detector: train it with --task detect on data with boxes"
+            )
 
     # ------------------------------------------------------------------ training
 
@@ -74,6 +102,20 @@ class Task(ABC):
     def num_outputs(self, classes: Sequence[str]) -> int:
         """Width of the network's output layer."""
         return len(classes)
+
+    def output_shape(self, classes: Sequence[str]) -> tuple[int, ...]:
+        """The shape of one image's outputs (``(K,)``; a detector's ``(D, 6)`` boxes)."""
+        return (self.num_outputs(classes),)
+
+    def table_targets(self, rows: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+        """The targets of a SampleTable's rows: :meth:`targets` of their labels (a task whose
+        targets live in other columns, such as boxes, reads those)."""
+        return self.targets(rows["label"], classes)
+
+    def batch_loss(self, forward, loss_fn: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """One batch's training loss: ``loss_fn(forward(x), y)`` (a detector takes the targets
+        itself)."""
+        return loss_fn(forward(x), y)
 
     @abstractmethod
     def targets(self, labels: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
@@ -115,9 +157,10 @@ class Task(ABC):
         :meth:`targets`; the dict is saved as the run's ``calibration.json``."""
 
     @abstractmethod
-    def decode(self, probs: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
+    def decode(self, probs: np.ndarray, classes: Sequence[str], sizes=None) -> list[dict[str, Any]]:
         """Probabilities → one prediction per row, each with the fields of
-        :attr:`prediction_schema`."""
+        :attr:`prediction_schema`; ``sizes`` (each row's original ``(height, width)``) place
+        outputs that have a position (boxes) in the image's pixels."""
 
     @abstractmethod
     def urgency(self, probs: np.ndarray, classes: Sequence[str], positive: str) -> float:
@@ -152,6 +195,18 @@ class Task(ABC):
         """The classes whose heat maps explain one image's ``(K,)`` prediction, most probable
         first: by default the predicted (most probable) class alone."""
         return [classes[int(np.argmax(probs))]]
+
+    def column_values(self, probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """The ``(N, K)`` values of :meth:`prediction_columns` (the probabilities themselves; a
+        detector's top box score per class)."""
+        return np.asarray(probs)
+
+    def prediction_extras(
+        self, rows: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]
+    ) -> dict[str, list]:
+        """Columns of ``predictions.csv`` beyond the probabilities (a detector's boxes, as
+        JSON text), one value per row; none by default."""
+        return {}
 
     def prediction_columns(self, classes: Sequence[str]) -> list[str]:
         """Names of the ``K`` probability columns, in column order: in ``predictions.csv`` and

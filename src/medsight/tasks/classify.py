@@ -117,7 +117,7 @@ class ClassifyTask(Task):
         """Temperature scaling (one T for all classes, fitted by NLL)."""
         return TemperatureScaler().fit(logits, targets).to_dict()
 
-    def decode(self, probs: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
+    def decode(self, probs: np.ndarray, classes: Sequence[str], sizes=None) -> list[dict[str, Any]]:
         best = np.asarray(probs).argmax(axis=1)
         return [
             {"label": classes[int(i)], "confidence": float(row[i])}

@@ -207,6 +207,7 @@ class MultiLabelTask(Task):
         probs: np.ndarray,
         classes: Sequence[str],
         thresholds: Sequence[float] | Mapping[str, float] | None = None,
+        sizes=None,
     ) -> list[dict[str, Any]]:
         """Each finding with its probability against its threshold (default 0.5; a sequence
         in finding order or a ``{finding: threshold}`` mapping); ``label``: the findings above

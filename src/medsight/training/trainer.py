@@ -38,7 +38,7 @@ from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
 from medsight.data.sources import load_samples
 from medsight.data.splits import assign_splits, fold_splits
-from medsight.data.transforms import Preprocess, augmentation
+from medsight.data.transforms import Preprocess, augmentation, box_augmentation
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
 from medsight.events import Note, ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
 from medsight.tasks import Task, get_task, task_for
@@ -180,12 +180,19 @@ class _Setup:
         table = load_samples(d.path, options=d)
         config = config.with_overrides({"task": task_for(config.task, table)})
         task = get_task(config.task)
+        table = task.prepare_table(table)
+        monitor = config.optim.monitor
+        if monitor != "loss" and monitor not in task.validation_metrics:
+            config = config.with_overrides({"optim.monitor": task.validation_metrics[-1]})
         table = assign_splits(table, ratios=d.ratios, seed=config.seed)
         if d.folds is not None:
             table = fold_splits(table, d.folds, d.fold, seed=config.seed)
         classes, notes = task.check_training_table(table)
         notes = [*table.attrs.get("notes", []), *notes]  # what the reader normalised
-        config, batch_notes = _resolve_batch_size(config, int((table["split"] == "train").sum()))
+        n_train = int((table["split"] == "train").sum())
+        config, batch_notes = _resolve_batch_size(config, n_train, task.default_batch_size)
+        if config.optim.lr == "auto":  # the number config.yaml records
+            config = config.with_overrides({"optim.lr": task.default_lr})
         notes += batch_notes
         positive = task.positive_class(classes, d.positive_class)
         if config.optim.balanced_sampler and not task.samples_by_class:
@@ -193,9 +200,10 @@ class _Setup:
 
         native_channels, native_side = _probe(table[table["split"] == "train"])
         if config.model.name == "auto":
-            config, note = _resolve_auto_model(config, native_side, table)
+            config, note = _resolve_auto_model(config, native_side, table, task)
             notes.append(note)
         spec = get_spec(config.model.name)
+        task.check_model(spec)
         mode = config.optim.mode
         pretrained = config.model.pretrained and mode != "scratch"
         if mode in ("features", "finetune") and not (pretrained or config.model.weights):
@@ -207,6 +215,7 @@ class _Setup:
         side = d.image_size or (native_side if native_side <= 128 else spec.default_size)
         if spec.family != "custom":
             side = max(side, 32)  # ImageNet CNNs downsample 32x: smaller inputs vanish
+        side = max(side, task.min_image_size)
         in_chans = _input_channels(d.channels, native_channels, pretrained, config.model.weights)
         if pretrained or config.model.weights:
             mean = tuple(spec.mean) if in_chans == 3 else (float(np.mean(spec.mean)),)
@@ -225,8 +234,14 @@ class _Setup:
             weights=config.model.weights,
             attention=config.model.attention,
             drop_rate=config.model.drop_rate,
+            image_size=side,
         )
         n_stages = len(model.stage_names())
+        if mode == "features" and not hasattr(model, "forward_head"):
+            raise ConfigError(
+                f"--mode features trains a classifier head on cached embeddings; {spec.name} "
+                "has no such head: use --mode finetune (frozen early stages) or full"
+            )
         if mode == "features":
             if spec.family == "custom" and config.model.attention != "none":
                 raise ConfigError(
@@ -245,8 +260,9 @@ class _Setup:
         elif config.optim.freeze_stages:
             model.freeze_stages(config.optim.freeze_stages)
 
+        make_augment = box_augmentation if task.augments_boxes else augmentation
         augment = (
-            augmentation(config.optim.augment, in_chans, config.optim.augment_strength)
+            make_augment(config.optim.augment, in_chans, config.optim.augment_strength)
             if mode != "features"
             else None
         )
@@ -269,14 +285,14 @@ class _Setup:
                 classes,
                 augment=augment,
                 cache_max_side=cache_side,
-                targets=task.targets(train_rows["label"], classes),
+                targets=task.table_targets(train_rows, classes),
             ),
             val_set=ImageDataset(
                 val_rows,
                 preprocess,
                 classes,
                 cache_max_side=cache_side,
-                targets=task.targets(val_rows["label"], classes),
+                targets=task.table_targets(val_rows, classes),
             ),
             device=device,
             notes=notes,
@@ -302,11 +318,21 @@ class _Setup:
 
 
 def _resolve_auto_model(
-    config: TrainConfig, native_side: int, table: pd.DataFrame
+    config: TrainConfig, native_side: int, table: pd.DataFrame, task: Task
 ) -> tuple[TrainConfig, str]:
-    """``--model auto`` → the network the recipe picks for these data, written into the config
-    (so ``config.yaml`` names it and reproduces the run), and the reason to report."""
+    """``--model auto`` → the network the recipe picks for these data (or the task's own, for
+    a task with one kind of network), written into the config (so ``config.yaml`` names it and
+    reproduces the run), and the reason to report."""
     from medsight.models.weights import package_weights_file
+
+    if task.default_model is not None:
+        from medsight.models import get_spec
+
+        spec = get_spec(task.default_model)
+        pretrained = config.optim.mode != "scratch" and spec.offline_weights
+        resolved = config.with_overrides({"model.name": spec.name, "model.pretrained": pretrained})
+        start = "ImageNet weights" if pretrained else "random weights"
+        return resolved, f"--model auto chose {spec.name} for --task {task.name}, from {start}"
 
     choice = choose_model(
         native_side=native_side,
@@ -328,7 +354,9 @@ def _resolve_auto_model(
     return resolved, f"--model auto chose {choice.name}: {choice.reason}"
 
 
-def _resolve_batch_size(config: TrainConfig, n_train: int) -> tuple[TrainConfig, list[str]]:
+def _resolve_batch_size(
+    config: TrainConfig, n_train: int, default: int = AUTO_BATCH_SIZE
+) -> tuple[TrainConfig, list[str]]:
     """``batch_size: auto`` becomes 64, or the training set's size when smaller (said in a
     note); the number is what the run's config.yaml records. A batch size given explicitly
     and larger than the training set is refused."""
@@ -340,12 +368,12 @@ def _resolve_batch_size(config: TrainConfig, n_train: int) -> tuple[TrainConfig,
                 "lower --batch-size, or leave it out: the default adapts to small sets"
             )
         return config, []
-    size = min(AUTO_BATCH_SIZE, n_train)
+    size = min(default, n_train)
     notes = []
-    if size < AUTO_BATCH_SIZE:
+    if size < default:
         notes.append(
             f"batch size {size}: the training set has {n_train} images, fewer than the "
-            f"default {AUTO_BATCH_SIZE}"
+            f"default {default}"
         )
     return config.with_overrides({"optim.batch_size": size}), notes
 
@@ -584,7 +612,7 @@ def _step(engine: Engine, parts: _Parts, x, y) -> torch.Tensor:
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
     with autocast:
-        loss = parts.loss_fn(parts.forward(x), y)
+        loss = parts.setup.task.batch_loss(parts.forward, parts.loss_fn, x, y)
     if not torch.isfinite(loss):
         return loss.detach()
     engine.optimizer.zero_grad(set_to_none=True)

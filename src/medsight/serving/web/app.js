@@ -37,9 +37,11 @@ async function json(response) {
 }
 
 // A multi-label run decides each finding by its own threshold: the page lists findings.
-function isMulti() { return Boolean(state.model && state.model.decision_thresholds); }
+function isMulti() { return Boolean(state.model && state.model.decision_thresholds) && !isDetect(); }
+// A detection run answers with boxes: the page draws them over the image, no heat map.
+function isDetect() { return Boolean(state.model && state.model.task === "detect"); }
 // A multi-label label names its findings joined by "|": show them as a list.
-function labelText(label) { return isMulti() ? String(label).split("|").map(pretty).join(", ") : pretty(label); }
+function labelText(label) { return isMulti() || isDetect() ? String(label).split("|").map(pretty).join(", ") : pretty(label); }
 
 function upload(path, file) {
   const form = new FormData();
@@ -152,7 +154,12 @@ async function loadModel() {
     const facts = $("model-facts");
     facts.replaceChildren();
     const add = (k, v) => facts.append(el("dt", { text: k }), el("dd", { text: v }));
-    if (isMulti()) {
+    if (isDetect()) {
+      add("Box classes", model.classes.map(pretty).join(", "));
+      add("Urgent class", model.urgent.map(pretty).join(", "));
+      const thresholds = Object.entries(model.decision_thresholds || {}).map(([k, t]) => `${pretty(k)} ${t.toFixed(2)}`).join(", ");
+      add("Box thresholds", thresholds + (model.evaluated ? " (score at 1 false positive per image on the evaluated split)" : " (0.5: not evaluated)"));
+    } else if (isMulti()) {
       add("Findings", model.classes.map(pretty).join(", "));
       add("Urgent findings", model.urgent.map(pretty).join(", "));
       const thresholds = Object.entries(model.decision_thresholds).map(([k, t]) => `${pretty(k)} ${t.toFixed(2)}`).join(", ");
@@ -163,7 +170,9 @@ async function loadModel() {
     }
     add("Input", `${model.input.channels === 1 ? "grayscale" : "colour"}, ${model.input.width}×${model.input.height} px`);
     if (model.evaluated) {
-      const shown = { auroc: "AUROC", accuracy: "Accuracy", auroc_macro: "AUROC (mean over findings)" };
+      const shown = isDetect()
+        ? { map50: "mAP@0.5", map: "mAP@[.5:.95]", sensitivity_at_1fp: "Sensitivity at 1 FP/image", median_iou: "Median IoU of found lesions" }
+        : { auroc: "AUROC", accuracy: "Accuracy", auroc_macro: "AUROC (mean over findings)" };
       for (const [name, m] of Object.entries(model.metrics)) {
         if (!(name in shown) || m.value === null) continue;
         const ci = m.ci ? ` (95 % CI ${m.ci[0].toFixed(2)}–${m.ci[1].toFixed(2)})` : "";
@@ -246,9 +255,10 @@ async function analyse(file) {
   $("preview-note").hidden = browserCanShow;
   if (browserCanShow) preview.src = URL.createObjectURL(file);
   $("overlay-img").hidden = true;
+  $("boxes-svg").replaceChildren();
   $("overlay-note").hidden = false;
-  $("overlay-note").textContent = "Computing heat map…";
-  $("overlay-caption").textContent = "Heat map";
+  $("overlay-note").textContent = isDetect() ? "Finding boxes…" : "Computing heat map…";
+  $("overlay-caption").textContent = isDetect() ? "Boxes found" : "Heat map";
   $("result").hidden = true;
   $("result-empty").hidden = false;
   $("result-empty").textContent = "Analysing…";
@@ -258,16 +268,66 @@ async function analyse(file) {
 
   const seq = ++state.explainSeq;
   const prediction = upload("/v1/predict", file).then(json);
-  const explanation = upload("/v1/explain", file).then(json);
+  const explanation = isDetect() ? null : upload("/v1/explain", file).then(json);
+  let body;
   try {
-    showPrediction(await prediction);
+    body = await prediction;
+    showPrediction(body);
   } catch (error) {
     $("result-empty").textContent = "No prediction.";
     $("overlay-note").textContent = "—";
     showBanner(error.message);
     return;
   }
-  await showExplanation(explanation, seq);
+  if (isDetect()) showBoxes(body.boxes, browserCanShow ? preview.src : null);
+  else await showExplanation(explanation, seq);
+}
+
+// The detector's boxes over the image: an SVG in the image's own pixels, scaled with it.
+function showBoxes(boxes, src) {
+  const svg = $("boxes-svg");
+  svg.replaceChildren();
+  const caption = boxes.length ? `${boxes.length} box${boxes.length > 1 ? "es" : ""} at or above threshold` : "No box at or above threshold";
+  $("overlay-caption").textContent = caption;
+  if (!src) {
+    $("overlay-note").textContent = "DICOM: the boxes are listed beside";
+    return;
+  }
+  const img = $("overlay-img");
+  img.onload = () => {
+    const ns = "http://www.w3.org/2000/svg";
+    svg.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
+    const stroke = Math.max(1, Math.round(Math.max(img.naturalWidth, img.naturalHeight) / 160));
+    for (const b of boxes) {
+      const rect = document.createElementNS(ns, "rect");
+      rect.setAttribute("x", b.x1); rect.setAttribute("y", b.y1);
+      rect.setAttribute("width", b.x2 - b.x1); rect.setAttribute("height", b.y2 - b.y1);
+      rect.setAttribute("class", "box" + (state.model.urgent.includes(b.label) ? " urgent" : ""));
+      rect.setAttribute("stroke-width", stroke);
+      const title = document.createElementNS(ns, "title");
+      title.textContent = `${pretty(b.label)} ${pct(b.score)}`;
+      rect.append(title);
+      const text = document.createElementNS(ns, "text");
+      text.setAttribute("x", b.x1); text.setAttribute("y", Math.max(b.y1 - stroke, stroke * 6));
+      text.setAttribute("font-size", stroke * 6);
+      text.setAttribute("class", "box-label");
+      text.textContent = `${pretty(b.label)} ${pct(b.score)}`;
+      svg.append(rect, text);
+    }
+    img.hidden = false;
+    $("overlay-note").hidden = true;
+  };
+  img.src = src;
+}
+
+// The boxes as a list (also for DICOM, which the browser cannot show).
+function renderBoxList(container, boxes) {
+  const list = el("ol", { class: "box-list" });
+  for (const b of boxes) {
+    list.append(el("li", { text: `${pretty(b.label)} · ${pct(b.score)} · x ${Math.round(b.x1)}–${Math.round(b.x2)}, y ${Math.round(b.y1)}–${Math.round(b.y2)} px` }));
+  }
+  if (!boxes.length) list.append(el("li", { class: "muted", text: "no box at or above its class threshold" }));
+  container.append(el("h3", { text: "Boxes (score, position in the image)" }), list);
 }
 
 // Show a heat map once it arrives, unless a newer one has been asked for meanwhile.
@@ -311,12 +371,15 @@ function showPrediction(body) {
   $("result").hidden = false;
   const label = $("result-label");
   label.textContent = labelText(body.label);
-  label.classList.toggle("urgent", state.model && (body.findings
-    ? body.findings.some((f) => f.above_threshold && state.model.urgent.includes(f.name))
-    : body.label === state.model.positive_class));
+  label.classList.toggle("urgent", state.model && (body.boxes
+    ? body.boxes.some((b) => state.model.urgent.includes(b.label))
+    : body.findings
+      ? body.findings.some((f) => f.above_threshold && state.model.urgent.includes(f.name))
+      : body.label === state.model.positive_class));
   $("result-confidence").textContent = pct(body.confidence);
   if (body.findings) renderFindings($("bars"), body.findings, explainFinding);
   else renderBars($("bars"), body.probabilities);
+  if (body.boxes) renderBoxList($("bars"), body.boxes);
   const flags = $("flags");
   flags.replaceChildren();
   // Multi-label: the bars show each finding's decision threshold; chips add the other
