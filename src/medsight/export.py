@@ -356,5 +356,5 @@ def _parity(
     else:
         got = np.concatenate([run_exported(x[i : i + 1]) for i in range(len(x))])
     single = run_exported(x[:1])
-    diff = np.abs(probs(got) - expected).max()
-    return float(max(diff, np.abs(probs(single) - expected[:1]).max()))
+    diff = task.parity_difference(expected, probs(got))
+    return float(max(diff, task.parity_difference(expected[:1], probs(single))))

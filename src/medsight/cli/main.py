@@ -1191,7 +1191,6 @@ def serve_command(
         serve(settings)
 
 
-@app.command("predict")
 def _prediction_file(table, out: Path) -> str:
     """``medsight predict --out``: CSV (JSON-valued cells, a detector's boxes, as JSON text),
     or with a ``.json`` name a list of records (boxes as lists)."""
@@ -1211,6 +1210,7 @@ def _prediction_file(table, out: Path) -> str:
     return json.dumps(records, indent=1) + "\n"
 
 
+@app.command("predict")
 def predict_command(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     files: Annotated[

@@ -195,9 +195,8 @@ class BoxAugment:
         )
         labels = target[real, 4]
         image, boxes, labels = self.transform(tv_tensors.Image(image), boxes, labels)
-        boxes, labels = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=None)(
-            {"boxes": boxes, "labels": labels}
-        ).values()
+        kept = v2.SanitizeBoundingBoxes(min_size=1.0)({"boxes": boxes, "labels": labels})
+        boxes, labels = kept["boxes"], kept["labels"]  # dropped together
         out = torch.zeros_like(target)
         out[:, 4] = -1
         out[: len(boxes), :4] = boxes.as_subclass(torch.Tensor) / scale

@@ -29,9 +29,11 @@ def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: 
     first_task = loaded[0][0].task
     for run, _ in loaded[1:]:
         if run.task != first_task:
+            hints = [get_task(t).compare_hint for t in (first_task, run.task)]
             raise DataError(
                 f"{run.path} is a {run.task!r} run, {loaded[0][0].path} a {first_task!r} run; "
                 "only runs of the same task can be compared"
+                + "".join(f"; {hint}" for hint in hints if hint)
             )
         if run.classes != first_classes:
             raise DataError(
@@ -43,6 +45,8 @@ def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: 
         raise DataError("the runs were evaluated on different samples: none in common")
     order = sorted(shared)
     task = get_task(first_task)
+    if not task.compares_runs:
+        raise DataError(f"medsight compare does not test {task.name} runs: {task.compare_hint}")
     columns = task.prediction_columns(first_classes)
     aligned = [p.set_index("sample_id").loc[order] for _, p in loaded]
     y = task.targets(aligned[0]["label"], first_classes)

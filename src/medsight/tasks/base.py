@@ -69,6 +69,10 @@ class Task(ABC):
     explains: bool = True
     #: Whether its networks export with a free batch size (a detector's: one image per call).
     dynamic_batch_export: bool = True
+    #: Whether ``medsight compare`` tests its runs (paired bootstrap of the key metric), and
+    #: what to compare instead where it does not.
+    compares_runs: bool = True
+    compare_hint: str = ""
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
         """The training table as this task reads it (a detector makes boxes of masks)."""
@@ -200,6 +204,11 @@ class Task(ABC):
         """The ``(N, K)`` values of :meth:`prediction_columns` (the probabilities themselves; a
         detector's top box score per class)."""
         return np.asarray(probs)
+
+    def parity_difference(self, expected: np.ndarray, got: np.ndarray) -> float:
+        """How far an exported network's outputs ``got`` are from torch's ``expected`` (the
+        export parity check): the largest absolute difference of the probabilities."""
+        return float(np.abs(np.asarray(got) - np.asarray(expected)).max())
 
     def prediction_extras(
         self, rows: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]

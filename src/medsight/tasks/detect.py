@@ -97,6 +97,12 @@ class DetectTask(Task):
     averages_views = False
     explains = False
     dynamic_batch_export = False
+    compares_runs = False
+    compare_hint = (
+        "detection runs are compared by the mAP and FROC of their reports (medsight evaluate "
+        "each run); with a classifier, by the image-level AUROC in the detection run's "
+        "metrics.json (auroc_macro: the top box score of each image)"
+    )
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
         """A table with lesion masks and no boxes becomes a detection table: one box per
@@ -283,6 +289,23 @@ class DetectTask(Task):
             "height": list(rows["height"].astype(int)),
         }
 
+    def parity_difference(self, expected: np.ndarray, got: np.ndarray) -> float:
+        """The worst, over the boxes either output keeps (score ≥ :data:`KEPT_SCORE`), of the
+        largest difference of corners (normalised) and score to the closest box of the same
+        class in the other. Boxes are compared as sets: near-equal scores may come out in
+        another order, and a box at the very end of one list may fall off the other."""
+        worst = 0.0
+        for mine, theirs in ((expected, got), (got, expected)):
+            for a, b in zip(np.asarray(mine), np.asarray(theirs)):
+                floor = max(KEPT_SCORE, float(a[-1, 4]), float(b[-1, 4])) + 1e-3
+                for box in a[a[:, 4] >= floor]:
+                    same = b[b[:, 5] == box[5]]
+                    if not len(same):
+                        return 1.0
+                    gaps = np.abs(same[:, :5] - box[:5]).max(axis=1)
+                    worst = max(worst, float(gaps.min()))
+        return worst
+
     def urgency(self, probs: np.ndarray, classes: Sequence[str], positive: str) -> float:
         """The top score of a box of the urgent class."""
         scores = self.image_scores(np.asarray(probs)[None], classes)[0]
@@ -363,11 +386,7 @@ class DetectTask(Task):
         )
 
     def paired_difference(self, y, probs, base_probs, classes, positive, **kwargs):
-        raise ConfigError(
-            "medsight compare tests two classifiers' AUROC on the same images; detection runs "
-            "are compared by their reports' mAP and FROC (medsight evaluate each run), and a "
-            "detector with a classifier by the image-level AUROC in its metrics.json"
-        )
+        raise ConfigError(f"medsight compare does not test detection runs: {self.compare_hint}")
 
 
 def point_name(fps_per_image: float) -> str:
