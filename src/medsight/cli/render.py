@@ -380,12 +380,20 @@ def evaluation_tables(metrics: dict, headline: Sequence[str], title: str) -> lis
         for name in classes:
             per_class.add_column(name, justify="right")
         for column in [c for c in next(iter(classes.values())) if c != "support"]:
-            per_class.add_row(column, *(format_value_ci(v[column]) for v in classes.values()))
-        per_class.add_row("support", *(str(v.get("support", "")) for v in classes.values()))
+            per_class.add_row(column, *(_count_or_value(v[column]) for v in classes.values()))
+        if any("support" in v for v in classes.values()):
+            per_class.add_row("support", *(str(v.get("support", "")) for v in classes.values()))
         tables.append(per_class)
     if metrics.get("per_finding"):
         tables.append(findings_table(metrics["per_finding"]))
     return tables
+
+
+def _count_or_value(entry: object) -> str:
+    """A count (lesions, images: an int) as it is; a metric with its CI."""
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return str(entry)
+    return format_value_ci(entry)
 
 
 def findings_table(per_finding: dict) -> Table:

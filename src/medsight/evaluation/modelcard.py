@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 INTENDED_USE = (
-    "Research and teaching: studying how image classifiers behave on {classes} images, and at "
+    "Research and teaching: studying how image models behave on {classes} images, and at "
     "most a second reader in a research setting, always after a qualified clinician has read "
     "the image."
 )

@@ -136,6 +136,8 @@ _MONITOR_LABELS = {
     "accuracy": "validation accuracy",
     "balanced_accuracy": "validation balanced accuracy",
     "average_precision": "validation average precision",
+    "map50": "validation mAP @ IoU 0.5",
+    "map": "validation mAP @ IoU 0.5:0.95",
     "loss": "validation loss",
 }
 _STYLE = {
@@ -587,6 +589,8 @@ def _training_figure(history: pd.DataFrame, best: float | None, monitor: str) ->
             (score, "val_accuracy", "validation accuracy", "#009E73", "-"),
             (score, "val_balanced_accuracy", "validation balanced accuracy", "#009E73", ":"),
             (score, "val_average_precision", "validation average precision", "#D55E00", "-"),
+            (score, "val_map50", "validation mAP @ IoU 0.5", ACCENT, "-"),
+            (score, "val_map", "validation mAP @ IoU 0.5:0.95", "#D55E00", "-"),
         )
         for ax, column, label, colour, ls in series:
             if column in history and history[column].notna().any():
@@ -764,7 +768,10 @@ def _training_summary(run: runs.Run, history: pd.DataFrame | None) -> dict:
                 "Class weights",
                 o.class_weights + (", balanced sampler" if o.balanced_sampler else ""),
             ),
-            ("Early stopping", f"patience {o.patience} epochs on {_MONITOR_LABELS.get(monitor)}"),
+            (
+                "Early stopping",
+                f"patience {o.patience} epochs on {_MONITOR_LABELS.get(monitor, monitor)}",
+            ),
             ("Seed", str(run.config.seed)),
         ],
     }
