@@ -72,7 +72,9 @@ PointOption = Annotated[
     typer.Option(
         "--point",
         help="Multi-label: the evaluated operating point (metrics.json thresholds) each finding "
-        "is decided at: youden, sensitivity_0.90, sensitivity_0.95 (0.5 when not evaluated).",
+        "is decided at: youden, sensitivity_0.90, sensitivity_0.95 (0.5 when not evaluated). "
+        "Detection: the false-positive rate boxes are kept at: fp_1 (youden means fp_1), "
+        "fp_0.125 ... fp_8.",
     ),
 ]
 
@@ -1030,14 +1032,15 @@ def demo_command(
         str | None, typer.Option("--data", help="Your own data instead of the phantom set.")
     ] = None,
     epochs: Annotated[
-        int, typer.Option("--epochs", help="Training epochs (classify; multilabel: auto).")
+        int, typer.Option("--epochs", help="Training epochs (classify; multilabel, detect: auto).")
     ] = 12,
     task: Annotated[
         str,
         typer.Option(
             "--task",
-            help="classify (normal/benign/malignant) or multilabel (nodule, cyst, "
-            "calcification: several per slice).",
+            help="classify (normal/benign/malignant), multilabel (nodule, cyst, "
+            "calcification: several per slice) or detect (boxes around 0-3 nodules or cysts "
+            "per slice: FROC and mAP).",
         ),
     ] = "classify",
     overwrite: Annotated[
