@@ -157,3 +157,17 @@ def test_options_a_detector_cannot_use_are_refused(tmp_path):
         trainer._Setup.build(_config(data, tmp_path / "y", mode="features"), tmp_path / "y")
     with pytest.raises(ConfigError, match="not a detection loss"):
         train(_config(data, tmp_path / "z", loss="focal"), show_progress=False)
+
+
+def test_the_cli_trains_a_detector_and_shows_map_each_epoch(tmp_path):
+    data = make_box_csv(tmp_path / "data", n=16)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["train", "--data", str(data), "--task", "detect", "--epochs", "1", "--batch-size", "8",
+         "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "map50" in result.output or "mAP" in result.output
+    assert "val loss" not in result.output  # undefined for a detector, not "nan"
+    assert runs.Run.load(out).task == "detect"

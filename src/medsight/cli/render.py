@@ -169,10 +169,13 @@ class Renderer:
             for name in shown
         )
         where = f"{at:>3}" if float(at).is_integer() else f"{at:.2f}"
+        # a detector's validation loss is undefined (torchvision computes losses in training)
+        loss = row.get("val_loss")
+        val_loss = f"val loss {loss:.4f}  " if loss is not None and loss == loss else ""
         images = f"on {sample:,} images  " if sample else ""
         self.console.print(
             f"epoch {where}/{_count(epochs)}  loss {row['train_loss']:.4f}  "
-            f"val loss {row['val_loss']:.4f}  {scores}{images}({row['seconds']:.1f}s){mark}",
+            f"{val_loss}{scores}{images}({row['seconds']:.1f}s){mark}",
             highlight=False,
             soft_wrap=True,  # one line per epoch, also in a log file narrower than it
         )
