@@ -171,3 +171,16 @@ def test_the_cli_trains_a_detector_and_shows_map_each_epoch(tmp_path):
     assert "map50" in result.output or "mAP" in result.output
     assert "val loss" not in result.output  # undefined for a detector, not "nan"
     assert runs.Run.load(out).task == "detect"
+
+
+def test_heat_maps_and_cross_validation_say_a_detector_has_neither(detect_run, tmp_path):
+    from medsight.explain.cam import Explainer
+    from medsight.workflows.cv import check_folds
+
+    with pytest.raises(ConfigError, match="its boxes show where"):
+        Explainer.from_run(detect_run)
+    result = CliRunner().invoke(app, ["explain", str(detect_run), "--masks"])
+    assert result.exit_code != 0 and "boxes show where" in result.output
+    data = make_box_csv(tmp_path / "data", n=16)
+    with pytest.raises(ConfigError, match="these data have boxes"):
+        check_folds(_config(data, tmp_path / "cv"), 3)

@@ -216,6 +216,18 @@ def _model_name(model: nn.Module) -> str:
 # --------------------------------------------------------------------------- the explainer
 
 
+def refuse_unexplained(run) -> None:
+    """Refuse, saying what to use instead, a run whose task heat maps do not explain (a
+    detector: its boxes show where it looked)."""
+    from medsight.tasks import get_task
+
+    if not get_task(run.task).explains:
+        raise ConfigError(
+            f"{run.path} is a {run.task} run: its boxes show where it found each lesion "
+            "(medsight predict, the API's boxes); heat maps explain classifiers"
+        )
+
+
 class Explainer:
     """Heat-maps of one model with one method and target layer (configuration in, maps out).
 
@@ -266,6 +278,7 @@ class Explainer:
         from medsight.runs import Run
 
         run = run_or_path if isinstance(run_or_path, Run) else Run.load(run_or_path)
+        refuse_unexplained(run)
         name = method.strip().lower() if isinstance(method, str) else method
         if name == "auto":
             name = best_method(run.path) or "gradcam"

@@ -393,6 +393,9 @@ def score_localisation(
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold={threshold!r} must be between 0 and 1 (e.g. 0.5)")
     run = Run.load(run_path)
+    from medsight.explain.cam import refuse_unexplained
+
+    refuse_unexplained(run)
     table = run.load_data(data)
     where = run.config.data.path if data is None else data
     multilabel = run.task == "multilabel"

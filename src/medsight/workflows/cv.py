@@ -32,12 +32,15 @@ def check_folds(config: TrainConfig, folds: int) -> pd.DataFrame:
     from medsight.data.findings import is_multilabel
     from medsight.data.sources import load_samples
     from medsight.data.splits import assign_splits, kfold_assignments
+    from medsight.tasks import task_for
 
     table = load_samples(config.data.path, options=config.data)
-    if is_multilabel(table) or config.task not in ("auto", "classify"):
+    found = task_for(config.task, table)
+    if is_multilabel(table) or found != "classify":
+        what = "boxes" if found == "detect" else "several findings per image"
         raise ConfigError(
             "medsight cv pools single-label classifiers' out-of-fold predictions; these data "
-            "have several findings per image. Train and evaluate one multi-label run instead "
+            f"have {what}. Train and evaluate one {found} run instead "
             "(`medsight train` then `medsight evaluate`), or choose a fold with "
             "--set data.folds=K --set data.fold=I"
         )
