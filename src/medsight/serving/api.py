@@ -360,7 +360,7 @@ def model_info(model: Model, request: Request) -> dict:
         "classes": model.classes,
         "positive_class": model.positive,
         "urgent": model.urgent,
-        "decision_point": None if thresholds is None else model.predictor.point,
+        "decision_point": model.decision_point(),
         "decision_thresholds": (
             None
             if thresholds is None

@@ -76,7 +76,10 @@ def prediction_models(decoded: type[BaseModel]) -> tuple[type[BaseModel], type[B
     its ``label``, the ``probabilities``, its other fields, then :class:`Served`'s (and for
     ``Explanation`` :class:`Explained`'s)."""
     fields = _fields(decoded)
-    probabilities = (dict[str, float], Field(description="Probability of each class."))
+    probabilities = (
+        dict[str, float],
+        Field(description="Probability of each class (detection: the top score of its boxes)."),
+    )
     ordered = {"label": fields.pop("label"), "probabilities": probabilities, **fields}
     prediction = create_model(
         "Prediction",
@@ -148,13 +151,16 @@ class ModelInfo(BaseModel):
     )
     decision_point: str | None = Field(
         default=None,
-        description="Multi-label: the evaluated operating point each finding is decided at "
-        "(thresholds of 0.5 when the run was not evaluated); null for classification.",
+        description="Multi-label: the evaluated operating point each finding is decided at; "
+        "detection: the point each class's boxes are decided at (fp_1: the score at one false "
+        "positive per image); thresholds of 0.5 when the run was not evaluated; null for "
+        "classification.",
     )
     decision_thresholds: dict[str, float] | None = Field(
         default=None,
         description="Multi-label: the threshold of each finding (above it: the finding is "
-        "reported); null for classification (the most probable class is the label).",
+        "reported); detection: each class's box score threshold (boxes at or above it are "
+        "shown); null for classification (the most probable class is the label).",
     )
     input: InputSpec
     evaluated: bool
@@ -189,7 +195,8 @@ class StudyItem(BaseModel):
     urgency: float = Field(
         description="Triage score from the run's task (classify: probability of the urgent "
         "class; multi-label: the highest urgent-finding probability rescaled so that its "
-        "threshold is 0.5, so 0.5 or more means that finding reached its threshold)."
+        "threshold is 0.5, so 0.5 or more means that finding reached its threshold; "
+        "detection: the top score of a box of the urgent class)."
     )
     urgency_finding: str | None = Field(
         default=None,

@@ -273,6 +273,21 @@ class ModelService:
             if name in self.classes and points
         }
 
+    def decision_point(self) -> str | None:
+        """The evaluated operating point the thresholds were taken at (None without
+        thresholds): the one asked for, except that a detection run decides a classifier's
+        point name (``youden``, the server's default) at its own default, ``fp_1``."""
+        if self.thresholds is None:
+            return None
+        point = self.predictor.point
+        if self.task.name == "detect":
+            from medsight.tasks.detect import DEFAULT_POINT
+
+            known = {name for points in self.operating_points().values() for name in points}
+            if point not in known and DEFAULT_POINT in known and point in ("youden", None):
+                return DEFAULT_POINT
+        return point
+
     def threshold_flags(self, probs: np.ndarray) -> list[ThresholdFlag]:
         """Every evaluated operating point, and whether this image's probability of its class
         (the probability column the task's metrics set the threshold on) reaches it."""
@@ -420,8 +435,8 @@ class ModelService:
     ) -> tuple[str, str | None, str, str]:
         """``(method, layer, base64 PNG, target)`` of the heat map over the image for a scored
         upload: the map of ``target`` (a class or finding; see :meth:`explain_target`)."""
+        explainer = self.explainer()  # first: a task without heat maps (boxes) says so, 501
         target = self.explain_target(scored.probabilities, target)
-        explainer = self.explainer()
         try:
             from medsight.explain import overlay
 

@@ -40,6 +40,9 @@ async function json(response) {
 function isMulti() { return Boolean(state.model && state.model.decision_thresholds) && !isDetect(); }
 // A detection run answers with boxes: the page draws them over the image, no heat map.
 function isDetect() { return Boolean(state.model && state.model.task === "detect"); }
+// Multi-label and detection labels name their classes joined by "|" (or "no finding"): a
+// reviewer ticks those present.
+function byFindings() { return isMulti() || isDetect(); }
 // A multi-label label names its findings joined by "|": show them as a list.
 function labelText(label) { return isMulti() || isDetect() ? String(label).split("|").map(pretty).join(", ") : pretty(label); }
 
@@ -64,7 +67,9 @@ function pretty(name) { return String(name).replace(/_/g, " "); }
 function pointName(name) {
   // "sensitivity_0.90" → "90 % sensitivity": the operating point chosen at evaluation
   const m = /^sensitivity_(\d\.\d+)$/.exec(name);
-  return m ? Math.round(100 * parseFloat(m[1])) + " % sensitivity" : name === "youden" ? "Youden" : pretty(name);
+  if (m) return Math.round(100 * parseFloat(m[1])) + " % sensitivity";
+  const fp = /^fp_(\d+(?:\.\d+)?)$/.exec(name);  // a detector's: "fp_1" → "1 FP/image"
+  return fp ? fp[1] + " FP/image" : name === "youden" ? "Youden" : pretty(name);
 }
 function el(tag, attrs = {}, children = []) {
   const node = document.createElement(tag);
@@ -198,15 +203,18 @@ async function loadModel() {
 // column, and a reviewer's findings as checkboxes (an image may have several, or none).
 function setupMulti(model) {
   const multi = isMulti();
-  $("result-kicker").textContent = multi ? "Findings above threshold" : "Most likely";
-  $("confidence-kicker").textContent = multi ? "Highest probability" : "Confidence";
-  $("bars-hint").hidden = !multi;
+  const detect = isDetect();
+  $("result-kicker").textContent = multi ? "Findings above threshold" : detect ? "Boxes found" : "Most likely";
+  $("confidence-kicker").textContent = multi ? "Highest probability" : detect ? "Top box score" : "Confidence";
+  $("bars-hint").hidden = !multi && !detect;
+  if (detect) $("bars-hint").textContent = "Each bar is the top score of that class’s boxes; boxes at or above the class’s threshold are drawn over the image and listed.";
   $("wl-finding-head").hidden = !multi;
-  $("reviewer-label").hidden = multi;
-  $("reviewer-findings").hidden = !multi;
-  $("reviewer-caption").textContent = multi ? "Reviewer’s findings" : "Reviewer’s finding";
-  if (multi) {
-    $("urgency-explainer").textContent = `Ordered by urgency: the highest probability among the urgent findings (${model.urgent.map(pretty).join(", ")}), each scaled so that its own threshold sits at 50 % — 50 % or more means that finding reached its threshold; ties by arrival. “Finding” names the one that set the urgency.`;
+  $("reviewer-label").hidden = multi || detect;
+  $("reviewer-findings").hidden = !multi && !detect;
+  $("reviewer-caption").textContent = multi ? "Reviewer’s findings" : detect ? "Reviewer’s findings (classes with a lesion)" : "Reviewer’s finding";
+  if (detect) $("urgency-explainer").textContent = `Ordered by urgency: the top score of a box of the urgent class (${model.urgent.map(pretty).join(", ")}); ties by arrival.`;
+  if (multi || detect) {
+    if (multi) $("urgency-explainer").textContent = `Ordered by urgency: the highest probability among the urgent findings (${model.urgent.map(pretty).join(", ")}), each scaled so that its own threshold sits at 50 % — 50 % or more means that finding reached its threshold; ties by arrival. “Finding” names the one that set the urgency.`;
     // Nothing ticked: no finding recorded (as the select's first option); "No finding" is a
     // reviewer's answer of its own, exclusive of the findings.
     const boxes = $("reviewer-findings");
@@ -225,13 +233,13 @@ function setupMulti(model) {
 }
 
 function reviewerLabel() {
-  if (!isMulti()) return $("reviewer-label").value || null;
+  if (!byFindings()) return $("reviewer-label").value || null;
   const checked = [...document.querySelectorAll("#reviewer-findings input:checked")].map((b) => b.value);
   return checked.length ? checked.join("|") : null;
 }
 
 function setReviewer(label) {
-  if (!isMulti()) { $("reviewer-label").value = label || ""; return; }
+  if (!byFindings()) { $("reviewer-label").value = label || ""; return; }
   const present = label ? label.split("|") : [];
   for (const box of document.querySelectorAll("#reviewer-findings input")) box.checked = present.includes(box.value);
 }
@@ -253,6 +261,7 @@ async function analyse(file) {
   const browserCanShow = /^image\/(png|jpeg|gif|bmp|webp)$/.test(file.type);
   preview.hidden = !browserCanShow;
   $("preview-note").hidden = browserCanShow;
+  $("preview-note").textContent = isDetect() ? "DICOM: your browser cannot show it; the boxes are listed" : "DICOM: preview in the heat map";
   if (browserCanShow) preview.src = URL.createObjectURL(file);
   $("overlay-img").hidden = true;
   $("boxes-svg").replaceChildren();
@@ -297,7 +306,11 @@ function showBoxes(boxes, src) {
   img.onload = () => {
     const ns = "http://www.w3.org/2000/svg";
     svg.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
-    const stroke = Math.max(1, Math.round(Math.max(img.naturalWidth, img.naturalHeight) / 160));
+    // Lines and labels of a readable size on screen, whatever the image's own size: the
+    // image is scaled to fit the frame, so one screen pixel is ``scale`` image pixels.
+    const frame = svg.getBoundingClientRect();
+    const scale = Math.max(img.naturalWidth / frame.width, img.naturalHeight / frame.height) || 1;
+    const stroke = 2 * scale;
     for (const b of boxes) {
       const rect = document.createElementNS(ns, "rect");
       rect.setAttribute("x", b.x1); rect.setAttribute("y", b.y1);
@@ -308,8 +321,8 @@ function showBoxes(boxes, src) {
       title.textContent = `${pretty(b.label)} ${pct(b.score)}`;
       rect.append(title);
       const text = document.createElementNS(ns, "text");
-      text.setAttribute("x", b.x1); text.setAttribute("y", Math.max(b.y1 - stroke, stroke * 6));
-      text.setAttribute("font-size", stroke * 6);
+      text.setAttribute("x", b.x1); text.setAttribute("y", Math.max(b.y1 - stroke, 11 * scale));
+      text.setAttribute("font-size", 11 * scale);
       text.setAttribute("class", "box-label");
       text.textContent = `${pretty(b.label)} ${pct(b.score)}`;
       svg.append(rect, text);
