@@ -235,8 +235,9 @@ class Predictor:
         self.calibration = run.calibration()
         #: Test-time augmentation (:data:`TTA_MODES`) applied by the ``predict_*`` methods.
         self.tta = check_tta(tta, run)
-        #: The evaluated operating point thresholds are taken from (thresholded tasks).
-        self.point = point
+        #: The evaluated operating point thresholds are taken from (thresholded tasks), as
+        #: the task names it (a detector reads the default ``youden`` as its own ``fp_1``).
+        self.point = self.task.decision_point(point)
         #: The threshold each output is decided by, in class order (multi-label: per finding,
         #: from ``metrics.json`` at :attr:`point`, else 0.5); None when the task decides
         #: without thresholds (classification: the most probable class).

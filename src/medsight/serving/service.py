@@ -275,18 +275,8 @@ class ModelService:
 
     def decision_point(self) -> str | None:
         """The evaluated operating point the thresholds were taken at (None without
-        thresholds): the one asked for, except that a detection run decides a classifier's
-        point name (``youden``, the server's default) at its own default, ``fp_1``."""
-        if self.thresholds is None:
-            return None
-        point = self.predictor.point
-        if self.task.name == "detect":
-            from medsight.tasks.detect import DEFAULT_POINT
-
-            known = {name for points in self.operating_points().values() for name in points}
-            if point not in known and DEFAULT_POINT in known and point in ("youden", None):
-                return DEFAULT_POINT
-        return point
+        thresholds), as the task resolved the one asked for."""
+        return None if self.thresholds is None else self.predictor.point
 
     def threshold_flags(self, probs: np.ndarray) -> list[ThresholdFlag]:
         """Every evaluated operating point, and whether this image's probability of its class

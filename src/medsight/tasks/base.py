@@ -179,6 +179,11 @@ class Task(ABC):
         for tasks that decide without thresholds (the default: the most probable class)."""
         return None
 
+    def decision_point(self, point: str) -> str:
+        """The operating point a requested ``point`` means for this task (the same name; a
+        task with its own kind of points maps the serving default onto its own)."""
+        return point
+
     def triage(
         self,
         probs: np.ndarray,

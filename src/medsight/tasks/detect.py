@@ -323,8 +323,7 @@ class DetectTask(Task):
         if not operating_points:
             return [DEFAULT_THRESHOLD] * len(classes)
         known = sorted({p for points in operating_points.values() for p in (points or {})})
-        if point not in known and DEFAULT_POINT in known and point in ("youden", None):
-            point = DEFAULT_POINT
+        point = self.decision_point(point)
         if point not in known:
             raise ConfigError(
                 f"operating point {point!r} was not evaluated; evaluated points: {', '.join(known)}"
@@ -335,6 +334,10 @@ class DetectTask(Task):
             value = entry.get("threshold")
             out.append(float(value) if value is not None else DEFAULT_THRESHOLD)
         return out
+
+    def decision_point(self, point: str | None) -> str:
+        """``fp_1`` for the classifiers' default point (``youden``) or none; else ``point``."""
+        return DEFAULT_POINT if point in (None, "youden") else point
 
     def triage(
         self,
