@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from medsight.cli import app
@@ -52,5 +54,19 @@ def test_the_multilabel_demo_trains_evaluates_and_explains_each_finding(tmp_path
     assert "Co-occurrence" in html
     assert "Per finding: " in html and "findings of the test split" in html  # the maps, per finding
 
-    refused = CliRunner().invoke(app, ["demo", "--task", "detect", "--out", str(tmp_path / "x")])
-    assert refused.exit_code == 2 and "the demo runs classify or multilabel" in refused.output
+    refused = CliRunner().invoke(app, ["demo", "--task", "segment", "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2
+    assert "the demo runs classify or multilabel or detect" in refused.output
+
+
+def test_the_detection_demo_trains_a_detector_and_reports_froc(tmp_path, monkeypatch):
+    from medsight.workflows import demo
+
+    monkeypatch.setattr(demo, "DEMO_DETECT_IMAGES", 48)  # the code path, not the accuracy
+    result = CliRunner().invoke(app, ["demo", "--task", "detect", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "lesion sensitivity at 1 FP/image" in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"map50", "froc", "median_iou"} <= set(metrics)
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="froc"' in html and 'id="detection-gallery"' in html

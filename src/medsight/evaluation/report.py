@@ -548,6 +548,11 @@ def _epoch_axis(history: pd.DataFrame) -> pd.Series:
     return history["epoch_fraction"] if "epoch_fraction" in history else history["epoch"]
 
 
+def _number_text(value) -> str:
+    """``3e-04`` for a number; a setting left at ``auto`` (a run written by hand) as it is."""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _epochs_text(value: float) -> str:
     """``3`` or ``2.5`` (passes over the training set)."""
     return f"{float(value):.2f}".rstrip("0").rstrip(".")
@@ -758,7 +763,8 @@ def _training_summary(run: runs.Run, history: pd.DataFrame | None) -> dict:
         "settings": [
             (
                 "Optimiser",
-                f"{o.optimizer}, learning rate {o.lr:g}, weight decay {o.weight_decay:g}",
+                f"{o.optimizer}, learning rate {_number_text(o.lr)}, "
+                f"weight decay {o.weight_decay:g}",
             ),
             ("Schedule", f"{o.schedule}, {o.warmup_epochs:g} warm-up epoch(s)"),
             ("Epochs", epochs + (f", time budget {o.time}" if o.time else "")),

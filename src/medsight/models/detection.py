@@ -109,10 +109,12 @@ def load_detector_weights(model: MedsightDetector, weights: str | Path) -> str:
     tensor whose name and shape match is loaded (a run with other classes gives all but the
     class logits); a file that fits nothing is refused."""
     from medsight.models.weights import read_state_dict
-    from medsight.runs import WEIGHTS, load_weights
 
     path = Path(weights).expanduser()
-    state = load_weights(path / WEIGHTS) if path.is_dir() else read_state_dict(path)
+    file = path / "model.safetensors" if path.is_dir() else path  # a run's weights
+    if not file.is_file():
+        raise ConfigError(f"--weights {path}: no such file (or run folder with model.safetensors)")
+    state = read_state_dict(file)
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fitting:

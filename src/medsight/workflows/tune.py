@@ -168,6 +168,10 @@ class SearchSpace:
                 continue
             section, _, field = param.name.partition(".")
             value = data.get(section, {}).get(field) if field else data.get(section)
+            if param.name == "optim.lr" and value == "auto":
+                from medsight.tasks import get_task
+
+                value = get_task(base.task).default_lr  # the rate training would take
             if value is not None and param.contains(value):
                 chosen[param.name] = value
         return chosen
