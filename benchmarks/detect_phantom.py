@@ -77,6 +77,16 @@ def _throughput(run: runs.Run) -> dict:
     return rates
 
 
+def _detector_best_iou(run: runs.Run) -> float:
+    from medsight.inference import Predictor
+
+    task = get_task("detect")
+    table = task.prepare_table(run.load_data())
+    test = table[table["split"] == "test"]
+    pred = Predictor.from_run(run.path).predict_table(test)
+    return best_iou_per_lesion(task.table_targets(test, run.classes), pred)
+
+
 def _metrics_table(columns: dict[str, dict]) -> str:
     names = list(columns)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -84,6 +94,9 @@ def _metrics_table(columns: dict[str, dict]) -> str:
         cells = [format_value_ci(columns[n].get(key)) if columns[n].get(key) else "—"
                  for n in names]  # fmt: skip
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if all("best_iou" in columns[n] for n in names):
+        cells = [f"{columns[n]['best_iou']:.3f}" for n in names]
+        lines.append("| median best IoU per lesion (any score) | " + " | ".join(cells) + " |")
     for i, rate in enumerate(("0.125", "0.25", "0.5", "1", "2", "4", "8")):
         cells = [format_value_ci(columns[n]["froc"]["sensitivity"][i]) for n in names]
         lines.append(f"| sensitivity at {rate} FP/image | " + " | ".join(cells) + " |")
@@ -121,6 +134,25 @@ def _cam_boxes(run_path: Path, rows: pd.DataFrame, classes: list[str], layer: st
     return out
 
 
+def best_iou_per_lesion(gt: np.ndarray, pred: np.ndarray) -> float:
+    """The median, over lesions, of the best IoU any box of its class reaches (at any score):
+    how well the boxes could fit, before any threshold (the IoU the CAM-box figures of
+    `explain --masks` report)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    best = []
+    for g, p in zip(gt, pred):
+        for box in g[g[:, 4] >= 0]:
+            same = p[(p[:, 5] == box[4]) & (p[:, 4] > 0)]
+            if not len(same):
+                best.append(0.0)
+                continue
+            iou = box_iou(torch.as_tensor(box[None, :4]), torch.as_tensor(same[:, :4]))
+            best.append(float(iou.max()))
+    return float(np.median(best))
+
+
 def _baseline(work: Path, data: Path, det_run: runs.Run, classes: list[str]) -> dict:
     """Train the multi-label default recipe on the detector's own splits; CAM boxes → metrics."""
     task = get_task("detect")
@@ -146,6 +178,7 @@ def _baseline(work: Path, data: Path, det_run: runs.Run, classes: list[str]) -> 
     ):
         pred = _cam_boxes(cam_run.path, test, classes, layer)
         results[name] = detection_metrics(gt, pred, classes, n_bootstrap=1000, seed=0)
+        results[name]["best_iou"] = best_iou_per_lesion(gt, pred)
     return {"metrics": results, "seconds": seconds, "model": cam_run.config.model.name}
 
 
@@ -163,6 +196,7 @@ def main() -> None:
 
     run, seconds = _train_detector(data, work / "det_run")
     metrics = evaluate_run(run.path)
+    metrics["best_iou"] = _detector_best_iou(run)
     rates = _throughput(run)
     history = run.history()
     print(f"\n## Detection phantoms: {args.n} slices, seed {args.seed}, test n = {metrics['n']} "

@@ -397,7 +397,13 @@ function showPrediction(body) {
   flags.replaceChildren();
   // Multi-label: the bars show each finding's decision threshold; chips add the other
   // evaluated points only where the finding reaches them.
-  const shownFlags = body.findings ? body.threshold_flags.filter((f) => f.flagged && f.operating_point !== state.model.decision_point) : body.threshold_flags;
+  // A detector: seven false-positive rates per class would bury the boxes; its chips are the
+  // rate the boxes are kept at.
+  const shownFlags = body.findings
+    ? body.threshold_flags.filter((f) => f.flagged && f.operating_point !== state.model.decision_point)
+    : isDetect()
+      ? body.threshold_flags.filter((f) => f.operating_point === state.model.decision_point)
+      : body.threshold_flags;
   for (const f of shownFlags) {
     const text = `${pretty(f.class_name)} ${f.flagged ? "above" : "below"} the ${pointName(f.operating_point)} threshold (${f.threshold.toFixed(2)})`;
     flags.append(el("span", { class: "chip" + (f.flagged ? " on" : ""), text, title: `sensitivity ${f.sensitivity}, specificity ${f.specificity} on the evaluated split` }));
