@@ -34,7 +34,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from medsight.errors import ConfigError
-from medsight.models.transfer import _no_decay
+from medsight.models.transfer import grouped_parameters
 
 #: Detections kept per image (the width of the output).
 MAX_DETECTIONS = 100
@@ -247,27 +247,9 @@ class MedsightDetector(nn.Module):
     ) -> list[dict[str, Any]]:
         """The pretrained backbone at ``backbone_lr``; pyramid and heads at ``lr``; no weight
         decay on biases and norm weights."""
-        buckets: dict[str, list[nn.Parameter]] = {
-            "backbone": [],
-            "backbone_no_decay": [],
-            "head": [],
-            "head_no_decay": [],
-        }
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            part = "backbone" if name.startswith("net.backbone.body.") else "head"
-            buckets[part + ("_no_decay" if _no_decay(name, param) else "")].append(param)
-        return [
-            {
-                "name": key,
-                "params": params,
-                "lr": backbone_lr if key.startswith("backbone") else lr,
-                "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay,
-            }
-            for key, params in buckets.items()
-            if params
-        ]
+        return grouped_parameters(
+            self, lambda name: name.startswith("net.backbone.body."), lr, backbone_lr, weight_decay
+        )
 
     def config(self) -> dict[str, Any]:
         """What ``model.json`` holds (:func:`detector_from_config` rebuilds it)."""

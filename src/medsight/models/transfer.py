@@ -364,29 +364,9 @@ class MedsightClassifier(nn.Module):
         Example:
             >>> torch.optim.AdamW(model.param_groups(lr=1e-3, backbone_lr=1e-4, weight_decay=0.05))
         """
-        buckets: dict[str, list[nn.Parameter]] = {
-            "backbone": [],
-            "backbone_no_decay": [],
-            "head": [],
-            "head_no_decay": [],
-        }
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            part = "backbone" if name.startswith("backbone.") else "head"
-            buckets[part + ("_no_decay" if _no_decay(name, param) else "")].append(param)
-        groups = []
-        for key, params in buckets.items():
-            if params:
-                groups.append(
-                    {
-                        "name": key,
-                        "params": params,
-                        "lr": backbone_lr if key.startswith("backbone") else lr,
-                        "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay,
-                    }
-                )
-        return groups
+        return grouped_parameters(
+            self, lambda name: name.startswith("backbone."), lr, backbone_lr, weight_decay
+        )
 
     # explanation --------------------------------------------------------------------------
 
@@ -425,6 +405,39 @@ class MedsightClassifier(nn.Module):
             f"name={self.spec.name!r}, num_classes={self.num_classes}, in_chans={self.in_chans},"
             f" attention={self.attention_kind!r}, frozen_stages={self._frozen}"
         )
+
+
+def grouped_parameters(
+    model: nn.Module,
+    in_backbone: Callable[[str], bool],
+    lr: float,
+    backbone_lr: float,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Optimizer groups of ``model``'s trainable parameters: those ``in_backbone`` (by name) at
+    ``backbone_lr``, the rest at ``lr``; biases, norm weights and other 1-d parameters without
+    weight decay. Empty groups are left out; each group has a ``"name"``."""
+    buckets: dict[str, list[nn.Parameter]] = {
+        "backbone": [],
+        "backbone_no_decay": [],
+        "head": [],
+        "head_no_decay": [],
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "backbone" if in_backbone(name) else "head"
+        buckets[part + ("_no_decay" if _no_decay(name, param) else "")].append(param)
+    return [
+        {
+            "name": key,
+            "params": params,
+            "lr": backbone_lr if key.startswith("backbone") else lr,
+            "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay,
+        }
+        for key, params in buckets.items()
+        if params
+    ]
 
 
 def _is_norm(module: nn.Module) -> bool:
