@@ -184,3 +184,11 @@ def test_heat_maps_and_cross_validation_say_a_detector_has_neither(detect_run, t
     data = make_box_csv(tmp_path / "data", n=16)
     with pytest.raises(ConfigError, match="these data have boxes"):
         check_folds(_config(data, tmp_path / "cv"), 3)
+
+
+def test_tuning_says_it_searches_classifier_recipes(tmp_path):
+    from medsight.workflows.tune import tune
+
+    data = make_box_csv(tmp_path / "data", n=16)
+    with pytest.raises(ConfigError, match="searches classifier recipes.*--task detect"):
+        tune(_config(data, tmp_path / "t"), trials=1, out=tmp_path / "best")

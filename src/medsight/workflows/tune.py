@@ -465,8 +465,17 @@ def tune(
 
 
 def _check_data(base: TrainConfig) -> None:
-    """Read the data once before any trial, so a wrong path fails now, not in every trial."""
-    load_samples(base.data.path, options=base.data)
+    """Read the data once before any trial, so a wrong path fails now, not in every trial;
+    refuse data whose task the search space does not cover (boxes)."""
+    from medsight.tasks import task_for
+
+    table = load_samples(base.data.path, options=base.data)
+    if task_for(base.task, table) == "detect":
+        raise ConfigError(
+            "medsight tune searches classifier recipes (networks, modes, learning rates); "
+            "these data are boxes, which train one detector: use medsight train --task detect "
+            "(its recipe fits the data), with --lr, --batch-size or --image-size to try others"
+        )
 
 
 def _safe(name: str) -> str:
