@@ -201,6 +201,10 @@ def test_the_worklist_is_ordered_by_the_urgent_classs_top_box(detect_run, raw_ou
         assert study["urgency_finding"] == "spot"
         assert study["probabilities"]["spot"] == pytest.approx(top, abs=1e-5)
         assert study["flag"] == "fp_1"  # every score reaches a threshold of 0
+        # the study keeps the boxes it was scored with, in its own pixels, as /v1/predict gives
+        predicted = client.post("/v1/predict", files=_file(data)).json()["boxes"]
+        assert study["boxes"] == predicted and study["boxes"]
+        assert all(b["x2"] <= width and b["y2"] <= height for b in study["boxes"])
         expected[study["id"]] = study["urgency"]
     items = client.get("/v1/worklist").json()["items"]
     assert [i["id"] for i in items] == sorted(expected, key=lambda k: (-expected[k], k))

@@ -137,6 +137,12 @@ def test_boxes_are_drawn_where_the_api_placed_them(live_detect, browser, uploads
     )
     page.locator(".wl-row").first.click()
     page.wait_for_selector("#study:not([hidden])")
+    # the study shows the boxes it was queued with, over its image
+    page.wait_for_selector("#study-boxes rect.box", state="attached")
+    study_rects = page.eval_on_selector_all(
+        "#study-boxes rect.box", "els => els.map(e => +e.getAttribute('x'))"
+    )
+    assert study_rects == pytest.approx([b["x1"] for b in body["boxes"]], abs=0.01)
     assert page.is_hidden("#reviewer-label")
     page.check("#reviewer-findings input[value='no finding']")
     page.click("#mark-reviewed")

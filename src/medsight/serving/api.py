@@ -399,6 +399,7 @@ def _item(study: Study) -> dict:
         "label": study.label,
         "probabilities": study.probabilities,
         "flag": study.flag,
+        "boxes": study.boxes,
         "status": study.status,
         "received_at": utc(study.received_at),
         "reviewer_label": study.reviewer_label,
@@ -452,6 +453,7 @@ def _add_study(model: ModelService, store: WorklistStore, data: bytes) -> dict:
         urgency=round(urgency, 6),
         urgency_finding=driver,
         flag=model.flag(probs, driver),
+        boxes=_rounded(model.prediction(probs, scored.image.size).get("boxes")),
         model=model.model_ref.model_dump(),
     )
     log.info(

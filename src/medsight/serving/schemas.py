@@ -208,6 +208,11 @@ class StudyItem(BaseModel):
     flag: str | None = Field(
         description="Strictest operating point reached (e.g. sensitivity_0.90), or null."
     )
+    boxes: list[dict[str, float | str]] | None = Field(
+        default=None,
+        description="Detection runs: the boxes at or above threshold when the study was scored "
+        "({x1, y1, x2, y2, label, score} in the image's pixels); null for other tasks.",
+    )
     status: StudyStatus
     received_at: datetime
     reviewer_label: str | None = None

@@ -88,6 +88,9 @@ class Study(Base):
     #: it was recorded).
     urgency_finding: Mapped[str | None] = mapped_column(String(200), nullable=True)
     flag: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: A detection run's boxes at or above threshold, in the stored image's pixels (null for
+    #: other tasks and studies queued before boxes were kept).
+    boxes: Mapped[list | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default="pending")
     reviewer_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -177,9 +180,11 @@ class WorklistStore:
         flag: str | None,
         model: dict[str, str],
         urgency_finding: str | None = None,
+        boxes: list[dict] | None = None,
     ) -> Study:
         """Store the (already de-identified) file and queue a pending study; ``urgency_finding``
-        is the class or finding whose probability set ``urgency``."""
+        is the class or finding whose probability set ``urgency``; ``boxes``, a detection
+        run's boxes (``{x1, y1, x2, y2, label, score}`` in the image's pixels)."""
         digest, relative = self.store_file(data, extension)
         meta = dict(meta)
         study = Study(
@@ -194,6 +199,7 @@ class WorklistStore:
             probabilities=probabilities,
             urgency=urgency,
             urgency_finding=urgency_finding,
+            boxes=boxes,
             flag=flag,
             status="pending",
             model_name=model["name"],
@@ -295,7 +301,7 @@ class WorklistStore:
 
 #: Columns added to ``studies`` after its first release: ``create_all`` makes new tables only,
 #: so a worklist database from an older medsight gains them here (as NULL for its studies).
-_NEW_COLUMNS = {"urgency_finding": "VARCHAR(200)"}
+_NEW_COLUMNS = {"urgency_finding": "VARCHAR(200)", "boxes": "JSON"}
 
 
 def _add_new_columns(engine) -> None:

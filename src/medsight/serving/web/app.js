@@ -304,33 +304,40 @@ function showBoxes(boxes, src) {
   }
   const img = $("overlay-img");
   img.onload = () => {
-    const ns = "http://www.w3.org/2000/svg";
-    svg.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
-    // Lines and labels of a readable size on screen, whatever the image's own size: the
-    // image is scaled to fit the frame, so one screen pixel is ``scale`` image pixels.
-    const frame = svg.getBoundingClientRect();
-    const scale = Math.max(img.naturalWidth / frame.width, img.naturalHeight / frame.height) || 1;
-    const stroke = 2 * scale;
-    for (const b of boxes) {
-      const rect = document.createElementNS(ns, "rect");
-      rect.setAttribute("x", b.x1); rect.setAttribute("y", b.y1);
-      rect.setAttribute("width", b.x2 - b.x1); rect.setAttribute("height", b.y2 - b.y1);
-      rect.setAttribute("class", "box" + (state.model.urgent.includes(b.label) ? " urgent" : ""));
-      rect.setAttribute("stroke-width", stroke);
-      const title = document.createElementNS(ns, "title");
-      title.textContent = `${pretty(b.label)} ${pct(b.score)}`;
-      rect.append(title);
-      const text = document.createElementNS(ns, "text");
-      text.setAttribute("x", b.x1); text.setAttribute("y", Math.max(b.y1 - stroke, 11 * scale));
-      text.setAttribute("font-size", 11 * scale);
-      text.setAttribute("class", "box-label");
-      text.textContent = `${pretty(b.label)} ${pct(b.score)}`;
-      svg.append(rect, text);
-    }
+    drawBoxes(svg, img, boxes);
     img.hidden = false;
     $("overlay-note").hidden = true;
   };
   img.src = src;
+}
+
+// Boxes in the image's own pixels, as an SVG laid over it (the same box as the image, with
+// the same fit), labelled with class and score; urgent classes in their own colour.
+function drawBoxes(svg, img, boxes) {
+  const ns = "http://www.w3.org/2000/svg";
+  svg.replaceChildren();
+  svg.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
+  // Lines and labels of a readable size on screen, whatever the image's own size: the
+  // image is scaled to fit the frame, so one screen pixel is ``scale`` image pixels.
+  const frame = svg.getBoundingClientRect();
+  const scale = Math.max(img.naturalWidth / frame.width, img.naturalHeight / frame.height) || 1;
+  const stroke = 2 * scale;
+  for (const b of boxes) {
+    const rect = document.createElementNS(ns, "rect");
+    rect.setAttribute("x", b.x1); rect.setAttribute("y", b.y1);
+    rect.setAttribute("width", b.x2 - b.x1); rect.setAttribute("height", b.y2 - b.y1);
+    rect.setAttribute("class", "box" + (state.model.urgent.includes(b.label) ? " urgent" : ""));
+    rect.setAttribute("stroke-width", stroke);
+    const title = document.createElementNS(ns, "title");
+    title.textContent = `${pretty(b.label)} ${pct(b.score)}`;
+    rect.append(title);
+    const text = document.createElementNS(ns, "text");
+    text.setAttribute("x", b.x1); text.setAttribute("y", Math.max(b.y1 - stroke, 11 * scale));
+    text.setAttribute("font-size", 11 * scale);
+    text.setAttribute("class", "box-label");
+    text.textContent = `${pretty(b.label)} ${pct(b.score)}`;
+    svg.append(rect, text);
+  }
 }
 
 // The boxes as a list (also for DICOM, which the browser cannot show).
@@ -487,11 +494,14 @@ async function openStudy(item) {
 
   const img = $("study-img");
   img.hidden = true;
+  $("study-boxes").replaceChildren();
   $("study-img-note").textContent = item.format === "dicom" ? "DICOM image (open it in your viewer)" : "Loading image…";
   if (item.format !== "dicom") {
     try {
       const response = await api(`/v1/studies/${item.id}/image`);
       if (!response.ok) throw new Error(response.statusText);
+      // a detection study: the boxes it was queued with, over its image
+      img.onload = () => { if (item.boxes) drawBoxes($("study-boxes"), img, item.boxes); };
       img.src = URL.createObjectURL(await response.blob());
       img.hidden = false;
       $("study-img-note").textContent = "";
