@@ -117,5 +117,19 @@ def test_task_for_reads_boxes_and_refuses_classifying_them():
 def test_compare_and_subgroups_say_what_a_detection_run_offers(task):
     with pytest.raises(ConfigError, match="mAP and FROC"):
         task.paired_difference(None, None, None, CLASSES, None)
-    with pytest.raises(ConfigError, match="each group's data"):
-        task.subgroup_scores(None, None, CLASSES, None, [])
+
+
+def test_subgroups_score_lesions_within_each_group(task):
+    gt = np.array([[[0.1, 0.1, 0.3, 0.3, 0]], [[0.5, 0.5, 0.7, 0.7, 1]], [[0, 0, 0, 0, -1]]])
+    pred = np.stack([
+        _outputs((0.1, 0.1, 0.3, 0.3, 0.9, 0)),  # found
+        _outputs((0.0, 0.0, 0.1, 0.1, 0.8, 1)),  # missed: the box is elsewhere
+        _outputs(),
+    ]).astype(np.float32)  # fmt: skip
+    masks = [np.array([1, 0, 1], bool), np.array([0, 1, 0], bool), np.zeros(3, bool)]
+    (first, _), (second, _), (empty, notes) = task.subgroup_scores(
+        gt.astype(np.float32), pred, CLASSES, None, masks, n_bootstrap=20
+    )
+    assert first["sensitivity_at_1fp"]["value"] == pytest.approx(1.0)
+    assert second["sensitivity_at_1fp"]["value"] == pytest.approx(0.0)
+    assert empty["map50"]["value"] is None and "empty" in notes[0]

@@ -103,11 +103,15 @@ SUBGROUP_COLUMNS = (
     ("auroc_macro", "AUROC (macro)"),
     ("average_precision_macro", "AP (macro)"),
     ("hamming_loss", "Hamming loss"),
+    ("sensitivity_at_1fp", "Sensitivity at 1 FP/image"),
+    ("map50", "mAP @ 0.5"),
+    ("median_iou", "Median IoU"),
 )
 #: The subgroup gaps the model card quotes, those of the task's subgroup metrics.
 GAP_METRICS = (
     ("auroc", "AUROC"),
     ("sensitivity", "sensitivity"),
+    ("sensitivity_at_1fp", "lesion sensitivity at 1 FP/image"),
     ("auroc_macro", "mean AUROC"),
     ("average_precision_macro", "mean average precision"),
 )
@@ -1346,6 +1350,7 @@ def _subgroup_section(page: _Page) -> dict:
         c
         for c in page.pred.columns
         if c not in ("sample_id", "label", "predicted", "patient_id", "mask", "path")
+        and c not in ("boxes", "true_boxes", "width", "height")  # a detector's, per image
         and not c.endswith("_path")  # files (per-finding masks), not groups of patients
         and c not in page.task.prediction_columns(page.classes)
     ]

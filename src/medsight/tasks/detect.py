@@ -80,8 +80,8 @@ class DetectTask(Task):
     progress_metrics = ("map50",)
     headline_metrics = HEADLINE
     report_sections = ("summary", "detection", "froc", "detection_pr", "detection_gallery",
-                       "training", "model_card")  # fmt: skip
-    subgroup_metrics = ("auroc_macro",)
+                       "subgroups", "training", "model_card")  # fmt: skip
+    subgroup_metrics = ("sensitivity_at_1fp", "map50", "median_iou")
     prediction_schema = DetectionPrediction
     samples_by_class = False
     #: The network ``--model auto`` trains, and the smallest input side boxes are found at.
@@ -382,11 +382,34 @@ class DetectTask(Task):
         result["thresholds"] = {name: points for name in classes}
         return result
 
-    def subgroup_scores(self, y, probs, classes, positive, masks, **kwargs):
-        raise ConfigError(
-            "evaluate --by compares groups of a classifier's images; for a detection run, "
-            "evaluate each group's data on its own (medsight evaluate RUN --data GROUP.csv)"
-        )
+    def subgroup_scores(
+        self, y, probs, classes, positive, masks, *, n_bootstrap=1000, seed=0, confidence=0.95
+    ):
+        """Per group of images: lesion sensitivity at 1 false positive per image (on the
+        group's own FROC), mAP@0.5 and the median IoU of found lesions, with bootstrap CIs
+        over the group's images."""
+        from medsight.tasks.detect_metrics import detection_metrics
+
+        y, probs = np.asarray(y), np.asarray(probs)
+        out = []
+        for mask in masks:
+            mask = np.asarray(mask, dtype=bool)
+            if not mask.any():
+                empty = {m: {"value": None, "ci": None} for m in self.subgroup_metrics}
+                out.append((empty, ["the group is empty: its metrics are undefined"]))
+                continue
+            found = detection_metrics(
+                y[mask], probs[mask], list(classes), positive,
+                n_bootstrap=n_bootstrap, seed=seed, confidence=confidence,
+            )  # fmt: skip
+            entries = {
+                m: found.get(m) or {"value": None, "ci": None} for m in self.subgroup_metrics
+            }
+            notes = []
+            if not found.get("n_lesions"):
+                notes.append("no lesion in the group: lesion sensitivity and mAP are undefined")
+            out.append((entries, notes))
+        return out
 
     def paired_difference(self, y, probs, base_probs, classes, positive, **kwargs):
         raise ConfigError(f"medsight compare does not test detection runs: {self.compare_hint}")

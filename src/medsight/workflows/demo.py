@@ -110,7 +110,7 @@ def run_demo(
             out=str(run_dir),
         )
     train(config, overwrite=overwrite, events=events)
-    by = [c for c in DEMO_SUBGROUPS if c in table.columns] if not detect else []
+    by = [c for c in DEMO_SUBGROUPS if c in table.columns]
     events(Step(4, n_steps, f"evaluating on the held-out test split (subgroups: {by or 'none'})"))
     metrics = evaluate_run(run_dir, by=by)
     events(StepDetail(_headline(metrics)))
