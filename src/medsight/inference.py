@@ -249,7 +249,7 @@ class Predictor:
         self.thresholds_from_: str | None = None
         if self.thresholds_ is not None:
             self.thresholds_from_ = (
-                f"metrics.json, operating point {point}"
+                f"metrics.json, operating point {self.point}"
                 if points
                 else "0.5 each: the run has not been evaluated"
             )

@@ -1194,6 +1194,18 @@ def serve_command(
         serve(settings)
 
 
+def _boxes_text(text: str) -> str:
+    """A JSON list of boxes as the terminal shows it: ``cyst 0.80 at 39,21–50,32`` per box."""
+    import json
+
+    boxes = json.loads(text) if text else []
+    return "; ".join(
+        f"{_shown(b['label'])} {b['score']:.2f} at {b['x1']:.0f},{b['y1']:.0f}–"
+        f"{b['x2']:.0f},{b['y2']:.0f}"
+        for b in boxes
+    )
+
+
 def _prediction_file(table, out: Path) -> str:
     """``medsight predict --out``: CSV (JSON-valued cells, a detector's boxes, as JSON text),
     or with a ``.json`` name a list of records (boxes as lists)."""
@@ -1255,11 +1267,18 @@ def predict_command(
         shown = Table(title=f"{_shown(run.name)}: {len(table)} file(s)", title_justify="left")
         for column in table.columns:
             shown.add_column(_shown(column), overflow="fold")
+        json_columns = set(table.attrs.get("json_columns", []))
         for row in table.itertuples(index=False):
             shown.add_row(
                 *(
-                    "" if v != v or v is None else f"{v:.3f}" if isinstance(v, float) else _shown(v)
-                    for v in row
+                    _boxes_text(v)
+                    if column in json_columns
+                    else ""
+                    if v != v or v is None
+                    else f"{v:.3f}"
+                    if isinstance(v, float)
+                    else _shown(v)
+                    for column, v in zip(table.columns, row)
                 )
             )
         console.print(shown)
