@@ -138,11 +138,7 @@ def augmentation(
     """
     from torchvision.transforms import v2
 
-    if preset not in AUGMENT_PRESETS:
-        raise ConfigError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {preset!r}")
-    if not 0 <= strength <= 3:
-        raise ConfigError(f"augmentation strength must be between 0 and 3, got {strength}")
-    if preset == "none" or strength == 0:
+    if not _augments(preset, strength):
         return None
     s = float(strength)
     light = v2.RandomAffine(
@@ -169,6 +165,16 @@ def augmentation(
             )
     steps.append(_Clamp01())
     return v2.Compose(steps)
+
+
+def _augments(preset: str, strength: float) -> bool:
+    """Whether ``preset`` at ``strength`` augments at all; refuses unknown presets and
+    strengths outside 0–3."""
+    if preset not in AUGMENT_PRESETS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {preset!r}")
+    if not 0 <= strength <= 3:
+        raise ConfigError(f"augmentation strength must be between 0 and 3, got {strength}")
+    return preset != "none" and strength != 0
 
 
 class BoxAugment:
@@ -211,11 +217,7 @@ def box_augmentation(preset: str, channels: int = 1, strength: float = 1.0) -> B
     orientation is valid (dermatoscopy, histology)."""
     from torchvision.transforms import v2
 
-    if preset not in AUGMENT_PRESETS:
-        raise ConfigError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {preset!r}")
-    if not 0 <= strength <= 3:
-        raise ConfigError(f"augmentation strength must be between 0 and 3, got {strength}")
-    if preset == "none" or strength == 0:
+    if not _augments(preset, strength):
         return None
     s = float(strength)
     affine = v2.RandomAffine(
