@@ -102,6 +102,13 @@ def test_tta_calibration_and_compare_say_what_a_detector_offers(detect_run, tmp_
     evaluate_run(detect_run, n_bootstrap=10)
     with pytest.raises(DataError, match="mAP and FROC"):
         compare_runs([detect_run, detect_run], n_bootstrap=10)
+    # against a classifier: the task differs, and the message says what is comparable
+    from tests.conftest import write_run
+
+    classifier = write_run(tmp_path / "classifier", tmp_path)
+    (classifier / runs.PREDICTIONS).write_text("sample_id,label,predicted,p_normal,p_lesion\n")
+    with pytest.raises(DataError, match="only runs of the same task.*image-level AUROC"):
+        compare_runs([classifier, detect_run], n_bootstrap=10)
 
 
 def _config(data, out, **optim):
