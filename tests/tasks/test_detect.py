@@ -133,3 +133,10 @@ def test_subgroups_score_lesions_within_each_group(task):
     assert first["sensitivity_at_1fp"]["value"] == pytest.approx(1.0)
     assert second["sensitivity_at_1fp"]["value"] == pytest.approx(0.0)
     assert empty["map50"]["value"] is None and "empty" in notes[0]
+
+
+def test_images_are_detected_at_their_own_size_within_128_to_320_px(task):
+    assert task.input_side(64, 320) == 128  # small lesions need cells of the finest level
+    assert task.input_side(200, 320) == 200
+    assert task.input_side(640, 320) == 320  # CPU time
+    assert get_task("classify").input_side(200, 224) == 224  # classifiers: the network's size

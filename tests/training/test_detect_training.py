@@ -199,3 +199,9 @@ def test_tuning_says_it_searches_classifier_recipes(tmp_path):
     data = make_box_csv(tmp_path / "data", n=16)
     with pytest.raises(ConfigError, match="searches classifier recipes.*--task detect"):
         tune(_config(data, tmp_path / "t"), trials=1, out=tmp_path / "best")
+
+
+def test_an_image_size_given_is_the_one_used(tmp_path):
+    data = make_box_csv(tmp_path / "data", n=16)
+    config = _config(data, tmp_path / "s").with_overrides({"data.image_size": 96})
+    assert trainer._Setup.build(config, tmp_path / "s").preprocess.size == (96, 96)

@@ -59,8 +59,6 @@ class Task(ABC):
     default_batch_size: int = 64
     #: The learning rate ``lr: auto`` takes (AdamW, the head's; the backbone's is scaled).
     default_lr: float = 3e-3
-    #: The smallest input side the task's networks work at (0: any).
-    min_image_size: int = 0
     #: Whether geometric augmentation must move the targets with the image (boxes).
     augments_boxes: bool = False
     #: Whether test-time augmentation may average the outputs of transformed views.
@@ -73,6 +71,11 @@ class Task(ABC):
     #: what to compare instead where it does not.
     compares_runs: bool = True
     compare_hint: str = ""
+
+    def input_side(self, native_side: int, default_size: int) -> int:
+        """The square input side for images of ``native_side`` pixels when ``--image-size`` is
+        not given: small images (≤ 128 px) as they are, larger ones at the network's size."""
+        return native_side if native_side <= 128 else default_size
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
         """The training table as this task reads it (a detector makes boxes of masks)."""

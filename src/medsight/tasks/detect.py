@@ -84,15 +84,17 @@ class DetectTask(Task):
     subgroup_metrics = ("sensitivity_at_1fp", "map50", "median_iou")
     prediction_schema = DetectionPrediction
     samples_by_class = False
-    #: The network ``--model auto`` trains, and the smallest input side boxes are found at.
+    #: The network ``--model auto`` trains.
     default_model = "fcos_mobilenet_v2"
+    #: The smallest input side boxes are found at: a 64-px slice's 8-px lesion is 2 cells of
+    #: the pyramid's finest (stride-8) level at 128 px.
+    min_image_size = 128
     #: ``batch_size: auto``: detectors learn from many small steps (torchvision trains FCOS
     #: with 2 images per GPU).
     default_batch_size = 16
     #: ``lr: auto``: at 3e-3 (the classifiers' AdamW rate) the box regression's ReLU outputs
     #: die within the first epoch and every box collapses to a point; 3e-4 trains.
     default_lr = 3e-4
-    min_image_size = 128
     augments_boxes = True
     averages_views = False
     explains = False
@@ -103,6 +105,11 @@ class DetectTask(Task):
         "each run); with a classifier, by the image-level AUROC in the detection run's "
         "metrics.json (auroc_macro: the top box score of each image)"
     )
+
+    def input_side(self, native_side: int, default_size: int) -> int:
+        """The image's own size, at least :attr:`min_image_size` (small lesions need pyramid
+        cells) and at most the detector's default (320 px: CPU time)."""
+        return min(max(native_side, self.min_image_size), default_size)
 
     def prepare_table(self, table: pd.DataFrame) -> pd.DataFrame:
         """A table with lesion masks and no boxes becomes a detection table: one box per

@@ -212,10 +212,9 @@ class _Setup:
                 "--weights FILE|RUN (or use --mode full / scratch to train from random weights)"
             )
         d = config.data
-        side = d.image_size or (native_side if native_side <= 128 else spec.default_size)
+        side = d.image_size or task.input_side(native_side, spec.default_size)
         if spec.family != "custom":
             side = max(side, 32)  # ImageNet CNNs downsample 32x: smaller inputs vanish
-        side = max(side, task.min_image_size)
         in_chans = _input_channels(d.channels, native_channels, pretrained, config.model.weights)
         if pretrained or config.model.weights:
             mean = tuple(spec.mean) if in_chans == 3 else (float(np.mean(spec.mean)),)
