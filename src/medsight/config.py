@@ -344,7 +344,6 @@ class OptimConfig(_Strict):
         description="validations within an epoch use a seeded subsample of this many "
         "validation images when the split is larger; each epoch ends on the whole split",
     )
-    amp: bool = True
     workers: int | None = Field(
         default=None,
         description="DataLoader workers (default: fitted to the cache and the cores)",
@@ -413,6 +412,32 @@ class TrainConfig(_Strict):
         description="random seed: splits, initialisation and sampling",
         json_schema_extra=flag("--seed"),
     )
+    device: str = Field(
+        default="auto",
+        description="where to train: auto (CUDA when a GPU is present, else CPU), cpu, cuda, "
+        "cuda:N or mps; under torchrun each process takes its local rank's GPU",
+        json_schema_extra=flag("--device"),
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="arithmetic precision: auto (bf16 autocast on GPUs that have it, fp16 with "
+        "loss scaling on older ones, fp32 on the CPU), fp32, bf16 or fp16; config.yaml records "
+        "what auto chose",
+        json_schema_extra=flag("--precision"),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _amp_is_precision(cls, value):
+        # Runs before --precision kept `optim.amp: true|false`: read it as auto or fp32.
+        if isinstance(value, dict) and isinstance(value.get("optim"), dict):
+            optim = value["optim"]
+            if "amp" in optim:
+                optim = dict(optim)
+                amp = optim.pop("amp")
+                value = {**value, "optim": optim}
+                value.setdefault("precision", "auto" if amp else "fp32")
+        return value
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:

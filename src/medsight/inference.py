@@ -71,7 +71,9 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
+        from medsight.devices import resolve_device
+
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
 
     @torch.no_grad()
@@ -81,7 +83,8 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """An ONNX Runtime CPU session on an exported ``model.onnx``.
+    """An ONNX Runtime session on an exported ``model.onnx``: its CUDA provider on a GPU
+    device when installed, else the CPU (:attr:`providers_note` says which, and why).
 
     Tuned for CPU inference: all graph optimisations, one intra-op thread per core, sequential
     execution. A model exported with a fixed batch size is fed that many images at a time.
@@ -89,8 +92,10 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
         import onnxruntime as ort
+
+        from medsight.devices import onnx_providers, resolve_device
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -98,9 +103,12 @@ class OnnxBackend:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only
         self.path = Path(path)
-        self.session = ort.InferenceSession(
-            str(self.path), options, providers=["CPUExecutionProvider"]
-        )
+        asked = resolve_device(device)
+        providers, self.providers_note = onnx_providers(asked)
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        #: The device the session runs on (ONNX Runtime falls back to the CPU silently).
+        on_gpu = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.device = asked if on_gpu else torch.device("cpu")
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         batch = first.shape[0]
@@ -123,7 +131,7 @@ class OnnxBackend:
         return np.concatenate(chunks)
 
 
-def _onnx_backend(run: Run) -> OnnxBackend:
+def _onnx_backend(run: Run, device: str | torch.device = "cpu") -> OnnxBackend:
     """The run's ``model.onnx``, exported first when missing or older than the weights.
 
     A stale file (older than ``model.safetensors``, e.g. after ``--resume``) is never used:
@@ -143,7 +151,7 @@ def _onnx_backend(run: Run) -> OnnxBackend:
         export_run(run.path, format="onnx")
     elif not path.exists():
         export_run(run.path, format="onnx")
-    return OnnxBackend(path)
+    return OnnxBackend(path, device)
 
 
 #: Test-time augmentation modes: the prediction is the mean over these views of the image.
@@ -261,8 +269,11 @@ class Predictor:
         backend: str = "torch",
         tta: str | None = None,
         point: str = DEFAULT_POINT,
+        device: str | torch.device = "cpu",
     ) -> Predictor:
-        """Load a run for prediction on ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime).
+        """Load a run for prediction on ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime),
+        on ``device`` (:func:`medsight.devices.resolve_device`: ``auto``, ``cpu``, ``cuda:N``;
+        ONNX Runtime uses its CUDA provider on a GPU when installed, else the CPU).
         ``tta`` (``"flip"`` or ``"rot"``) averages the probabilities of transformed views.
         ``point``: the evaluated operating point whose thresholds decide a multi-label run's
         findings (``youden``, ``sensitivity_0.90``...; 0.5 when the run was not evaluated).
@@ -287,8 +298,9 @@ class Predictor:
                     stacklevel=2,
                 )
             else:
-                return cls(run, backend=_onnx_backend(run), tta=tta, point=point)
-        return cls(run, run.load_model(), tta=tta, point=point)
+                backend_ = _onnx_backend(run, device)
+                return cls(run, backend=backend_, tta=tta, point=point)
+        return cls(run, run.load_model(), device, tta=tta, point=point)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -374,6 +386,7 @@ def predict_paths(
     batch_size: int = 64,
     tta: str | None = None,
     point: str = DEFAULT_POINT,
+    device: str = "cpu",
 ) -> pd.DataFrame:
     """Predict image files with a run: one row per file (``file``, the single-valued fields of
     the task's prediction, its probability columns, ``error``; for classification ``file,
@@ -386,7 +399,7 @@ def predict_paths(
     >>> predict_paths("runs/phantom", ["a.png", "b.dcm"]).label.tolist()   # doctest: +SKIP
     ['lesion', 'normal']
     """
-    predictor = Predictor.from_run(run, backend=backend, tta=tta, point=point)
+    predictor = Predictor.from_run(run, backend=backend, tta=tta, point=point, device=device)
     task = predictor.task
     # A table cell holds one value: list fields (multi-label "findings") are the probability
     # columns and the label already.

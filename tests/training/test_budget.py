@@ -4,6 +4,8 @@ Numbers, not timings: time is a fake clock or a made-up throughput."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tests.conftest import tiny_train_config
@@ -251,7 +253,8 @@ def test_auto_epochs_and_a_small_set_batch_size_adapt_to_the_data(tmp_path, help
     n_train = len(runs.Run.load(tmp_path / "run").splits().query("split == 'train'"))
     notes = [e.text for e in seen if isinstance(e, Note)]
     assert notes == [
-        f"batch size {n_train}: the training set has {n_train} images, fewer than the default 64"
+        f"batch size {n_train}: the training set has {n_train} images, fewer than the default 64",
+        f"training on cpu ({os.cpu_count()} cores), fp32 (no autocast)",
     ]
     plan = next(e for e in seen if isinstance(e, TrainingPlan))
     assert (plan.basis, plan.epochs, plan.steps, plan.batch_size) == ("auto", 20, 20, n_train)

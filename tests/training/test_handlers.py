@@ -17,6 +17,7 @@ from medsight import runs
 from medsight.events import (
     EarlyStopped,
     EpochEnd,
+    Note,
     ProgressAdvance,
     ProgressEnd,
     ProgressStart,
@@ -135,6 +136,8 @@ def test_training_reports_progress_epochs_and_the_best_epoch(tmp_path, helpers):
     data = helpers.make_two_class_manifest(tmp_path / "data", 12, 2, 16)
     seen = []
     run = train(_config(data, tmp_path / "run"), events=seen.append)
+    device = seen.pop(0)  # where it trains, said first
+    assert isinstance(device, Note) and device.text.startswith("training on cpu")
     kinds = [type(e) for e in seen if not isinstance(e, ProgressAdvance)]
     assert kinds == [TrainingPlan, ProgressStart, EpochEnd, EpochEnd, ProgressEnd, TrainingEnd]
     plan, start = seen[0], seen[1]

@@ -173,8 +173,8 @@ class EarlyStopping(Handler):
     Every validation counts, also those within epochs (see ``training.budget``): with one per
     epoch this is "stop after ``patience`` epochs without a better score"."""
 
-    def __init__(self, weights: Path, patience: int):
-        self.weights, self.patience = Path(weights), patience
+    def __init__(self, weights: Path, patience: int, *, write: bool = True):
+        self.weights, self.patience, self.write = Path(weights), patience, write
 
     def on_fit_start(self, engine: Engine) -> None:
         if engine.state.stopped == "early":  # a resumed run that had stopped early stays so
@@ -186,7 +186,8 @@ class EarlyStopping(Handler):
         if engine.score > state.best_score:
             state.best_score, state.best_epoch, state.bad_epochs = engine.score, engine.epoch, 0
             state.best_step = state.step
-            runs.save_weights(_in_run(engine, self.weights), engine.evaluated.state_dict())
+            if self.write:
+                runs.save_weights(_in_run(engine, self.weights), engine.evaluated.state_dict())
         else:
             state.bad_epochs += 1
         if state.step - state.best_step >= self.patience * engine.plan.steps_per_epoch:
@@ -265,8 +266,8 @@ class Checkpoint(Handler):
     as given, so give the run's own file.
     """
 
-    def __init__(self, path: Path, *, resume: bool = False, map_location=None):
-        self.path, self.resume = Path(path), resume
+    def __init__(self, path: Path, *, resume: bool = False, map_location=None, write=True):
+        self.path, self.resume, self.write = Path(path), resume, write
         self.saved = (
             torch.load(self.path, map_location=map_location, weights_only=False) if resume else None
         )
@@ -306,6 +307,8 @@ class Checkpoint(Handler):
 
     def on_epoch_end(self, engine: Engine, row: dict) -> None:
         engine.state.pace = engine.pace.to_dict()
+        if not self.write:  # a process other than rank 0 under torchrun
+            return
         payload = {
             "model": engine.model.state_dict(),
             "average": engine.average.module.state_dict() if engine.average is not None else None,

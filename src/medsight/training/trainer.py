@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import (
     DataLoader,
+    DistributedSampler,
     RandomSampler,
     Subset,
     TensorDataset,
@@ -39,9 +41,11 @@ from medsight.data.imaging import decode
 from medsight.data.sources import load_samples
 from medsight.data.splits import assign_splits, fold_splits
 from medsight.data.transforms import Preprocess, augmentation, box_augmentation
+from medsight.devices import autocast, describe, grad_scaler, resolve_device, resolve_precision
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
 from medsight.events import Note, ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
 from medsight.tasks import Task, get_task, task_for
+from medsight.training import distributed
 from medsight.training.budget import (
     BUDGET_STRETCH,
     Pace,
@@ -102,8 +106,9 @@ def train(
     events: Reporter | None = None,
     show_progress: bool = True,
     on_epoch: Callable[[int, dict], None] | None = None,
-) -> runs.Run:
-    """Train as ``config`` says and return the finished :class:`~medsight.runs.Run`.
+) -> runs.Run | None:
+    """Train as ``config`` says and return the finished :class:`~medsight.runs.Run` (None in
+    the processes other than rank 0 when ``torchrun`` started several: rank 0 writes the run).
 
     ``events`` receives what a user would want to see (:mod:`medsight.events`: the plan,
     progress, each validation's scores, early stopping, the best epoch); by default nothing is
@@ -122,26 +127,60 @@ def train(
     started = _clock()
     if time_budget is not None:
         _seconds(time_budget)  # refused before anything starts
-    new_run = None
+    context, device = distributed.start(config.device)
+    try:
+        return _train(
+            config,
+            context,
+            device,
+            overwrite,
+            resume,
+            time_budget,
+            events,
+            show_progress,
+            on_epoch,
+            started,
+        )
+    finally:
+        distributed.stop(context)
+
+
+def _train(
+    config,
+    context,
+    device,
+    overwrite,
+    resume,
+    time_budget,
+    events,
+    show_progress,
+    on_epoch,
+    started,
+):
+    new_run, scratch = None, None
     if resume:
         out = runs.prepare_run_dir(config.out, resume=True)
         # The run continues where it lies, also when its folder was moved or copied.
         config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides({"out": str(out)})
-    else:
-        if time_budget is not None:
-            config = config.with_overrides({"optim.time": time_budget})
+    elif time_budget is not None:
+        config = config.with_overrides({"optim.time": time_budget})
+    if not resume and context.main:
         # Built beside its place and moved there at the first checkpoint: a start that fails
         # (bad data, a budget too short, an interrupt) leaves no run folder behind.
         new_run = runs.NewRun(config.out, overwrite=overwrite)
         out = new_run.path
-    with new_run or nullcontext():
-        setup = _Setup.build(config, out)
+    elif not resume:
+        # Only rank 0 writes the run; the others keep what they must not share here.
+        scratch = tempfile.TemporaryDirectory(prefix=f"medsight-rank{context.rank}-")
+        out = Path(scratch.name)
+    with new_run or nullcontext(), scratch or nullcontext():
+        setup = _Setup.build(config, out, context, device)
         return _fit(
             setup,
             resume=resume,
             new_run=new_run,
-            events=events or silent,
-            show_progress=show_progress,
+            events=(events or silent) if context.main else silent,
+            show_progress=show_progress and context.main,
             on_epoch=on_epoch,
             started=started,
             time_budget=time_budget,
@@ -165,6 +204,13 @@ class _Setup:
     val_set: ImageDataset
     device: torch.device
     notes: list[str] = field(default_factory=list)  # what the set-up chose that a user should know
+    #: The training processes (one, unless torchrun started several).
+    context: distributed.Context = field(default_factory=distributed.Context)
+
+    @property
+    def process_batch(self) -> int:
+        """Images each process takes per step (the global batch split over the processes)."""
+        return self.batch_size // self.context.world_size
 
     @property
     def batch_size(self) -> int:
@@ -172,9 +218,18 @@ class _Setup:
         return int(self.config.optim.batch_size)
 
     @classmethod
-    def build(cls, config: TrainConfig, out: Path) -> _Setup:
+    def build(
+        cls,
+        config: TrainConfig,
+        out: Path,
+        context: distributed.Context | None = None,
+        device: torch.device | None = None,
+    ) -> _Setup:
         from medsight.models import create_model, get_spec
 
+        context = context or distributed.Context()
+        device = device if device is not None else resolve_device(config.device)
+        config = config.with_overrides({"precision": resolve_precision(config.precision, device)})
         _seed(config.seed)
         d = config.data
         table = load_samples(d.path, options=d)
@@ -193,6 +248,9 @@ class _Setup:
         config, batch_notes = _resolve_batch_size(config, n_train, task.default_batch_size)
         if config.optim.lr == "auto":  # the number config.yaml records
             config = config.with_overrides({"optim.lr": task.default_lr})
+        if context.active:
+            config, more = _distributed_batch(config, context)
+            batch_notes += more
         notes += batch_notes
         positive = task.positive_class(classes, d.positive_class)
         if config.optim.balanced_sampler and not task.samples_by_class:
@@ -236,6 +294,11 @@ class _Setup:
             image_size=side,
         )
         n_stages = len(model.stage_names())
+        if mode == "features" and context.active:
+            raise ConfigError(
+                "--mode features trains a head on cached embeddings, which one process does in "
+                "seconds; run it without torchrun (or --nproc), or use --mode finetune / full"
+            )
         if mode == "features" and not hasattr(model, "forward_head"):
             raise ConfigError(
                 f"--mode features trains a classifier head on cached embeddings; {spec.name} "
@@ -268,7 +331,8 @@ class _Setup:
         train_rows = table[table["split"] == "train"]
         cache_side = 128 if config.data.cache else 0
         val_rows = table[table["split"] == "val"]
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = config.precision if config.precision != "fp32" else "fp32 (no autocast)"
+        notes.append(f"training on {describe(device)}, {precision}")
         return cls(
             config=config,
             out=out,
@@ -295,6 +359,7 @@ class _Setup:
             ),
             device=device,
             notes=notes,
+            context=context,
         )
 
     def write_run_files(self) -> None:
@@ -307,6 +372,7 @@ class _Setup:
             "mode": self.config.optim.mode,
             "frozen_stages": self.model.frozen_stages(),
             "pretrained_source": self.model.pretrained_source,
+            "trained_on": self.hardware(),
         }
         runs.write_json(out / runs.MODEL, model_info)
         self.preprocess.save(out / runs.PREPROCESS)
@@ -314,6 +380,47 @@ class _Setup:
         runs.write_json(out / runs.VERSIONS, runs.library_versions())
         columns = [c for c in ("sample_id", "label", "patient_id", "split") if c in self.table]
         runs.write_text(out / runs.SPLITS, self.table[columns].to_csv(index=False))
+
+    def hardware(self) -> dict:
+        """Where and how the run trains, as ``model.json`` records it."""
+        context = self.context
+        found = {
+            "device": describe(self.device),
+            "precision": self.config.precision,
+            "processes": context.world_size,
+        }
+        if context.active:
+            found.update(
+                backend=context.backend,
+                batch_per_process=self.process_batch,
+                effective_batch=self.batch_size,
+                lr_scaling="none: --batch-size is the global batch, which the lr is for",
+            )
+        return found
+
+
+def _distributed_batch(config: TrainConfig, context: distributed.Context):
+    """The global batch split over ``context.world_size`` processes; a batch that does not
+    split evenly becomes the nearest smaller one that does (said in a note)."""
+    world = context.world_size
+    batch = int(config.optim.batch_size)
+    if batch < world:
+        raise ConfigError(
+            f"batch size {batch} is smaller than the {world} training processes; each process "
+            f"needs at least one image a step: give --batch-size {world} or more"
+        )
+    per_process = batch // world
+    notes = [
+        f"{world} processes ({context.backend}): effective batch {per_process * world} = "
+        f"{world} × {per_process} a process; the learning rate is the config's "
+        f"({config.optim.lr}), unscaled, since --batch-size is the global batch"
+    ]
+    if per_process * world != batch:
+        notes.append(
+            f"batch size {batch} does not split over {world} processes; using {per_process * world}"
+        )
+        config = config.with_overrides({"optim.batch_size": per_process * world})
+    return config, notes
 
 
 def _resolve_auto_model(
@@ -427,7 +534,7 @@ def _fit(
     on_epoch: Callable[[int, dict], None] | None,
     started: float,
     time_budget: str | None,
-) -> runs.Run:
+) -> runs.Run | None:
     """Plan, then train and validate step after step; everything else is a handler's job."""
     optim_cfg = setup.config.optim
     for note in setup.notes:
@@ -435,18 +542,24 @@ def _fit(
     train_set, val_set, forward = _inputs(setup, events if show_progress else silent)
     # Relative paths are inside engine.out, which a new run changes when it moves into place.
     where = setup.out / LAST_CHECKPOINT if resume else LAST_CHECKPOINT
-    checkpoint = Checkpoint(where, resume=resume, map_location=setup.device)
+    context = setup.context
+    checkpoint = Checkpoint(where, resume=resume, map_location=setup.device, write=context.main)
     saved = checkpoint.saved_state
     optimizer, scaler, loss_fn = _optimiser(setup)
     workers = _workers(optim_cfg.workers, setup.train_set.caches, optim_cfg.mode == "features")
-    val_loader = DataLoader(val_set, batch_size=max(setup.batch_size, 128), num_workers=0)
+    val_loader = _val_loader(val_set, setup)
     timer = TimeBudget(_budget(setup.config, saved, time_budget), started=started, clock=_clock)
+    if context.active:
+        # Gradients are averaged over the processes in the backward pass; validation and the
+        # weights kept use the bare module (identical on every process).
+        ddp_devices = [setup.device] if setup.device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(setup.model, device_ids=ddp_devices)
     parts = _Parts(setup, forward, loss_fn, train_set, val_loader, val_loader, workers)
     if saved is not None and saved.plan:
         plan, pace = Plan(**saved.plan), Pace()
     else:
-        plan, pace = _plan(parts, optimizer, scaler, timer)
-    if saved is None:
+        plan, pace = context.agree(_plan(parts, optimizer, scaler, timer))
+    if saved is None and context.main:
         setup.write_run_files()  # once planned: a budget refused as too short leaves no run
     schedule = build_scheduler(
         optim_cfg.schedule,
@@ -468,6 +581,7 @@ def _fit(
     error = None
     try:
         fire(handlers, "on_fit_start", engine)
+        _agree_stop(engine, context)
         _Loop(engine, parts, handlers).run()
     except BaseException as exc:
         error = exc
@@ -476,7 +590,32 @@ def _fit(
         fire(handlers, "on_fit_end", engine, error)
     if new_run is not None:
         engine.out = new_run.commit()  # a run that ended before any epoch (no checkpoint)
+    digests = context.gather(distributed.weights_digest(setup.model))
+    if not context.main:
+        return None
+    if context.active:
+        _record_replicas(Path(engine.out), digests)
     return runs.Run.load(engine.out)
+
+
+def _agree_stop(engine: Engine, context: distributed.Context) -> None:
+    """Every process stops where rank 0 does (its clock decides a time budget's end)."""
+    if context.active:
+        engine.stop, engine.stop_reason = context.agree((engine.stop, engine.stop_reason))
+
+
+def _record_replicas(out: Path, digests: list[str]) -> None:
+    """``model.json``'s ``trained_on`` gains each process's weights digest: equal digests
+    show the replicas stayed identical; unequal ones are an error, since the run would depend
+    on which process wrote it."""
+    info = json.loads((out / runs.MODEL).read_text())
+    info["trained_on"]["weights_sha256_by_rank"] = digests
+    runs.write_json(out / runs.MODEL, info)
+    if len(set(digests)) != 1:
+        raise TrainingError(
+            f"the {len(digests)} training processes ended with different weights "
+            f"({', '.join(d[:12] for d in digests)}); the run in {out} holds rank 0's"
+        )
 
 
 @dataclass
@@ -542,6 +681,7 @@ class _Loop:
             engine.pace.observe_step(now - tick)
             self.train_seconds += now - tick
             fire(self.handlers, "on_batch_end", engine)
+            _agree_stop(engine, setup.context)
             check = plan.check_at(state.step)
             if engine.stop or check == "end":
                 break
@@ -568,6 +708,7 @@ class _Loop:
         model = engine.evaluated
         forward = model.forward_head if parts.features else model
         metrics = _validate(forward, model, loader, parts.setup, self.positive_index)
+        loss_sum, seen = parts.setup.context.sum(self.loss_sum, self.seen)
         engine.pace.observe_validation(time.perf_counter() - started, mid=not ending)
         engine.score = parts.setup.task.monitor_score(parts.setup.config.optim.monitor, metrics)
         if ending and engine.schedule is not None:
@@ -578,7 +719,7 @@ class _Loop:
             "step": state.step,
             "images_seen": state.images_seen,
             "val_images": len(loader.dataset),
-            "train_loss": self.loss_sum / self.seen if self.seen else float("nan"),
+            "train_loss": loss_sum / seen if seen else float("nan"),
             **{f"val_{k}": v for k, v in metrics.items()},
             "lr": engine.optimizer.param_groups[-1]["lr"],
             "train_seconds": round(self.train_seconds, 3),
@@ -587,6 +728,7 @@ class _Loop:
         state.history.append(row)
         engine.epoch_ending = ending
         fire(self.handlers, "on_validation", engine, row)
+        _agree_stop(engine, parts.setup.context)
         engine.epoch_ending = False
         self._window()
         return row
@@ -607,10 +749,9 @@ def _nan_loss_message(loss: float, epoch: int, engine: Engine) -> str:
 
 def _step(engine: Engine, parts: _Parts, x, y) -> torch.Tensor:
     """One optimiser step (and the schedule's); returns the batch's loss."""
-    device, scaler = parts.setup.device, engine.scaler
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
-    with autocast:
+    setup, scaler = parts.setup, engine.scaler
+    x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
+    with autocast(setup.device, setup.config.precision):
         loss = parts.setup.task.batch_loss(parts.forward, parts.loss_fn, x, y)
     if not torch.isfinite(loss):
         return loss.detach()
@@ -648,7 +789,7 @@ def _plan(parts: _Parts, optimizer, scaler, timer: TimeBudget) -> tuple[Plan, Pa
     setup = parts.setup
     optim = setup.config.optim
     n_train, n_val = len(parts.train_set), len(parts.val_loader.dataset)
-    spe = steps_per_epoch(n_train, setup.batch_size)
+    spe = steps_per_epoch(_samples_per_process(n_train, setup.context), setup.process_batch)
     auto = optim.epochs == "auto"
     pretrained = bool(setup.config.model.pretrained or setup.config.model.weights)
     epochs = auto_epochs(n_train, pretrained) if auto else int(optim.epochs)
@@ -708,7 +849,14 @@ def _measure(parts: _Parts, optimizer, scaler, seconds_left: float) -> Pace:
     try:
         model.train()
         epoch = 0
-        while len(times) < MEASURED_STEPS and not (len(times) >= 2 and sum(times) > limit):
+        context = setup.context
+
+        def enough() -> bool:  # rank 0's clock decides for all processes
+            return context.agree(
+                len(times) >= MEASURED_STEPS or (len(times) >= 2 and sum(times) > limit)
+            )
+
+        while not enough():
             loader = _train_loader(parts.train_set, setup, epoch, parts.workers)
             epoch -= 1  # seeds no real epoch uses
             tick = time.perf_counter()
@@ -719,7 +867,7 @@ def _measure(parts: _Parts, optimizer, scaler, seconds_left: float) -> Pace:
                 now = time.perf_counter()
                 times.append(now - tick)
                 tick = now
-                if len(times) >= MEASURED_STEPS or (len(times) >= 2 and sum(times) > limit):
+                if enough():
                     break
         model.eval()
         seen, started = 0, time.perf_counter()
@@ -765,8 +913,12 @@ def _handlers(
 ) -> list[Handler]:
     """In the order they run: the checkpoint first (it restores the state the others read),
     the weight average (updated before it is validated), the best weights, the stop decisions
-    and the elapsed time before the history and the events that report them."""
+    and the elapsed time before the history and the events that report them. Processes other
+    than rank 0 keep the same state and write nothing."""
     config, out = setup.config, setup.out
+    if not setup.context.main:
+        best = EarlyStopping(Path(runs.WEIGHTS), patience=config.optim.patience, write=False)
+        return [checkpoint, WeightAverage(), best, timer]
     handlers = [
         checkpoint,
         WeightAverage(),
@@ -815,8 +967,7 @@ def _optimiser(setup: _Setup):
     backbone_lr = optim_cfg.lr * (optim_cfg.backbone_lr_mult if optim_cfg.mode == "finetune" else 1)
     groups = model.param_groups(optim_cfg.lr, backbone_lr, optim_cfg.weight_decay)
     optimizer = build_optimizer(optim_cfg.optimizer, groups, optim_cfg.lr)
-    use_amp = optim_cfg.amp and setup.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = grad_scaler(setup.device, setup.config.precision)
     return optimizer, scaler, loss_fn
 
 
@@ -824,18 +975,31 @@ def _train_loader(dataset, setup: _Setup, epoch: int, workers: int, skip: int = 
     # Per-epoch seeds: the order, augmentation and dropout of epoch e never depend on how many
     # epochs ran in this process, which is what makes --resume exact. ``skip``: batches of the
     # epoch already done (a run that a time budget ended within an epoch, given more time).
-    seed, batch_size = setup.config.seed, setup.batch_size
-    torch.manual_seed(seed * 1_000_003 + epoch)
+    # Under torchrun every process draws the same global order from the same seed and takes
+    # every N-th image of it (DistributedSampler, reseeded each epoch), with a different
+    # augmentation and dropout stream per process.
+    seed, batch_size, context = setup.config.seed, setup.process_batch, setup.context
+    torch.manual_seed(seed * 1_000_003 + epoch + 7_777 * context.rank)
     generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
     if setup.config.optim.balanced_sampler:
         targets = setup.train_set.targets
         per_class = np.bincount(targets, minlength=len(setup.classes)).astype(float)
         sample_weights = torch.as_tensor(1.0 / per_class[targets], dtype=torch.double)
         sampler = WeightedRandomSampler(sample_weights, len(targets), generator=generator)
+        if context.active:
+            drawn = list(sampler)
+            per_rank = len(drawn) // context.world_size
+            sampler = drawn[context.rank :: context.world_size][:per_rank]
+    elif context.active:
+        sampler = DistributedSampler(
+            dataset, context.world_size, context.rank, shuffle=True, seed=seed
+        )
+        sampler.set_epoch(epoch)
     else:
         sampler = RandomSampler(dataset, generator=generator)
     if skip:
         sampler = list(sampler)[skip * batch_size :]
+    n = _samples_per_process(len(dataset), context)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -843,18 +1007,46 @@ def _train_loader(dataset, setup: _Setup, epoch: int, workers: int, skip: int = 
         num_workers=workers,
         persistent_workers=False,
         pin_memory=setup.device.type == "cuda",
-        drop_last=len(dataset) > batch_size,
+        drop_last=n > batch_size,
     )
+
+
+def _samples_per_process(n: int, context: distributed.Context) -> int:
+    """Training images each process sees in an epoch (DistributedSampler pads to equal)."""
+    return -(-n // context.world_size)
+
+
+def _val_loader(val_set, setup: _Setup) -> DataLoader:
+    return DataLoader(val_set, batch_size=max(setup.batch_size, 128), num_workers=0)
 
 
 @torch.no_grad()
 def _validate(forward, model, loader, setup: _Setup, positive_index: int) -> dict:
+    """The task's validation scores on ``loader``'s images; with several processes each
+    scores every N-th image and the outputs are gathered, so all score the whole split."""
     model.eval()
+    context = setup.context
+    if context.active:
+        shard = list(range(context.rank, len(loader.dataset), context.world_size))
+        loader = DataLoader(Subset(loader.dataset, shard), batch_size=loader.batch_size)
     logits, targets = [], []
     for x, y in loader:
-        logits.append(forward(x.to(setup.device)).float().cpu())
+        with autocast(setup.device, setup.config.precision):
+            logits.append(forward(x.to(setup.device)).float().cpu())
         targets.append(y)
-    return setup.task.validation_scores(torch.cat(logits), torch.cat(targets), positive_index)
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    if context.active:
+        logits, targets = _gathered(context, logits, targets)
+    return setup.task.validation_scores(logits, targets, positive_index)
+
+
+def _gathered(context: distributed.Context, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Rows sharded rank::world over the processes, gathered back into their order."""
+    parts = context.gather(tensors)
+    n = sum(len(p[0]) for p in parts)
+    order = torch.cat([torch.arange(r, n, context.world_size) for r in range(len(parts))])
+    inverse = torch.argsort(order)
+    return [torch.cat([p[i] for p in parts])[inverse] for i in range(len(tensors))]
 
 
 def _workers(requested: int | None, cached: bool, features_mode: bool) -> int:
