@@ -446,7 +446,10 @@ def predict_paths(
             rows[i].update({name: json.dumps(decoded[name]) for name in as_json})
             values = task.column_values(probs[None], predictor.classes_)[0]
             rows[i].update({name: float(v) for name, v in zip(columns, values)})
-    table = pd.DataFrame(rows, columns=["file", *fields, *as_json, *columns, "error"])
+    # Plain Python strings: a file name that is not UTF-8 (its bytes kept as surrogates) is
+    # refused by pandas' Arrow-backed strings, and must still get its row.
+    with pd.option_context("future.infer_string", False):
+        table = pd.DataFrame(rows, columns=["file", *fields, *as_json, *columns, "error"])
     table.attrs["json_columns"] = as_json  # cells holding JSON text (boxes)
     if predictor.thresholds_ is not None:
         table.attrs["thresholds"] = dict(zip(predictor.classes_, predictor.thresholds_))

@@ -46,6 +46,8 @@ README_FLAGS = [
     (["--monitor", "loss"], "optim.monitor", "loss"),
     (["--patience", "2"], "optim.patience", 2),
     (["--workers", "1"], "optim.workers", 1),
+    (["--device", "cpu"], "device", "cpu"),
+    (["--precision", "bf16"], "precision", "bf16"),
     (["--cache"], "data.cache", True),
     (["--no-cache"], "data.cache", False),
     (["--log", "tensorboard"], "optim.log", "tensorboard"),
@@ -202,7 +204,8 @@ def test_tune_and_cv_show_the_same_train_flags(command):
     runner = CliRunner()
     train_help = runner.invoke(app, ["train", "--help"], env=WIDE).output
     other_help = runner.invoke(app, [command, "--help"], env=WIDE).output
-    shared = _flags(train_help) - {"--resume", "--help"}
+    # --nproc launches one training under torchrun; tune and cv start their own processes
+    shared = _flags(train_help) - {"--resume", "--help", "--nproc", "--nproc-per-node"}
     assert {"--data", "--batch-size", "--set", "--no-balanced"} <= shared
     assert shared <= _flags(other_help)
 

@@ -10,6 +10,8 @@ keeps its traceback.
 from __future__ import annotations
 
 import errno
+import os
+import sys
 import warnings
 from contextlib import contextmanager
 from enum import Enum
@@ -64,6 +66,15 @@ TtaOption = Annotated[
         "--tta",
         help="Test-time augmentation: average over mirrored (flip) or rotated (rot) views; "
         "refused where the modality forbids it (flip on chest X-rays).",
+    ),
+]
+
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where the network runs: auto (CUDA when a GPU is present, else CPU), cpu, cuda, "
+        "cuda:N or mps.",
     ),
 ]
 
@@ -742,19 +753,35 @@ def train_command(
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue the stopped run in this folder.")
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            help="Train with N data-parallel processes on this machine (one per GPU, else "
+            "CPU processes with gloo): starts torchrun --standalone --nproc-per-node N.",
+            show_default=False,
+        ),
+    ] = None,
     **options,
 ) -> None:
-    """Train a classifier; writes a run directory (weights, config, preprocessing, history).
+    """Train a model; writes a run directory (weights, config, preprocessing, history).
 
     Every option sets a field of the run's config.yaml (medsight.config.TrainConfig); --set
     reaches the fields without a flag of their own. With --resume, --time gives the run that
-    much more time (else it continues with what is left of its budget).
+    much more time (else it continues with what is left of its budget). Under torchrun
+    (`torchrun --nproc-per-node N -m medsight train ...`, or --nproc N) the processes train
+    one run together and rank 0 writes it; --batch-size is the global batch.
     """
     from medsight.config import TrainConfig
     from medsight.runs import CONFIG
     from medsight.training.trainer import train
 
     with _user_errors():
+        if nproc is not None and "WORLD_SIZE" not in os.environ:
+            from medsight.training.distributed import launch
+
+            argv = sys.argv[sys.argv.index("train") + 1 :]
+            raise typer.Exit(launch(nproc, ["train", *_without_nproc(argv)]))
         if resume:
             config = TrainConfig.from_yaml(Path(resume) / CONFIG)
             more = options.get("time")
@@ -766,6 +793,20 @@ def train_command(
             )
             return
         train(_train_config(options), overwrite=options["overwrite"], events=_events())
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The train command's arguments, less ``--nproc N`` (torchrun's processes must not
+    launch again)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
 
 # --------------------------------------------------------------------------- tune, cv, ensemble
@@ -945,6 +986,7 @@ def evaluate_command(
         Backend, typer.Option("--backend", help="Run the network with torch or ONNX Runtime.")
     ] = Backend.torch,
     tta: TtaOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Evaluate a run: metrics with CIs, thresholds, calibration, subgroups → metrics.json."""
     from medsight.cli.render import evaluation_tables
@@ -964,6 +1006,7 @@ def evaluate_command(
             seed=seed,
             backend=backend.value,
             tta=tta.value if tta else None,
+            device=device,
         )
         title = f"{run} on {split} (n={metrics['n']:,})" + (f", TTA {tta.value}" if tta else "")
         for table in evaluation_tables(metrics, task.headline_metrics, title):
@@ -1116,6 +1159,7 @@ def serve_command(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     backend: Annotated[Backend, typer.Option("--backend", help="torch | onnx")] = Backend.torch,
+    device: DeviceOption = "auto",
     db: Annotated[
         str | None,
         typer.Option("--db", help="Worklist database URL (default sqlite:///RUN/worklist/…)."),
@@ -1173,6 +1217,7 @@ def serve_command(
             settings = ServeSettings(
                 run=run,
                 backend=backend.value,
+                device=device,
                 host=host,
                 port=port,
                 db=db,
@@ -1361,6 +1406,7 @@ def explain_command(
             "check.",
         ),
     ] = True,
+    device: DeviceOption = "auto",
 ) -> None:
     """Explain predictions (overlays + maps), or score maps against lesion masks (--masks)."""
     from medsight.errors import ConfigError
@@ -1383,6 +1429,7 @@ def explain_command(
                     faithfulness=faithfulness,
                     progress=lambda message: status.update(message),
                     search_layers=search_layers,
+                    device=device,
                 )
             _print_localisation(result)
             console.print(f"wrote {Path(run) / 'localisation.json'}")
@@ -1397,7 +1444,9 @@ def explain_command(
         from medsight.explain.files import explain_files
         from medsight.runs import EXPLANATIONS
 
-        records = explain_files(run, images, out, method=method, target=target, layer=layer)
+        records = explain_files(
+            run, images, out, method=method, target=target, layer=layer, device=device
+        )
         for r in records:
             whose = (
                 f" (map: {r['target']} {r['target_probability']:.3f})" if "threshold" in r else ""

@@ -62,6 +62,7 @@ def evaluate_run(
     seed: int = 0,
     backend: str = "torch",
     tta: str | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Evaluate the run at ``path``; writes ``predictions.csv`` and ``metrics.json`` into it.
 
@@ -70,7 +71,8 @@ def evaluate_run(
     columns and the data's other columns.
 
     ``backend`` runs the network with torch or ONNX Runtime (see :class:`Predictor`); ``tta``
-    averages test-time augmented views (``"flip"`` or ``"rot"``, where the modality allows).
+    averages test-time augmented views (``"flip"`` or ``"rot"``, where the modality allows);
+    ``device`` is where it runs (:func:`medsight.devices.resolve_device`).
     """
     run = runs.Run.load(path)
     if not (run.path / runs.WEIGHTS).exists():
@@ -80,7 +82,7 @@ def evaluate_run(
     missing = [c for c in by if c not in available]
     if missing:
         raise DataError(f"--by column(s) {missing} not in the data; available: {available}")
-    predictor = Predictor.from_run(run.path, backend=backend, tta=tta)
+    predictor = Predictor.from_run(run.path, backend=backend, tta=tta, device=device)
     task = predictor.task
     if calibrate:
         val = select_split(run, table, "val", task)

@@ -267,9 +267,14 @@ class Explainer:
 
     @classmethod
     def from_run(
-        cls, run_or_path: Any, method: str = "auto", layer: str | None = None
+        cls,
+        run_or_path: Any,
+        method: str = "auto",
+        layer: str | None = None,
+        device: str = "cpu",
     ) -> Explainer:
-        """An explainer for a run (a :class:`~medsight.runs.Run` or its folder).
+        """An explainer for a run (a :class:`~medsight.runs.Run` or its folder), its network
+        on ``device`` (:func:`medsight.devices.resolve_device`).
 
         ``method="auto"`` takes the best method recorded in ``RUN/localisation.json`` (highest
         pointing game), with the layer it was scored on, when the run has been scored, else
@@ -286,8 +291,10 @@ class Explainer:
                 name = "gradcam"  # a layer was asked for: keep a method that uses one
             elif layer is None:
                 layer = _scored_layer(run.path, name)
+        from medsight.devices import resolve_device
+
         return cls(
-            run.load_model(),
+            run.load_model().to(resolve_device(device)),
             name,
             layer,
             classes=run.classes,
@@ -320,7 +327,7 @@ class Explainer:
         # may share the explainer between threads). Gradients are needed even when the caller
         # runs under torch.inference_mode / no_grad.
         with self._lock, torch.inference_mode(False), torch.enable_grad():
-            tensor = torch.as_tensor(batch.copy(), device=self._device())
+            tensor = torch.as_tensor(batch.copy(), device=self.device)
             indices = self._targets(tensor, targets)
             if self.method == "ig":
                 maps = self._integrated_gradients(tensor, indices)
@@ -335,7 +342,7 @@ class Explainer:
         (softmax, or a sigmoid per finding), softmax without a run."""
         batch = self._check_input(x, single=False)
         with torch.no_grad():
-            logits = self.model(torch.as_tensor(batch, device=self._device()))
+            logits = self.model(torch.as_tensor(batch, device=self.device))
         if self.run is not None:
             from medsight.tasks import get_task
 
@@ -359,7 +366,9 @@ class Explainer:
 
     # ----------------------------------------------------------------------- helpers
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs."""
         return self._param.device if self._param is not None else torch.device("cpu")
 
     def _check_input(self, x: Any, single: bool) -> np.ndarray:

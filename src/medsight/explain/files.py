@@ -38,6 +38,7 @@ def explain_files(
     method: str = "auto",
     target: str | None = None,
     layer: str | None = None,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Explain each file in ``images`` with the run's model and write the results to ``out``.
 
@@ -60,10 +61,10 @@ def explain_files(
         raise DataError("no image to explain; give one or more image files after the run")
     from medsight.inference import Predictor
 
-    explainer = Explainer.from_run(run, method=method, layer=layer)
+    explainer = Explainer.from_run(run, method=method, layer=layer, device=device)
     # Probabilities exactly as serving reports them (with the run's calibration, if any),
     # from the same network the maps come from.
-    predictor = Predictor(explainer.run, explainer.model)
+    predictor = Predictor(explainer.run, explainer.model, explainer.device)
     task, thresholds = predictor.task, predictor.thresholds_
     classes = explainer.classes or []
     if target is not None and target not in classes:

@@ -365,6 +365,7 @@ def score_localisation(
     write: bool = True,
     progress: Callable[[str], None] | None = None,
     search_layers: bool = False,
+    device: str = "cpu",
 ) -> dict:
     """Score each method's maps against the lesion masks of ``data`` (default: the run's data).
 
@@ -444,7 +445,9 @@ def score_localisation(
     if not xs:
         raise DataError(f"none of the {len(scored)} images to score could be read from {where}")
     x = np.stack(xs).astype(np.float32)
-    model = run.load_model()
+    from medsight.devices import resolve_device
+
+    model = run.load_model().to(resolve_device(device))
     result: dict[str, Any] = {
         "methods": {},
         "n_images": len(xs),

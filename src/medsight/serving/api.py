@@ -88,6 +88,7 @@ class ServeSettings(BaseModel):
 
     run: Path
     backend: Literal["torch", "onnx"] = "torch"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps (medsight.devices)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     db: str | None = Field(None, description="SQLAlchemy URL (default: SQLite in data_dir).")
@@ -679,7 +680,12 @@ def create_app(
 
         slots = settings.decode_slots or decode_slots_for(settings.max_pixels)
         model = ModelService(
-            Predictor.from_run(settings.run, backend=settings.backend, point=settings.point),
+            Predictor.from_run(
+                settings.run,
+                backend=settings.backend,
+                point=settings.point,
+                device=settings.device,
+            ),
             max_pixels=settings.max_pixels,
             slots=DecodeSlots(slots, wait=settings.decode_wait_s),
             urgent=settings.urgent,

@@ -128,6 +128,15 @@ def stop(context: Context) -> None:
         dist.destroy_process_group()
 
 
+def sync_buffers(context: Context, model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every process, after a step: each
+    process updated them from its own images, and the weights kept, their average and the
+    validations must not depend on which process holds them."""
+    if context.active:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """A SHA-256 over the model's parameters and buffers, in name order: equal digests on all
     ranks show DDP kept the replicas identical."""

@@ -553,7 +553,11 @@ def _fit(
         # Gradients are averaged over the processes in the backward pass; validation and the
         # weights kept use the bare module (identical on every process).
         ddp_devices = [setup.device] if setup.device.type == "cuda" else None
-        forward = torch.nn.parallel.DistributedDataParallel(setup.model, device_ids=ddp_devices)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            setup.model,
+            device_ids=ddp_devices,
+            broadcast_buffers=False,  # synced after steps
+        )
     parts = _Parts(setup, forward, loss_fn, train_set, val_loader, val_loader, workers)
     if saved is not None and saved.plan:
         plan, pace = Plan(**saved.plan), Pace()
@@ -759,6 +763,7 @@ def _step(engine: Engine, parts: _Parts, x, y) -> torch.Tensor:
     scaler.scale(loss).backward()
     scaler.step(engine.optimizer)
     scaler.update()
+    distributed.sync_buffers(setup.context, setup.model)
     if engine.schedule is not None:
         engine.schedule.after_batch()
     return loss.detach()

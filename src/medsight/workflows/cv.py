@@ -101,7 +101,7 @@ def cross_validate(
         run = runs.Run.load(fold_dir)
         classes, positive = run.classes, run.positive_class
         val = select_split(run, load_table(run, None), "val")
-        probs = Predictor(run, run.load_model()).predict_table(val)
+        probs = Predictor(run, run.load_model(), run.config.device).predict_table(val)
         y = np.array([classes.index(v) for v in val["label"]])
         val_metrics = compute_metrics(y, probs, classes, positive=positive, n_bootstrap=0)
         test_metrics = _read_metrics(fold_dir)
