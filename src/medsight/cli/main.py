@@ -758,7 +758,7 @@ def train_command(
         typer.Option(
             "--nproc",
             help="Train with N data-parallel processes on this machine (one per GPU, else "
-            "CPU processes with gloo): starts torchrun --standalone --nproc-per-node N.",
+            "CPU processes with gloo), started by torchrun.",
             show_default=False,
         ),
     ] = None,
