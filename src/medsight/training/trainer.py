@@ -676,7 +676,7 @@ class _Loop:
             if not torch.isfinite(loss):
                 raise TrainingError(_nan_loss_message(loss.item(), epoch, engine))
             state.step += 1
-            state.images_seen += len(y)
+            state.images_seen += len(y) * setup.context.world_size  # all processes' images
             engine.batch += 1
             self.loss_sum += loss.item() * len(y)
             self.seen += len(y)
