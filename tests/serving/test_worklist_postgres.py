@@ -252,6 +252,15 @@ def test_bad_credentials_are_one_line_without_the_password(tmp_path, postgres_ur
     assert "worklist database" in message and "***" in message
 
 
+def test_a_database_holding_a_tuning_study_is_refused_by_name(tmp_path, postgres_url):
+    from medsight.workflows.tune import open_storage
+
+    open_storage(postgres_url)  # Optuna's tables include one named "studies" too
+    with pytest.raises(ConfigError, match="give the worklist a database of its own") as refused:
+        WorklistStore(postgres_url, tmp_path)
+    assert "\n" not in str(refused.value)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

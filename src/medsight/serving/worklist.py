@@ -310,6 +310,14 @@ def _create_schema(engine) -> None:
     database (PostgreSQL) may race to create the same table: the loser looks again."""
     import sqlalchemy.exc
 
+    tables = inspect(engine)
+    if tables.has_table(Study.__tablename__):
+        columns = {column["name"] for column in tables.get_columns(Study.__tablename__)}
+        if "content_hash" not in columns:
+            raise ConfigError(
+                f"it holds a table {Study.__tablename__!r} that is not a worklist's (an Optuna "
+                "study's?); give the worklist a database of its own"
+            )
     for attempt in range(5):
         try:
             Base.metadata.create_all(engine)
