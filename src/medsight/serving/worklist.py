@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -135,13 +137,12 @@ class WorklistStore:
             # Request threads share the engine; SQLite's own lock keeps writes safe.
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         try:
-            self.engine = create_engine(url, **kwargs)
-            Base.metadata.create_all(self.engine)
-            _add_new_columns(self.engine)
+            self.engine = create_engine(_driver_url(url), **kwargs)
+            _create_schema(self.engine)
         except Exception as exc:  # noqa: BLE001 - a bad URL or driver is a user error
             raise ConfigError(
-                f"worklist database {_safe_url(url)!r} cannot be opened ({exc}); pass --db "
-                "sqlite:///path/worklist.db or a reachable postgresql:// URL"
+                f"worklist database {_safe_url(url)!r} cannot be opened ({_reason(exc, url)}); "
+                "pass --db sqlite:///path/worklist.db or a reachable postgresql:// URL"
             ) from exc
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -304,6 +305,31 @@ class WorklistStore:
 _NEW_COLUMNS = {"urgency_finding": "VARCHAR(200)", "boxes": "JSON"}
 
 
+def _create_schema(engine) -> None:
+    """Create the tables and add new columns; servers starting together on one empty
+    database (PostgreSQL) may race to create the same table: the loser looks again."""
+    import sqlalchemy.exc
+
+    tables = inspect(engine)
+    if tables.has_table(Study.__tablename__):
+        columns = {column["name"] for column in tables.get_columns(Study.__tablename__)}
+        if "content_hash" not in columns:
+            raise ConfigError(
+                f"it holds a table {Study.__tablename__!r} that is not a worklist's (an Optuna "
+                "study's?); give the worklist a database of its own"
+            )
+    for attempt in range(5):
+        try:
+            Base.metadata.create_all(engine)
+            _add_new_columns(engine)
+            return
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            raced = "already exists" in str(exc) or "duplicate key" in str(exc)
+            if not raced or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _add_new_columns(engine) -> None:
     present = {column["name"] for column in inspect(engine).get_columns(Study.__tablename__)}
     missing = {name: kind for name, kind in _NEW_COLUMNS.items() if name not in present}
@@ -313,6 +339,28 @@ def _add_new_columns(engine) -> None:
                 connection.execute(
                     sql_text(f"ALTER TABLE {Study.__tablename__} ADD COLUMN {name} {kind}")
                 )
+
+
+def _driver_url(url: str) -> str:
+    """``postgresql://`` with the installed driver (psycopg 3), whichever SQLAlchemy default."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _reason(exc: Exception, url: str) -> str:
+    """The first line of a driver's error, without the driver's name or the URL's password."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    reason = re.sub(r"^\([\w.]+\)\s*", "", lines[0]).replace("connection failed: ", "")
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 - not a URL: nothing to hide
+        password = None
+    if password:
+        reason = reason.replace(str(password), "***")
+    return " ".join(reason.split())
 
 
 def _safe_url(url: str) -> str:

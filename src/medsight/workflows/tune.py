@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -270,30 +271,54 @@ def _check_values(param: Param, where: str) -> None:
 
 def open_storage(url: str | None):
     """An Optuna storage for ``url`` (None: in memory). Fails with a clear message when the
-    database cannot be opened; SQLite waits for a busy database instead of failing."""
+    database cannot be opened; SQLite waits for a busy database instead of failing, and
+    workers creating the tables of an empty database together (PostgreSQL) look again."""
     if url is None:
         return None
     import optuna
     import sqlalchemy.exc
 
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    raced = ("locked", "exists", "duplicate key")
     last: Exception | None = None
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except sqlalchemy.exc.OperationalError as exc:  # two workers creating tables at once
+            return optuna.storages.RDBStorage(_driver_url(url), engine_kwargs=kwargs)
+        except sqlalchemy.exc.DBAPIError as exc:  # two workers creating tables at once
             last = exc
-            if "locked" not in str(exc) and "exists" not in str(exc):
+            if not any(word in str(exc) for word in raced):
                 break
             time.sleep(0.5 * (attempt + 1))
         except Exception as exc:  # noqa: BLE001 - any driver error means "cannot open"
             last = exc
             break
-    reason = str(last).splitlines()[0] if last else "unknown error"
     raise ConfigError(
-        f"cannot open the study storage {_mask(url)!r}: {reason}. Give a database URL such as "
-        "sqlite:///tune.db (a file in an existing folder) or postgresql://user@host/dbname"
+        f"cannot open the study storage {_mask(url)!r}: {_reason(last, url)}. Give a database "
+        "URL such as sqlite:///tune.db (a file in an existing folder) or "
+        "postgresql://user@host/dbname"
     )
+
+
+def _driver_url(url: str) -> str:
+    """``postgresql://`` with the installed driver (psycopg 3), whichever SQLAlchemy default."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _reason(exc: Exception | None, url: str) -> str:
+    """The first line of a driver's error, without the driver's name or the URL's password."""
+    lines = str(exc or "unknown error").strip().splitlines() or [type(exc).__name__]
+    reason = re.sub(r"^\([\w.]+\)\s*", "", lines[0]).replace("connection failed: ", "")
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 - not a URL: nothing to hide
+        password = None
+    if password:
+        reason = reason.replace(str(password), "***")
+    return " ".join(reason.split())
 
 
 def _mask(url: str) -> str:
