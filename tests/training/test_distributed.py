@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tests.conftest import make_two_class_manifest, tiny_train_config
 
 from medsight import runs
 from medsight.errors import ConfigError
 from medsight.training import distributed
 from medsight.training.trainer import train
-from tests.conftest import make_two_class_manifest, tiny_train_config
 
 # 24 patients × 4 images: 48 train images at ratios 0.5/0.25/0.25, which split evenly into
 # global batches of 16 (8 a process), so one and two processes take the same steps.
