@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -112,3 +113,41 @@ def test_a_config_from_before_precision_reads_amp_as_auto_or_fp32():
     assert TrainConfig.parse({"data": data, "optim": {"amp": True}}).precision == "auto"
     assert TrainConfig.parse({"data": data, "optim": {"amp": False}}).precision == "fp32"
     assert TrainConfig(data=DataConfig(path="d")).device == "auto"
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_run_begun_on_a_gpu_resumes_on_the_cpu_when_told(tmp_path, monkeypatch, no_gpu):
+    from typer.testing import CliRunner
+
+    from medsight import runs
+    from medsight.cli import app
+    from medsight.training.trainer import train
+    from tests.conftest import make_two_class_manifest, tiny_train_config
+
+    data = make_two_class_manifest(tmp_path / "data", 8, 2, 16)
+    out = tmp_path / "run"
+
+    def stop(epoch, row):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_train_config(data, out), show_progress=False, on_epoch=stop)
+    # as a GPU run records itself
+    config = (out / runs.CONFIG).read_text()
+    config = config.replace("device: auto", "device: cuda").replace(
+        "precision: fp32", "precision: fp16"
+    )
+    (out / runs.CONFIG).write_text(config)
+
+    refused = CliRunner().invoke(app, ["train", "--resume", str(out)])
+    assert refused.exit_code != 0
+    assert "--device cuda: no CUDA GPU is visible" in " ".join(refused.output.split())
+    resumed = CliRunner().invoke(
+        app, ["train", "--resume", str(out), "--device", "cpu", "--precision", "fp32"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert runs.Run.load(out).config.optim.epochs == 2
+    assert pd.read_csv(out / runs.HISTORY)["epoch"].max() == 2

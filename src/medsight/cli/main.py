@@ -768,7 +768,8 @@ def train_command(
 
     Every option sets a field of the run's config.yaml (medsight.config.TrainConfig); --set
     reaches the fields without a flag of their own. With --resume, --time gives the run that
-    much more time (else it continues with what is left of its budget). Under torchrun
+    much more time (else it continues with what is left of its budget), and --device and
+    --precision where it goes on (a run begun on a GPU can go on on a CPU). Under torchrun
     (`torchrun --nproc-per-node N -m medsight train ...`, or --nproc N) the processes train
     one run together and rank 0 writes it; --batch-size is the global batch.
     """
@@ -785,8 +786,14 @@ def train_command(
         if resume:
             config = TrainConfig.from_yaml(Path(resume) / CONFIG)
             more = options.get("time")
+            # where to go on: as given now, else as the run began
+            hardware = {
+                key: getattr(options[key], "value", options[key])
+                for key in ("device", "precision")
+                if options.get(key) is not None
+            }
             train(
-                config.with_overrides({"out": resume}),
+                config.with_overrides({"out": resume, **hardware}),
                 resume=True,
                 time_budget=more,
                 events=_events(),

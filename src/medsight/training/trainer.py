@@ -116,6 +116,8 @@ def train(
     ``on_epoch(epoch, row)`` is called after each epoch with the history row of its last
     validation (``val_auroc``…); an exception it raises (a tuning trial being pruned) stops
     training there, with the best weights and the checkpoint already saved.
+    With ``resume``, ``config`` gives the run's folder (``out``) and the ``device`` and
+    ``precision`` to go on with; the rest comes from the run's own ``config.yaml``.
     ``time_budget`` (``"10m"``): for a new run, the same as ``config.optim.time``; with
     ``resume``, that much more time (else the run continues with what is left of its budget).
     A new run's folder appears at ``config.out`` with its first checkpoint (replacing an old
@@ -160,8 +162,10 @@ def _train(
     new_run, scratch = None, None
     if resume:
         out = runs.prepare_run_dir(config.out, resume=True)
-        # The run continues where it lies, also when its folder was moved or copied.
-        config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides({"out": str(out)})
+        # The run continues where it lies, also when its folder was moved or copied, and on
+        # the hardware ``config`` names (a run begun on a GPU goes on on a CPU, or vice versa).
+        hardware = {"out": str(out), "device": config.device, "precision": config.precision}
+        config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides(hardware)
     elif time_budget is not None:
         config = config.with_overrides({"optim.time": time_budget})
     if not resume and context.main:
