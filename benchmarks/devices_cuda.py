@@ -117,10 +117,12 @@ def main() -> None:
     # 3. Evaluation and explanations on the device (the CUDA paths of evaluate and explain).
     device = "cuda" if gpu else "cpu"
     demo = out / f"medcnn_s_diff_64-{devices[-1][0]}-{devices[-1][1]}"
-    sh("evaluate", str(demo), "--device", device, "--bootstrap", "200")
+    done = sh("evaluate", str(demo), "--device", device, "--bootstrap", "200", check=False)
+    results["evaluate rc"] = done.returncode
     done = sh("explain", str(demo), "--masks", "--limit", "64", "--device", device,
-              "--faithfulness", "8")  # fmt: skip
-    print(done.stdout[-1500:], flush=True)
+              "--faithfulness", "8", "--no-search-layers", check=False)  # fmt: skip
+    results["explain rc"] = done.returncode
+    print(done.stdout[-1500:], done.stderr[-1500:], flush=True)
 
     # 4. A run begun on the GPU, stopped by its time budget, goes on on the CPU.
     if gpu:
