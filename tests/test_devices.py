@@ -151,3 +151,15 @@ def test_a_run_begun_on_a_gpu_resumes_on_the_cpu_when_told(tmp_path, monkeypatch
     assert resumed.exit_code == 0, resumed.output
     assert runs.Run.load(out).config.optim.epochs == 2
     assert pd.read_csv(out / runs.HISTORY)["epoch"].max() == 2
+
+
+def test_a_predictor_says_where_it_runs(tmp_path):
+    from medsight.inference import Predictor
+    from tests.conftest import train_tiny_run
+
+    run, _ = train_tiny_run(tmp_path)
+    on_torch = Predictor.from_run(run, device="cpu")
+    assert on_torch.runs_on.startswith("torch on cpu (") and on_torch.device == CPU
+    assert Predictor.from_run(run, backend="onnx").runs_on == "ONNX Runtime on the CPU"
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        Predictor.from_run(run, device="cuda") if not torch.cuda.is_available() else None

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, decode, decode_bytes
+from medsight.devices import describe
 from medsight.errors import ConfigError, DataError, MedsightError
 from medsight.runs import METRICS, WEIGHTS, Run
 from medsight.tasks import Task, get_task
@@ -109,6 +110,10 @@ class OnnxBackend:
         #: The device the session runs on (ONNX Runtime falls back to the CPU silently).
         on_gpu = self.session.get_providers()[0] == "CUDAExecutionProvider"
         self.device = asked if on_gpu else torch.device("cpu")
+        if asked.type == "cuda" and not on_gpu:
+            if "not installed" not in self.providers_note:  # installed, but it did not start
+                self.providers_note = "ONNX Runtime on the CPU: its CUDA provider did not start"
+            warnings.warn(self.providers_note, UserWarning, stacklevel=2)
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         batch = first.shape[0]
@@ -238,6 +243,11 @@ class Predictor:
         #: The torch module (None when another backend runs the network).
         self.model = getattr(self.backend, "model", None)
         self.device = getattr(self.backend, "device", torch.device("cpu"))
+        #: Where the network runs, in words: ``torch on cpu (2 cores)``, or ONNX Runtime's
+        #: provider and, when it fell back to the CPU, why.
+        self.runs_on: str = getattr(self.backend, "providers_note", None) or (
+            f"{self.backend.name} on {describe(self.device)}"
+        )
         self.classes_ = list(run.classes)
         self.preprocess = run.preprocess
         self.calibration = run.calibration()

@@ -807,10 +807,10 @@ class StartingApp:
     def _build(self) -> None:
         try:
             self.app = self.build()
-            log.info("model loaded: ready")
+            log.info("model loaded (%s): ready", self.app.state.model.predictor.runs_on)
         except BaseException as exc:  # noqa: BLE001 - reported by serve(), not lost in a thread
             self.error = exc
-            log.error("the model could not be loaded: %s", exc)
+            log.error("the service could not start: %s", exc)
             if self.on_failure:
                 self.on_failure()
 
