@@ -161,5 +161,6 @@ def test_a_predictor_says_where_it_runs(tmp_path):
     on_torch = Predictor.from_run(run, device="cpu")
     assert on_torch.runs_on.startswith("torch on cpu (") and on_torch.device == CPU
     assert Predictor.from_run(run, backend="onnx").runs_on == "ONNX Runtime on the CPU"
-    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
-        Predictor.from_run(run, device="cuda") if not torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+            Predictor.from_run(run, device="cuda")
