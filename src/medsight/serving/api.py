@@ -42,9 +42,9 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medsight import __version__
-from medsight.data.privacy import DeidentificationError, deidentify_dicom
 from medsight.errors import ConfigError
 from medsight.serving import schemas
+from medsight.serving.intake import queue_study, rounded
 from medsight.serving.security import (
     SAFE_METHODS,
     SAME_ORIGIN_HEADER,
@@ -247,21 +247,10 @@ async def _read(file: Upload) -> bytes:
     return await file.read()
 
 
-def _rounded(value):
-    """Floats to 6 decimals, inside lists and dicts too (a multi-label run's findings)."""
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
 def _prediction(model: ModelService, scored) -> dict:
     """The task's decoded prediction (numbers to 6 decimals) with what serving adds."""
     probs = scored.probabilities
-    decoded = _rounded(model.prediction(probs, scored.image.size))
+    decoded = rounded(model.prediction(probs, scored.image.size))
     return {
         **decoded,
         "probabilities": model.probabilities(probs),
@@ -427,44 +416,7 @@ def add_study(model: Model, store: Store, data: Annotated[bytes, Depends(_read)]
 
 
 def _add_study(model: ModelService, store: WorklistStore, data: bytes) -> dict:
-    scored = model.score(data)
-    fmt = scored.image.meta.get("format", "raster")
-    if fmt == "dicom":
-        try:
-            data, meta = deidentify_dicom(data)
-        except DeidentificationError as exc:
-            raise BadImage(str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - decodable yet not re-writable: refuse it
-            raise BadImage(
-                f"the DICOM file cannot be de-identified: {type(exc).__name__}"
-            ) from None
-        extension = ".dcm"
-    else:
-        fmt, extension = _raster_kind(data)
-        meta = {}
-    probs = scored.probabilities
-    urgency, driver = model.triage(probs)
-    study = store.add(
-        data=data,
-        extension=extension,
-        format=fmt,
-        meta=meta,
-        label=model.label(probs),
-        probabilities=model.probabilities(probs),
-        urgency=round(urgency, 6),
-        urgency_finding=driver,
-        flag=model.flag(probs, driver),
-        boxes=_rounded(model.prediction(probs, scored.image.size).get("boxes")),
-        model=model.model_ref.model_dump(),
-    )
-    log.info(
-        "study %d queued urgency=%.3f by=%s flag=%s",
-        study.id,
-        study.urgency,
-        study.urgency_finding,
-        study.flag,
-    )
-    return _item(study)
+    return _item(queue_study(model, store, data))
 
 
 @v1.get("/worklist", response_model=schemas.Worklist, summary="Studies by urgency")
@@ -543,17 +495,6 @@ def update_study(
         raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
     log.info("study %d status=%s", study.id, study.status)
     return _item(study)
-
-
-def _raster_kind(data: bytes) -> tuple[str, str]:
-    head = data[:8]
-    if head.startswith(b"\x89PNG"):
-        return "png", ".png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg", ".jpg"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "tiff", ".tif"
-    return "bmp", ".bmp"
 
 
 # --------------------------------------------------------------------------- plumbing

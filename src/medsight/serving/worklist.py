@@ -93,6 +93,12 @@ class Study(Base):
     #: A detection run's boxes at or above threshold, in the stored image's pixels (null for
     #: other tasks and studies queued before boxes were kept).
     boxes: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    #: The clinical context triage weighs (priority, age, prior findings, setting; null: none
+    #: given). No identifier: the fields are checked when they are received.
+    context: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    #: The source StudyInstanceUID, kept only to send results back to the PACS (null: an
+    #: upload that did not come from one).
+    study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default="pending")
     reviewer_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -182,6 +188,8 @@ class WorklistStore:
         model: dict[str, str],
         urgency_finding: str | None = None,
         boxes: list[dict] | None = None,
+        context: dict[str, Any] | None = None,
+        study_uid: str | None = None,
     ) -> Study:
         """Store the (already de-identified) file and queue a pending study; ``urgency_finding``
         is the class or finding whose probability set ``urgency``; ``boxes``, a detection
@@ -201,6 +209,8 @@ class WorklistStore:
             urgency=urgency,
             urgency_finding=urgency_finding,
             boxes=boxes,
+            context=context,
+            study_uid=study_uid,
             flag=flag,
             status="pending",
             model_name=model["name"],
@@ -302,7 +312,12 @@ class WorklistStore:
 
 #: Columns added to ``studies`` after its first release: ``create_all`` makes new tables only,
 #: so a worklist database from an older medsight gains them here (as NULL for its studies).
-_NEW_COLUMNS = {"urgency_finding": "VARCHAR(200)", "boxes": "JSON"}
+_NEW_COLUMNS = {
+    "urgency_finding": "VARCHAR(200)",
+    "boxes": "JSON",
+    "context": "JSON",
+    "study_uid": "VARCHAR(64)",
+}
 
 
 def _create_schema(engine) -> None:
