@@ -135,7 +135,14 @@ def test_a_run_begun_on_a_gpu_resumes_on_the_cpu_when_told(tmp_path, monkeypatch
 
     with pytest.raises(Stop):
         train(tiny_train_config(data, out), show_progress=False, on_epoch=stop)
-    # as a GPU run records itself
+    # as a GPU run records itself: its checkpoint's tensors tagged for cuda:0
+    checkpoint = out / "checkpoints" / "last.pt"
+    saved = torch.load(checkpoint, weights_only=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved, checkpoint)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(checkpoint, weights_only=False)  # as it would load without map_location
     config = (out / runs.CONFIG).read_text()
     config = config.replace("device: auto", "device: cuda").replace(
         "precision: fp32", "precision: fp16"
