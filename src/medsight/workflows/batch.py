@@ -562,10 +562,10 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
     must stop) it. An existing connection (``ray.init`` called before) is used as it is."""
     import logging
 
-    if ray.is_initialized():
-        return False
     if address and address.strip().lower() not in ("auto", "local"):
         _check_reachable(address.strip())
+    if ray.is_initialized():
+        return False
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
