@@ -4,6 +4,7 @@ probabilities as one process."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import zipfile
@@ -168,6 +169,18 @@ def test_a_zip_and_a_csv_manifest_score_their_images(archive, scored, tmp_path):
         reference[[str(p) for p in chosen]].sort_values().to_numpy(),
         atol=1e-6,
     )
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_shown_by_its_bytes(archive, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    good = sorted((archive[1] / "site0").glob("img*.png"))[0]
+    with open(os.path.join(os.fsencode(folder), b"\xff\xfe.png"), "wb") as file:
+        file.write(good.read_bytes())
+    summary = score_archive(archive[0], folder, tmp_path / "p.parquet")
+    assert (summary["scored"], summary["errors"]) == (1, 0)
+    assert read_scored(tmp_path / "p.parquet")["file"].tolist() == [f"{folder}/\\xff\\xfe.png"]
+    assert score_archive(archive[0], folder, tmp_path / "p.parquet")["skipped"] == 1
 
 
 def test_the_ray_engine_without_ray_says_how_to_install_it(archive, monkeypatch, tmp_path):

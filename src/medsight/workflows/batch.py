@@ -4,7 +4,8 @@
 tree, a ``.zip``, a CSV manifest with a ``path`` column), decodes and preprocesses them as the
 run's ``preprocess.json`` says, scores them with the run's model (ONNX Runtime by default) and
 writes a Parquet dataset: a folder of part files, one per batch, each written under a temporary
-name and renamed, so a part is either whole or absent. Each row is one file: ``file``, the
+name and renamed, so a part is either whole or absent. Each row is one file: ``file`` (its
+path or zip address, as :func:`text` shows it), the
 task's single-valued fields (``label``, ``confidence``...), a detector's boxes as JSON text,
 ``p_<class>...``, ``error`` (empty when scored), ``model`` (run name @ short sha256 of its
 weights) and ``scored_at`` (UTC).
@@ -167,6 +168,13 @@ def _list_manifest(manifest: Path, column: str | None) -> list[str]:
 # --------------------------------------------------------------------------- the two steps
 
 
+def text(value: str) -> str:
+    """``value`` as UTF-8 text, which Parquet and Arrow need: the bytes of a file name that is
+    not UTF-8 (surrogate escapes) are shown as ``\\xff``. The ``file`` column holds this form of
+    each path (it is also what a re-run matches on)."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def decode_batch(
     files: Sequence[str], preprocess, shape: tuple[int, int, int], max_pixels: int
 ) -> dict[str, np.ndarray]:
@@ -190,11 +198,11 @@ def decode_batch(
             error = f"{file}: cannot prepare it ({type(exc).__name__}: {exc})"
         errors.append(error)
     return {
-        "file": np.array([str(f) for f in files], dtype=object),
+        "file": np.array([text(str(f)) for f in files], dtype=object),
         "x": xs,
         "height": heights,
         "width": widths,
-        "error": np.array(errors, dtype=object),
+        "error": np.array([text(e) for e in errors], dtype=object),
     }
 
 
@@ -331,7 +339,7 @@ def _done(out: Path, todo: list[str], model: str, retry_errors: bool) -> set[str
     files about to be scored again are dropped from their parts first."""
     import pyarrow.parquet as pq
 
-    wanted = set(todo)
+    wanted = {text(f) for f in todo}
     done: set[str] = set()
     for part in _parts(out):
         try:
@@ -448,7 +456,7 @@ def score_archive(
     if out.is_dir():
         runs.clean_stale(out)
         done = _done(out, files, scorer.model, retry_errors)
-    todo = [f for f in files if f not in done]
+    todo = [f for f in files if text(f) not in done]
     summary = {
         "engine": name,
         "listed": len(files),
@@ -627,7 +635,8 @@ def _limit_threads(predictor, threads: int) -> None:
 
 
 def _decode_task(batch: dict[str, np.ndarray], preprocess, shape, max_pixels) -> dict:
-    return decode_batch(list(batch["file"]), preprocess, shape, max_pixels)
+    files = [os.fsdecode(bytes(path)) for path in batch["path"]]
+    return decode_batch(files, preprocess, shape, max_pixels)
 
 
 def _score_ray(
@@ -674,7 +683,10 @@ def _score_ray(
         shape = predictor.input_shape[1:]
         blocks = max(1, min(len(todo) // batch_size + 1, 200))
         dataset = (
-            ray.data.from_items([{"file": f} for f in todo], override_num_blocks=blocks)
+            # paths travel as bytes: Arrow strings refuse names that are not UTF-8
+            ray.data.from_items(
+                [{"path": os.fsencode(f)} for f in todo], override_num_blocks=blocks
+            )
             .map_batches(
                 _decode_task,
                 fn_args=(predictor.preprocess, shape, max_pixels),
