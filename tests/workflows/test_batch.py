@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from medsight.cli import app
 from medsight.errors import ConfigError, DataError
 from medsight.inference import predict_paths
-from medsight.workflows.batch import read_scored, score_archive
+from medsight.workflows.batch import Scorer, decode_batch, read_scored, score_archive
 from tests.conftest import random_image, write_png, write_run
 
 N_IMAGES = 240
@@ -93,6 +93,28 @@ def test_the_local_engine_gives_predict_paths_probabilities(archive, scored):
         atol=1e-6,
     )
     assert rows["label"].tolist() == expected["label"].tolist()
+
+
+def test_an_image_whose_outputs_are_not_finite_is_an_error_row_beside_the_others(archive):
+    from medsight.inference import Predictor
+
+    run, images = archive
+    predictor = Predictor.from_run(run, backend="onnx")
+    predict_array = predictor.predict_array
+
+    def refusing(x):  # the task refuses a batch holding an image scored NaN
+        if (x[:, 0, 0, 0] == 0.5).any():
+            raise DataError("logits row 0 holds NaN or infinity: [nan, nan]")
+        return predict_array(x)
+
+    predictor.predict_array = refusing
+    files = [str(p) for p in sorted((images / "site0").glob("img*.png"))[:4]]
+    batch = decode_batch(files, predictor.preprocess, predictor.input_shape[1:], 10**7)
+    batch["x"][2, 0, 0, 0] = 0.5
+    rows = Scorer(predictor, "run@test")(batch)
+    assert rows["error"].tolist()[:2] + rows["error"].tolist()[3:] == ["", "", ""]
+    assert rows["error"][2] == f"{files[2]}: the model's outputs hold NaN or infinity"
+    assert rows["p_lesion"].isna().tolist() == [False, False, True, False]
 
 
 # --------------------------------------------------------------------------- resuming

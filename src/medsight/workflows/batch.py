@@ -254,11 +254,11 @@ class Scorer:
                 cells = predictor.task.column_values(result[None], predictor.classes_)[0]
             for name, kind in self.fields.items():
                 empty = "" if kind is str else np.nan
-                values[name].append(decoded[name] if decoded else empty)
+                values[name].append(empty if decoded is None else decoded[name])
             for name in self.as_json:
-                values[name].append(json.dumps(decoded[name]) if decoded else "")
+                values[name].append("" if decoded is None else json.dumps(decoded[name]))
             for k, name in enumerate(self.columns):
-                values[name].append(float(cells[k]) if decoded else np.nan)
+                values[name].append(np.nan if decoded is None else float(cells[k]))
             values["file"].append(file)
             values["error"].append(errors[i])
         values["model"] = [self.model] * len(files)
@@ -278,23 +278,16 @@ def _probabilities(predictor, x: np.ndarray, files: list[str], index: list[int])
         return []
     try:
         return list(predictor.predict_array(x))
-    except DataError:  # the task refuses non-finite outputs: find whose they are
-        pass
-    except Exception:  # noqa: BLE001 - find the image the model fails on
-        if len(x) == 1:
-            raise
-    if len(x) > 1:
-        return [
-            _probabilities(predictor, x[k : k + 1], files, index[k : k + 1])[0]
-            for k in range(len(x))
-        ]
-    file = files[index[0]]
-    try:
-        return list(predictor.predict_array(x))
-    except DataError:
-        pixels = "" if np.isfinite(x).all() else "; its pixel values hold NaN or infinity"
-        return [f"{file}: the model's outputs hold NaN or infinity{pixels}"]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - find the image at fault; the others are scored
+        if len(x) > 1:
+            return [
+                _probabilities(predictor, x[k : k + 1], files, index[k : k + 1])[0]
+                for k in range(len(x))
+            ]
+        file = files[index[0]]
+        if isinstance(exc, DataError):  # the task refuses outputs that are not finite
+            pixels = "" if np.isfinite(x).all() else "; its pixel values hold NaN or infinity"
+            return [f"{file}: the model's outputs hold NaN or infinity{pixels}"]
         return [f"{file}: the model failed on it ({type(exc).__name__}: {exc})"]
 
 
@@ -575,7 +568,6 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
     if ray.is_initialized():
         return False
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         if address:
             ray.init(address=address.strip(), **quiet)
