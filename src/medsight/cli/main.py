@@ -1323,7 +1323,7 @@ def predict_command(
         typer.Option(
             "--engine",
             help="Archive: local (this process, the default) or ray (Ray Data; pip install "
-            '"medsight[ray]").',
+            '"medsight\\[ray]").',
             show_default=False,
         ),
     ] = None,
