@@ -19,7 +19,7 @@ from medsight.cli import app
 from medsight.errors import ConfigError, DataError
 from medsight.inference import predict_paths
 from medsight.workflows.batch import Scorer, decode_batch, read_scored, score_archive
-from tests.conftest import random_image, write_png, write_run
+from tests.conftest import random_image, write_dicom, write_png, write_run
 
 N_IMAGES = 240
 
@@ -191,6 +191,18 @@ def test_a_zip_and_a_csv_manifest_score_their_images(archive, scored, tmp_path):
         reference[[str(p) for p in chosen]].sort_values().to_numpy(),
         atol=1e-6,
     )
+
+
+def test_a_dicom_tree_scores_dicom_files_with_and_without_an_extension(archive, tmp_path):
+    tree = tmp_path / "PACS" / "patient1" / "study1"
+    pixels = np.arange(400, dtype=np.int16).reshape(20, 20)
+    write_dicom(tree / "series1" / "IM0001", pixels)  # DICOM files often have no extension
+    write_dicom(tree / "series2" / "slice.dcm", pixels[::-1])
+    (tree / "series1" / "VERSION").write_text("not DICOM, not listed")
+    summary = score_archive(archive[0], tmp_path / "PACS", tmp_path / "p.parquet")
+    assert (summary["listed"], summary["scored"], summary["errors"]) == (2, 2, 0)
+    files = read_scored(tmp_path / "p.parquet")["file"].map(lambda f: Path(f).name)
+    assert sorted(files) == ["IM0001", "slice.dcm"]
 
 
 def test_a_file_name_that_is_not_utf8_is_scored_and_shown_by_its_bytes(archive, tmp_path):
