@@ -1277,42 +1277,178 @@ def _prediction_file(table, out: Path) -> str:
     return json.dumps(records, indent=1) + "\n"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+#: A single SOURCE with one of these suffixes (or a folder) is scored as an archive.
+_ARCHIVE_SUFFIXES = (".zip", ".csv")
+
+
+def _is_archive(files: list[Path], engine: Engine | None, out: Path | None) -> bool:
+    """``medsight predict RUN SOURCE``: a folder, .zip or CSV manifest, or any SOURCE with
+    --engine or a .parquet --out, is scored as an archive (:func:`_predict_archive`)."""
+    if engine is not None or (out is not None and out.suffix.lower() == ".parquet"):
+        return True
+    return len(files) == 1 and (files[0].is_dir() or files[0].suffix.lower() in _ARCHIVE_SUFFIXES)
+
+
+def _predict_archive(run: Path, files: list[Path], out: Path | None, **options) -> None:
+    """Score an archive into a Parquet dataset and print a short summary."""
+    from medsight.workflows.batch import score_archive
+
+    if len(files) != 1:
+        raise MedsightError(
+            f"--engine and .parquet --out score one SOURCE (a folder, .zip or .csv manifest); "
+            f"got {len(files)}: put the files in a folder or list them in a CSV"
+        )
+    if out is None:
+        raise MedsightError(
+            f"{files[0]}: scoring an archive needs --out, the Parquet dataset to write "
+            "(e.g. --out preds.parquet)"
+        )
+    with _events() as events:
+        summary = score_archive(run, files[0], out, events=events, **options)
+    shown = Table(title=f"{_shown(run.name)} on {_shown(files[0])}", title_justify="left")
+    for column in ("scored", "errors", "skipped (already in --out)", "images/s", "seconds"):
+        shown.add_column(column, justify="right")
+    shown.add_row(
+        str(summary["scored"]),
+        str(summary["errors"]),
+        str(summary["skipped"]),
+        f"{summary['images_per_s']:.1f}",
+        f"{summary['seconds']:.1f}",
+    )
+    console.print(shown)
+    engine = summary["engine"]
+    if engine == "ray":
+        engine += f", {summary['workers']} worker(s)"
+    console.print(
+        f"model {_shown(summary['model'])} ({engine}); wrote {_shown(summary['out'])}"
+        + (f" and {_shown(summary['csv'])}" if summary["csv"] else ""),
+        highlight=False,
+    )
+    if summary["errors"]:
+        err_console.print(
+            f"[yellow]warning:[/] {summary['errors']} of {summary['scored']} file(s) could not "
+            "be predicted; see the error column (a re-run tries them again)"
+        )
+    if summary["scored"] and summary["errors"] == summary["scored"] and not summary["skipped"]:
+        raise MedsightError("none of the files could be predicted; see the error column")
+
+
 @app.command("predict")
 def predict_command(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     files: Annotated[
-        list[Path], typer.Argument(metavar="FILE...", help="Images (PNG, JPEG, TIFF, DICOM...).")
+        list[Path],
+        typer.Argument(
+            metavar="FILE...|SOURCE",
+            help="Images (PNG, JPEG, TIFF, DICOM...), or one SOURCE to score as an archive: a "
+            "folder or DICOM tree, a .zip, or a CSV manifest with a path column.",
+        ),
     ],
-    backend: Annotated[Backend, typer.Option("--backend", help="torch | onnx")] = Backend.torch,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(
+            "--backend", help="torch | onnx (default: torch for files, onnx for an archive)"
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
             "--out",
             help="CSV to write: file, label, p_<class>, error (a detector's boxes as JSON); "
-            "a .json name writes a list of records instead.",
+            "a .json name writes a list of records instead. For an archive: the Parquet "
+            "dataset (a folder of parts) to write or resume, e.g. preds.parquet.",
         ),
     ] = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     tta: TtaOption = None,
     point: PointOption = "youden",
+    device: Annotated[
+        str, typer.Option("--device", help="Where the model runs: auto, cpu, cuda, cuda:N.")
+    ] = "auto",
+    engine: Annotated[
+        Engine | None,
+        typer.Option(
+            "--engine",
+            help="Archive: local (this process, the default) or ray (Ray Data; pip install "
+            '"medsight\\[ray]").',
+            show_default=False,
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray: the cluster to join (auto, ray://HEAD:10001, HOST:6379); default: start "
+            "a local Ray.",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Ray: model actors (default: the cluster's CPUs less one, or its GPUs / "
+            "--gpus-per-worker).",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Archive: images per batch (and per part file).")
+    ] = 64,
+    gpus_per_worker: Annotated[
+        float, typer.Option("--gpus-per-worker", help="Ray: GPUs given to each model actor.")
+    ] = 0,
+    csv: Annotated[
+        bool,
+        typer.Option("--csv", help="Archive: also write all rows as a CSV beside --out."),
+    ] = False,
 ) -> None:
     """Predict files with a run, preprocessing exactly as serving does. A file that cannot be
     read, or whose outputs hold NaN or infinity, is a row with its reason in the error column;
     every other file is predicted. A multi-label run writes p_<finding> columns and, as the
     label, the findings at or above their thresholds (the evaluated --point, else 0.5). Exit
     status 0 when at least one file was predicted, 2 when none was (the --out CSV is written
-    in both cases)."""
+    in both cases).
+
+    One SOURCE (a folder, .zip or CSV manifest; or any SOURCE with --engine or a .parquet
+    --out) is scored as an archive into a Parquet dataset, in this process or on Ray
+    (--engine ray); a re-run skips the files already scored there and retries those that
+    failed."""
     from medsight.inference import predict_paths
     from medsight.runs import write_text
 
     with _user_errors():
+        if _is_archive(files, engine, out):
+            _predict_archive(
+                run,
+                files,
+                out,
+                engine=(engine or Engine.local).value,
+                address=address,
+                workers=workers,
+                batch_size=batch_size,
+                backend=(backend or Backend.onnx).value,
+                gpus_per_worker=gpus_per_worker,
+                csv=csv,
+                device=device,
+                max_pixels=max_pixels,
+                tta=tta.value if tta else None,
+                point=point,
+            )
+            return
         table = predict_paths(
             run,
             files,
-            backend=backend.value,
+            backend=(backend or Backend.torch).value,
             max_pixels=max_pixels,
             tta=tta.value if tta else None,
             point=point,
+            device=device,
         )
         if out is not None:
             write_text(out, _prediction_file(table, out))
