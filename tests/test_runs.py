@@ -124,7 +124,7 @@ def test_file_names_that_are_not_utf8_keep_their_bytes_in_run_csvs(tmp_path):
     import os
 
     name = os.fsdecode(b"a/\xff\xfe.png")  # what os.listdir gives for those bytes
-    frame = pd.DataFrame({"sample_id": [name, "a/ok.png"], "split": ["train", "val"]})
+    frame = pd.DataFrame({"sample_id": [name, "a/ok.png"], "split": ["train", "val"]}, dtype=object)
     runs.write_text(tmp_path / runs.SPLITS, frame.to_csv(index=False))
     assert b"a/\xff\xfe.png,train" in (tmp_path / runs.SPLITS).read_bytes()
     back = runs.read_csv(tmp_path / runs.SPLITS, dtype={"sample_id": str})

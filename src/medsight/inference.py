@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import DEFAULT_MAX_PIXELS, decode, decode_bytes
+from medsight.data.sources import python_strings
 from medsight.devices import describe
 from medsight.errors import ConfigError, DataError, MedsightError
 from medsight.runs import METRICS, WEIGHTS, Run
@@ -456,9 +457,7 @@ def predict_paths(
             rows[i].update({name: json.dumps(decoded[name]) for name in as_json})
             values = task.column_values(probs[None], predictor.classes_)[0]
             rows[i].update({name: float(v) for name, v in zip(columns, values)})
-    # Plain Python strings: a file name that is not UTF-8 (its bytes kept as surrogates) is
-    # refused by pandas' Arrow-backed strings, and must still get its row.
-    with pd.option_context("future.infer_string", False):
+    with python_strings():  # a file name that is not UTF-8 still gets its row
         table = pd.DataFrame(rows, columns=["file", *fields, *as_json, *columns, "error"])
     table.attrs["json_columns"] = as_json  # cells holding JSON text (boxes)
     if predictor.thresholds_ is not None:

@@ -330,7 +330,10 @@ def load_weights(path: str | Path) -> dict:
 
 def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
     """A CSV of a run, as :func:`write_text` wrote it (file names keep their bytes)."""
-    return pd.read_csv(path, encoding=ENCODING, encoding_errors=ENCODING_ERRORS, **kwargs)
+    from medsight.data.sources import python_strings
+
+    with python_strings():
+        return pd.read_csv(path, encoding=ENCODING, encoding_errors=ENCODING_ERRORS, **kwargs)
 
 
 def guess_positive_class(classes: list[str]) -> str:

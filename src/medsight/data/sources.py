@@ -141,6 +141,13 @@ _JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 MANIFEST_NAME = "manifest.csv"
 
 
+def python_strings():
+    """Inside this block pandas keeps text as Python strings: its Arrow-backed strings (pandas
+    3 with pyarrow installed) hold UTF-8 only, and a file name that is not UTF-8 keeps its
+    bytes as surrogates (``os.fsdecode``) through every table of a run."""
+    return pd.option_context("mode.string_storage", "python")
+
+
 def load_samples(
     path: str | Path,
     format: str | None = None,
@@ -185,8 +192,9 @@ def load_samples(
         "csv": _read_manifest,
         "npz": _read_medmnist,
     }
-    table = readers[fmt](path, fmt, opts, salt)
-    table = validate_table(table, origin=str(path))
+    with python_strings():
+        table = readers[fmt](path, fmt, opts, salt)
+        table = validate_table(table, origin=str(path))
     table.attrs.setdefault("format", fmt)
     table.attrs["root"] = str(path.resolve())
     return table
