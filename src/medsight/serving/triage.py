@@ -543,14 +543,16 @@ KEY_COLUMNS = ("study_id", "study_uid")
 class ContextRow:
     """One checked row of a context sidecar: the study it names and its context fields."""
 
-    row: int
+    where: str
     study_id: int | None
     study_uid: str | None
     context: dict[str, Any]
 
     @property
     def names(self) -> str:
-        return f"study {self.study_id}" if self.study_id is not None else f"{self.study_uid}"
+        if self.study_id is not None:
+            return f"study {self.study_id}"
+        return f"study with StudyInstanceUID {self.study_uid}"
 
 
 def read_context_file(path: str | Path) -> tuple[list[ContextRow], list[str]]:
@@ -603,5 +605,5 @@ def read_context_file(path: str | Path) -> tuple[list[ContextRow], list[str]]:
         except DataError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        rows.append(ContextRow(n, study_id, uid, context))
+        rows.append(ContextRow(where, study_id, uid, context))
     return rows, problems
