@@ -154,6 +154,12 @@ def test_the_why_sentence_names_each_reason():
     )
 
 
+def test_a_risk_just_below_its_threshold_is_shown_with_the_decimals_that_tell_them_apart():
+    assert why(study(1, 0.6191, "1 h")) == (
+        "risk 0.619 below the 90 %-sensitivity threshold (0.620); waiting 1 h"
+    )
+
+
 def test_before_evaluation_the_why_gives_the_risk_and_the_threshold_rule_orders_nothing():
     # A run that was never evaluated has no 90 %-sensitivity threshold yet.
     assert why(study(1, 0.40, "2 h"), thresholds={}) == "risk 0.40; waiting 2 h"
@@ -194,9 +200,9 @@ def test_a_policy_of_your_own_orders_by_age_and_time_waited(tmp_path):
     assert why(long_wait, policy) == "waiting 4 h 30 min, over 4 h"
     assert why(old_patient, policy) == "aged 85; waiting 1 h"
     assert policy.describe() == [
-        "waiting over 4 h first",
-        "patients aged 80 or over first",
-        "the longest waiting first",
+        "waiting over 4 h",
+        "patients aged 80 or over",
+        "the longest waiting",
     ]
 
 
@@ -236,6 +242,9 @@ def test_a_threshold_the_run_was_not_evaluated_at_is_refused_listing_those_it_ha
         check_points(policy, points)
     # Not evaluated at all: a warning, and the server still starts.
     assert "until the run is evaluated" in check_points(policy, {})[0]
+    # The default policy on a detector (evaluated at false-positive rates): a warning.
+    (warning,) = check_points(DEFAULT, {"nodule": {"fp_1": {}}}, strict=False)
+    assert "'risk_above: sensitivity_0.90' orders nothing: the run was evaluated at fp_1" in warning
 
 
 def test_serve_stops_at_start_with_one_line_naming_the_unknown_field(tmp_path):
@@ -290,7 +299,7 @@ def test_the_worklist_lists_studies_in_policy_order_with_rank_why_and_context(cl
     first = body["items"][0]
     assert first["why"].startswith("stat referral; risk ")
     assert "prior finding: nodule; waiting under 1 min" in first["why"]
-    assert body["policy"][0] == "STAT referrals first"
+    assert body["policy"][0] == "STAT referrals"
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     upload_form = next(v for k, v in schema.items() if k.startswith("Body_add_study"))
     assert {"priority", "age_years", "prior_findings", "setting"} <= set(upload_form["properties"])

@@ -735,7 +735,9 @@ def create_app(
             urgent=settings.urgent,
         )
     policy = load_policy(settings.policy)
-    for warning in check_points(policy, model.operating_points()):
+    # The default policy names sensitivity points: a detector's are false-positive rates.
+    strict = settings.policy is not None
+    for warning in check_points(policy, model.operating_points(), strict=strict):
         log.warning("%s", warning)
     if worklist is None:
         worklist = WorklistStore(settings.resolved_db(), settings.resolved_data_dir())

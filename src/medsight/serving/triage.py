@@ -11,7 +11,7 @@ order of arrival (then by id), so the order is always the same for the same stud
 >>> check_context({"priority": "STAT", "age_years": "67"})
 {'priority': 'stat', 'age_years': 67.0}
 >>> load_policy(None).describe()[0]
-'STAT referrals first'
+'STAT referrals'
 """
 
 from __future__ import annotations
@@ -172,26 +172,26 @@ class Rule(BaseModel):
         return getattr(self, self.kind)
 
     def describe(self) -> str:
-        """The rule in words: ``"STAT referrals first"``."""
+        """What the rule puts first, in words: ``"STAT referrals"``."""
         kind, value = self.kind, self.value
         if kind == "priority":
-            return _then([p.upper() if p == "stat" else p for p in value]) + " referrals first"
+            return _then([p.upper() if p == "stat" else p for p in value]) + " referrals"
         if kind == "setting":
-            return _then([_SETTING_WORDS[s] + "s" for s in value]) + " first"
+            return _then([_SETTING_WORDS[s] + "s" for s in value])
         if kind == "risk_above":
-            return f"model risk at or above the {point_words(value)} first"
+            return f"model risk at or above the {point_words(value)}"
         if kind == "prior_findings":
             named = "" if value is True else " of " + " or ".join(value)
-            return f"known prior findings{named} first"
+            return f"known prior findings{named}"
         if kind == "age_at_least":
-            return f"patients aged {value:g} or over first"
+            return f"patients aged {value:g} or over"
         if kind == "age_below":
-            return f"patients under {value:g} first"
+            return f"patients under {value:g}"
         if kind == "risk":
-            return "higher model risk first"
+            return "higher model risk"
         if kind == "waiting":
-            return "the longest waiting first"
-        return f"waiting over {duration_words(value)} first"
+            return "the longest waiting"
+        return f"waiting over {duration_words(value)}"
 
 
 #: The rules a policy may use, in the order they are documented.
@@ -219,7 +219,7 @@ class Policy(BaseModel):
         return value
 
     def describe(self) -> list[str]:
-        """Each rule in words, most important first."""
+        """What each rule puts first, in words, most important rule first."""
         return [rule.describe() for rule in self.order]
 
     def points(self) -> list[str]:
@@ -440,10 +440,15 @@ class _Judged:
             if p is None:
                 return None
             side = "above" if hits else "below"
-            return f"risk {p:.2f} {side} the {words} ({threshold:.2f})"
+            risk, limit = _apart(p, threshold)
+            return f"risk {risk} {side} the {words} ({limit})"
         if not hits:
             return f"no urgent finding at its {words}"
-        return "; ".join(f"{n} {p:.2f} above its {words} ({t:.2f})" for n, p, t in hits)
+        reasons = []
+        for name, p, threshold in hits:
+            risk, limit = _apart(p, threshold)
+            reasons.append(f"{name} {risk} above its {words} ({limit})")
+        return "; ".join(reasons)
 
 
 #: A setting as the why-sentence says it (plural with "s" in a rule's description).
@@ -452,6 +457,16 @@ _SETTING_WORDS = {
     "inpatient": "inpatient",
     "outpatient": "outpatient",
 }
+
+
+def _apart(value: float, threshold: float) -> tuple[str, str]:
+    """A risk and its threshold to 2 decimals, or as many more (up to 4) as it takes to show
+    them apart: "0.501 below (0.502)", never "0.50 below (0.50)"."""
+    for digits in (2, 3, 4):
+        shown = f"{value:.{digits}f}", f"{threshold:.{digits}f}"
+        if shown[0] != shown[1] or value == threshold:
+            break
+    return shown
 
 
 def _then(items: list[str]) -> str:
@@ -470,11 +485,14 @@ def point_words(point: str) -> str:
     return "Youden threshold" if point == "youden" else f"{point} threshold"
 
 
-def check_points(policy: Policy, operating_points: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def check_points(
+    policy: Policy, operating_points: Mapping[str, Mapping[str, Any]], strict: bool = True
+) -> list[str]:
     """Check the points ``risk_above`` rules name against a run's evaluated ``operating_points``
-    (``{output: {point: ...}}``): a point the evaluated run does not have is a
-    :class:`ConfigError` listing those it has; returns warnings for rules that cannot act
-    because the run was not evaluated."""
+    (``{output: {point: ...}}``). A point the evaluated run does not have is a
+    :class:`ConfigError` listing those it has (``strict``; else a warning: the default policy
+    on a detection run, evaluated at false-positive rates). Returns warnings for rules that
+    cannot act, which order nothing."""
     points = policy.points()
     if not points:
         return []
@@ -486,12 +504,16 @@ def check_points(policy: Policy, operating_points: Mapping[str, Mapping[str, Any
             for point in points
         ]
     missing = [point for point in points if point not in available]
-    if missing:
+    if missing and strict:
         raise ConfigError(
             f"{policy.source}: risk_above {', '.join(map(repr, missing))} is not an operating "
             f"point of this run; its evaluated points: {', '.join(available)}"
         )
-    return []
+    return [
+        f"{policy.source}: 'risk_above: {point}' orders nothing: the run was evaluated at "
+        f"{', '.join(available)}; pass --policy with one of those"
+        for point in missing
+    ]
 
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(d|days?|h|hours?|min|minutes?|m)\s*", re.I)
