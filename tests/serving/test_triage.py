@@ -328,6 +328,8 @@ def test_a_context_sidecar_adds_context_and_reorders_the_worklist(client, tmp_pa
     assert "context added to 1 study (2 row(s) skipped)" in result.output
     assert "line 3: context age_years '-3' is not an age in years" in result.output
     assert "line 4: no study 999 on the worklist" in result.output
+    nowhere = CliRunner().invoke(cli, ["worklist", "import-context", str(tmp_path), str(sidecar)])
+    assert nowhere.exit_code == 2 and "no worklist at" in nowhere.output
     items = client.get("/v1/worklist").json()["items"]
     assert [i["id"] for i in items] == [low["id"], high["id"]]  # the STAT referral now first
     assert items[0]["context"] == {

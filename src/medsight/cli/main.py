@@ -1291,6 +1291,12 @@ def worklist_import_context(
     with _user_errors():
         rows, problems = read_context_file(file)
         settings = ServeSettings(run=run, db=db, data_dir=data_dir)
+        sqlite_file = settings.resolved_data_dir() / "worklist.db"
+        if db is None and not sqlite_file.exists():  # never make an empty worklist to fill
+            raise MedsightError(
+                f"no worklist at {sqlite_file}; give the run that was served, or its --data-dir "
+                "or --db as given to medsight serve"
+            )
         store = WorklistStore(settings.resolved_db(), settings.resolved_data_dir())
         changed: list[int] = []
         try:

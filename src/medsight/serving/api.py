@@ -11,6 +11,9 @@ cannot. Uploads are judged by their content, limited in size and in how many are
 once (:class:`~medsight.serving.service.DecodeSlots`: 503 with ``Retry-After`` beyond it), and
 never cause a 500; anything unexpected is a logged 500 with an error id
 (:mod:`medsight.serving.security`, which also sets the security headers and trusted hosts).
+The worklist is listed in the order of a triage policy (:mod:`medsight.serving.triage`,
+``ServeSettings.policy``), each study with its rank and the reasons for its place; an upload
+may carry the clinical context the policy weighs as form fields beside the image.
 
 Per-request budget: the body is at most ``max_upload_bytes`` (413 above, counted while it
 streams in); the decoded image at most ``max_pixels`` (400 above); its decoding and scoring
