@@ -166,3 +166,69 @@ def test_the_policy_blocks_inline_script_so_the_check_above_can_fail(live_server
     assert page.evaluate("() => window.injected === undefined")
     assert any("Content Security Policy" in text for text in console), console
     page.close()
+
+
+@pytest.fixture(scope="module")
+def live_triage(served_run, tmp_path_factory):
+    """A server of its own (the default triage policy) holding three studies with context."""
+    import httpx
+
+    data_dir = tmp_path_factory.mktemp("browser-triage")
+    app = create_app(ServeSettings(run=served_run, data_dir=data_dir))
+    for url in serve_in_thread(app):
+        queued = {}
+        for name, value, context in (
+            ("routine", 220, {"priority": "routine", "setting": "outpatient"}),
+            ("stat", 30, {"priority": "stat", "age_years": "67", "setting": "emergency"}),
+            ("prior", 40, {"prior_findings": "nodule", "setting": "inpatient"}),
+        ):
+            response = httpx.post(
+                url + "/v1/studies",
+                files={"file": ("scan.png", png_bytes(value, size=32, seed=value))},
+                data=context,
+                headers={"X-Requested-With": "medsight"},
+            )
+            assert response.status_code == 201, response.text
+            queued[name] = response.json()
+        yield url, app, queued
+
+
+def test_the_worklist_shows_each_studys_place_context_and_why_in_policy_order(
+    live_triage, browser, tmp_path
+):
+    url, _, queued = live_triage
+    expected = [item["id"] for item in httpx_get(url + "/v1/worklist")["items"]]
+    # The STAT referral is read first, whatever the model's risk of the other two.
+    assert expected[0] == queued["stat"]["id"]
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    page.wait_for_function("() => document.getElementById('intended-use').textContent.length > 20")
+    page.click("#tab-worklist")
+    page.wait_for_selector(".wl-why-row")
+    shown = [
+        int(i) for i in page.eval_on_selector_all(".wl-row", "rows => rows.map(r => r.dataset.id)")
+    ]
+    assert shown == expected
+    assert page.locator(".wl-rank").all_text_contents() == ["1", "2", "3"]
+    whys = page.locator(".wl-why").all_text_contents()
+    assert whys[0].startswith("stat referral; risk ")
+    assert any("prior finding: nodule" in why for why in whys)
+    first_tags = page.locator(".wl-why-row").first.locator(".tag").all_text_contents()
+    assert first_tags == ["STAT", "67 y", "emergency"]
+    assert "1. STAT referrals; 2. model risk" in page.text_content("#policy-explainer")
+    page.locator(".wl-why-row").first.click()  # the reasons and context in the study too
+    page.wait_for_selector("#study:not([hidden])")
+    assert whys[0] in page.text_content("#study-facts")
+    shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "serve-triage-worklist.png"), full_page=True)
+    assert errors == []
+    page.close()
+
+
+def httpx_get(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url, headers={"X-Requested-With": "medsight"}).json()

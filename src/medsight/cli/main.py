@@ -1210,6 +1210,15 @@ def serve_command(
         ),
     ] = None,
     point: PointOption = "youden",
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Triage policy (YAML) that orders the worklist (default: medsight's "
+            "serving/policies/default.yaml; see the README, 'Triage policy').",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a run: REST API (/docs), web page (/) and triage worklist."""
     import logging
@@ -1235,15 +1244,80 @@ def serve_command(
                 allowed_hosts=allowed_host or [],
                 urgent=[n.strip() for n in urgent.split(",") if n.strip()] if urgent else None,
                 point=point,
+                policy=policy,
             )
         except ValidationError as exc:
             problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
             raise MedsightError(f"serve: {problems}") from None
         check_exposure(settings)
+        from medsight.serving.triage import load_policy
+
+        load_policy(settings.policy)  # a bad policy: one line naming the field, before listening
         err_console.print(
             f"medsight serving {run} on http://{host}:{port}/  (API docs: /docs)", highlight=False
         )
         serve(settings)
+
+
+worklist_app = typer.Typer(help="Work on a served run's triage worklist.", no_args_is_help=True)
+app.add_typer(worklist_app, name="worklist")
+
+
+@worklist_app.command("import-context")
+def worklist_import_context(
+    run: Annotated[Path, typer.Argument(help="The served run (its worklist).")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV or JSON: study_id or study_uid (StudyInstanceUID) and context columns "
+            "(priority, age_years, prior_findings, setting)."
+        ),
+    ],
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Worklist database URL (default sqlite:///RUN/worklist/…)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The worklist's folder (default RUN/worklist)."),
+    ] = None,
+) -> None:
+    """Add clinical context from a sidecar file to studies already on the worklist; the
+    worklist re-orders by it at once. Rows with impossible values are listed and skipped."""
+    from medsight.serving.api import ServeSettings
+    from medsight.serving.triage import read_context_file
+    from medsight.serving.worklist import WorklistStore
+
+    with _user_errors():
+        rows, problems = read_context_file(file)
+        settings = ServeSettings(run=run, db=db, data_dir=data_dir)
+        sqlite_file = settings.resolved_data_dir() / "worklist.db"
+        if db is None and not sqlite_file.exists():  # never make an empty worklist to fill
+            raise MedsightError(
+                f"no worklist at {sqlite_file}; give the run that was served, or its --data-dir "
+                "or --db as given to medsight serve"
+            )
+        store = WorklistStore(settings.resolved_db(), settings.resolved_data_dir())
+        changed: list[int] = []
+        try:
+            for row in rows:
+                ids = store.merge_context(
+                    row.context, study_id=row.study_id, study_uid=row.study_uid
+                )
+                if not ids:
+                    problems.append(f"{row.where}: no {row.names} on the worklist")
+                changed += ids
+        finally:
+            store.close()
+        for problem in problems:
+            err_console.print(f"[red]skipped:[/red] {problem}", highlight=False, soft_wrap=True)
+        console.print(
+            f"context added to {len(set(changed))} stud{'y' if len(set(changed)) == 1 else 'ies'}"
+            f" ({len(problems)} row(s) skipped)",
+            highlight=False,
+        )
+    if problems:
+        raise typer.Exit(1)
 
 
 def _boxes_text(text: str) -> str:

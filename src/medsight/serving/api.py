@@ -11,6 +11,9 @@ cannot. Uploads are judged by their content, limited in size and in how many are
 once (:class:`~medsight.serving.service.DecodeSlots`: 503 with ``Retry-After`` beyond it), and
 never cause a 500; anything unexpected is a logged 500 with an error id
 (:mod:`medsight.serving.security`, which also sets the security headers and trusted hosts).
+The worklist is listed in the order of a triage policy (:mod:`medsight.serving.triage`,
+``ServeSettings.policy``), each study with its rank and the reasons for its place; an upload
+may carry the clinical context the policy weighs as form fields beside the image.
 
 Per-request budget: the body is at most ``max_upload_bytes`` (413 above, counted while it
 streams in); the decoded image at most ``max_pixels`` (400 above); its decoding and scoring
@@ -28,10 +31,21 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    UploadFile,
+)
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -42,7 +56,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medsight import __version__
-from medsight.errors import ConfigError
+from medsight.errors import ConfigError, DataError
 from medsight.serving import schemas
 from medsight.serving.intake import queue_study, rounded
 from medsight.serving.security import (
@@ -68,6 +82,14 @@ from medsight.serving.service import (
     UnknownTarget,
     UnsupportedImage,
     decode_slots_for,
+)
+from medsight.serving.triage import (
+    CONTEXT_FIELDS,
+    Policy,
+    check_context,
+    check_points,
+    load_policy,
+    order_studies,
 )
 from medsight.serving.worklist import ReviewStateError, Study, WorklistStore, utc
 
@@ -117,6 +139,11 @@ class ServeSettings(BaseModel):
         "youden",
         description="Multi-label: the evaluated operating point (metrics.json thresholds) each "
         "finding is decided at (--point; 0.5 when the run was not evaluated).",
+    )
+    policy: Path | None = Field(
+        None,
+        description="The triage policy (YAML) the worklist is ordered by (--policy; default: "
+        "medsight/serving/policies/default.yaml).",
     )
 
     @field_validator("allowed_hosts")
@@ -175,6 +202,11 @@ def get_worklist(request: Request) -> WorklistStore:
     return request.app.state.worklist
 
 
+def get_policy(request: Request) -> Policy:
+    """The triage policy the worklist is ordered by."""
+    return request.app.state.policy
+
+
 _bearer = HTTPBearer(auto_error=False, description="Needed when the server has a token.")
 
 
@@ -204,6 +236,7 @@ def require_token(
 
 Model = Annotated[ModelService, Depends(get_model)]
 Store = Annotated[WorklistStore, Depends(get_worklist)]
+TriagePolicy = Annotated[Policy, Depends(get_policy)]
 Upload = Annotated[UploadFile, File(description="PNG, JPEG, TIFF, BMP or DICOM image.")]
 
 _ERRORS = {
@@ -399,7 +432,60 @@ def _item(study: Study) -> dict:
         "modality": study.modality,
         "patient": study.patient,
         "model": {"name": study.model_name, "run": study.model_run, "version": study.model_version},
+        "context": study.context or {},
     }
+
+
+def watched_thresholds(model: ModelService) -> dict[str, dict[str, float]]:
+    """``{output: {operating point: threshold}}`` of the outputs triage watches (the urgent
+    class or findings), as the policy's ``risk_above`` rules compare them."""
+    points = model.operating_points()
+    return {
+        name: {point: float(v["threshold"]) for point, v in points[name].items()}
+        for name in model.urgent
+        if name in points
+    }
+
+
+def _ranked(
+    studies: list[Study], model: ModelService, policy: Policy, ranked: bool = True
+) -> list[dict]:
+    """Studies as API items in ``policy`` order, each with its ``why`` (and ``rank``)."""
+    ordered = order_studies(studies, policy, watched_thresholds(model), datetime.now(timezone.utc))
+    return [
+        {**_item(study), "why": why, "rank": rank if ranked else None}
+        for rank, (study, why) in enumerate(ordered, start=1)
+    ]
+
+
+def _one(study: Study, model: ModelService, policy: Policy) -> dict:
+    """One study as an API item with its ``why`` (no rank: that belongs to a listing)."""
+    return _ranked([study], model, policy, ranked=False)[0]
+
+
+def _form_context(
+    priority: Annotated[
+        str | None, Form(description=f"Referral priority: {CONTEXT_FIELDS['priority']}.")
+    ] = None,
+    age_years: Annotated[
+        float | None, Form(description=f"Age: {CONTEXT_FIELDS['age_years']}.")
+    ] = None,
+    prior_findings: Annotated[
+        str | None,
+        Form(
+            description="Known prior positive findings, names joined by commas (nodule,effusion)."
+        ),
+    ] = None,
+    setting: Annotated[
+        str | None, Form(description=f"Where the patient is: {CONTEXT_FIELDS['setting']}.")
+    ] = None,
+) -> dict:
+    """The clinical context sent with an upload, checked (422 naming the field and value)."""
+    raw = {"priority": priority, "age_years": age_years, "prior_findings": prior_findings}
+    try:
+        return check_context({**raw, "setting": setting})
+    except DataError as exc:
+        raise HTTPException(422, f"{exc}; see GET /docs for the context fields") from None
 
 
 @v1.post(
@@ -409,25 +495,41 @@ def _item(study: Study) -> dict:
     summary="Queue a study",
     responses={201: {"description": "The queued study", "links": _STUDY_LINKS}, **_BUSY},
 )
-def add_study(model: Model, store: Store, data: Annotated[bytes, Depends(_read)]) -> dict:
-    """Score an uploaded study and queue it on the worklist (DICOM is de-identified first)."""
+def add_study(
+    model: Model,
+    store: Store,
+    policy: TriagePolicy,
+    context: Annotated[dict, Depends(_form_context)],
+    data: Annotated[bytes, Depends(_read)],
+) -> dict:
+    """Score an uploaded study and queue it on the worklist (DICOM is de-identified first).
+
+    The clinical context the triage policy weighs may come as form fields beside ``file``:
+    ``priority`` (stat, urgent, routine), ``age_years``, ``prior_findings`` (names joined by
+    commas) and ``setting`` (emergency, inpatient, outpatient); an impossible value is 422
+    naming the field and the value, before the image is read."""
     with model.slots.hold():
-        return _add_study(model, store, data)
+        return _add_study(model, store, data, context, policy)
 
 
-def _add_study(model: ModelService, store: WorklistStore, data: bytes) -> dict:
-    return _item(queue_study(model, store, data))
+def _add_study(
+    model: ModelService, store: WorklistStore, data: bytes, context: dict, policy: Policy
+) -> dict:
+    return _one(queue_study(model, store, data, context=context or None), model, policy)
 
 
-@v1.get("/worklist", response_model=schemas.Worklist, summary="Studies by urgency")
+@v1.get("/worklist", response_model=schemas.Worklist, summary="Studies in triage order")
 def worklist(
     store: Store,
+    model: Model,
+    policy: TriagePolicy,
     status: Annotated[
         schemas.StudyStatus | None, Query(description="Only studies in this state.")
     ] = None,
 ) -> dict:
-    """Studies, most urgent first (the task's urgency); ties by arrival time."""
-    return {"items": [_item(s) for s in store.list(status)]}
+    """Studies in the triage policy's order, most urgent first, each with its ``rank`` and
+    the reasons for its place (``why``); studies no rule tells apart by arrival time."""
+    return {"items": _ranked(store.list(status), model, policy), "policy": policy.describe()}
 
 
 @v1.get(
@@ -437,11 +539,11 @@ def worklist(
     operation_id="get_study",
     responses=_NO_STUDY,
 )
-def get_study(study_id: StudyId, store: Store) -> dict:
+def get_study(study_id: StudyId, store: Store, model: Model, policy: TriagePolicy) -> dict:
     study = store.get(study_id)
     if study is None:
         raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
-    return _item(study)
+    return _one(study, model, policy)
 
 
 @v1.get(
@@ -485,7 +587,11 @@ def study_image(study_id: StudyId, store: Store) -> FileResponse:
     },
 )
 def update_study(
-    study_id: StudyId, update: schemas.StudyUpdate, store: Store, model: Model
+    study_id: StudyId,
+    update: schemas.StudyUpdate,
+    store: Store,
+    model: Model,
+    policy: TriagePolicy,
 ) -> dict:
     """Set the status (pending, in_review, reviewed) and optionally the reviewer's label
     (multi-label: the findings present joined by '|', or 'no finding')."""
@@ -494,7 +600,7 @@ def update_study(
     if study is None:
         raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
     log.info("study %d status=%s", study.id, study.status)
-    return _item(study)
+    return _one(study, model, policy)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -631,6 +737,11 @@ def create_app(
             slots=DecodeSlots(slots, wait=settings.decode_wait_s),
             urgent=settings.urgent,
         )
+    policy = load_policy(settings.policy)
+    # The default policy names sensitivity points: a detector's are false-positive rates.
+    strict = settings.policy is not None
+    for warning in check_points(policy, model.operating_points(), strict=strict):
+        log.warning("%s", warning)
     if worklist is None:
         worklist = WorklistStore(settings.resolved_db(), settings.resolved_data_dir())
 
@@ -644,6 +755,7 @@ def create_app(
     )
     app.state.model = model
     app.state.worklist = worklist
+    app.state.policy = policy
     app.state.token = settings.resolved_token()
     app.state.max_upload_bytes = settings.max_upload_bytes
     _secure(app, settings)
@@ -799,6 +911,7 @@ def serve(settings: ServeSettings) -> None:
     import uvicorn
 
     check_exposure(settings)
+    load_policy(settings.policy)  # a bad policy stops here, before the socket opens
     starting = StartingApp(lambda: create_app(settings), settings)
     config = uvicorn.Config(
         starting, host=settings.host, port=settings.port, log_level="info", access_log=False

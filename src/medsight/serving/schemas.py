@@ -224,10 +224,37 @@ class StudyItem(BaseModel):
     modality: str | None = None
     patient: str | None = Field(default=None, description="Salted pseudonym of the patient ID.")
     model: ModelRef
+    context: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The clinical context triage weighs: priority (stat, urgent, routine), "
+        "age_years, prior_findings (a list), setting (emergency, inpatient, outpatient); only "
+        "the fields known.",
+        examples=[{"priority": "stat", "age_years": 67, "prior_findings": ["nodule"]}],
+    )
+    rank: int | None = Field(
+        default=None,
+        description="Position on the worklist as listed, 1 = read first (the triage policy's "
+        "order); null outside a worklist listing.",
+    )
+    why: str | None = Field(
+        default=None,
+        description="Why the study sits where it does, reason by reason in the policy's order.",
+        examples=[
+            "stat referral; risk 0.91 above the 90 %-sensitivity threshold (0.62); "
+            "prior finding: nodule; waiting 3 h 10 min"
+        ],
+    )
 
 
 class Worklist(BaseModel):
+    """Studies in the triage policy's order, most urgent first."""
+
     items: list[StudyItem]
+    policy: list[str] = Field(
+        default_factory=list,
+        description="The policy's rules in words, most important first; studies no rule tells "
+        "apart are in order of arrival.",
+    )
 
 
 class StudyUpdate(BaseModel):

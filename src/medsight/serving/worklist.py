@@ -291,6 +291,23 @@ class WorklistStore:
             )
         return self.get(study_id)
 
+    def merge_context(
+        self, context: dict[str, Any], *, study_id: int | None = None, study_uid: str | None = None
+    ) -> list[int]:
+        """Add (already checked) clinical ``context`` fields to the study ``study_id``, or to every
+        study of the source StudyInstanceUID ``study_uid``; a field given replaces the one
+        stored, the others stay. Returns the ids of the studies changed (none: no such study)."""
+        query = select(Study)
+        if study_id is not None:
+            query = query.where(Study.id == study_id)
+        else:
+            query = query.where(Study.study_uid == study_uid)
+        with self.sessions.begin() as session:
+            studies = list(session.scalars(query))
+            for study in studies:
+                study.context = {**(study.context or {}), **context}  # a new dict: JSON is saved
+        return [study.id for study in studies]
+
     def events(self, study_id: int) -> list[ReviewEvent]:
         """The audit trail of one study, oldest first."""
         query = select(ReviewEvent).where(ReviewEvent.study_id == study_id)

@@ -212,9 +212,9 @@ function setupMulti(model) {
   $("reviewer-label").hidden = multi || detect;
   $("reviewer-findings").hidden = !multi && !detect;
   $("reviewer-caption").textContent = multi ? "Reviewer’s findings" : detect ? "Reviewer’s findings (classes with a lesion)" : "Reviewer’s finding";
-  if (detect) $("urgency-explainer").textContent = `Ordered by urgency: the top score of a box of the urgent class (${model.urgent.map(pretty).join(", ")}); ties by arrival.`;
+  if (detect) $("urgency-explainer").textContent = `Urgency: the top score of a box of the urgent class (${model.urgent.map(pretty).join(", ")}).`;
   if (multi || detect) {
-    if (multi) $("urgency-explainer").textContent = `Ordered by urgency: the highest probability among the urgent findings (${model.urgent.map(pretty).join(", ")}), each scaled so that its own threshold sits at 50 % — 50 % or more means that finding reached its threshold; ties by arrival. “Finding” names the one that set the urgency.`;
+    if (multi) $("urgency-explainer").textContent = `Urgency: the highest probability among the urgent findings (${model.urgent.map(pretty).join(", ")}), each scaled so that its own threshold sits at 50 % — 50 % or more means that finding reached its threshold. “Finding” names the one that set the urgency.`;
     // Nothing ticked: no finding recorded (as the select's first option); "No finding" is a
     // reviewer's answer of its own, exclusive of the findings.
     const boxes = $("reviewer-findings");
@@ -441,17 +441,38 @@ async function refreshCount() {
   } catch (_) { /* the badge is a nicety */ }
 }
 
+// The clinical context as small tags: STAT, urgent, age, prior findings, setting.
+function contextTags(context) {
+  const tags = [];
+  if (context.priority === "stat") tags.push(el("span", { class: "tag stat", text: "STAT" }));
+  else if (context.priority === "urgent") tags.push(el("span", { class: "tag urgent", text: "urgent" }));
+  if (context.age_years !== undefined && context.age_years !== null) {
+    tags.push(el("span", { class: "tag", text: `${Number(context.age_years).toLocaleString(undefined, { maximumFractionDigits: 1 })} y`, title: "age in years" }));
+  }
+  for (const finding of context.prior_findings || []) tags.push(el("span", { class: "tag prior", text: "prior: " + finding, title: "known prior finding" }));
+  if (context.setting) tags.push(el("span", { class: "tag", text: context.setting }));
+  return tags;
+}
+
 async function loadWorklist() {
   const status = $("status-filter").value;
   try {
     const body = await json(await api("/v1/worklist" + (status ? "?status=" + status : "")));
     const rows = $("worklist-body");
     rows.replaceChildren();
+    // The policy in words: the page says what the order means, rule by rule.
+    if (body.policy && body.policy.length) {
+      const rules = body.policy.map((rule, i) => `${i + 1}. ${rule}`).join("; ");
+      $("policy-explainer").textContent = `Read first, by the triage policy: ${rules}; then by arrival. Under each study: what is known about the patient and why it sits there.`;
+    }
+    const columns = $("worklist-head").children.length - ($("wl-finding-head").hidden ? 1 : 0);
     for (const item of body.items) {
       const fill = el("div", { class: "fill" });
       fill.style.width = (100 * item.urgency).toFixed(1) + "%";
-      const row = el("tr", { class: "wl-row" + (state.selected === item.id ? " selected" : ""), "data-id": String(item.id) }, [
-        el("td", { text: String(item.id) }),
+      const selected = state.selected === item.id ? " selected" : "";
+      const row = el("tr", { class: "wl-row" + selected, "data-id": String(item.id) }, [
+        el("td", { class: "wl-rank", text: item.rank === null ? "" : String(item.rank) }),
+        el("td", { class: "muted", text: "#" + item.id }),
         el("td", {}, [el("div", { class: "urgency" }, [el("div", { class: "track" }, [fill]), el("span", { text: pct(item.urgency) })])]),
         el("td", { text: labelText(item.label) }),
         ...(isMulti() ? [el("td", { class: "wl-finding", text: item.urgency_finding ? pretty(item.urgency_finding) : "—" })] : []),
@@ -459,8 +480,15 @@ async function loadWorklist() {
         el("td", {}, [el("span", { class: "chip " + item.status, text: pretty(item.status) })]),
         el("td", { class: "muted", text: new Date(item.received_at).toLocaleString() }),
       ]);
-      row.addEventListener("click", () => openStudy(item));
-      rows.append(row);
+      // Under each study: its context as tags and why it sits where it does.
+      const why = el("tr", { class: "wl-why-row" + selected, "data-id": String(item.id) }, [
+        el("td", {}),
+        el("td", { colspan: String(columns - 1) }, [
+          el("div", { class: "wl-why-line" }, [...contextTags(item.context || {}), el("span", { class: "wl-why", text: item.why || "" })]),
+        ]),
+      ]);
+      for (const tr of [row, why]) tr.addEventListener("click", () => openStudy(item));
+      rows.append(row, why);
     }
     $("worklist-empty").hidden = body.items.length > 0;
     refreshCount();
@@ -471,7 +499,7 @@ async function loadWorklist() {
 
 async function openStudy(item) {
   state.selected = item.id;
-  for (const row of document.querySelectorAll(".wl-row")) row.classList.toggle("selected", row.dataset.id === String(item.id));
+  for (const row of document.querySelectorAll(".wl-row, .wl-why-row")) row.classList.toggle("selected", row.dataset.id === String(item.id));
   $("study-empty").hidden = true;
   $("study").hidden = false;
   $("study-title").textContent = `Study #${item.id}`;
@@ -483,6 +511,9 @@ async function openStudy(item) {
   add(isMulti() ? "Model findings" : "Model label", labelText(item.label));
   add("Urgency", pct(item.urgency) + (isMulti() && item.urgency_finding ? ` (set by ${pretty(item.urgency_finding)})` : ""));
   add("Flag", item.flag ? `at or above the ${pointName(item.flag)} threshold` : state.model && state.model.evaluated ? "below every operating point" : "none (run not evaluated)");
+  const tags = contextTags(item.context || {});
+  if (tags.length) facts.append(el("dt", { text: "Context" }), el("dd", { class: "tags" }, tags));
+  if (item.why) add("Why here", item.why);
   add("Status", pretty(item.status));
   add("Format", item.format + (item.modality ? " · " + item.modality : ""));
   if (item.patient) add("Patient", item.patient + " (pseudonym)");
