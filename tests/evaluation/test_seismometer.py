@@ -109,6 +109,17 @@ def test_only_salted_pseudonyms_leave_medsight(evaluated, tmp_path):
         assert not any(raw in text for text in files), raw
 
 
+def test_an_image_without_a_patient_id_is_its_own_patient(evaluated, tmp_path):
+    run, table = evaluated
+    table.loc[5, "patient_id"] = None
+    table.to_csv(run / runs.PREDICTIONS, index=False)
+    sm.export_evaluation(run, tmp_path / "out")
+    predictions, _ = read(tmp_path / "out")
+
+    assert predictions["PatientId"][5] == pseudonymise(table["sample_id"][5])
+    assert predictions["PatientId"][4] == pseudonymise(RAW_PATIENTS[2])
+
+
 def test_config_files_parse_and_name_the_columns_the_tables_have(evaluated, tmp_path):
     run, _ = evaluated
     runs.write_json(

@@ -39,7 +39,7 @@ import pandas as pd
 import yaml
 
 from medsight import runs
-from medsight.data.findings import positives, split_label
+from medsight.data.findings import multi_hot
 from medsight.data.privacy import pseudonymise
 from medsight.errors import ConfigError, DataError
 from medsight.evaluation.subgroups import MISSING, bin_numeric
@@ -119,13 +119,13 @@ def export_evaluation(
     missing = [c for c in outputs if c not in table.columns]
     if missing:
         raise DataError(f"{path} lacks the score column(s) {missing}: evaluate the run again")
-    cohorts = _cohort_names(by, table)
+    cohorts = _cohort_names(by, table, outputs)
     main = primary_class(run, primary)
 
-    if "patient_id" in table.columns and table["patient_id"].notna().all():
-        patients = table["patient_id"]
-    else:  # no patient column: each image stands for its own patient
-        patients = table["sample_id"]
+    # an image without a patient ID stands for its own patient
+    patients = table["sample_id"]
+    if "patient_id" in table.columns:
+        patients = table["patient_id"].where(table["patient_id"].notna(), patients)
     predictions = pd.DataFrame(
         {
             ENTITY: [pseudonymise(p) for p in patients],
@@ -180,12 +180,7 @@ def truth_matrix(labels: Sequence, classes: Sequence[str], *, single_label: bool
     name; else findings joined by ``|`` or ``"no finding"``. An unknown name is refused."""
     classes = list(classes)
     if not single_label:
-        matrix = positives(labels, classes).astype(np.float64)
-        for i, label in enumerate(labels):
-            for part in split_label(label):
-                if part.startswith("?") and part[1:] in classes:
-                    matrix[i, classes.index(part[1:])] = np.nan
-        return matrix
+        return multi_hot(list(labels), classes).astype(np.float64)
     unknown = sorted({str(v) for v in labels} - set(classes))
     if unknown:
         raise DataError(f"label(s) {unknown} are not classes of this run; classes: {classes}")
@@ -365,8 +360,11 @@ def evaluated_thresholds(run: runs.Run, name: str) -> list[float]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _cohort_names(by: Sequence[str], table: pd.DataFrame) -> list[str]:
+def _cohort_names(by: Sequence[str], table: pd.DataFrame, outputs: Sequence[str]) -> list[str]:
     names = list(dict.fromkeys(by))
+    taken = [c for c in names if c in (ENTITY, CONTEXT, PREDICT_TIME, *outputs)]
+    if taken:
+        raise DataError(f"--by {taken[0]} is a column the export makes itself; choose another")
     identifiers = [c for c in names if c in IDENTIFIERS]
     if identifiers:
         raise DataError(
