@@ -302,7 +302,10 @@ def test_worklist_reviews_become_outcomes_at_the_time_of_review(tmp_path):
     assert times == [s.reviewed_at.replace(tzinfo=None) for s in reviewed]
     usage = yaml.safe_load((tmp_path / "out" / "usage_config.yml").read_text())["data_usage"]
     assert usage["events"][0]["window_hr"] >= 72  # the three-day wait for review fits
-    assert "1 studies not reviewed yet are left out" in result.notes[0]
+    assert result.notes == [
+        "1 study not reviewed yet left out (seismometer would count a study without its review as "
+        "negative)"
+    ]
 
 
 def test_worklist_export_from_the_command_line(tmp_path):

@@ -101,11 +101,11 @@ def export_worklist(
         ),
         event_text="1 when the reviewer's label includes {name}, else 0",
     )
-    pending = len(store.list()) - len(reviewed)
-    if pending:
+    waiting = [s for s in store.list() if s.model_run == run.path.name and s.status != "reviewed"]
+    if waiting:
         result.notes.append(
-            f"{pending} studies not reviewed yet are left out (seismometer would count them as "
-            "negatives)"
+            f"{len(waiting)} {'study' if len(waiting) == 1 else 'studies'} not reviewed yet "
+            "left out (seismometer would count a study without its review as negative)"
         )
     return result
 
