@@ -1107,15 +1107,15 @@ def seismometer_command(
 
 
 def _print_seismometer(export) -> None:
-    console.print(
+    said = (
         f"wrote {export.path}/ for seismometer: {export.predictions:,} predictions, "
         f"{export.events:,} events; primary output {export.primary_output}, target "
-        f"'{export.primary_target}'; cohorts: {', '.join(export.cohorts) or 'none'}",
-        highlight=False,
+        f"'{export.primary_target}'; cohorts: {', '.join(export.cohorts) or 'none'}"
     )
+    console.print(escape(said), highlight=False)  # class names may hold [brackets]
     for note in export.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-    console.print(f"open it as {export.path}/README.md says", highlight=False)
+    console.print(escape(f"open it as {export.path}/README.md says"), highlight=False)
 
 
 def _value_ci(entry: dict, compact: bool = False):
