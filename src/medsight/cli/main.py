@@ -994,6 +994,14 @@ def evaluate_command(
     ] = Backend.torch,
     tta: TtaOption = None,
     device: DeviceOption = "auto",
+    seismometer: Annotated[
+        Path | None,
+        typer.Option(
+            "--seismometer",
+            help="Also write the predictions as a folder seismometer loads (cohorts: --by).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a run: metrics with CIs, thresholds, calibration, subgroups → metrics.json."""
     from medsight.cli.render import evaluation_tables
@@ -1024,6 +1032,90 @@ def evaluate_command(
             for warning in result.get("warnings", []):
                 err_console.print(f"[yellow]warning ({column}):[/] {warning}", highlight=False)
         console.print(f"wrote {run}/metrics.json and {run}/predictions.csv")
+        if seismometer is not None:
+            from medsight.evaluation.seismometer import export_evaluation
+
+            _print_seismometer(export_evaluation(run, seismometer, by=by or []))
+
+
+@app.command("seismometer")
+def seismometer_command(
+    run: Annotated[Path, typer.Argument(help="An evaluated run directory.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write for seismometer.")],
+    by: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--by",
+            help="Cohort column (repeatable; default: the last evaluate's --by columns).",
+            show_default=False,
+        ),
+    ] = None,
+    primary: Annotated[
+        str | None,
+        typer.Option(
+            "--primary",
+            help="The class whose score is the primary output (default: the positive class).",
+            show_default=False,
+        ),
+    ] = None,
+    worklist: Annotated[
+        bool,
+        typer.Option(
+            "--worklist",
+            help="Export the worklist's reviewed studies (reviewer labels as outcomes) instead "
+            "of the evaluation.",
+        ),
+    ] = False,
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Worklist database URL (default sqlite:///RUN/worklist/…)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The worklist's folder (default RUN/worklist)."),
+    ] = None,
+) -> None:
+    """Write an evaluated run's predictions (or the worklist's reviews) as a folder that Epic's
+    open-source seismometer loads: Parquet tables, config.yml, usage_config.yml, dictionary."""
+    with _user_errors():
+        if not worklist:
+            if db is not None or data_dir is not None:
+                raise MedsightError("--db and --data-dir go with --worklist")
+            from medsight.evaluation.seismometer import export_evaluation
+
+            _print_seismometer(export_evaluation(run, out, by=by, primary=primary))
+            return
+        if by:
+            raise MedsightError(
+                "--by is for evaluations; a worklist export's cohorts are the model version, "
+                "modality and clinical context"
+            )
+        from medsight.serving.seismometer import export_worklist
+        from medsight.serving.worklist import WorklistStore
+
+        folder = data_dir or run / "worklist"
+        if db is None and not (folder / "worklist.db").is_file():
+            raise MedsightError(
+                f"no worklist at {folder / 'worklist.db'}; pass --db URL (and --data-dir) of "
+                f"the worklist `medsight serve {run}` keeps"
+            )
+        store = WorklistStore(db or f"sqlite:///{(folder / 'worklist.db').resolve()}", folder)
+        try:
+            _print_seismometer(export_worklist(run, store, out, primary=primary))
+        finally:
+            store.close()
+
+
+def _print_seismometer(export) -> None:
+    said = (
+        f"wrote {export.path}/ for seismometer: {export.predictions:,} predictions, "
+        f"{export.events:,} events; primary output {export.primary_output}, target "
+        f"'{export.primary_target}'; cohorts: {', '.join(export.cohorts) or 'none'}"
+    )
+    console.print(escape(said), highlight=False)  # class names may hold [brackets]
+    for note in export.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    console.print(escape(f"open it as {export.path}/README.md says"), highlight=False)
 
 
 def _value_ci(entry: dict, compact: bool = False):
