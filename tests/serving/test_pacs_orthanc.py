@@ -262,3 +262,96 @@ def test_dicomweb_server_that_does_not_answer_is_one_error_naming_the_url():
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
         with pytest.raises(DicomWebError, match=f"{url} did not answer within 1 s"):
             DicomWebClient(url, timeout=1).studies("20000101")
+
+
+def test_listen_command_sends_sr_and_overlay_back_to_orthanc(
+    orthanc,  # noqa: F811
+    served_run,
+    tmp_path,
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import medsight
+
+    data_dir = tmp_path / "listen"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(medsight.__file__).parents[1]), os.getcwd()])
+    command = [
+        sys.executable, "-m", "medsight", "listen", str(served_run),
+        "--ae-title", "MEDSIGHT", "--port", str(orthanc.node_port), "--host", "127.0.0.1",
+        "--calling-aets", f"{orthanc.aet},OTHER", "--series-timeout", "1",
+        "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--overlay",
+        "--data-dir", str(data_dir), "--device", "cpu",
+    ]  # fmt: skip
+    log = tmp_path / "listen.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        with orthanc.client() as client:
+            wait_for(
+                lambda: client.post("/modalities/medsight/echo", json={}).status_code == 200,
+                what="C-ECHO from Orthanc to medsight listen",
+            )
+            paths = make_study(tmp_path / "in", n=3)
+            ours = upload(orthanc, paths)
+            answer = client.post(
+                "/modalities/medsight/store",
+                json={"Resources": [ours["ParentStudy"]], "Synchronous": True},
+                timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+            listing = wait_for(
+                lambda: (
+                    len(found := orthanc_instances(orthanc, ours["ParentStudy"])) == 5 and found
+                ),
+                what="the SR and the overlay in Orthanc",
+            )
+            series = client.get(f"/studies/{ours['ParentStudy']}/series").json()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    text = log.read_bytes()
+    assert process.returncode == 0, text.decode(errors="replace")[-2000:]
+    modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
+    assert modalities == ["CT", "OT", "SR"]  # the images, medsight's heat map, medsight's SR
+    descriptions = {s["MainDicomTags"].get("SeriesDescription", "") for s in series}
+    assert "medsight AI triage - not for diagnosis" in descriptions
+    assert "medsight heat map - not for diagnosis" in descriptions
+    assert len(listing) == 5
+    assert b"result delivered" in text
+    places = {str(p): p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
+    places["listen log"] = text
+    secrets = [FAKE_NAME.encode(), b"Quillonfake", FAKE_ID.encode(), b"ACC-QF-1"]
+    assert {
+        (where, s) for where, content in places.items() for s in secrets if s in content
+    } == set()
+
+
+def test_pacs_poll_command_refused_credentials_is_one_error_line(
+    orthanc,  # noqa: F811
+    served_run,
+    tmp_path,
+    monkeypatch,
+):
+    from typer.testing import CliRunner
+
+    from medsight.cli.main import app
+
+    credentials = tmp_path / "dicomweb.txt"
+    credentials.write_text(f"{orthanc.user}:wrong-password-123\n")
+    args = ["pacs", "poll", str(served_run), "--url", orthanc.dicomweb, "--since", "20260101"]
+    args += ["--once", "--credentials-file", str(credentials), "--data-dir", str(tmp_path / "d")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: DICOMweb server {orthanc.dicomweb} refused")
+    assert "wrong-password-123" not in result.output
+
+    credentials.write_text(f"{orthanc.user}:{orthanc.password}\n")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"{orthanc.dicomweb}: " in said and "already on the worklist, 0 failed" in said
