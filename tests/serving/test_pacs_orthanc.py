@@ -147,7 +147,6 @@ def test_orthanc_round_trip_worklist_and_sr_back_without_patient_data(
     assert len(ours_on_list) == 1
     study = ours_on_list[0]
     assert study.context == {"priority": "stat", "age_years": 65.0}
-    assert study.label == "lesion"  # bright squares: the tiny run's lesion
 
     # medsight's SR is in Orthanc, in the very study of the images (same patient, same UID).
     listing = orthanc_instances(orthanc, ours["ParentStudy"])
@@ -158,9 +157,10 @@ def test_orthanc_round_trip_worklist_and_sr_back_without_patient_data(
     assert sr.Modality == "SR" and sr.SOPClassUID.name == "Comprehensive SR Storage"
     assert sr.StudyInstanceUID == uid and sr.PatientID == FAKE_ID
     items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
-    assert items["Finding"].TextValue == "lesion"
-    probability = items["Model probability of lesion"].MeasuredValueSequence[0].NumericValue
-    assert float(probability) == pytest.approx(study.probabilities["lesion"], abs=1e-4)
+    assert items["Finding"].TextValue == study.label  # what the worklist shows
+    finding = study.urgency_finding  # the run's urgent class
+    probability = items[f"Model probability of {finding}"].MeasuredValueSequence[0].NumericValue
+    assert float(probability) == pytest.approx(study.probabilities[finding], abs=1e-4)
     assert items["Algorithm Name"].TextValue == "medcnn_s"
     assert items["Algorithm Version"].TextValue.startswith(study.model_version)
     assert items["Comment"].TextValue == NOT_FOR_DIAGNOSIS

@@ -413,6 +413,8 @@ class DicomNode:
             batches = []
             for uid in due:
                 arrival = self._arrivals.pop(uid)
+                if not arrival.folder.is_dir():  # nothing could be written (a full disk)
+                    continue
                 # A late instance starts a new folder rather than joining one being scored.
                 taken = arrival.folder.with_name(f"{arrival.folder.name}.{time.time_ns()}.scoring")
                 arrival.folder.rename(taken)
