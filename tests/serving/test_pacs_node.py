@@ -262,3 +262,17 @@ def test_a_study_arriving_over_a_restart_keeps_its_pixels(node):
     study = wait_for(lambda: node.store.list())[0]
     stored = pydicom.dcmread(io.BytesIO((node.store.data_dir / study.stored_as).read_bytes()))
     assert np.array_equal(stored.pixel_array, pixels)
+
+
+def test_a_study_sent_twice_is_queued_once(node, caplog):
+    study, series = generate_uid(), generate_uid()
+    sent = [instance(study, series, n) for n in (1, 2)]
+    for _ in range(2):
+        assoc = associate(node)
+        assert [assoc.send_c_store(p.dataset).Status for p in sent] == [SUCCESS] * 2
+        assoc.release()
+        with caplog.at_level(logging.INFO, logger="medsight.pacs"):
+            node.flush(force=True)
+    assert [s.study_uid for s in node.store.list()] == [study]
+    assert "is already worklist study 1; not scored again" in caplog.text
+    assert node.counts["scored"] == 1 and node.counts["repeated"] == 1

@@ -355,3 +355,43 @@ def test_pacs_poll_command_refused_credentials_is_one_error_line(
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert f"{orthanc.dicomweb}: " in said and "already on the worklist, 0 failed" in said
+
+
+def test_results_by_stow_rs_join_the_study_also_after_a_restart(
+    orthanc,  # noqa: F811
+    model,
+    tmp_path,
+):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from medsight.serving.pacs import StowDestination
+
+    data_dir = tmp_path / "data"
+    store = store_for(data_dir)
+    stow = StowDestination(orthanc.dicomweb, auth=orthanc.auth)
+    sender = ResultSender(stow, data_dir / "outbox")
+    node = DicomNode(model, store, port=0, host="127.0.0.1", series_timeout=1, results=sender)
+    first, second = make_study(tmp_path / "a", n=1), make_study(tmp_path / "b", n=1)
+    studies = [upload(orthanc, paths)["ParentStudy"] for paths in (first, second)]
+    node.start()
+    try:
+        ae = AE("MODALITY")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="MEDSIGHT")
+        assert [assoc.send_c_store(pydicom.dcmread(p[0])).Status for p in (first, second)] == [0, 0]
+        assoc.release()
+        wait_for(lambda: len(store.list()) == 2, what="the worklist")
+    finally:
+        node.stop()
+    assert sender.pending() == 2
+    # One delivered by this sender (patient attributes in memory) ...
+    outbox = sorted((data_dir / "outbox").glob("*.json"))
+    held = outbox[1].read_bytes()
+    outbox[1].unlink()
+    assert sender.deliver(force=True) == 1
+    # ... one after a restart: looked up by QIDO-RS, then stored by STOW-RS.
+    outbox[1].write_bytes(held)
+    assert ResultSender(stow, data_dir / "outbox").deliver(force=True) == 1
+    assert [len(orthanc_instances(orthanc, s)) for s in studies] == [2, 2]
+    store.engine.dispose()

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import select
 
 from medsight.data.privacy import pseudonymous_uid
 from medsight.errors import ConfigError, MedsightError
 from medsight.serving.intake import queue_study
-from medsight.serving.pacs.node import context_from_dicom
+from medsight.serving.pacs.node import context_from_dicom, known_study
 from medsight.serving.service import ModelService
 from medsight.serving.worklist import Study, WorklistStore
 
@@ -169,13 +168,6 @@ class PollResult:
     failed: int = 0
 
 
-def known_study(store: WorklistStore, study_uid: str) -> bool:
-    """Whether a study with this source StudyInstanceUID is already on the worklist."""
-    with store.sessions() as session:
-        query = select(Study.id).where(Study.study_uid == study_uid).limit(1)
-        return session.scalar(query) is not None
-
-
 def poll(
     model: ModelService, store: WorklistStore, client: DicomWebClient, since: str
 ) -> PollResult:
@@ -190,7 +182,7 @@ def poll(
         if since_time and when[0] == since_date and when[1] and when[1] < since_time:
             continue
         result.found += 1
-        if known_study(store, uid):
+        if known_study(store, uid) is not None:
             result.known += 1
             continue
         name = f"study {pseudonymous_uid(uid)}"

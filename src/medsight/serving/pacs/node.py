@@ -24,7 +24,9 @@ What it does with what arrives:
   as soon as it has been scored. An association that aborts keeps what arrived; a study that
   never completes is scored when the timeout passes anyway; a spool given with ``spool`` that
   still holds studies at start (a restart) has them scored.
-* **Scoring.** One representative image per study: the middle instance (by Instance Number,
+* **Scoring.** A study already on the worklist (the same StudyInstanceUID sent again, or
+  instances arriving after it was scored) is logged and not queued twice. One representative
+  image per study: the middle instance (by Instance Number,
   then file order) of the series with the most instances; if it cannot be scored, the next
   nearest to the middle is tried. It goes through :func:`medsight.serving.intake.queue_study`,
   which de-identifies it before anything is stored, with the clinical context read from the
@@ -53,6 +55,7 @@ from typing import Any
 
 import pydicom
 from pydicom.uid import UID, AllTransferSyntaxes
+from sqlalchemy import select
 
 from medsight.data.privacy import pseudonymous_uid
 from medsight.errors import DataError
@@ -154,6 +157,13 @@ def context_from_dicom(ds: pydicom.Dataset) -> dict[str, Any]:
     return context
 
 
+def known_study(store: WorklistStore, study_uid: str) -> Study | None:
+    """The worklist's study with this source StudyInstanceUID, if there is one."""
+    with store.sessions() as session:
+        query = select(Study).where(Study.study_uid == study_uid).order_by(Study.id).limit(1)
+        return session.scalar(query)
+
+
 def _digest(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:24]
 
@@ -210,11 +220,14 @@ class DicomNode:
         self.transfer_syntaxes = decodable_transfer_syntaxes()
         self._arrivals: dict[str, _Arrival] = {}
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._server = None
         self._watcher: threading.Thread | None = None
         #: Counters for logs and tests: stored, ignored (non-image), refused (undecodable).
-        self.counts = {"stored": 0, "ignored": 0, "refused": 0, "scored": 0, "failed": 0}
+        self.counts = dict.fromkeys(
+            ("stored", "ignored", "refused", "scored", "repeated", "failed"), 0
+        )
 
     # ------------------------------------------------------------------ life cycle
 
@@ -281,6 +294,10 @@ class DicomNode:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _count(self, what: str) -> None:
+        with self._count_lock:  # association threads count concurrently
+            self.counts[what] += 1
+
     def pending_studies(self) -> int:
         """Studies received and not yet scored."""
         with self._lock:
@@ -322,7 +339,7 @@ class DicomNode:
             ds.file_meta = event.file_meta
         except Exception as exc:  # noqa: BLE001 - a data set that cannot be parsed is refused
             log.warning("instance refused: its data set cannot be read (%s)", type(exc).__name__)
-            self.counts["refused"] += 1
+            self._count("refused")
             return CANNOT_UNDERSTAND
         sop_class = UID(str(ds.get("SOPClassUID", event.request.AffectedSOPClassUID)))
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
@@ -333,11 +350,11 @@ class DicomNode:
                 where,
                 sop_class.name,
             )
-            self.counts["ignored"] += 1
+            self._count("ignored")
             return SUCCESS
         if not study_uid:
             log.warning("a %s instance refused: it has no StudyInstanceUID", sop_class.name)
-            self.counts["refused"] += 1
+            self._count("refused")
             return CANNOT_UNDERSTAND
         syntax = UID(str(ds.file_meta.TransferSyntaxUID))
         try:
@@ -350,7 +367,7 @@ class DicomNode:
                 syntax.name,
                 _reason(exc),
             )
-            self.counts["refused"] += 1
+            self._count("refused")
             return CANNOT_UNDERSTAND
         series_uid = str(ds.get("SeriesInstanceUID", "") or "unknown")
         sop_uid = str(ds.get("SOPInstanceUID", "") or pydicom.uid.generate_uid())
@@ -369,7 +386,7 @@ class DicomNode:
         except OSError as exc:
             log.error("%s: an instance could not be spooled (%s)", where, exc.strerror)
             return OUT_OF_RESOURCES
-        self.counts["stored"] += 1
+        self._count("stored")
         return SUCCESS
 
     # ------------------------------------------------------------------ scoring
@@ -431,6 +448,16 @@ class DicomNode:
 
     def _score(self, study_uid: str, folder: Path, count: int) -> Study | None:
         name = f"study {pseudonymous_uid(study_uid)}"
+        earlier = known_study(self.store, study_uid)
+        if earlier is not None:  # sent again, or late instances: one worklist entry per study
+            log.info(
+                "%s (%d instances) is already worklist study %d; not scored again",
+                name,
+                count,
+                earlier.id,
+            )
+            self._count("repeated")
+            return None
         for path, ds in representatives(folder):
             data = path.read_bytes()
             try:
@@ -446,7 +473,7 @@ class DicomNode:
                     "%s: an instance could not be scored (%s); trying another", name, _reason(exc)
                 )
                 continue
-            self.counts["scored"] += 1
+            self._count("scored")
             log.info(
                 "%s (%d instances) scored as worklist study %d: %s",
                 name,
@@ -466,7 +493,7 @@ class DicomNode:
             if self.on_scored is not None:
                 self.on_scored(study)
             return study
-        self.counts["failed"] += 1
+        self._count("failed")
         log.error("%s (%d instances): no instance could be scored; nothing queued", name, count)
         return None
 
