@@ -264,6 +264,13 @@ class DicomNode:
         self._watcher = threading.Thread(target=self._watch, name="medsight-node", daemon=True)
         self._watcher.start()
         allowed = ", ".join(self.calling_aets) if self.calling_aets else "any calling AE title"
+        if not self.calling_aets and self.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "no calling AE titles listed: any DICOM peer that reaches %s:%d may send "
+                "studies; give --calling-aets to refuse the others",
+                self.host,
+                self.port,
+            )
         log.info(
             "DICOM node %s listening on %s:%d (accepts %s; a study is scored %.3g s after its "
             "last instance)",
