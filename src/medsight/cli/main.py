@@ -1805,5 +1805,209 @@ def _print_localisation(result: dict) -> None:
         err_console.print(f"{result['n_missing_masks']} lesion image(s) had no mask (not scored)")
 
 
+# ---------------------------------------------------------------------- PACS: DICOM node, DICOMweb
+
+
+def _pacs_model(run: Path, backend: Backend, device: str, point: str):
+    from medsight.inference import Predictor
+    from medsight.serving.service import ModelService
+
+    return ModelService(Predictor.from_run(run, backend=backend.value, point=point, device=device))
+
+
+def _pacs_store(run: Path, db: str | None, data_dir: Path | None):
+    """The worklist ``medsight serve RUN`` shows (same defaults), so its page lists the studies."""
+    from medsight.serving.worklist import WorklistStore
+
+    folder = data_dir or run / "worklist"
+    return WorklistStore(db or f"sqlite:///{folder.resolve() / 'worklist.db'}", folder)
+
+
+CredentialsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--credentials-file",
+        help="DICOMweb user:password in a file (else $MEDSIGHT_DICOMWEB_USER and "
+        "$MEDSIGHT_DICOMWEB_PASSWORD); never a password on the command line.",
+        show_default=False,
+    ),
+]
+
+
+@app.command("listen")
+def listen_command(
+    run: Annotated[Path, typer.Argument(help="Run directory whose model scores the studies.")],
+    ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title.")] = "MEDSIGHT",
+    port: Annotated[int, typer.Option("--port", help="DICOM port to listen on.")] = 11112,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Worklist database URL (default: the one `serve RUN` uses)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Worklist folder (default RUN/worklist).")
+    ] = None,
+    calling_aets: Annotated[
+        str | None,
+        typer.Option(
+            "--calling-aets",
+            help="Only these calling AE titles may send (comma-separated); others are refused.",
+            show_default=False,
+        ),
+    ] = None,
+    series_timeout: Annotated[
+        float,
+        typer.Option(
+            "--series-timeout", help="Seconds without a new instance after which a study is scored."
+        ),
+    ] = 10.0,
+    spool: Annotated[
+        Path | None,
+        typer.Option(
+            "--spool",
+            help="Folder for instances until their study is scored (default: a private temporary "
+            "folder); studies left there are scored at the next start.",
+            show_default=False,
+        ),
+    ] = None,
+    send_to: Annotated[
+        str | None,
+        typer.Option(
+            "--send-to",
+            help="Send each result (DICOM SR) by C-STORE to AE@host:port.",
+            show_default=False,
+        ),
+    ] = None,
+    stow: Annotated[
+        str | None,
+        typer.Option(
+            "--stow",
+            help="Send each result by STOW-RS to this DICOMweb root URL.",
+            show_default=False,
+        ),
+    ] = None,
+    credentials_file: CredentialsOption = None,
+    overlay: Annotated[
+        bool,
+        typer.Option("--overlay/--no-overlay", help="Also send the heat map (Secondary Capture)."),
+    ] = False,
+    backend: Annotated[Backend, typer.Option("--backend", help="torch | onnx")] = Backend.torch,
+    device: DeviceOption = "auto",
+    point: PointOption = "youden",
+) -> None:
+    """Be a DICOM node: receive studies by C-STORE, queue each on the worklist when complete,
+    and send the result back to the PACS as a DICOM SR."""
+    import logging
+    import signal
+    import threading
+
+    from medsight.serving.pacs.dicomweb import load_credentials
+    from medsight.serving.pacs.node import DicomNode
+    from medsight.serving.pacs.results import ResultSender, StoreDestination, StowDestination
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
+    with _user_errors():
+        if send_to and stow:
+            raise MedsightError("listen: give --send-to or --stow, not both")
+        destination = None
+        if send_to:
+            destination = StoreDestination.parse(send_to, calling_aet=ae_title)
+        elif stow:
+            destination = StowDestination(stow, auth=load_credentials(credentials_file))
+        model = _pacs_model(run, backend, device, point)
+        store = _pacs_store(run, db, data_dir)
+        sender = None
+        if destination is not None:
+            sender = ResultSender(
+                destination, store.data_dir / "outbox", overlay=overlay, model=model
+            )
+        node = DicomNode(
+            model,
+            store,
+            ae_title=ae_title,
+            port=port,
+            host=host,
+            calling_aets=calling_aets.split(",") if calling_aets else None,
+            series_timeout=series_timeout,
+            spool=spool,
+            results=sender,
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        if sender is not None:
+            sender.start()
+        node.start()
+        err_console.print(
+            f"medsight listening as {ae_title} on {host}:{node.port}"
+            + (f"; results to {destination}" if destination else ""),
+            highlight=False,
+        )
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            node.stop()
+            if sender is not None:
+                sender.stop()
+                sender.deliver()
+
+
+pacs_app = typer.Typer(help="Fetch studies from a PACS that pushes nothing (DICOMweb).")
+app.add_typer(pacs_app, name="pacs")
+
+
+@pacs_app.command("poll")
+def pacs_poll_command(
+    run: Annotated[Path, typer.Argument(help="Run directory whose model scores the studies.")],
+    url: Annotated[str, typer.Option("--url", help="DICOMweb root, e.g. http://pacs/dicom-web.")],
+    since: Annotated[
+        str, typer.Option("--since", help="Studies from this date on: YYYYMMDD[-HHMMSS].")
+    ],
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Worklist database URL (default: the one `serve RUN` uses)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Worklist folder (default RUN/worklist).")
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
+    every: Annotated[
+        float, typer.Option("--every", help="Seconds between polls (without --once).")
+    ] = 60.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the server per request.")
+    ] = 30.0,
+    credentials_file: CredentialsOption = None,
+    backend: Annotated[Backend, typer.Option("--backend", help="torch | onnx")] = Backend.torch,
+    device: DeviceOption = "auto",
+    point: PointOption = "youden",
+) -> None:
+    """Poll a DICOMweb server (QIDO-RS, WADO-RS) and queue the studies not yet on the worklist."""
+    import logging
+    import time
+
+    from medsight.serving.pacs.dicomweb import DicomWebClient, load_credentials, parse_since
+    from medsight.serving.pacs.dicomweb import poll as poll_studies
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
+    with _user_errors():
+        parse_since(since)
+        client = DicomWebClient(url, auth=load_credentials(credentials_file), timeout=timeout)
+        model = _pacs_model(run, backend, device, point)
+        store = _pacs_store(run, db, data_dir)
+        while True:
+            result = poll_studies(model, store, client, since)
+            err_console.print(
+                f"{url}: {result.found} studies since {since}, {result.queued} queued, "
+                f"{result.known} already on the worklist, {result.failed} failed",
+                highlight=False,
+            )
+            if once:
+                return
+            time.sleep(every)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
