@@ -91,6 +91,7 @@ def orthanc_instances(orthanc, study_id: str) -> list[dict]:  # noqa: F811
 def test_orthanc_round_trip_worklist_and_sr_back_without_patient_data(
     orthanc,  # noqa: F811
     model,
+    served_run,
     tmp_path,
     caplog,
 ):
@@ -168,6 +169,18 @@ def test_orthanc_round_trip_worklist_and_sr_back_without_patient_data(
     middle = [ds for ds in sent.values() if ds.InstanceNumber == 2][0]
     assert reference.ReferencedSOPInstanceUID == middle.SOPInstanceUID
 
+    # The worklist `medsight serve` shows puts the STAT referral first, and says why.
+    from medsight.serving.api import ServeSettings, create_app
+    from tests.serving.conftest import local_client
+
+    settings = ServeSettings(run=served_run, data_dir=data_dir)
+    with local_client(create_app(settings, model=model, worklist=store)) as client:
+        listed = client.get("/v1/worklist").json()
+    assert len(listed["items"]) == len(studies) == 2  # ours (STAT) and CT_small (no priority)
+    first = listed["items"][0]
+    assert first["id"] == study.id and first["rank"] == 1
+    assert first["why"].startswith("stat referral")
+
     # Nothing identifying in medsight's folder, database or log.
     store.engine.dispose()
     places = {str(p): p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
@@ -181,6 +194,7 @@ def test_orthanc_round_trip_worklist_and_sr_back_without_patient_data(
 def test_results_wait_while_the_pacs_is_down_and_arrive_after_a_restart(
     orthanc,  # noqa: F811
     model,
+    served_run,
     tmp_path,
     caplog,
 ):
@@ -209,6 +223,14 @@ def test_results_wait_while_the_pacs_is_down_and_arrive_after_a_restart(
             sender.deliver(force=True)
     assert sender.pending() == 1 and pending_results() >= 1
     assert "not delivered to ORTHANC@127.0.0.1" in caplog.text and "retry 3" in caplog.text
+    # `medsight serve` on the same worklist shows the waiting result on /ready
+    from medsight.serving.api import ServeSettings, create_app
+    from tests.serving.conftest import local_client
+
+    settings = ServeSettings(run=served_run, data_dir=data_dir)
+    with local_client(create_app(settings, model=model, worklist=store)) as client:
+        ready = client.get("/ready").json()
+    assert ready["ready"] is True and ready["results_pending"] == 1
     assert len(orthanc_instances(orthanc, ours["ParentStudy"])) == 2
 
     # A restart: a new sender on the same outbox, Orthanc reachable now. It knows the study

@@ -1903,7 +1903,12 @@ def listen_command(
 
     from medsight.serving.pacs.dicomweb import load_credentials
     from medsight.serving.pacs.node import DicomNode
-    from medsight.serving.pacs.results import ResultSender, StoreDestination, StowDestination
+    from medsight.serving.pacs.results import (
+        OUTBOX,
+        ResultSender,
+        StoreDestination,
+        StowDestination,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
     with _user_errors():
@@ -1919,7 +1924,7 @@ def listen_command(
         sender = None
         if destination is not None:
             sender = ResultSender(
-                destination, store.data_dir / "outbox", overlay=overlay, model=model
+                destination, store.data_dir / OUTBOX, overlay=overlay, model=model
             )
         node = DicomNode(
             model,

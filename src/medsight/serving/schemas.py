@@ -186,6 +186,11 @@ class Ready(BaseModel):
     model: str | None = Field(description="The run folder's name; null while it loads.")
     database: str
     detail: str | None = Field(default=None, description="Why the server is not ready yet.")
+    results_pending: int = Field(
+        default=0,
+        description="Results waiting to be sent back to the PACS (medsight listen / pacs poll "
+        "on this worklist); they are retried with backoff and kept across restarts.",
+    )
 
 
 class StudyItem(BaseModel):
