@@ -175,7 +175,12 @@ def test_a_second_task_runs_train_evaluate_predict_serve_by_its_own_rules(tmp_pa
     assert list(table.columns) == ["file", "label", "confidence", "p_lesion", "p_normal", "error"]
     assert set(table["label"]) <= {"LESION", "NORMAL"}
 
-    client = local_client(create_app(ServeSettings(run=path, data_dir=tmp_path / "serve")))
+    # A policy of model risk alone: the worklist follows the task's own urgency (the default
+    # policy first puts studies above the urgent class's evaluated thresholds).
+    policy = tmp_path / "risk-only.yaml"
+    policy.write_text("order:\n  - risk: highest\n")
+    settings = ServeSettings(run=path, data_dir=tmp_path / "serve", policy=policy)
+    client = local_client(create_app(settings))
     answer = client.post("/v1/predict", files={"file": ("a.png", png_bytes(220), "image/png")})
     assert answer.json()["label"] in {"LESION", "NORMAL"}
     studies = []
