@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from medsight.serving.pacs import DicomNode, context_from_dicom
-from medsight.serving.pacs.node import CANNOT_UNDERSTAND, SUCCESS
+from medsight.integration import DicomNode, context_from_dicom
+from medsight.integration.dicom_node import CANNOT_UNDERSTAND, SUCCESS
 from medsight.serving.service import ModelService
 from medsight.serving.worklist import WorklistStore
 from tests.data.identifying_dicom import identifying_dicom

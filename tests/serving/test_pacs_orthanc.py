@@ -15,9 +15,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from medsight.serving.pacs import DicomNode, ResultSender, StoreDestination, pending_results
-from medsight.serving.pacs.dicomweb import DicomWebClient, DicomWebError, poll
-from medsight.serving.pacs.results import NOT_FOR_DIAGNOSIS
+from medsight.integration import DicomNode, ResultSender, StoreDestination, pending_results
+from medsight.integration.dicomweb import DicomWebClient, DicomWebError, poll
+from medsight.integration.results import NOT_FOR_DIAGNOSIS
 from medsight.serving.service import ModelService
 from medsight.serving.worklist import WorklistStore
 from tests.conftest import write_dicom
@@ -387,7 +387,7 @@ def test_results_by_stow_rs_join_the_study_also_after_a_restart(
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
-    from medsight.serving.pacs import StowDestination
+    from medsight.integration import StowDestination
 
     data_dir = tmp_path / "data"
     store = store_for(data_dir)

@@ -1033,7 +1033,7 @@ def evaluate_command(
                 err_console.print(f"[yellow]warning ({column}):[/] {warning}", highlight=False)
         console.print(f"wrote {run}/metrics.json and {run}/predictions.csv")
         if seismometer is not None:
-            from medsight.evaluation.seismometer import export_evaluation
+            from medsight.integration.seismometer import export_evaluation
 
             _print_seismometer(export_evaluation(run, seismometer, by=by or []))
 
@@ -1081,7 +1081,7 @@ def seismometer_command(
         if not worklist:
             if db is not None or data_dir is not None:
                 raise MedsightError("--db and --data-dir go with --worklist")
-            from medsight.evaluation.seismometer import export_evaluation
+            from medsight.integration.seismometer import export_evaluation
 
             _print_seismometer(export_evaluation(run, out, by=by, primary=primary))
             return
@@ -1090,7 +1090,7 @@ def seismometer_command(
                 "--by is for evaluations; a worklist export's cohorts are the model version, "
                 "modality and clinical context"
             )
-        from medsight.serving.seismometer import export_worklist
+        from medsight.integration.seismometer import export_worklist
         from medsight.serving.worklist import WorklistStore
 
         folder = data_dir or run / "worklist"
@@ -1901,9 +1901,9 @@ def listen_command(
     import signal
     import threading
 
-    from medsight.serving.pacs.dicomweb import load_credentials
-    from medsight.serving.pacs.node import DicomNode
-    from medsight.serving.pacs.results import (
+    from medsight.integration.dicom_node import DicomNode
+    from medsight.integration.dicomweb import load_credentials
+    from medsight.integration.results import (
         OUTBOX,
         ResultSender,
         StoreDestination,
@@ -1993,8 +1993,8 @@ def pacs_poll_command(
     import logging
     import time
 
-    from medsight.serving.pacs.dicomweb import DicomWebClient, load_credentials, parse_since
-    from medsight.serving.pacs.dicomweb import poll as poll_studies
+    from medsight.integration.dicomweb import DicomWebClient, load_credentials, parse_since
+    from medsight.integration.dicomweb import poll as poll_studies
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
     with _user_errors():

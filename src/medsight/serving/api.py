@@ -777,9 +777,7 @@ def create_app(
         state = request.app.state
         database = "ok" if state.worklist.ping() else "unreachable"
         body = {"ready": database == "ok", "model": state.model.model_ref.run, "database": database}
-        from medsight.serving.pacs.results import outbox_size
-
-        body["results_pending"] = outbox_size(state.worklist.data_dir)
+        body["results_pending"] = state.worklist.results_pending()
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/", include_in_schema=False)

@@ -127,6 +127,11 @@ def utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc)
 
 
+#: The folder in a worklist's data folder where results wait for the PACS
+#: (:class:`medsight.integration.results.ResultSender`), whichever process queued them.
+OUTBOX = "outbox"
+
+
 class WorklistStore:
     """Studies in a database plus their images in ``data_dir``; safe to share across threads.
 
@@ -313,6 +318,11 @@ class WorklistStore:
         query = select(ReviewEvent).where(ReviewEvent.study_id == study_id)
         with self.sessions() as session:
             return list(session.scalars(query.order_by(ReviewEvent.id)))
+
+    def results_pending(self) -> int:
+        """Results waiting in the outbox for the PACS (``medsight listen`` / ``pacs poll``
+        beside ``medsight serve`` on this worklist)."""
+        return sum(1 for _ in (self.data_dir / OUTBOX).glob("*.json"))
 
     def ping(self) -> bool:
         """True when the database answers."""

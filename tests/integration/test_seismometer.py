@@ -16,16 +16,16 @@ import pandas as pd
 import pytest
 import yaml
 from sqlalchemy import update
-from tests.conftest import make_two_class_manifest, write_run
 from typer.testing import CliRunner
 
 from medsight import runs
 from medsight.cli import app
 from medsight.data.privacy import pseudonymise
 from medsight.errors import ConfigError, DataError
-from medsight.evaluation import seismometer as sm
-from medsight.serving.seismometer import export_worklist
+from medsight.integration import seismometer as sm
+from medsight.integration.seismometer import export_worklist
 from medsight.serving.worklist import Study, WorklistStore
+from tests.conftest import make_two_class_manifest, write_run
 
 CLASSES = ("normal", "effusion", "mass")
 #: Raw identifiers in the data; none may reach the export.

@@ -31,7 +31,7 @@ What it does with what arrives:
   nearest to the middle is tried. It goes through :func:`medsight.serving.intake.queue_study`,
   which de-identifies it before anything is stored, with the clinical context read from the
   DICOM header (:func:`context_from_dicom`) and the original StudyInstanceUID for routing.
-* **Results.** With a :class:`medsight.serving.pacs.results.ResultSender`, each scored study's
+* **Results.** With a :class:`medsight.integration.results.ResultSender`, each scored study's
   SR (and optionally the heat-map overlay) is queued for the PACS.
 
 Log lines name a study by its pseudonymous UID (as stored) or its worklist id, never by a
@@ -181,7 +181,7 @@ class _Arrival:
 class DicomNode:
     """A C-STORE SCP queueing the studies it receives (see the module's docstring).
 
-    ``results``: a :class:`~medsight.serving.pacs.results.ResultSender` (or anything with
+    ``results``: a :class:`~medsight.integration.results.ResultSender` (or anything with
     ``enqueue(study, source, data)``) told of every scored study. ``on_scored``: called with
     each queued :class:`Study` (tests, the CLI's progress lines).
     """

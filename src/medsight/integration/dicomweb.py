@@ -29,8 +29,8 @@ import pydicom
 
 from medsight.data.privacy import pseudonymous_uid
 from medsight.errors import ConfigError, MedsightError
+from medsight.integration.dicom_node import context_from_dicom, known_study
 from medsight.serving.intake import queue_study
-from medsight.serving.pacs.node import context_from_dicom, known_study
 from medsight.serving.service import ModelService
 from medsight.serving.worklist import Study, WorklistStore
 

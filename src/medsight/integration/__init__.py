@@ -1,8 +1,8 @@
 """medsight in the hospital's own systems: a DICOM node receiving studies (C-STORE), a DICOMweb
 poll (QIDO-RS / WADO-RS), and results sent back as DICOM (SR, heat-map overlay)."""
 
-from medsight.serving.pacs.node import DicomNode, context_from_dicom
-from medsight.serving.pacs.results import (
+from medsight.integration.dicom_node import DicomNode, context_from_dicom
+from medsight.integration.results import (
     ResultSender,
     StoreDestination,
     StowDestination,

@@ -68,16 +68,6 @@ class DeliveryError(MedsightError):
     """A result could not be delivered (destination down, refused, or the study unknown)."""
 
 
-#: The folder under a worklist's data folder where results wait for the PACS.
-OUTBOX = "outbox"
-
-
-def outbox_size(data_dir: str | Path) -> int:
-    """Results waiting in the outbox of the worklist in ``data_dir``, whichever process (a
-    ``medsight listen`` or ``pacs poll`` beside ``medsight serve``) queued them."""
-    return sum(1 for _ in (Path(data_dir) / OUTBOX).glob("*.json"))
-
-
 def pending_results() -> int:
     """Results waiting for their destination, across the running senders (what ``/ready``
     should show as its PACS queue length)."""
@@ -248,7 +238,7 @@ class StoreDestination:
     def _associate(self, contexts):
         from pynetdicom import AE
 
-        from medsight.serving.pacs.node import quiet_pynetdicom
+        from medsight.integration.dicom_node import quiet_pynetdicom
 
         quiet_pynetdicom()
         ae = AE(self.calling_aet)
