@@ -56,7 +56,7 @@ def main() -> None:
     summary = table.groupby("processes").median(numeric_only=True).drop(columns="repeat")
     one = summary.loc[1, "train_images_per_s"]
     summary["speed-up"] = summary["train_images_per_s"] / one
-    print(summary.round(3).to_markdown())
+    print(summary.round(3).to_string())
     (args.out / "ddp_cpu.json").write_text(json.dumps(rows, indent=1))
 
 
