@@ -189,6 +189,14 @@ def test_orthanc_round_trip_worklist_and_sr_back_without_patient_data(
     assert b"result delivered" in places["log"]
     leaks = {(where, s) for where, text in places.items() for s in secrets if s in text}
     assert leaks == set()
+    # Nor the source UIDs, outside the database (which keeps the study's, to route the result
+    # back): stored files carry remapped UIDs, and the log names studies by pseudonyms.
+    uids = {str(uid).encode() for uid in sent} | {str(uid).encode()}
+    found = {
+        (where, u) for where, text in places.items() for u in uids if u in text
+        if not where.endswith("worklist.db")
+    }  # fmt: skip
+    assert found == set()
 
 
 def test_results_wait_while_the_pacs_is_down_and_arrive_after_a_restart(

@@ -1903,12 +1903,8 @@ def listen_command(
 
     from medsight.integration.dicom_node import DicomNode
     from medsight.integration.dicomweb import load_credentials
-    from medsight.integration.results import (
-        OUTBOX,
-        ResultSender,
-        StoreDestination,
-        StowDestination,
-    )
+    from medsight.integration.results import ResultSender, StoreDestination, StowDestination
+    from medsight.serving.worklist import OUTBOX
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
     with _user_errors():

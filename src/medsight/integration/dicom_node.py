@@ -72,12 +72,14 @@ CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
 
 
-def quiet_pynetdicom() -> None:
-    """Keep pynetdicom's own log at INFO or above: its DEBUG dumps print every DIMSE message,
-    UIDs and C-FIND identifiers (patient names) included, into whatever the process logs."""
-    logger = logging.getLogger("pynetdicom")
-    if logger.getEffectiveLevel() < logging.INFO or logger.level < logging.INFO:
-        logger.setLevel(logging.INFO)
+def quiet_dicom_libraries() -> None:
+    """Keep pynetdicom's own log at INFO or above (its DEBUG dumps print every DIMSE message,
+    UIDs and C-FIND identifiers, patient names included) and highdicom's at WARNING (its INFO
+    lines name the SOP Instance UIDs it copies patient and study attributes from)."""
+    for name, lowest in (("pynetdicom", logging.INFO), ("highdicom", logging.WARNING)):
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < lowest or logger.level < lowest:
+            logger.setLevel(lowest)
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -236,7 +238,7 @@ class DicomNode:
         from pynetdicom import AE, AllStoragePresentationContexts
         from pynetdicom.sop_class import Verification
 
-        quiet_pynetdicom()
+        quiet_dicom_libraries()
         ae = AE(self.ae_title)
         ae.require_calling_aet = self.calling_aets
         ae.add_supported_context(Verification)

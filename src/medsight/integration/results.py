@@ -238,9 +238,9 @@ class StoreDestination:
     def _associate(self, contexts):
         from pynetdicom import AE
 
-        from medsight.integration.dicom_node import quiet_pynetdicom
+        from medsight.integration.dicom_node import quiet_dicom_libraries
 
-        quiet_pynetdicom()
+        quiet_dicom_libraries()
         ae = AE(self.calling_aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         for context in contexts:
