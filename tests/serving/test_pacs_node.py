@@ -276,3 +276,34 @@ def test_a_study_sent_twice_is_queued_once(node, caplog):
     assert [s.study_uid for s in node.store.list()] == [study]
     assert "is already worklist study 1; not scored again" in caplog.text
     assert node.counts["scored"] == 1 and node.counts["repeated"] == 1
+
+
+def test_real_dicom_files_a_series_is_one_study_and_a_truncated_file_is_refused(node, shared_data):
+    """pydicom's sample files (../shared/data/dicom-nifti): the 7-slice MR series becomes one
+    worklist study scored from its middle slice; single files of other studies (CT, RLE MR, an
+    RGB ultrasound) each one study; a file whose pixel data are cut short is refused alone."""
+    from pynetdicom import AE
+
+    folder = shared_data / "dicom-nifti" / "dicom"
+    series = sorted((folder / "series_MR700").glob("*.dcm"))
+    singles = ["CT_small.dcm", "MR_small_RLE.dcm", "examples_rgb_color.dcm"]
+    datasets = [pydicom.dcmread(p) for p in series] + [pydicom.dcmread(folder / n) for n in singles]
+    truncated = pydicom.dcmread(folder / "MR_truncated.dcm")
+    ae = AE(SCU_AET)
+    wanted = {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in [*datasets, truncated]}
+    for sop_class, syntax in sorted(wanted):
+        ae.add_requested_context(sop_class, syntax)  # as each file is encoded
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MEDSIGHT")
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    refused = assoc.send_c_store(truncated).Status
+    assoc.release()
+    assert statuses == [SUCCESS] * len(datasets)
+    assert refused != SUCCESS
+    studies = {ds.StudyInstanceUID for ds in datasets}
+    queued = wait_for(lambda: len(node.store.list()) == len(studies) and node.store.list())
+    by_uid = {s.study_uid: s for s in queued}
+    mr = by_uid[datasets[0].StudyInstanceUID]
+    stored = pydicom.dcmread(node.store.data_dir / mr.stored_as)
+    assert stored.InstanceNumber == 4 and stored.PatientIdentityRemoved == "YES"
+    assert echo_ok(node)
