@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 
+import numpy as np
 import pydicom
 from fastapi.testclient import TestClient
 
@@ -93,3 +94,31 @@ def test_a_dicom_with_burned_in_annotation_is_refused_and_not_stored(served_run,
     )
     assert client.get("/v1/worklist").json()["items"] == []
     assert not list(data_dir.rglob("*.dcm"))
+
+
+def test_a_dicom_study_is_previewed_as_the_model_read_it(served_run, tmp_path):
+    """The page cannot show DICOM: the preview is the stored file decoded as the model read it
+    (here MONOCHROME1, so the low stored values are the bright ones), at its own size."""
+    from PIL import Image
+
+    from tests.conftest import write_dicom
+
+    pixels = np.zeros((24, 32), dtype=np.uint16)
+    pixels[:, :16] = 1000  # left half high values: dark in MONOCHROME1
+    path = write_dicom(
+        tmp_path / "m1.dcm",
+        pixels,
+        PhotometricInterpretation="MONOCHROME1",
+        PixelRepresentation=0,
+        BitsStored=16,
+        HighBit=15,
+    )
+    settings = ServeSettings(run=served_run, data_dir=tmp_path / "data")
+    client = local_client(create_app(settings))
+    study = upload(client, path.read_bytes(), "m1.dcm").json()
+    answer = client.get(f"/v1/studies/{study['id']}/preview.png")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    shown = np.asarray(Image.open(io.BytesIO(answer.content)).convert("L"), dtype=float)
+    assert shown.shape == (24, 32)
+    assert shown[:, 16:].mean() > 200 and shown[:, :16].mean() < 50
+    assert client.get("/v1/studies/999/preview.png").status_code == 404

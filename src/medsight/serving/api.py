@@ -44,6 +44,7 @@ from fastapi import (
     HTTPException,
     Query,
     Request,
+    Response,
     UploadFile,
 )
 from fastapi import Path as PathParam
@@ -574,6 +575,40 @@ def study_image(study_id: StudyId, store: Store) -> FileResponse:
     media = {"dicom": "application/dicom", "png": "image/png", "jpeg": "image/jpeg"}
     path = store.data_dir / study.stored_as
     return FileResponse(path, media_type=media.get(study.format, "application/octet-stream"))
+
+
+@v1.get(
+    "/studies/{study_id}/preview.png",
+    summary="The stored image as the page shows it (PNG)",
+    operation_id="study_preview",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The stored image decoded as the model read it (a DICOM's rescale, "
+            "VOI window and photometric interpretation applied), as an 8-bit PNG of its own "
+            "size, so a detection study's boxes fit it.",
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **_NO_STUDY,
+        **_BUSY,
+    },
+)
+def study_preview(study_id: StudyId, store: Store, model: Model) -> Response:
+    import io
+
+    from PIL import Image
+
+    from medsight.explain.overlay import display_image
+
+    study = store.get(study_id)
+    if study is None:
+        raise HTTPException(404, f"study {study_id} does not exist; see GET /v1/worklist")
+    data = (store.data_dir / study.stored_as).read_bytes()
+    with model.slots.hold():
+        image = model.decode(data)
+    buffer = io.BytesIO()
+    Image.fromarray(display_image(image.pixels, min_side=1)).save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png")
 
 
 @v1.patch(

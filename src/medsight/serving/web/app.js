@@ -526,10 +526,12 @@ async function openStudy(item) {
   const img = $("study-img");
   img.hidden = true;
   $("study-boxes").replaceChildren();
-  $("study-img-note").textContent = item.format === "dicom" ? "DICOM image (open it in your viewer)" : "Loading image…";
-  if (item.format !== "dicom") {
+  $("study-img-note").textContent = "Loading image…";
+  {
     try {
-      const response = await api(`/v1/studies/${item.id}/image`);
+      // DICOM: the server renders it as the model read it (rescale, window, photometry)
+      const path = item.format === "dicom" ? "preview.png" : "image";
+      const response = await api(`/v1/studies/${item.id}/${path}`);
       if (!response.ok) throw new Error(response.statusText);
       // a detection study: the boxes it was queued with, over its image
       img.onload = () => { if (item.boxes) drawBoxes($("study-boxes"), img, item.boxes); };
