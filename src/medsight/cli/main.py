@@ -78,6 +78,25 @@ DeviceOption = Annotated[
     ),
 ]
 
+WorklistDbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Worklist database URL (default: the SQLite file in the worklist's folder, the "
+        "one `medsight serve RUN` uses).",
+        show_default=False,
+    ),
+]
+WorklistDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="The worklist's folder: stored images, the outbox, the SQLite file (default "
+        "RUN/worklist).",
+        show_default=False,
+    ),
+]
+
 PointOption = Annotated[
     str,
     typer.Option(
@@ -1066,14 +1085,8 @@ def seismometer_command(
             "of the evaluation.",
         ),
     ] = False,
-    db: Annotated[
-        str | None,
-        typer.Option("--db", help="Worklist database URL (default sqlite:///RUN/worklist/…)."),
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="The worklist's folder (default RUN/worklist)."),
-    ] = None,
+    db: WorklistDbOption = None,
+    data_dir: WorklistDirOption = None,
 ) -> None:
     """Write an evaluated run's predictions (or the worklist's reviews) as a folder that Epic's
     open-source seismometer loads: Parquet tables, config.yml, usage_config.yml, dictionary."""
@@ -1259,13 +1272,8 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     backend: Annotated[Backend, typer.Option("--backend", help="torch | onnx")] = Backend.torch,
     device: DeviceOption = "auto",
-    db: Annotated[
-        str | None,
-        typer.Option("--db", help="Worklist database URL (default sqlite:///RUN/worklist/…)."),
-    ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Folder for uploads (default RUN/worklist).")
-    ] = None,
+    db: WorklistDbOption = None,
+    data_dir: WorklistDirOption = None,
     token: Annotated[
         str | None,
         typer.Option(
@@ -1365,14 +1373,8 @@ def worklist_import_context(
             "(priority, age_years, prior_findings, setting)."
         ),
     ],
-    db: Annotated[
-        str | None,
-        typer.Option("--db", help="Worklist database URL (default sqlite:///RUN/worklist/…)."),
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="The worklist's folder (default RUN/worklist)."),
-    ] = None,
+    db: WorklistDbOption = None,
+    data_dir: WorklistDirOption = None,
 ) -> None:
     """Add clinical context from a sidecar file to studies already on the worklist; the
     worklist re-orders by it at once. Rows with impossible values are listed and skipped."""
@@ -1840,13 +1842,8 @@ def listen_command(
     ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title.")] = "MEDSIGHT",
     port: Annotated[int, typer.Option("--port", help="DICOM port to listen on.")] = 11112,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
-    db: Annotated[
-        str | None,
-        typer.Option("--db", help="Worklist database URL (default: the one `serve RUN` uses)."),
-    ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Worklist folder (default RUN/worklist).")
-    ] = None,
+    db: WorklistDbOption = None,
+    data_dir: WorklistDirOption = None,
     calling_aets: Annotated[
         str | None,
         typer.Option(
@@ -1966,13 +1963,8 @@ def pacs_poll_command(
     since: Annotated[
         str, typer.Option("--since", help="Studies from this date on: YYYYMMDD[-HHMMSS].")
     ],
-    db: Annotated[
-        str | None,
-        typer.Option("--db", help="Worklist database URL (default: the one `serve RUN` uses)."),
-    ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Worklist folder (default RUN/worklist).")
-    ] = None,
+    db: WorklistDbOption = None,
+    data_dir: WorklistDirOption = None,
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
     every: Annotated[
         float, typer.Option("--every", help="Seconds between polls (without --once).")

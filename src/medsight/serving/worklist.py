@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -45,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from medsight.databases import driver_url, error_reason, masked_url
 from medsight.errors import ConfigError
 
 #: The review state machine: the statuses each status may move to. Reopening a reviewed study
@@ -148,11 +148,12 @@ class WorklistStore:
             # Request threads share the engine; SQLite's own lock keeps writes safe.
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         try:
-            self.engine = create_engine(_driver_url(url), **kwargs)
+            self.engine = create_engine(driver_url(url), **kwargs)
             _create_schema(self.engine)
         except Exception as exc:  # noqa: BLE001 - a bad URL or driver is a user error
+            shown = masked_url(url, "<unparseable URL>")
             raise ConfigError(
-                f"worklist database {_safe_url(url)!r} cannot be opened ({_reason(exc, url)}); "
+                f"worklist database {shown!r} cannot be opened ({error_reason(exc, url)}); "
                 "pass --db sqlite:///path/worklist.db or a reachable postgresql:// URL"
             ) from exc
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -381,35 +382,3 @@ def _add_new_columns(engine) -> None:
                 connection.execute(
                     sql_text(f"ALTER TABLE {Study.__tablename__} ADD COLUMN {name} {kind}")
                 )
-
-
-def _driver_url(url: str) -> str:
-    """``postgresql://`` with the installed driver (psycopg 3), whichever SQLAlchemy default."""
-    if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
-
-
-def _reason(exc: Exception, url: str) -> str:
-    """The first line of a driver's error, without the driver's name or the URL's password."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    reason = re.sub(r"^\([\w.]+\)\s*", "", lines[0]).replace("connection failed: ", "")
-    try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(url).password
-    except Exception:  # noqa: BLE001 - not a URL: nothing to hide
-        password = None
-    if password:
-        reason = reason.replace(str(password), "***")
-    return " ".join(reason.split())
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, fit for messages and logs."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return "<unparseable URL>"

@@ -131,64 +131,38 @@ def train(
         _seconds(time_budget)  # refused before anything starts
     context, device = distributed.start(config.device)
     try:
-        return _train(
-            config,
-            context,
-            device,
-            overwrite,
-            resume,
-            time_budget,
-            events,
-            show_progress,
-            on_epoch,
-            started,
-        )
+        new_run, scratch = None, None
+        if resume:
+            out = runs.prepare_run_dir(config.out, resume=True)
+            # The run continues where it lies, also when its folder was moved or copied, and on
+            # the hardware ``config`` names (a run begun on a GPU goes on on a CPU, or vice versa).
+            hardware = {"out": str(out), "device": config.device, "precision": config.precision}
+            config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides(hardware)
+        elif time_budget is not None:
+            config = config.with_overrides({"optim.time": time_budget})
+        if not resume and context.main:
+            # Built beside its place and moved there at the first checkpoint: a start that fails
+            # (bad data, a budget too short, an interrupt) leaves no run folder behind.
+            new_run = runs.NewRun(config.out, overwrite=overwrite)
+            out = new_run.path
+        elif not resume:
+            # Only rank 0 writes the run; the others keep what they must not share here.
+            scratch = tempfile.TemporaryDirectory(prefix=f"medsight-rank{context.rank}-")
+            out = Path(scratch.name)
+        with new_run or nullcontext(), scratch or nullcontext():
+            setup = _Setup.build(config, out, context, device)
+            return _fit(
+                setup,
+                resume=resume,
+                new_run=new_run,
+                events=(events or silent) if context.main else silent,
+                show_progress=show_progress and context.main,
+                on_epoch=on_epoch,
+                started=started,
+                time_budget=time_budget,
+            )
     finally:
         distributed.stop(context)
-
-
-def _train(
-    config,
-    context,
-    device,
-    overwrite,
-    resume,
-    time_budget,
-    events,
-    show_progress,
-    on_epoch,
-    started,
-):
-    new_run, scratch = None, None
-    if resume:
-        out = runs.prepare_run_dir(config.out, resume=True)
-        # The run continues where it lies, also when its folder was moved or copied, and on
-        # the hardware ``config`` names (a run begun on a GPU goes on on a CPU, or vice versa).
-        hardware = {"out": str(out), "device": config.device, "precision": config.precision}
-        config = TrainConfig.from_yaml(out / runs.CONFIG).with_overrides(hardware)
-    elif time_budget is not None:
-        config = config.with_overrides({"optim.time": time_budget})
-    if not resume and context.main:
-        # Built beside its place and moved there at the first checkpoint: a start that fails
-        # (bad data, a budget too short, an interrupt) leaves no run folder behind.
-        new_run = runs.NewRun(config.out, overwrite=overwrite)
-        out = new_run.path
-    elif not resume:
-        # Only rank 0 writes the run; the others keep what they must not share here.
-        scratch = tempfile.TemporaryDirectory(prefix=f"medsight-rank{context.rank}-")
-        out = Path(scratch.name)
-    with new_run or nullcontext(), scratch or nullcontext():
-        setup = _Setup.build(config, out, context, device)
-        return _fit(
-            setup,
-            resume=resume,
-            new_run=new_run,
-            events=(events or silent) if context.main else silent,
-            show_progress=show_progress and context.main,
-            on_epoch=on_epoch,
-            started=started,
-            time_budget=time_budget,
-        )
 
 
 # --------------------------------------------------------------------------- set-up

@@ -23,7 +23,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -35,6 +34,7 @@ from typing import Any
 from medsight import runs
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, read_yaml
 from medsight.data.sources import load_samples
+from medsight.databases import driver_url, error_reason, masked_url
 from medsight.errors import ConfigError, MedsightError, TrainingError
 from medsight.events import (
     BestTrialRetrained,
@@ -283,7 +283,7 @@ def open_storage(url: str | None):
     last: Exception | None = None
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(_driver_url(url), engine_kwargs=kwargs)
+            return optuna.storages.RDBStorage(driver_url(url), engine_kwargs=kwargs)
         except sqlalchemy.exc.DBAPIError as exc:  # two workers creating tables at once
             last = exc
             if not any(word in str(exc) for word in raced):
@@ -293,42 +293,10 @@ def open_storage(url: str | None):
             last = exc
             break
     raise ConfigError(
-        f"cannot open the study storage {_mask(url)!r}: {_reason(last, url)}. Give a database "
-        "URL such as sqlite:///tune.db (a file in an existing folder) or "
+        f"cannot open the study storage {masked_url(url)!r}: {error_reason(last, url)}. "
+        "Give a database URL such as sqlite:///tune.db (a file in an existing folder) or "
         "postgresql://user@host/dbname"
     )
-
-
-def _driver_url(url: str) -> str:
-    """``postgresql://`` with the installed driver (psycopg 3), whichever SQLAlchemy default."""
-    if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
-
-
-def _reason(exc: Exception | None, url: str) -> str:
-    """The first line of a driver's error, without the driver's name or the URL's password."""
-    lines = str(exc or "unknown error").strip().splitlines() or [type(exc).__name__]
-    reason = re.sub(r"^\([\w.]+\)\s*", "", lines[0]).replace("connection failed: ", "")
-    try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(url).password
-    except Exception:  # noqa: BLE001 - not a URL: nothing to hide
-        password = None
-    if password:
-        reason = reason.replace(str(password), "***")
-    return " ".join(reason.split())
-
-
-def _mask(url: str) -> str:
-    """The URL with its password hidden (it ends up in logs and tune.json)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL: show it as given
-        return url
 
 
 # --------------------------------------------------------------------------- tuning
@@ -388,8 +356,8 @@ def tune(
     )
     if study.direction.name.lower() != direction:
         raise ConfigError(
-            f"study {study_name!r} in {_mask(storage or '')} optimises in the other direction; "
-            "give another --study name"
+            f"study {study_name!r} in {masked_url(storage or '')} optimises in the other "
+            "direction; give another --study name"
         )
     if not study.trials:
         study.enqueue_trial(space.defaults_from(base), skip_if_exists=True)
@@ -585,7 +553,7 @@ def _summary(study, metric: str, storage: str | None, elapsed: float, best_run: 
         importances = {}
     return {
         "study": study.study_name,
-        "storage": _mask(storage) if storage else "in memory",
+        "storage": masked_url(storage) if storage else "in memory",
         "metric": metric,
         "direction": study.direction.name.lower(),
         "counts": counts,
