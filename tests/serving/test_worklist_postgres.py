@@ -19,26 +19,12 @@ from medsight.errors import ConfigError
 from medsight.serving.api import ServeSettings, create_app
 from medsight.serving.worklist import TRANSITIONS, ReviewStateError, WorklistStore
 from tests.serving.conftest import local_client, png_bytes
+from tests.serving.test_worklist import queued
 
 pytest_plugins = ["tests.postgres"]
 
 #: Review races: every contender asks for the same next status, so exactly one may win each.
 ROUNDS = ["reviewed", "in_review", "pending", "in_review", "reviewed"]
-
-
-def queued(store: WorklistStore, seed: int = 0) -> int:
-    study = store.add(
-        data=png_bytes(200, seed=seed),
-        extension=".png",
-        format="png",
-        meta={},
-        label="lesion",
-        probabilities={"lesion": 0.8, "normal": 0.2},
-        urgency=0.8,
-        flag=None,
-        model={"name": "m", "run": "r", "version": "v"},
-    )
-    return study.id
 
 
 def wrong_password(url: str) -> str:
