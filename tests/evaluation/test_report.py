@@ -260,3 +260,24 @@ def test_training_curves_follow_validations_within_epochs(tmp_path):
     assert "1.75 epochs, planned from the training-set size" in section
     assert "Best epoch <strong>1.5</strong>" in section and "val AUROC 0.850" in section
     assert "Training curves" in section and "data:image/png;base64," in section
+
+
+def test_model_card_says_where_the_run_trained(tmp_path):
+    run = make_run(tmp_path, ["normal", "lesion"], "lesion")
+    assert "Trained on" not in write_report(run).read_text()  # a run from before it was kept
+    model = json.loads((run / "model.json").read_text())
+    model["trained_on"] = {
+        "device": "cuda:0 (NVIDIA H100)",
+        "precision": "bf16",
+        "processes": 2,
+        "backend": "nccl",
+        "batch_per_process": 32,
+        "effective_batch": 64,
+    }
+    (run / "model.json").write_text(json.dumps(model))
+    card = write_report(run).read_text()
+    card = card[card.index('id="model-card"') :]
+    assert (
+        "Trained on cuda:0 (NVIDIA H100), bf16; 2 data-parallel processes (nccl), effective "
+        "batch 64 = 2 × 32." in card
+    )

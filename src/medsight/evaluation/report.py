@@ -1395,7 +1395,24 @@ def _model_card(page: _Page) -> dict:
         ),
         "limitations": _limitations(page.run, page.metrics, page.pred, page.data, page.calibration),
         "versions": sorted(versions.items()) if isinstance(versions, dict) else [],
+        "trained_on": _trained_on(page.run),
     }
+
+
+def _trained_on(run) -> str | None:
+    """Where the run trained, in words (``model.json``'s ``trained_on``; None for runs from
+    before it was recorded)."""
+    info = (_read_optional_json(run.path / runs.MODEL) or {}).get("trained_on")
+    if not isinstance(info, dict) or "device" not in info:
+        return None
+    text = f"{info['device']}, {info.get('precision', 'fp32')}"
+    if int(info.get("processes") or 1) > 1:
+        text += (
+            f"; {info['processes']} data-parallel processes ({info.get('backend')}), effective "
+            f"batch {info.get('effective_batch')} = {info['processes']} × "
+            f"{info.get('batch_per_process')}"
+        )
+    return text
 
 
 def _findings(page: _Page) -> dict:
