@@ -256,3 +256,19 @@ def test_the_weight_average_starts_at_the_first_step_and_warms_up_to_its_horizon
         assert engine.average.module.weight[0, 0].item() == pytest.approx(expected, abs=1e-6)
     assert 0.99 < expected < 1.0  # it has nearly forgotten the first step's weights
     assert engine.evaluated is engine.average.module
+
+
+def test_the_weight_average_works_with_a_timm_without_stochastic_rounding(monkeypatch):
+    # timm releases before stochastic rounding (the device machine's, for one) take no such
+    # argument, and always average exactly
+    import timm.utils
+
+    from medsight.training import handlers
+
+    class OlderModelEmaV3(timm.utils.ModelEmaV3):
+        def __init__(self, model, decay=0.9999, use_warmup=False):
+            super().__init__(model, decay=decay, use_warmup=use_warmup, stochastic_rounding=False)
+
+    monkeypatch.setattr(handlers, "ModelEmaV3", OlderModelEmaV3)
+    average = handlers.weight_average(torch.nn.Linear(2, 2), horizon_steps=10)
+    assert isinstance(average, OlderModelEmaV3) and not average.module.training

@@ -17,6 +17,7 @@ A new behaviour is a new handler, not a change to the loop::
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -144,7 +145,12 @@ def weight_average(model: torch.nn.Module, horizon_steps: float) -> ModelEmaV3:
     are not averaged with the random initial weights (timm's ``ModelEmaV3``; its decay follows
     from the step number alone, so a resumed run averages exactly as an uninterrupted one)."""
     decay = 1.0 - 1.0 / max(2.0, horizon_steps)
-    average = ModelEmaV3(model, decay=decay, use_warmup=True, stochastic_rounding=False)
+    exact = {}
+    # Newer timm rounds bf16 averages stochastically by default; older timm (no such argument)
+    # always averages exactly, which is what a reproducible run needs either way.
+    if "stochastic_rounding" in inspect.signature(ModelEmaV3).parameters:
+        exact["stochastic_rounding"] = False
+    average = ModelEmaV3(model, decay=decay, use_warmup=True, **exact)
     average.module.eval()
     return average
 
