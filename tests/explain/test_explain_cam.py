@@ -151,6 +151,22 @@ def test_attention_reads_the_pooling_weights_which_peak_on_the_evidence():
     assert heatmap[inside].min() > heatmap[~inside].max()
 
 
+def test_a_run_from_before_attention_pooling_explains_with_its_last_block(tmp_path, mask_data):
+    from tests.conftest import write_run
+
+    torch.manual_seed(0)
+    model = create_model("medcnn_s", 2, in_chans=1, attention="diff", pool="avg")
+    run = write_run(tmp_path / "old", mask_data, attention="diff", model=model)
+    config = json.loads((run / "model.json").read_text())
+    del config["pool"]  # what runs written before attention pooling hold
+    (run / "model.json").write_text(json.dumps(config))
+    explainer = Explainer.from_run(run, method="attention")
+    assert explainer.layer == "backbone.stage3.attention"
+    assert explainer.explain(np.zeros((1, 1, 16, 16), np.float32)).shape == (16, 16)
+    new = Explainer.from_run(write_run(tmp_path / "new", mask_data, attention="diff"), "attention")
+    assert new.layer == "head.pool"
+
+
 def test_attention_on_a_model_without_attention_says_which_models_have_it():
     model = create_model("medcnn_s", 2, in_chans=1, attention="cbam")
     with pytest.raises(ConfigError, match=r"attention 'cbam'.*self, diff, sparse.*gradcam"):
