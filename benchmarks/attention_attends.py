@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--faithfulness", type=int, default=16)
     parser.add_argument("--methods", default="attention,gradcam")
     parser.add_argument("--extra", default="", help="extra ModelConfig fields as JSON")
+    parser.add_argument("--device", default="auto", help="where to train (the demo: auto)")
+    parser.add_argument("--explain-device", default="cpu", help="where to compute the maps")
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     out = Path(args.out)
@@ -57,6 +59,7 @@ def main() -> None:
         optim=OptimConfig(epochs=args.epochs),
         out=str(run),
         seed=args.seed,
+        device=args.device,
     )
     started = time.perf_counter()
     train(config, overwrite=True)
@@ -68,6 +71,7 @@ def main() -> None:
         methods=args.methods.split(","),
         limit=args.limit,
         faithfulness=args.faithfulness,
+        device=args.explain_device,
     )
     row = {
         "tag": args.tag,
