@@ -374,9 +374,9 @@ class AttentionPool2d(nn.Module):
 
     ``pooled[h] = Σₙ a[h, n] · x[h-th channel slice, n]``, shape (B, C). ``heads`` defaults to
     1 for ``diff`` (about dim / 128 otherwise) and ``layer_index`` to 1 (λ_init = 0.2): on the
-    demo's phantoms two heads, or λ_init ≈ 0.47, point at the lesion on about half the images,
-    one head with λ_init = 0.2 on 0.72 of them (8 seeds; ``benchmarks/README.md``, "Attention
-    that attends"). With the queries at 0
+    demo's phantoms two heads, or λ_init ≈ 0.47, point at the lesion on about half the images
+    (5 seeds), one head with λ_init = 0.2 on 0.64 of them (16 seeds, 0.25–0.82;
+    ``benchmarks/README.md``, "Attention that attends"). With the queries at 0
     the weights are uniform (1/N, or (1 − λ)/N for ``diff``), i.e. average pooling. The weights
     of the latest forward pass are kept in ``last_attention`` (B, heads, 1, H·W): one query,
     read by :func:`medsight.explain.attention_maps.attention_maps` like a block's maps.
