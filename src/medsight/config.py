@@ -28,6 +28,8 @@ Augment = Literal["auto", "xray", "ct", "mri", "derm", "histo", "none"]
 Monitor = Literal["auroc", "accuracy", "balanced_accuracy", "loss", "map50", "map"]
 #: Attention blocks on a network's features (:mod:`medsight.models.attention` builds them).
 Attention = Literal["none", "se", "cbam", "self", "diff", "sparse"]
+#: How the classifier head pools the last feature map (:data:`medsight.models.zoo.POOLS`).
+Pool = Literal["auto", "avg", "attention"]
 Logger = Literal["none", "tensorboard", "mlflow"]
 
 #: Collection layouts the readers know (:func:`medsight.data.sources.load_samples`).
@@ -216,6 +218,13 @@ class ModelConfig(_Strict):
         default="none",
         description="attention block on the network's features",
         json_schema_extra=flag("--attention"),
+    )
+    pool: Pool = Field(
+        default="auto",
+        description="how the head pools the last feature map: avg, or attention (a learnt query"
+        " of the attention's kind; its weights are the model's attention map); auto: attention"
+        " for a custom CNN with self, diff or sparse attention, else avg",
+        json_schema_extra=flag("--pool"),
     )
     drop_rate: float = Field(default=0.1, ge=0.0, lt=1.0)
 

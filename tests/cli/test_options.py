@@ -28,6 +28,7 @@ README_FLAGS = [
     (["--no-pretrained"], "model.pretrained", False),
     (["--weights", "w.safetensors"], "model.weights", "w.safetensors"),
     (["--attention", "cbam"], "model.attention", "cbam"),
+    (["--pool", "avg"], "model.pool", "avg"),
     (["--freeze-stages", "2"], "optim.freeze_stages", 2),
     (["--epochs", "3"], "optim.epochs", 3),
     (["--time", "10m"], "optim.time", "10m"),

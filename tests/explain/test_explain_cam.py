@@ -12,6 +12,7 @@ from torch import nn
 from medsight.errors import ConfigError, DataError
 from medsight.explain import METHODS, Explainer, candidate_layers, overlay
 from medsight.models import create_model
+from medsight.models.attention import AttentionPool2d
 
 SIZE = 32
 #: The only region RegionNet's lesion logit reads: rows 4–11, columns 18–25.
@@ -70,7 +71,9 @@ def in_region(heatmap: np.ndarray) -> bool:
 
 @pytest.fixture(scope="module")
 def attention_model():
-    torch.manual_seed(0)
+    # Untrained weights: with seed 0 Grad-CAM's map of one image is all zero (a ReLU of a
+    # negative sum), which says nothing about the method; seed 1 gives every method a map.
+    torch.manual_seed(1)
     return create_model("medcnn_s", 3, in_chans=1, attention="diff").eval()
 
 
@@ -103,13 +106,65 @@ def test_ig_gives_no_weight_to_a_distractor_the_model_never_reads():
 def test_default_layers_follow_the_architecture(attention_model):
     plain = create_model("medcnn_s", 2, in_chans=1)
     assert Explainer(plain, "gradcam").layer == "backbone.stage3"
-    assert Explainer(attention_model, "attention").layer == "backbone.stage3.attention"
+    assert Explainer(attention_model, "attention").layer == "head.pool"
+    averaged = create_model("medcnn_s", 2, in_chans=1, attention="diff", pool="avg")
+    assert Explainer(averaged, "attention").layer == "backbone.stage3.attention"
     assert Explainer(attention_model, "ig").layer == "input"
     resnet = create_model("resnet18", 2, in_chans=1, attention="self")
     assert Explainer(resnet, "gradcam").layer == "attention"
     assert Explainer(resnet, "attention").layer == "attention"
     assert "backbone.layer4" in candidate_layers(resnet)
     assert Explainer(resnet, "gradcam", layer="backbone.layer3").layer == "backbone.layer3"
+
+
+class PooledNet(nn.Module):
+    """Hand-built: the features are the image; an attention pool whose query looks for
+    brightness decides the logits, so its weights must sit on the bright square."""
+
+    in_chans = 1
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(1, 4, 1)
+        self.pool = AttentionPool2d(4, kind="diff", heads=1, pos_encoding=False)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]).view(4, 1, 1, 1))
+            self.features.bias.copy_(torch.tensor([0.0, 0.5, 0.5, 0.5]))  # LayerNorm: contrast
+            self.pool.k.weight.copy_(torch.eye(4))
+            self.pool.query.zero_()
+            self.pool.query[0, 0, 0] = 20.0
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)))
+
+
+def test_attention_reads_the_pooling_weights_which_peak_on_the_evidence():
+    image = np.full((1, 1, SIZE, SIZE), 0.1, np.float32)
+    image[0, 0][REGION] = 1.0
+    explainer = Explainer(PooledNet(), "attention")
+    assert explainer.layer == "pool"
+    heatmap = explainer.explain(image)
+    inside = np.zeros((SIZE, SIZE), bool)
+    inside[REGION] = True
+    assert heatmap[inside].min() > heatmap[~inside].max()
+
+
+def test_a_run_from_before_attention_pooling_explains_with_its_last_block(tmp_path, mask_data):
+    from tests.conftest import write_run
+
+    torch.manual_seed(0)
+    model = create_model("medcnn_s", 2, in_chans=1, attention="diff", pool="avg")
+    run = write_run(tmp_path / "old", mask_data, attention="diff", model=model)
+    config = json.loads((run / "model.json").read_text())
+    del config["pool"]  # what runs written before attention pooling hold
+    (run / "model.json").write_text(json.dumps(config))
+    explainer = Explainer.from_run(run, method="attention")
+    assert explainer.layer == "backbone.stage3.attention"
+    assert explainer.explain(np.zeros((1, 1, 16, 16), np.float32)).shape == (16, 16)
+    new = Explainer.from_run(write_run(tmp_path / "new", mask_data, attention="diff"), "attention")
+    assert new.layer == "head.pool"
 
 
 def test_attention_on_a_model_without_attention_says_which_models_have_it():
@@ -158,7 +213,7 @@ def test_auto_uses_the_best_method_recorded_in_the_run(tiny_run):
     }
     (tiny_run / "localisation.json").write_text(json.dumps({"methods": scores}))
     explainer = Explainer.from_run(tiny_run, method="auto")
-    assert (explainer.method, explainer.layer) == ("attention", "backbone.stage3.attention")
+    assert (explainer.method, explainer.layer) == ("attention", "head.pool")
     assert explainer.classes == ["normal", "lesion"]
     heatmap = explainer.explain(np.zeros((1, 1, 16, 16), np.float32))
     assert heatmap.shape == (16, 16)

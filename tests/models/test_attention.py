@@ -13,6 +13,7 @@ from medsight.errors import ConfigError
 from medsight.models.attention import (
     ATTENTION_KINDS,
     CBAM,
+    AttentionPool2d,
     DifferentialAttention2d,
     SelfAttention2d,
     SparseAttention2d,
@@ -344,3 +345,77 @@ def test_create_attention_passes_options_through():
     block = create_attention("diff", 16, heads=2, layer_index=2)
     assert block.heads == 2
     assert block.lambda_init == pytest.approx(lambda_init_schedule(2))
+
+
+# --- attention pooling -----------------------------------------------------------------------
+
+
+def _spotlight_pool(kind: str, channels: int = 4) -> AttentionPool2d:
+    """A pool whose keys are the normalised features and whose (first) query looks for
+    channel 0: positions where channel 0 stands out get the weight."""
+    pool = AttentionPool2d(channels, kind=kind, heads=1, pos_encoding=False)
+    with torch.no_grad():
+        pool.k.weight.zero_()
+        parts = pool.query.shape[1]
+        for part in range(parts):
+            block = slice(part * pool.head_dim, (part + 1) * pool.head_dim)
+            pool.k.weight[block, :][: pool.head_dim, : pool.head_dim] = torch.eye(pool.head_dim)
+        pool.query.zero_()
+        pool.query[0, 0, 0] = 20.0  # q₁ (or q) looks for channel 0; q₂ stays uniform
+    return pool
+
+
+def _one_bright_region(channels: int = 4) -> torch.Tensor:
+    x = torch.zeros(1, channels, 6, 6)
+    x[0, 1:] = 1.0  # background: the other channels (LayerNorm ignores a common scale)
+    x[0, 0, 1:3, 3:5] = 5.0  # the evidence: channel 0 in a 2 × 2 region
+    return x + 0.01 * torch.randn_like(x)
+
+
+@pytest.mark.parametrize("kind", ["self", "diff", "sparse"])
+def test_attention_pool_weights_peak_where_the_evidence_is(kind):
+    pool = _spotlight_pool(kind)
+    x = _one_bright_region()
+    pooled = pool(x)
+    weights = pool.last_attention[0, 0, 0].reshape(6, 6)
+    inside = torch.zeros(6, 6, dtype=torch.bool)
+    inside[1:3, 3:5] = True
+    assert weights[inside].min() > weights[~inside].max()
+    assert weights[inside].sum() > 0.5  # most of the mass, not merely the largest values
+    # the pooled vector is the weighted sum of the features themselves
+    expected = (x.flatten(2) * weights.flatten()).sum(-1)
+    torch.testing.assert_close(pooled, expected)
+
+
+@pytest.mark.parametrize("kind", ["self", "diff", "sparse"])
+def test_attention_pool_with_zero_queries_is_average_pooling(kind):
+    pool = AttentionPool2d(16, kind=kind, heads=2)
+    x = torch.randn(3, 16, 5, 7)
+    scale = 1.0 - pool.current_lambda().item() if kind == "diff" else 1.0
+    torch.testing.assert_close(pool(x), x.mean((2, 3)) * scale)
+
+
+def test_differential_pool_subtracts_lambda_times_the_second_softmax():
+    pool = AttentionPool2d(8, kind="diff", heads=1)
+    with torch.no_grad():
+        pool.query.normal_()
+    x = torch.randn(2, 8, 3, 3)
+    t = pool.norm((x + pool.pos(x)).flatten(2).transpose(1, 2))
+    k = pool.k(t).unflatten(-1, (2, 4))  # (B, N, 2, d)
+    a1 = (k[..., 0, :] @ pool.query[0, 0] / 2).softmax(-1)
+    a2 = (k[..., 1, :] @ pool.query[0, 1] / 2).softmax(-1)
+    lam = pool.current_lambda()
+    torch.testing.assert_close(pool.weights(x)[:, 0], a1 - lam * a2)
+    torch.testing.assert_close(pool.weights(x).sum(-1), (1 - lam).expand(2, 1))
+
+
+def test_attention_pool_gets_gradients_at_initialisation():
+    pool = AttentionPool2d(16, kind="diff", heads=2)
+    x = torch.randn(2, 16, 4, 4)
+    (pool(x) * torch.randn(2, 16)).sum().backward()
+    assert pool.query.grad.abs().sum() > 0
+
+
+def test_attention_pool_unknown_kind_is_a_config_error_naming_the_choices():
+    with pytest.raises(ConfigError, match=r"'cbam'.*self, diff, sparse"):
+        AttentionPool2d(16, kind="cbam")

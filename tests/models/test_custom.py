@@ -202,7 +202,9 @@ def test_medcnn_lite_cam_layers_resolve_and_map_a_28_px_image():
         assert explainer.layer == "backbone.stage3"
         heatmap = explainer.explain(image)
     assert heatmap.shape == (28, 28) and heatmap.max() == pytest.approx(1.0)
-    assert Explainer(model, "attention").layer == "backbone.stage3.attention"
+    assert Explainer(model, "attention").layer == "head.pool"  # the attention-pooling head
+    averaged = create_model("medcnn_lite", 2, in_chans=1, attention="diff", pool="avg")
+    assert Explainer(averaged, "attention").layer == "backbone.stage3.attention"
 
 
 def test_medcnn_lite_costs_under_a_third_of_medcnn_s_at_64_px():

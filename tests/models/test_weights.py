@@ -345,3 +345,21 @@ def test_run_dir_of_another_architecture_or_attention_is_refused(tmp_path):
         create_model("medcnn_m", 2, attention="se", weights=run)
     with pytest.raises(ConfigError, match="not a run directory"):
         create_model("medcnn_s", 2, weights=tmp_path)
+
+
+def test_an_average_pooled_run_fine_tunes_into_an_attention_pooled_model(tmp_path):
+    old = create_model("medcnn_s", 2, attention="diff", pool="avg")
+    config = old.config()
+    del config["pool"]  # a run from before attention pooling
+    run = _save_run(old, tmp_path / "old")
+    (run / "model.json").write_text(json.dumps(config))
+    model = create_model("medcnn_s", 2, attention="diff", weights=run)
+    assert model.pool_kind == "attention" and model.pretrained_source == f"run:{run}"
+    assert torch.equal(model.head.fc.weight, old.head.fc.weight)
+    assert torch.equal(model.head.pool.query, torch.zeros_like(model.head.pool.query))
+
+
+def test_an_attention_pooled_run_is_refused_by_an_average_pooled_model(tmp_path):
+    run = _save_run(create_model("medcnn_s", 2, attention="diff"), tmp_path / "new")
+    with pytest.raises(ConfigError, match=r"pool='attention', this model has pool='avg'"):
+        create_model("medcnn_s", 2, attention="diff", pool="avg", weights=run)

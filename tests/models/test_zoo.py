@@ -18,7 +18,7 @@ from medsight.models import (
     list_models,
     model_table,
 )
-from medsight.models.attention import ATTENTION_KINDS
+from medsight.models.attention import ATTENTION_KINDS, AttentionPool2d
 
 REQUIRED = [
     "vgg16",
@@ -215,6 +215,7 @@ def test_config_round_trip_rebuilds_the_same_model(name, kwargs):
         "num_classes": 4,
         "in_chans": kwargs["in_chans"],
         "attention": kwargs["attention"],
+        "pool": "attention" if name == "medcnn_s" else "avg",
         "drop_rate": kwargs.get("drop_rate", 0.0),
         "default_size": get_spec(name).default_size,
     }
@@ -225,6 +226,42 @@ def test_config_round_trip_rebuilds_the_same_model(name, kwargs):
     rebuilt.eval()
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
+
+
+@pytest.mark.parametrize(
+    "name, attention, pool",
+    [("medcnn_s", "diff", "attention"), ("medcnn_s", "self", "attention"),
+     ("medcnn_lite", "sparse", "attention"), ("medcnn_s", "cbam", "avg"),
+     ("medcnn_s", "none", "avg"), ("resnet10t", "diff", "avg")],
+)  # fmt: skip
+def test_custom_cnns_with_token_attention_pool_by_attention_by_default(name, attention, pool):
+    model = create_model(name, 2, attention=attention)
+    assert model.pool_kind == model.config()["pool"] == pool
+    assert isinstance(model.head.pool, AttentionPool2d) == (pool == "attention")
+
+
+def test_pool_can_be_chosen_and_needs_token_attention():
+    assert create_model("medcnn_s", 2, attention="diff", pool="avg").pool_kind == "avg"
+    assert create_model("resnet10t", 2, attention="self", pool="attention").pool_kind == (
+        "attention"
+    )
+    with pytest.raises(ConfigError, match=r"pool='attention' needs token attention.*'cbam'"):
+        create_model("medcnn_s", 2, attention="cbam", pool="attention")
+    with pytest.raises(ConfigError, match=r"pool='max'.*auto, avg, attention"):
+        create_model("medcnn_s", 2, attention="diff", pool="max")
+
+
+def test_a_model_json_without_pool_rebuilds_the_average_pooled_model_it_was_trained_as():
+    # Runs written before attention pooling recorded no ``pool``; they pooled by averaging.
+    old = create_model("medcnn_s", 2, attention="diff", pool="avg")
+    config = old.config()
+    del config["pool"]
+    rebuilt = classifier_from_config(config)
+    assert rebuilt.pool_kind == "avg"
+    rebuilt.load_state_dict(old.state_dict())  # strict: the same parameters, no pool weights
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(old.eval()(x), rebuilt.eval()(x))
 
 
 def test_from_config_never_loads_pretrained_weights():

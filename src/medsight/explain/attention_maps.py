@@ -7,6 +7,14 @@ position *receives*; reshaped to (h, w) and upsampled to the input it is an expl
 model computed itself, with no gradient. For differential attention the map is A₁ − λA₂, so
 positions the two softmaxes agree on (common-mode noise) cancel. It does not depend on the
 class: every class reads the same attended features.
+
+A model whose head pools by attention (``pool="attention"``,
+:class:`~medsight.models.attention.AttentionPool2d`, the default for custom CNNs with token
+attention) keeps one more map: the pooling's weights, one learnt query per head over the last
+map's positions. That block is the last, so it is the default: its weights are exactly how much
+each position's features count in the logits, and they are what localises
+(``benchmarks/README.md``, "Attention that attends"). Runs without it read the last block's map
+as before.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from torch import nn
 
 from medsight.errors import ConfigError
 from medsight.models.attention import (
+    AttentionPool2d,
     DifferentialAttention2d,
     SelfAttention2d,
     SparseAttention2d,
@@ -32,8 +41,8 @@ __all__ = [
     "token_blocks",
 ]
 
-#: Block classes that keep attention maps.
-TOKEN_BLOCKS = (SelfAttention2d, DifferentialAttention2d, SparseAttention2d)
+#: Block classes that keep attention maps (an attention-pooling head's one query included).
+TOKEN_BLOCKS = (SelfAttention2d, DifferentialAttention2d, SparseAttention2d, AttentionPool2d)
 #: ``attention=`` settings whose models have such blocks.
 ATTENTION_MAP_KINDS = ("self", "diff", "sparse")
 
@@ -58,7 +67,8 @@ def no_attention_message(model: nn.Module) -> str:
 
 
 def default_block(model: nn.Module) -> str:
-    """The last token-attention block: the one closest to the classifier."""
+    """The last token-attention block: the one closest to the classifier (the head's attention
+    pooling when the model has one)."""
     blocks = token_blocks(model)
     if not blocks:
         raise ConfigError(no_attention_message(model))
@@ -90,7 +100,8 @@ def attention_maps(model: nn.Module, x: torch.Tensor, block: str | None = None) 
     if maps is None or not grid:
         raise ConfigError(f"block {name!r} did not run in the forward pass; choose another one")
     h, w = grid[-1]
-    received = maps.float().mean(dim=(1, 2))  # (B, heads, queries, keys) → (B, keys)
+    # (B, heads, queries, keys) → (B, keys); an attention pool has one query per head
+    received = maps.float().mean(dim=(1, 2))
     spatial = received.reshape(-1, 1, h, w)
     up = F.interpolate(spatial, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
     return up[:, 0].cpu().numpy().astype(np.float32)

@@ -24,6 +24,7 @@ from medsight.errors import ConfigError
 
 __all__ = [
     "ATTENTION_KINDS",
+    "AttentionPool2d",
     "CBAM",
     "DifferentialAttention2d",
     "SelfAttention2d",
@@ -355,6 +356,114 @@ class SparseAttention2d(_TokenAttention2d):
         out, maps = sparse_attention(_split_heads(q, h), _split_heads(k, h), _split_heads(v, h))
         return _merge_heads(out), maps
 
+
+class AttentionPool2d(nn.Module):
+    """Attention pooling: a learnt query per head attends over the map's positions, and the
+    pooled vector is the attention-weighted sum of the features themselves.
+
+    Replaces global average pooling before a classifier. Tokens are the H·W positions, with the
+    token blocks' depthwise 3×3 position encoding and LayerNorm; only the keys are learnt, the
+    values are the features ``x`` (each head pools its C / heads channels), so the pooling
+    weights are exactly how much each position contributes to the logits. ``kind`` sets the
+    weights, per head, over the N positions, with keys K and learnt queries q (q₁, q₂):
+
+        self:    a = softmax(q·Kᵀ/√d)
+        diff:    a = softmax(q₁·K₁ᵀ/√d) − λ · softmax(q₂·K₂ᵀ/√d)   (λ as in
+                 :class:`DifferentialAttention2d`; rows sum to 1 − λ)
+        sparse:  a = softmax(q·Kᵀ/√d) kept above 1/N, renormalised (:func:`sparse_attention`)
+
+    ``pooled[h] = Σₙ a[h, n] · x[h-th channel slice, n]``, shape (B, C). ``heads`` defaults to
+    1 for ``diff`` (about dim / 128 otherwise) and ``layer_index`` to 1 (λ_init = 0.2): on the
+    demo's phantoms two heads, or λ_init ≈ 0.47, point at the lesion on about half the images
+    (5 seeds), one head with λ_init = 0.2 on 0.64 of them (16 seeds, 0.25–0.82;
+    ``benchmarks/README.md``, "Attention that attends"). With the queries at 0
+    the weights are uniform (1/N, or (1 − λ)/N for ``diff``), i.e. average pooling. The weights
+    of the latest forward pass are kept in ``last_attention`` (B, heads, 1, H·W): one query,
+    read by :func:`medsight.explain.attention_maps.attention_maps` like a block's maps.
+
+    Example:
+        >>> pool = AttentionPool2d(64, kind="diff", heads=2)
+        >>> pool(torch.randn(3, 64, 8, 8)).shape
+        torch.Size([3, 64])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kind: str = "diff",
+        heads: int | None = None,
+        layer_index: int = 1,
+        pos_encoding: bool = True,
+    ):
+        super().__init__()
+        kind = kind.strip().lower() if isinstance(kind, str) else kind
+        if kind not in POOL_KINDS:
+            raise ConfigError(
+                f"AttentionPool2d kind={kind!r} is not known;"
+                f" choose one of: {', '.join(POOL_KINDS)}"
+            )
+        parts = 2 if kind == "diff" else 1
+        heads = heads or (1 if kind == "diff" else _default_heads(channels))
+        _check_split("AttentionPool2d", channels, parts * heads, f"{parts}·heads")
+        self.kind = kind
+        self.heads = heads
+        self.head_dim = d = channels // (parts * heads)
+        self.pos = (
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels) if pos_encoding else None
+        )
+        self.norm = nn.LayerNorm(channels)
+        self.k = nn.Linear(channels, channels, bias=False)
+        # Queries start at 0: uniform weights, so training starts from average pooling.
+        self.query = nn.Parameter(torch.zeros(heads, parts, d))
+        if kind == "diff":
+            self.lambda_init = lambda_init_schedule(layer_index)
+            self.lambda_q1 = nn.Parameter(torch.empty(d).normal_(0.0, 0.1))
+            self.lambda_k1 = nn.Parameter(torch.empty(d).normal_(0.0, 0.1))
+            self.lambda_q2 = nn.Parameter(torch.empty(d).normal_(0.0, 0.1))
+            self.lambda_k2 = nn.Parameter(torch.empty(d).normal_(0.0, 0.1))
+        #: Detached weights of the latest forward pass, (B, heads, 1, H·W), for explanation.
+        self.last_attention: Tensor | None = None
+
+    def current_lambda(self) -> Tensor:
+        """``diff``: the learnt λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init (a 0-d tensor)."""
+        if self.kind != "diff":
+            raise ConfigError(f"AttentionPool2d kind={self.kind!r} has no λ; only 'diff' has")
+        return (
+            torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
+            - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
+            + self.lambda_init
+        )
+
+    def weights(self, x: Tensor) -> Tensor:
+        """The pooling weights of ``x`` (B, C, H, W): (B, heads, H·W)."""
+        t = x if self.pos is None else x + self.pos(x)
+        t = self.norm(t.flatten(2).transpose(1, 2))  # (B, N, C)
+        h, d = self.heads, self.head_dim
+        k = self.k(t).unflatten(-1, (h, -1, d)).permute(0, 2, 3, 1, 4)  # (B, h, parts, N, d)
+        q = self.query.type_as(k)[None, :, :, None, :]  # (1, h, parts, 1, d)
+        if self.kind == "diff":
+            a1 = _attention_weights(q[:, :, 0], k[:, :, 0])
+            a2 = _attention_weights(q[:, :, 1], k[:, :, 1])
+            a = a1 - self.current_lambda().type_as(a1) * a2
+        elif self.kind == "sparse":
+            a = sparse_attention(q[:, :, 0], k[:, :, 0], k[:, :, 0])[1]["attention"]
+        else:
+            a = _attention_weights(q[:, :, 0], k[:, :, 0])
+        return a[:, :, 0]  # (B, h, N)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c = x.shape[:2]
+        a = self.weights(x)
+        self.last_attention = a.detach()[:, :, None]
+        values = x.flatten(2).unflatten(1, (self.heads, -1))  # (B, h, C/h, N)
+        return (values * a[:, :, None].type_as(values)).sum(-1).reshape(b, c)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, heads={self.heads}"
+
+
+#: Kinds of attention pooling (:class:`AttentionPool2d`): the token-attention kinds.
+POOL_KINDS: tuple[str, ...] = ("self", "diff", "sparse")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "none": lambda channels, **kwargs: nn.Identity(),

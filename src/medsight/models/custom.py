@@ -4,7 +4,12 @@
 in four stages (``stem``, ``stage1``, ``stage2``, ``stage3``); each stage after the stem starts
 with a 2×2 max-pool, skipped when the map is already 1 px high or wide, so any input from 8 px
 upwards works (28 px → 28, 14, 7, 4). An attention block
-(:func:`~medsight.models.attention.create_attention`) closes each of the last two stages.
+(:func:`~medsight.models.attention.create_attention`) closes each of the last two stages. With
+token attention (``self``, ``diff``, ``sparse``) the classifier built around it
+(:func:`~medsight.models.zoo.create_model`) also pools the last map by attention
+(:class:`~medsight.models.attention.AttentionPool2d`, ``pool="attention"``) instead of
+averaging: the blocks' own maps do not localise (their residual gate γ stays small and every
+stage-3 token already sees most of the image), the pooling's weights do.
 
 ``medcnn_lite`` is the CPU-lean member: its stem also max-pools after its first conv when the
 input is 48 px or more (64 px → 32, 16, 8, 4; 28 px keeps its full resolution), its first two

@@ -25,15 +25,27 @@ if TYPE_CHECKING:
 
 __all__ = ["ClassifierHead", "MedsightClassifier", "Stage", "StagePlan", "plan_stages"]
 
-CONFIG_KEYS = ("name", "num_classes", "in_chans", "attention", "drop_rate", "default_size")
+CONFIG_KEYS = (
+    "name", "num_classes", "in_chans", "attention", "pool", "drop_rate", "default_size",
+)  # fmt: skip
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool → dropout → ``Linear(num_features, num_classes)``."""
+    """Pool → dropout → ``Linear(num_features, num_classes)``.
 
-    def __init__(self, num_features: int, num_classes: int, drop_rate: float = 0.0):
+    ``pool``: global average pooling (``None``, the default) or a module mapping the map
+    (B, C, h, w) to (B, C, …), e.g. :class:`~medsight.models.attention.AttentionPool2d`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        drop_rate: float = 0.0,
+        pool: nn.Module | None = None,
+    ):
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool is None else pool
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(num_features, num_classes)
 
@@ -255,7 +267,9 @@ class MedsightClassifier(nn.Module):
     """backbone → attention → head (pool → dropout → linear); built by :func:`create_model`.
 
     Attributes: ``spec`` (:class:`~medsight.models.spec.ModelSpec`), ``num_classes``,
-    ``in_chans``, ``attention_kind``, ``drop_rate``, ``num_features``, ``pretrained_source``
+    ``in_chans``, ``attention_kind``, ``pool_kind`` (``"avg"``, or ``"attention"`` for the
+    head's :class:`~medsight.models.attention.AttentionPool2d`), ``drop_rate``,
+    ``num_features``, ``pretrained_source``
     (``"package:<dist>"``, ``"file:<path>"``, ``"run:<dir>"``, ``"timm-cache:<file>"``,
     ``"hub:<id>"``, or ``None`` for random initialisation).
 
@@ -278,6 +292,7 @@ class MedsightClassifier(nn.Module):
         attention_kind: str,
         drop_rate: float = 0.0,
         pretrained_source: str | None = None,
+        pool: nn.Module | None = None,
     ):
         super().__init__()
         self.spec = spec
@@ -289,7 +304,8 @@ class MedsightClassifier(nn.Module):
         self.pretrained_source = pretrained_source
         self.backbone = backbone
         self.attention = attention
-        self.head = ClassifierHead(plan.num_features, num_classes, drop_rate)
+        self.pool_kind = "avg" if pool is None else "attention"
+        self.head = ClassifierHead(plan.num_features, num_classes, drop_rate, pool)
         self._stages = plan.stages
         self._cam_module = plan.cam_module
         self._removed = list(plan.removed)
@@ -396,6 +412,7 @@ class MedsightClassifier(nn.Module):
             "num_classes": self.num_classes,
             "in_chans": self.in_chans,
             "attention": self.attention_kind,
+            "pool": self.pool_kind,
             "drop_rate": self.drop_rate,
             "default_size": self.spec.default_size,
         }
@@ -403,7 +420,8 @@ class MedsightClassifier(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.spec.name!r}, num_classes={self.num_classes}, in_chans={self.in_chans},"
-            f" attention={self.attention_kind!r}, frozen_stages={self._frozen}"
+            f" attention={self.attention_kind!r}, pool={self.pool_kind!r},"
+            f" frozen_stages={self._frozen}"
         )
 
 

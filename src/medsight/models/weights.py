@@ -395,6 +395,13 @@ def _load_run_dir(model: MedsightClassifier, run_dir: Path) -> str:
                 f"run {run_dir} was trained with attention={theirs!r}, this model has {mine!r};"
                 f" use attention={theirs!r} to reuse its weights"
             )
+    # An average-pooled run (``pool`` absent or "avg") fits an attention-pooled model: the
+    # pooling starts from its own initialisation, uniform weights, i.e. average pooling again.
+    if config.get("pool") == "attention" and getattr(model, "pool_kind", "avg") != "attention":
+        raise ConfigError(
+            f"run {run_dir} was trained with pool='attention', this model has"
+            f" pool={model.pool_kind!r}; use pool='attention' (or auto) to reuse its weights"
+        )
     state = read_state_dict(weights_file)
     _load(model, _fit_full_state(model, state, f"run {run_dir}"))
     return f"run:{run_dir}"

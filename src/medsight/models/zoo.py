@@ -28,15 +28,22 @@ from torch import Tensor, nn
 
 from medsight.errors import ConfigError
 from medsight.models import weights as W
-from medsight.models.attention import ATTENTION_KINDS, create_attention
+from medsight.models.attention import (
+    ATTENTION_KINDS,
+    POOL_KINDS,
+    AttentionPool2d,
+    create_attention,
+)
 from medsight.models.custom import STAGE_NAMES, attention_kwargs, create_custom
 from medsight.models.spec import ModelSpec
 from medsight.models.transfer import MedsightClassifier, plan_stages, resolution_boundaries
 
 __all__ = [
+    "POOLS",
     "ModelSpec",
     "classifier_from_config",
     "create_model",
+    "default_pool",
     "get_spec",
     "list_models",
     "model_table",
@@ -356,6 +363,33 @@ def _check_args(num_classes, in_chans, attention, drop_rate) -> str:
     return kind
 
 
+#: Ways the classifier head pools the feature map: ``avg`` (global average pooling) or
+#: ``attention`` (:class:`~medsight.models.attention.AttentionPool2d` of the model's attention
+#: kind); ``auto`` picks :func:`default_pool`.
+POOLS: tuple[str, ...] = ("auto", "avg", "attention")
+
+
+def default_pool(family: str, attention: str) -> str:
+    """``attention`` for a custom CNN with token attention (``self``, ``diff``, ``sparse``),
+    whose own attention map then localises (``benchmarks/README.md``, "Attention that
+    attends"); ``avg`` otherwise."""
+    return "attention" if family == "custom" and attention in POOL_KINDS else "avg"
+
+
+def _check_pool(pool: str, kind: str, family: str) -> str:
+    value = pool.strip().lower() if isinstance(pool, str) else pool
+    if value not in POOLS:
+        raise ConfigError(f"pool={pool!r} is not known; choose one of: {', '.join(POOLS)}")
+    if value == "auto":
+        return default_pool(family, kind)
+    if value == "attention" and kind not in POOL_KINDS:
+        raise ConfigError(
+            f"pool='attention' needs token attention (attention one of {', '.join(POOL_KINDS)}),"
+            f" got attention={kind!r}; choose pool='avg' or one of those attention kinds"
+        )
+    return value
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -366,6 +400,7 @@ def create_model(
     attention: str = "none",
     drop_rate: float = 0.0,
     image_size: int | None = None,
+    pool: str = "auto",
 ) -> MedsightClassifier:
     """Build the classifier ``name`` for ``num_classes`` classes and ``in_chans`` input channels.
 
@@ -374,6 +409,9 @@ def create_model(
     model gets the first conv's RGB weights summed. ``weights`` (a state-dict file or a run
     directory) is loaded instead when given. ``attention`` (``none``, ``se``, ``cbam``, ``self``,
     ``diff``, ``sparse``) sits on the backbone's last feature map, or inside custom CNNs.
+    ``pool`` (:data:`POOLS`): how the head pools the last map; ``attention`` pools with a
+    learnt query of the attention's kind (:class:`~medsight.models.attention.AttentionPool2d`),
+    whose weights are then the ``attention`` explanation; ``auto``: :func:`default_pool`.
 
     Example:
         >>> model = create_model("resnet18", num_classes=3, in_chans=1, attention="cbam")
@@ -412,6 +450,7 @@ def create_model(
     else:
         built = _build_timm(spec, in_chans, use_pretrained, num_classes)
     plan = plan_stages(built.backbone, in_chans, built.boundaries)
+    pool_kind = _check_pool(pool, kind, spec.family)
     if spec.family == "custom" or kind == "none":
         block: nn.Module = nn.Identity()
     else:
@@ -428,6 +467,7 @@ def create_model(
         attention_kind=kind,
         drop_rate=float(drop_rate),
         pretrained_source=built.source,
+        pool=AttentionPool2d(plan.num_features, kind) if pool_kind == "attention" else None,
     )
     if built.state is not None:
         fitted = W.fit_backbone_state(model, built.state, built.classifier, built.source or "")
@@ -468,7 +508,8 @@ def model_table(pattern: str = "*") -> list[dict[str, Any]]:
 
 def classifier_from_config(config: dict[str, Any]) -> MedsightClassifier:
     """Rebuild a classifier from its ``model.json`` (random weights, nothing downloaded); load the
-    state dict next.
+    state dict next. A ``model.json`` without ``pool`` (runs before attention pooling) gets
+    average pooling, as such runs were trained with.
 
     Example:
         >>> model = classifier_from_config(json.loads(Path("model.json").read_text()))
@@ -485,4 +526,6 @@ def classifier_from_config(config: dict[str, Any]) -> MedsightClassifier:
         in_chans=int(config.get("in_chans", 1)),
         attention=config.get("attention", "none"),
         drop_rate=float(config.get("drop_rate", 0.0)),
+        # runs written before attention pooling existed pooled by averaging
+        pool=config.get("pool", "avg"),
     )

@@ -270,6 +270,7 @@ class _Setup:
             attention=config.model.attention,
             drop_rate=config.model.drop_rate,
             image_size=side,
+            pool=config.model.pool,
         )
         n_stages = len(model.stage_names())
         if mode == "features" and context.active:
