@@ -222,3 +222,17 @@ def helpers():
     h.make_two_class_manifest = make_two_class_manifest
     h.make_findings_manifest = make_findings_manifest
     return h
+
+
+def wait_for(condition, seconds: float = 60, what: str = "the condition", every: float = 0.1):
+    """``condition()``'s first true value, polled every ``every`` s (servers and threads
+    answer in their own time); an AssertionError naming ``what`` after ``seconds``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what} did not happen within {seconds} s")

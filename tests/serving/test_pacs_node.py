@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 
 import numpy as np
 import pydicom
@@ -17,6 +16,7 @@ from medsight.integration import DicomNode, context_from_dicom
 from medsight.integration.dicom_node import CANNOT_UNDERSTAND, SUCCESS
 from medsight.serving.service import ModelService
 from medsight.serving.worklist import WorklistStore
+from tests.conftest import wait_for
 from tests.data.identifying_dicom import identifying_dicom
 
 SCU_AET = "TESTSCU"
@@ -69,16 +69,6 @@ def echo_ok(node: DicomNode) -> bool:
         return assoc.is_established and assoc.send_c_echo().Status == SUCCESS
     finally:
         assoc.release()
-
-
-def wait_for(condition, seconds: float = 30):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("the condition did not become true in time")
 
 
 def instance(study: str, series: str, number: int, value: int = 700) -> pydicom.Dataset:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from medsight.integration.dicomweb import DicomWebClient, DicomWebError, poll
 from medsight.integration.results import NOT_FOR_DIAGNOSIS
 from medsight.serving.service import ModelService
 from medsight.serving.worklist import WorklistStore
-from tests.conftest import write_dicom
+from tests.conftest import wait_for, write_dicom
 from tests.orthanc import free_port, orthanc  # noqa: F401 - the fixture
 
 FAKE_NAME, FAKE_ID = "Zzyzx^Quillonfake", "QFAKE-81723"
@@ -35,16 +34,6 @@ def model(served_run):
 
 def store_for(folder: Path) -> WorklistStore:
     return WorklistStore(f"sqlite:///{folder / 'worklist.db'}", folder)
-
-
-def wait_for(condition, seconds: float = 60, what: str = "the condition"):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} did not happen within {seconds} s")
 
 
 def make_study(folder: Path, n: int = 3, value: int = 900, **tags) -> list[Path]:
