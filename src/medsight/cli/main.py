@@ -1576,12 +1576,14 @@ def predict_command(
         typer.Option("--csv", help="Archive: also write all rows as a CSV beside --out."),
     ] = False,
 ) -> None:
-    """Predict files with a run, preprocessing exactly as serving does. A file that cannot be
-    read, or whose outputs hold NaN or infinity, is a row with its reason in the error column;
-    every other file is predicted. A multi-label run writes p_<finding> columns and, as the
-    label, the findings at or above their thresholds (the evaluated --point, else 0.5). Exit
-    status 0 when at least one file was predicted, 2 when none was (the --out CSV is written
-    in both cases).
+    """Predict files with a run, or score an archive into Parquet (locally or on Ray),
+    preprocessing exactly as serving does.
+
+    A file that cannot be read, or whose outputs hold NaN or infinity, is a row with its reason
+    in the error column; every other file is predicted. A multi-label run writes p_<finding>
+    columns and, as the label, the findings at or above their thresholds (the evaluated
+    --point, else 0.5). Exit status 0 when at least one file was predicted, 2 when none was
+    (the --out CSV is written in both cases).
 
     One SOURCE (a folder, .zip or CSV manifest; or any SOURCE with --engine or a .parquet
     --out) is scored as an archive into a Parquet dataset, in this process or on Ray
