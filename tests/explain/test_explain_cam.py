@@ -289,3 +289,89 @@ def test_the_report_marks_the_methods_that_fail_the_sanity_check(tiny_run):
     rows = {row["method"]: row for row in _explanation_table(scores)}
     assert rows["ig"]["fails_sanity"] and not rows["ig"]["best"]
     assert rows["gradcam"]["best"] and not rows["gradcam"]["fails_sanity"]
+
+
+def _region_manifest(root, n: int = 6):
+    """Images with a dim blob inside REGION (the lesion, masked) and a brighter distractor
+    outside it; the lesion's mask, and the distractor's mask for the second question."""
+    from tests.conftest import write_png
+
+    rng = np.random.default_rng(3)
+    lines = ["path,label,patient_id,mask,distractor"]
+    for i in range(n):
+        pixels = rng.integers(0, 50, (SIZE, SIZE)).astype(np.uint8)
+        lesion, distractor = np.zeros_like(pixels), np.zeros_like(pixels)
+        y, x = 5 + i % 3, 19 + i % 4
+        pixels[y : y + 4, x : x + 4], lesion[y : y + 4, x : x + 4] = 200, 255
+        pixels[20:28, 4:12], distractor[20:28, 4:12] = 255, 255
+        write_png(root / f"img{i}.png", pixels)
+        write_png(root / f"lesion{i}.png", lesion)
+        write_png(root / f"distractor{i}.png", distractor)
+        lines.append(f"img{i}.png,lesion,P{i},lesion{i}.png,distractor{i}.png")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root / "manifest.csv"
+
+
+def test_auto_chooses_the_map_that_finds_a_hand_built_models_evidence(tmp_path, monkeypatch):
+    from medsight.explain import faithfulness as FA
+    from medsight.explain.localisation import score_localisation
+    from medsight.runs import Run
+    from tests.conftest import write_run
+
+    data = _region_manifest(tmp_path / "data")
+    run = write_run(tmp_path / "run", data, classes=("normal", "lesion"), size=SIZE)
+    monkeypatch.setattr(Run, "load_model", lambda self, *a, **k: RegionNet())
+    scored = score_localisation(
+        run, data, methods=["gradcam", "eigencam", "ig"], layer="gate", split=None,
+        faithfulness=4, write=True,
+    )  # fmt: skip
+    points = {m: e["pointing_game"]["value"] for m, e in scored["methods"].items()}
+    # The model reads only REGION: a faithful map points at the lesion there, not at the
+    # brighter distractor.
+    assert points["gradcam"] == 1.0
+    assert scored["best_method"] in {m for m, v in points.items() if v == 1.0}
+    auto = Explainer.from_run(run, method="auto")
+    assert (auto.method, auto.layer) == (scored["best_method"], "gate")
+    x = (region_image() - 0.5) / 0.5
+    assert in_region(auto.explain(x, target="lesion"))
+
+    # Scored against the distractor instead, Grad-CAM on the first convolution (before the
+    # gate: a blurred copy of the image's brightness) "points" better than Integrated
+    # Gradients; a map that survives randomised weights must still not become the default.
+    (data.parent / "swapped.csv").write_text(
+        data.read_text().replace("mask,distractor", "lesion_mask,mask")
+    )
+    real = FA.sanity_summary
+
+    def brightness_maps_fail(explainer, *args, **kwargs):
+        summary = real(explainer, *args, **kwargs)
+        if explainer.layer == "features.0":
+            summary["spearman"] = {"value": 0.9, "ci": [0.85, 0.95]}
+            summary["passes"] = FA.passes_sanity(summary)
+        return summary
+
+    monkeypatch.setattr(FA, "sanity_summary", brightness_maps_fail)
+    swapped = score_localisation(
+        run, data.parent / "swapped.csv", methods=["gradcam", "ig"], split=None,
+        faithfulness=4, write=False,
+    )  # fmt: skip
+    methods = swapped["methods"]
+    assert methods["gradcam"]["layer"] == "features.0"
+    assert methods["gradcam"]["pointing_game"]["value"] > methods["ig"]["pointing_game"]["value"]
+    assert swapped["sanity"]["gradcam"]["passes"] is False
+    assert swapped["best_method"] == "ig"
+
+
+def test_a_layer_without_a_spatial_map_is_refused_with_the_layers_that_have_one():
+    model = create_model("medcnn_s", 2, in_chans=1, attention="diff")
+    with pytest.raises(ConfigError) as caught:
+        Explainer(model, "gradcam", layer="head")
+    message = str(caught.value)
+    assert "'head'" in message and "no spatial map for a 64×64 input" in message
+    assert "backbone.stage2 (16×16)" in message and "backbone.stage3 (8×8)" in message
+    # The run's own input size decides the map sizes shown.
+    from medsight.data.transforms import Preprocess
+
+    with pytest.raises(ConfigError, match=r"backbone.stage3 \(4×4\)"):
+        Explainer(model, "gradcam++", layer="head.fc", preprocess=Preprocess(size=(32, 32)))
+    assert Explainer(model, "gradcam", layer="backbone.stage2").layer == "backbone.stage2"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -148,3 +149,36 @@ def test_a_layer_search_keeps_each_methods_best_layer_that_passes_the_sanity_che
     best = max(tried.values(), key=lambda v: (v["pointing_game"]["value"],
                                               v["energy_in_mask"]["value"]))  # fmt: skip
     assert entry["pointing_game"] == best["pointing_game"]
+
+
+def test_masks_of_another_size_are_resized_with_a_warning_or_refused_when_the_aspect_differs(
+    tiny_run, mask_data
+):
+    from PIL import Image
+
+    root = mask_data.parent
+    first = root / "masks" / "lesion_0.png"
+    mask = np.asarray(Image.open(first))
+    Image.fromarray(mask.repeat(2, axis=0).repeat(2, axis=1)).save(first)  # 32×32 for 16×16
+    with pytest.warns(UserWarning, match="1 mask.*resized"):
+        result = score_localisation(
+            tiny_run, mask_data, methods=["gradcam"], split=None, faithfulness=0, write=False
+        )
+    assert result["n_resized_masks"] == 1 and result["n_images"] == 4
+    Image.fromarray(mask.repeat(2, axis=1)).save(first)  # 32 wide, 16 high
+    refused = r"lesion_0.png is 32×16 pixels but the image is 16×16"
+    with pytest.raises(DataError, match=refused), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score_localisation(tiny_run, mask_data, methods=["gradcam"], split=None, write=False)
+
+
+def test_an_empty_mask_is_counted_and_not_scored(tiny_run, mask_data):
+    from PIL import Image
+
+    first = mask_data.parent / "masks" / "lesion_0.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(first)
+    with pytest.warns(UserWarning):
+        result = score_localisation(
+            tiny_run, mask_data, methods=["gradcam"], split=None, faithfulness=0, write=False
+        )
+    assert result["n_empty_masks"] == 1 and result["n_images"] == 3

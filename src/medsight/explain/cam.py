@@ -46,6 +46,7 @@ __all__ = [
     "candidate_layers",
     "check_method",
     "default_layer",
+    "layer_map_sizes",
 ]
 
 #: pytorch-grad-cam classes by medsight method name.
@@ -198,6 +199,64 @@ def _check_layer(model: nn.Module, layer: str, method: str) -> str:
     return layer
 
 
+def _probe_size(model: nn.Module, preprocess: Any) -> tuple[int, ...]:
+    """The input size a probe pass uses: the run's, else the model's default (64 when unknown)."""
+    if preprocess is not None and getattr(preprocess, "size", None):
+        return tuple(int(s) for s in preprocess.size)
+    spec = getattr(model, "spec", None)
+    side = int(getattr(spec, "default_size", 0) or 64)
+    return (side, side)
+
+
+def layer_map_sizes(
+    model: nn.Module, names: list[str], size: tuple[int, ...]
+) -> dict[str, tuple[int, ...] | None]:
+    """The spatial size of each named layer's output for one zero image of ``size`` (None when
+    the output is not a ``(B, C, *spatial)`` map, e.g. a pooled vector or a classifier)."""
+    modules = dict(model.named_modules())
+    seen: dict[str, tuple[int, ...] | None] = {name: None for name in names}
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            ok = isinstance(out, torch.Tensor) and out.ndim == 2 + len(size)
+            seen[name] = tuple(int(s) for s in out.shape[2:]) if ok else None
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names if n in modules]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    channels = int(getattr(model, "in_chans", 0) or 3)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, *size, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _check_spatial(model: nn.Module, layer: str, size: tuple[int, ...]) -> None:
+    """Refuse a CAM target layer whose output has no spatial map, listing the layers that have
+    one with their map sizes (a CAM weights a map; a vector has nothing to point at)."""
+    parts = layer.split(",")
+    candidates = [c for c in candidate_layers(model) if c not in parts]
+    sizes = layer_map_sizes(model, parts + candidates, size)
+    flat = [p for p in parts if sizes.get(p) is None]
+    if not flat:
+        return
+    listed = ", ".join(
+        f"{c} ({'×'.join(map(str, sizes[c]))})" for c in candidates if sizes.get(c) is not None
+    )
+    shown = "×".join(map(str, size))
+    raise ConfigError(
+        f"layer {', '.join(repr(p) for p in flat)} of {_model_name(model)} gives no spatial map"
+        f" for a {shown} input, so a CAM has nothing to point at; layers with a map:"
+        f" {listed or 'none'}"
+    )
+
+
 def _safe_default(model: nn.Module, method: str) -> str:
     try:
         return default_layer(model, method)
@@ -260,6 +319,8 @@ class Explainer:
         self.layer = _check_layer(model, chosen, self.method)
         self.classes = list(classes) if classes is not None else None
         self.preprocess = preprocess
+        if layer is not None and self.method in CAM_METHODS:
+            _check_spatial(model, self.layer, _probe_size(model, preprocess))
         self.run = run
         self._cam = None
         self._param = next(model.parameters(), None)

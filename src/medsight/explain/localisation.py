@@ -256,6 +256,25 @@ def _finding_rows(
     return scored, missing, empty
 
 
+#: Masks whose height/width ratio differs from their image's by more than this are refused.
+ASPECT_TOLERANCE = 0.02
+
+
+def _check_mask_size(mask: np.ndarray, image_size: tuple[int, int], source: str) -> int:
+    """1 when ``mask`` must be resized to its image (same aspect), 0 when it fits; a mask of
+    another aspect cannot say where the lesion is in the image and is refused."""
+    if tuple(mask.shape) == tuple(image_size):
+        return 0
+    (mh, mw), (ih, iw) = mask.shape, image_size
+    if abs((mh / mw) / (ih / iw) - 1.0) > ASPECT_TOLERANCE:
+        raise DataError(
+            f"the mask of {source} is {mw}×{mh} pixels but the image is {iw}×{ih}: the aspect"
+            " differs, so the mask cannot be placed on the image; give masks drawn on the"
+            " images themselves (same width and height)"
+        )
+    return 1
+
+
 def _layers_to_try(model, method: str, layer: str | None, search: bool) -> list[str | None]:
     """The target layers to score ``method`` on: ``layer`` (None: the default), and with
     ``search`` for a CAM method also the stage before the last and all stages after the stem
@@ -432,16 +451,25 @@ def score_localisation(
         order = order[: int(limit)]
     scored = [scored[i] for i in sorted(order)]
 
-    xs, masks, targets, unreadable = [], [], [], 0
+    xs, masks, targets, unreadable, resized = [], [], [], 0, 0
     for position, mask, target in scored:
         row = rows.iloc[position]
         try:
-            xs.append(run.preprocess(decode(str(row["source"]), window=run.preprocess.window)))
+            image = decode(str(row["source"]), window=run.preprocess.window)
         except MedsightError:
             unreadable += 1
             continue
+        resized += _check_mask_size(mask, tuple(image.size), str(row["source"]))
+        xs.append(run.preprocess(image))
         masks.append(mask)
         targets.append(target)
+    if resized:
+        warnings.warn(
+            f"{resized} mask(s) differ in size from their image (same aspect); they were resized"
+            " to the image, as a mask must cover the whole image",
+            UserWarning,
+            stacklevel=2,
+        )
     if not xs:
         raise DataError(f"none of the {len(scored)} images to score could be read from {where}")
     x = np.stack(xs).astype(np.float32)
@@ -454,6 +482,7 @@ def score_localisation(
         "n_missing_masks": n_missing,
         "n_empty_masks": n_empty,
         "n_unreadable": unreadable,
+        "n_resized_masks": resized,
         "lesion_classes": lesion_classes,
         "split": used_split,
         "data": str(where),
