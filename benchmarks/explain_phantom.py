@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument(
         "--extra-layer",
         default="backbone.stage2",
-        help="a second target layer for the CAM family ('' to skip)",
+        help="more target layers for the CAM family, ';'-separated (a fused set of stages is"
+        " comma-separated: 'backbone.stage2;backbone.stage1,backbone.stage2'); '' to skip",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: busy cores)")
     args = parser.parse_args()
@@ -50,8 +51,8 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     passes = [(methods, None)]
     cams = [m for m in methods if m in CAM_FAMILY]
-    if args.extra_layer and cams:
-        passes.append((cams, args.extra_layer))
+    for layer in filter(None, args.extra_layer.split(";")) if cams else []:
+        passes.append((cams, layer))
     rows, started, info = [], time.perf_counter(), {}
     for chosen, layer in passes:
         result = score_localisation(

@@ -105,13 +105,16 @@ def test_ig_gives_no_weight_to_a_distractor_the_model_never_reads():
 
 def test_default_layers_follow_the_architecture(attention_model):
     plain = create_model("medcnn_s", 2, in_chans=1)
-    assert Explainer(plain, "gradcam").layer == "backbone.stage3"
+    # Grad-CAM fuses the last three stages after the stem; the others keep the last stage.
+    assert Explainer(plain, "gradcam").layer == "backbone.stage1,backbone.stage2,backbone.stage3"
+    assert Explainer(plain, "gradcam++").layer == "backbone.stage3"
     assert Explainer(attention_model, "attention").layer == "head.pool"
     averaged = create_model("medcnn_s", 2, in_chans=1, attention="diff", pool="avg")
     assert Explainer(averaged, "attention").layer == "backbone.stage3.attention"
     assert Explainer(attention_model, "ig").layer == "input"
     resnet = create_model("resnet18", 2, in_chans=1, attention="self")
-    assert Explainer(resnet, "gradcam").layer == "attention"
+    assert Explainer(resnet, "gradcam").layer == "backbone.layer2,backbone.layer3,backbone.layer4"
+    assert Explainer(resnet, "layercam").layer == "attention"
     assert Explainer(resnet, "attention").layer == "attention"
     assert "backbone.layer4" in candidate_layers(resnet)
     assert Explainer(resnet, "gradcam", layer="backbone.layer3").layer == "backbone.layer3"

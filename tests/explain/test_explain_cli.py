@@ -25,7 +25,10 @@ def test_explain_writes_overlay_map_and_jsonl(tiny_run, mask_data, tmp_path):
     lines = [json.loads(s) for s in (out / "explanations.jsonl").read_text().splitlines()]
     assert [r["image"] for r in lines] == [str(p) for p in images]
     first = lines[0]
-    assert first["method"] == "gradcam" and first["layer"] == "backbone.stage3"
+    fused = "backbone.stage1,backbone.stage2,backbone.stage3"
+    assert (
+        first["method"] == "gradcam" and first["layer"] == fused and first["chosen_by"] == "asked"
+    )
     assert first["predicted"] in ("normal", "lesion")
     assert set(first["probabilities"]) == {"normal", "lesion"}
     assert abs(sum(first["probabilities"].values()) - 1) < 1e-5
@@ -85,3 +88,16 @@ def test_report_gains_the_explanation_table_and_gallery(tiny_run, mask_data):
     html = write_report(tiny_run).read_text()
     assert 'id="explanations"' in html and "Pointing game" in html
     assert "True positives" in html and "False negatives" in html
+
+
+def test_auto_on_a_run_never_scored_against_masks_says_what_it_falls_back_to(
+    tiny_run, mask_data, tmp_path
+):
+    image = sorted((mask_data.parent / "img").glob("lesion_*.png"))[0]
+    result = _run("explain", tiny_run, image, "--out", tmp_path / "why")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "note: gradcam on backbone.stage1,backbone.stage2,backbone.stage3" in text
+    assert "has no maps scored against lesion masks" in text and "--masks" in text
+    record = json.loads((tmp_path / "why" / "explanations.jsonl").read_text().splitlines()[0])
+    assert record["chosen_by"] == "default"

@@ -51,8 +51,8 @@ def test_a_finding_is_explained_through_its_own_logit(ml_run, images):
     assert not np.allclose(maps["a"], maps["b"], atol=1e-3)
     # The same as pytorch-grad-cam on that finding's output of the same network and layer.
     model = Explainer.from_run(ml_run, method="gradcam").model
-    layer = model.get_submodule(explainer.layer)
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    layers = [model.get_submodule(name) for name in explainer.layer.split(",")]
+    with GradCAM(model=model, target_layers=layers) as cam:
         for index, name in enumerate(("a", "b")):
             direct = cam(input_tensor=torch.from_numpy(x), targets=[ClassifierOutputTarget(index)])
             expected = direct[0]

@@ -1758,8 +1758,9 @@ def explain_command(
         from medsight.runs import EXPLANATIONS
 
         records = explain_files(
-            run, images, out, method=method, target=target, layer=layer, device=device
-        )
+            run, images, out, method=method, target=target, layer=layer, device=device,
+            note=lambda text: err_console.print(f"note: {text}", highlight=False),
+        )  # fmt: skip
         for r in records:
             whose = (
                 f" (map: {r['target']} {r['target_probability']:.3f})" if "threshold" in r else ""

@@ -59,7 +59,8 @@ CAM_METHODS: dict[str, str] = {
 }
 #: Every method :class:`Explainer` knows, in the order tables list them.
 METHODS: tuple[str, ...] = (*CAM_METHODS, "ig", "attention")
-#: Where ``method="auto"`` looks for the best method of a run.
+#: What ``method="auto"`` uses on a run not scored against masks (with its default layer).
+DEFAULT_METHOD = "gradcam"
 #: Integrated Gradients: Riemann steps along the path from the baseline.
 IG_STEPS = 32
 #: Integrated Gradients maps are smoothed with a Gaussian this wide (fraction of the image side):
@@ -146,18 +147,41 @@ def candidate_layers(model: nn.Module) -> list[str]:
     return names
 
 
+#: How many of a backbone's last stages (after the stem) a fused map averages over: on 64 px
+#: custom CNNs the 32, 16 and 8 px maps; a fourth, finer stage follows image edges whatever the
+#: weights (benchmarks/README.md, "Which layer, under the sanity check").
+FUSED_STAGES = 3
+
+
+def fused_stages(model: nn.Module) -> str | None:
+    """The last :data:`FUSED_STAGES` backbone stages after the stem, comma-joined (a fused
+    target for the CAM family: pytorch-grad-cam averages their maps), or None when the model
+    has fewer than two such stages."""
+    modules = dict(model.named_modules())
+    stages = [
+        f"backbone.{name}"
+        for name in getattr(model, "stage_names", lambda: [])()
+        if name != "stem" and f"backbone.{name}" in modules
+    ]
+    return ",".join(stages[-FUSED_STAGES:]) if len(stages) >= 2 else None
+
+
 def default_layer(model: nn.Module, method: str) -> str:
     """The target layer ``method`` uses on ``model`` when none is given.
 
-    CAM family: the model's own choice (``cam_layer_name``: the attention block on a backbone,
-    else the last conv stage), or the last ``Conv2d`` of a plain module. ``ig``: ``"input"``.
-    ``attention``: the last token-attention block.
+    ``gradcam``: its map fused over the backbone's last stages (:func:`fused_stages`), the
+    default that localised best among maps passing the sanity check in the benchmarks. The rest
+    of the CAM family: the model's own choice (``cam_layer_name``: the attention block on a
+    backbone, else the last conv stage); their fused maps fail the sanity check. A plain module:
+    its last ``Conv2d``. ``ig``: ``"input"``. ``attention``: the last token-attention block.
     """
     method = check_method(method)
     if method == "ig":
         return "input"
     if method == "attention":
         return default_block(model)
+    if method == DEFAULT_METHOD and fused_stages(model):
+        return fused_stages(model)
     if hasattr(model, "cam_layer_name"):
         return model.cam_layer_name()
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -242,7 +266,10 @@ def _check_spatial(model: nn.Module, layer: str, size: tuple[int, ...]) -> None:
     one with their map sizes (a CAM weights a map; a vector has nothing to point at)."""
     parts = layer.split(",")
     candidates = [c for c in candidate_layers(model) if c not in parts]
-    sizes = layer_map_sizes(model, parts + candidates, size)
+    try:
+        sizes = layer_map_sizes(model, parts + candidates, size)
+    except Exception:  # noqa: BLE001 - a network that takes another input size: the CAM will say
+        return
     flat = [p for p in parts if sizes.get(p) is None]
     if not flat:
         return
@@ -325,6 +352,9 @@ class Explainer:
         self._cam = None
         self._param = next(model.parameters(), None)
         self._lock = threading.Lock()
+        #: Why this method and layer: "asked" (named by the caller), "scored" (the best
+        #: sanity-passing map of RUN/localisation.json) or "default" (auto on an unscored run).
+        self.chosen_by = "asked"
 
     @classmethod
     def from_run(
@@ -346,15 +376,17 @@ class Explainer:
         run = run_or_path if isinstance(run_or_path, Run) else Run.load(run_or_path)
         refuse_unexplained(run)
         name = method.strip().lower() if isinstance(method, str) else method
+        chosen_by = "asked"
         if name == "auto":
-            name = best_method(run.path) or "gradcam"
+            scored = best_method(run.path)
+            name, chosen_by = (scored, "scored") if scored else (DEFAULT_METHOD, "default")
             if layer is not None and name in ("ig", "attention"):
-                name = "gradcam"  # a layer was asked for: keep a method that uses one
+                name = DEFAULT_METHOD  # a layer was asked for: keep a method that uses one
             elif layer is None:
                 layer = _scored_layer(run.path, name)
         from medsight.devices import resolve_device
 
-        return cls(
+        explainer = cls(
             run.load_model().to(resolve_device(device)),
             name,
             layer,
@@ -362,6 +394,26 @@ class Explainer:
             preprocess=run.preprocess,
             run=run,
         )
+        explainer.chosen_by = chosen_by
+        return explainer
+
+    @property
+    def choice(self) -> str:
+        """One sentence on why this method and layer explain the run (for logs and notes)."""
+        where = f"{self.method} on {self.layer}"
+        run = getattr(self.run, "path", None)
+        if self.chosen_by == "scored":
+            return (
+                f"{where}: the best map in {run}/{runs.LOCALISATION} among those passing the"
+                " sanity check"
+            )
+        if self.chosen_by == "default":
+            return (
+                f"{where}: {run} has no maps scored against lesion masks, so auto uses the"
+                " default that localised best among sanity-passing maps in medsight's benchmarks;"
+                f" `medsight explain {run} --masks` chooses from your own masks"
+            )
+        return f"{where}: as asked"
 
     # ----------------------------------------------------------------------- public
 

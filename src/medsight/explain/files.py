@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,18 @@ def explain_files(
     target: str | None = None,
     layer: str | None = None,
     device: str = "cpu",
+    note: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Explain each file in ``images`` with the run's model and write the results to ``out``.
 
     ``target`` is a class name (default: each image's predicted class); for a multi-label run a
     finding (default: one map for each finding above its threshold, or for the most probable
-    finding when none is). Returns the records written to ``out/explanations.jsonl``, one per
-    map; a multi-label record also holds the finding's ``target_probability``, ``threshold``
-    and ``above_threshold``. An image the run cannot read or preprocess stops
-    with a :class:`~medsight.errors.DataError` naming it, before anything is written.
+    finding when none is). ``note`` hears, for ``method="auto"``, which method and layer were
+    chosen and why (:attr:`Explainer.choice`). Returns the records written to
+    ``out/explanations.jsonl``, one per map; a multi-label record also holds the finding's
+    ``target_probability``, ``threshold`` and ``above_threshold``. An image the run cannot read
+    or preprocess stops with a :class:`~medsight.errors.DataError` naming it, before anything
+    is written.
 
     Example:
         >>> explain_files("runs/phantom", ["scan.png"], "out", method="gradcam")  # doctest: +SKIP
@@ -62,6 +65,8 @@ def explain_files(
     from medsight.inference import Predictor
 
     explainer = Explainer.from_run(run, method=method, layer=layer, device=device)
+    if note is not None and explainer.chosen_by != "asked":
+        note(explainer.choice)
     # Probabilities exactly as serving reports them (with the run's calibration, if any),
     # from the same network the maps come from.
     predictor = Predictor(explainer.run, explainer.model, explainer.device)
@@ -128,6 +133,7 @@ def explain_files(
                 "target": explained,
                 "method": explainer.method,
                 "layer": explainer.layer,
+                "chosen_by": explainer.chosen_by,
                 "overlay": png.name,
                 "map": npy.name,
             }

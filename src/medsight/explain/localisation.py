@@ -277,21 +277,19 @@ def _check_mask_size(mask: np.ndarray, image_size: tuple[int, int], source: str)
 
 def _layers_to_try(model, method: str, layer: str | None, search: bool) -> list[str | None]:
     """The target layers to score ``method`` on: ``layer`` (None: the default), and with
-    ``search`` for a CAM method also the stage before the last and all stages after the stem
-    fused (pytorch-grad-cam averages their maps): a coarse last stage often misses small
+    ``search`` for a CAM method also the last stage alone, the stage before it, and the last
+    stages fused (pytorch-grad-cam averages their maps): a coarse last stage often misses small
     lesions that finer stages see (benchmarks/README.md, multi-label phantoms)."""
+    from medsight.explain.cam import default_layer, fused_stages
+
     chosen = _layer_for(model, method, layer)
     if not search or layer is not None or method in ("ig", "attention"):
         return [chosen]
-    modules = dict(model.named_modules())
-    stages = [
-        f"backbone.{name}"
-        for name in getattr(model, "stage_names", lambda: [])()
-        if name != "stem" and f"backbone.{name}" in modules
-    ]
-    if len(stages) < 2:
+    fused = fused_stages(model)
+    if fused is None:
         return [chosen]
-    return list(dict.fromkeys([None, stages[-2], ",".join(stages)]))
+    stages = fused.split(",")
+    return list(dict.fromkeys([default_layer(model, method), stages[-1], stages[-2], fused]))
 
 
 def _score_method(

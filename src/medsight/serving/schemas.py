@@ -65,6 +65,12 @@ class Explained(BaseModel):
     passes_sanity: bool | None = Field(
         default=None, description="Whether the method passes the randomisation check."
     )
+    chosen_by: str | None = Field(
+        default=None,
+        description="Why this method and layer: 'scored' (the best sanity-passing map of the "
+        "run's `medsight explain --masks`) or 'default' (not scored against masks: the default "
+        "that localised best among sanity-passing maps in medsight's benchmarks).",
+    )
 
 
 def _fields(model: type[BaseModel]) -> dict[str, Any]:

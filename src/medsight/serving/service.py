@@ -26,6 +26,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import threading
@@ -45,10 +46,10 @@ from medsight.serving.schemas import ModelRef, ThresholdFlag
 if TYPE_CHECKING:  # torch comes with these: the server imports them only once it is listening
     from medsight.inference import Predictor
 
-#: The same words as the model card in report.html: serving must not promise more than it.
-
 #: Side of the heat-map overlay PNG: large enough to read on a page, whatever the input size.
 OVERLAY_SIDE = 384
+
+log = logging.getLogger("medsight.serving")
 
 
 class UnsupportedImage(MedsightError):
@@ -337,6 +338,7 @@ class ModelService:
                     from medsight.explain import Explainer
 
                     self._explainer = Explainer.from_run(self.run.path, method="auto")
+                    log.info("explanations: %s", self._explainer.choice)
                 except ImportError as exc:
                     self._explainer_error = (
                         f"explanations are not available in this installation ({exc}); "
@@ -360,7 +362,8 @@ class ModelService:
         except (OSError, ValueError, AttributeError):
             entry = None
         rho = ((entry or {}).get("spearman") or {}).get("value")
-        return {"sanity_rho": rho, "passes_sanity": passes_sanity(entry)}
+        chosen_by = getattr(self._explainer, "chosen_by", None)
+        return {"sanity_rho": rho, "passes_sanity": passes_sanity(entry), "chosen_by": chosen_by}
 
     def explanations_available(self) -> bool:
         """True when ``medsight.explain`` can be imported (the explainer itself loads lazily)."""

@@ -362,7 +362,8 @@ async function showExplanation(pending, seq) {
     const whose = isMulti() && body.target ? pretty(body.target) + " · " : "";
     const sanity = body.passes_sanity === false
       ? ` · fails the sanity check (ρ ${body.sanity_rho.toFixed(2)} with random weights): it shows the image more than the model`
-      : body.passes_sanity ? ` · passes the sanity check (ρ ${body.sanity_rho.toFixed(2)})` : "";
+      : body.passes_sanity ? ` · passes the sanity check (ρ ${body.sanity_rho.toFixed(2)})`
+      : body.chosen_by === "default" ? " · the default map (this run was not scored against lesion masks)" : "";
     const layer = body.layer ? ", " + body.layer.replaceAll(",", " + ") : "";  // fused stages
     $("overlay-caption").textContent = `Heat map (${whose}${pretty(body.method)}${layer})${sanity}`;
     if (isMulti() && body.target) markSelected(body.target);
