@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -191,16 +192,22 @@ def _fmt(entry: dict | None, digits: int = 2) -> str:
 
 def _layers(run: Path) -> list[str]:
     """The layers ``search_layers`` tries beside the default: the stage before the last and
-    every stage after the stem fused (empty when the model has fewer than two stages)."""
+    every stage after the stem fused (empty when the model has fewer than two stages). A
+    transfer model names its stages by block ranges (``features.2-3``), which ``search_layers``
+    does not find as modules; here each such stage is its last block (``features.3``)."""
     from medsight.runs import Run
 
     model = Run.load(run).load_model()
     modules = dict(model.named_modules())
-    stages = [
-        f"backbone.{name}"
-        for name in getattr(model, "stage_names", lambda: [])()
-        if name != "stem" and f"backbone.{name}" in modules
-    ]
+    stages = []
+    for name in getattr(model, "stage_names", lambda: [])():
+        if name == "stem":
+            continue
+        last = re.sub(r"(\d+)-(\d+)$", r"\2", name)
+        for candidate in (f"backbone.{name}", f"backbone.{last}"):
+            if candidate in modules:
+                stages.append(candidate)
+                break
     return [stages[-2], ",".join(stages)] if len(stages) >= 2 else []
 
 
@@ -283,7 +290,7 @@ def main() -> None:
         print(
             f"| {row['method']} · {row['layer']} | {_fmt(row['pointing_game'])} "
             f"| {_fmt(row['box_iou'])} | {_fmt(row['energy_in_mask'])} "
-            f"| {_fmt(row['rho'])}{mark} | {row['seconds_per_image']:.3f} |"
+            f"| {_fmt(row['rho'], 3)}{mark} | {row['seconds_per_image']:.3f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
