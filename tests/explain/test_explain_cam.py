@@ -115,6 +115,11 @@ def test_default_layers_follow_the_architecture(attention_model):
     resnet = create_model("resnet18", 2, in_chans=1, attention="self")
     assert Explainer(resnet, "gradcam").layer == "backbone.layer2,backbone.layer3,backbone.layer4"
     assert Explainer(resnet, "layercam").layer == "attention"
+    # Stages named by block ranges fuse at their last block.
+    mobilenet = create_model("mobilenet_v2", 2, in_chans=1, pretrained=False)
+    assert mobilenet.stage_names()[2] == "features.4-6"
+    fused = "backbone.features.6,backbone.features.13,backbone.features.18"
+    assert Explainer(mobilenet, "gradcam").layer == fused
     assert Explainer(resnet, "attention").layer == "attention"
     assert "backbone.layer4" in candidate_layers(resnet)
     assert Explainer(resnet, "gradcam", layer="backbone.layer3").layer == "backbone.layer3"

@@ -52,9 +52,9 @@ def _engine(tmp_path, schedule="cosine", plan=None) -> Engine:
     return Engine(model, optimizer, sched, scaler, tmp_path, plan)
 
 
-def _validate(engine: Engine, score: float, handlers, *, ending: bool) -> dict:
+def _validate(engine: Engine, score: float, handlers, *, ending: bool, loss=None) -> dict:
     engine.score = score
-    row = {"epoch": engine.epoch, "step": engine.state.step, "score": score}
+    row = {"epoch": engine.epoch, "step": engine.state.step, "score": score, "val_loss": loss}
     engine.state.history.append(row)
     engine.epoch_ending = ending
     for handler in handlers:
@@ -62,10 +62,10 @@ def _validate(engine: Engine, score: float, handlers, *, ending: bool) -> dict:
     return row
 
 
-def _finish_epoch(engine: Engine, epoch: int, score: float, handlers) -> None:
+def _finish_epoch(engine: Engine, epoch: int, score: float, handlers, loss=None) -> None:
     engine.epoch = epoch
     engine.state.step = epoch * engine.plan.steps_per_epoch
-    row = _validate(engine, score, handlers, ending=True)
+    row = _validate(engine, score, handlers, ending=True, loss=loss)
     engine.state.epoch = epoch
     for handler in handlers:
         handler.on_epoch_end(engine, row)
@@ -87,6 +87,19 @@ def test_early_stopping_keeps_the_best_weights_and_stops_after_patience_bad_epoc
     assert (engine.state.best_epoch, engine.state.best_score) == (2, 0.7)
     saved = load_file(tmp_path / runs.WEIGHTS)
     assert torch.all(saved["weight"] == 2)
+
+
+def test_a_tied_score_keeps_the_epoch_with_the_lower_validation_loss(tmp_path):
+    engine = _engine(tmp_path)
+    stopping = EarlyStopping(tmp_path / runs.WEIGHTS, patience=3)
+    # validation AUROC saturates at once; the loss keeps falling, then rises
+    for epoch, loss in enumerate([0.69, 0.30, 0.05, 0.08], start=1):
+        with torch.no_grad():
+            engine.model.weight.fill_(epoch)
+        _finish_epoch(engine, epoch, 1.0, [stopping], loss=loss)
+    assert (engine.state.best_epoch, engine.state.best_loss) == (3, 0.05)
+    assert engine.state.bad_epochs == 1 and not engine.stop
+    assert torch.all(load_file(tmp_path / runs.WEIGHTS)["weight"] == 3)
 
 
 def test_checkpoint_restores_what_it_saved(tmp_path):
@@ -124,7 +137,8 @@ def test_checkpoint_is_written_every_epoch_before_the_callback_runs(tmp_path, he
 
 def test_training_stops_early_when_the_monitored_score_stalls(tmp_path, helpers, monkeypatch):
     data = helpers.make_two_class_manifest(tmp_path / "data", 12, 2, 16)
-    monkeypatch.setattr(Task, "monitor_score", lambda self, monitor, scores: 0.5)
+    scores = iter([0.5, 0.4, 0.4, 0.4, 0.4, 0.4])  # below the first, whatever the loss does
+    monkeypatch.setattr(Task, "monitor_score", lambda self, monitor, metrics: next(scores))
     seen = []
     run = train(_config(data, tmp_path / "run", epochs=6, patience=2), events=seen.append)
     assert list(run.history()["epoch"]) == [1, 2, 3]  # epoch 1 is the best; 2 and 3 are not

@@ -157,12 +157,8 @@ def fused_stages(model: nn.Module) -> str | None:
     """The last :data:`FUSED_STAGES` backbone stages after the stem, comma-joined (a fused
     target for the CAM family: pytorch-grad-cam averages their maps), or None when the model
     has fewer than two such stages."""
-    modules = dict(model.named_modules())
-    stages = [
-        f"backbone.{name}"
-        for name in getattr(model, "stage_names", lambda: [])()
-        if name != "stem" and f"backbone.{name}" in modules
-    ]
+    outputs = getattr(model, "stage_outputs", lambda: [])()[1:]  # the stem first: left out
+    stages = [f"backbone.{name}" for name in outputs if name is not None]
     return ",".join(stages[-FUSED_STAGES:]) if len(stages) >= 2 else None
 
 

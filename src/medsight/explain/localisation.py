@@ -509,6 +509,7 @@ def score_localisation(
             entry["layers_tried"] = {
                 v[0]["layer"]: {
                     "pointing_game": v[0]["pointing_game"],
+                    "box_iou": v[0]["box_iou"],
                     "energy_in_mask": v[0]["energy_in_mask"],
                     **({"sanity": v[2]} if v[2] else {}),
                 }

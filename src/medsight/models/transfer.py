@@ -331,6 +331,18 @@ class MedsightClassifier(nn.Module):
         """The backbone's stages in order, stem first."""
         return [stage.name for stage in self._stages]
 
+    def stage_outputs(self) -> list[str | None]:
+        """Backbone-relative name of the module whose output ends each stage (a CAM target),
+        or None where no single module does: the stage name's last part, a block range
+        ``features.7-13`` read as its last block ``features.13``."""
+        modules = dict(self.backbone.named_modules())
+        outputs: list[str | None] = []
+        for name in self.stage_names():
+            last = re.split(r"\+|\.\.", name)[-1]
+            last = re.sub(r"\.(\d+)-(\d+)$", r".\2", last)
+            outputs.append(last if last in modules else None)
+        return outputs
+
     def stage_parameters(self, index: int) -> list[str]:
         """Backbone-relative names of the parameters in stage ``index``."""
         return list(self._stages[index].params)

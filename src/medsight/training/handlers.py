@@ -69,6 +69,7 @@ class TrainState:
     plan: dict | None = None  # the Plan (training.budget) this run follows
     pace: dict | None = None  # the last known Pace: seconds per step, per validation
     stopped: str | None = None  # why the run ended: "done", "early" or "budget"
+    best_loss: float = math.inf  # the best validation's loss: it breaks ties of the score
 
 
 @dataclass
@@ -189,8 +190,15 @@ class EarlyStopping(Handler):
 
     def on_validation(self, engine: Engine, row: dict) -> None:
         state = engine.state
-        if engine.score > state.best_score:
+        loss = row.get("val_loss")
+        loss = math.inf if loss is None or not math.isfinite(loss) else float(loss)
+        # A saturated score (validation AUROC 1.000 from the first epoch on a small set) ties
+        # on every validation: the lower validation loss decides, or the first epoch with
+        # near-chance probabilities would be kept.
+        tie = engine.score == state.best_score and loss < state.best_loss
+        if engine.score > state.best_score or tie:
             state.best_score, state.best_epoch, state.bad_epochs = engine.score, engine.epoch, 0
+            state.best_loss = loss
             state.best_step = state.step
             if self.write:
                 runs.save_weights(_in_run(engine, self.weights), engine.evaluated.state_dict())
