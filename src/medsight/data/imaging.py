@@ -726,6 +726,22 @@ def open_zip(archive: str | Path) -> zipfile.ZipFile:
         return handle
 
 
+def read_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, *, max_pixels: int
+) -> bytes:
+    """One member of an open zip (an upload), with :func:`_read_zip_member`'s bomb checks."""
+    source = f"{name}!{info.filename}"
+    cap = max_inflated_bytes(max_pixels)
+    try:
+        _check_inflation(source, info.file_size, info.compress_size, cap)
+        with archive.open(info) as fh:
+            data = fh.read(cap + 1)
+    except (zipfile.BadZipFile, OSError, zlib.error) as exc:
+        raise ImageDecodeError(source, f"corrupt zip member ({exc})") from None
+    _check_inflation(source, len(data), info.compress_size, cap)
+    return data
+
+
 def _read_zip_member(source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """A member's bytes, refused before reading when its declared size or compression ratio is
     a bomb's; what is read never exceeds :func:`max_inflated_bytes`."""

@@ -39,6 +39,7 @@ __all__ = [
     "find_dicom_series",
     "is_volume_source",
     "read_volume",
+    "read_volume_bytes",
     "series_files",
     "volume_thumbnail",
 ]
@@ -177,10 +178,71 @@ def _read_npz(source: str) -> Volume:
 # --------------------------------------------------------------------------- NIfTI
 
 
+def read_volume_bytes(
+    data: bytes,
+    *,
+    name: str = "upload",
+    volume: int | None = None,
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+) -> Volume:
+    """A volume from an in-memory file (an upload): a NIfTI (``.nii`` or ``.nii.gz``), or a
+    ``.zip`` holding one DICOM series (its members inflated with the same caps as any zip).
+    Anything else is refused in one line."""
+    import io
+    import tempfile
+    import zipfile
+
+    kind = imaging.sniff(data[:512])
+    if kind in ("nifti", "gzip"):
+        try:
+            image = imaging._nifti_from_stream(io.BytesIO(data).read, name, max_pixels=max_pixels)
+        except ImageDecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ImageDecodeError(name, f"not a readable NIfTI file ({exc})") from None
+        return _nifti_volume(image, name, volume=volume)
+    if data[:4] == b"PK\x03\x04":
+        with tempfile.TemporaryDirectory(prefix="medsight-series-") as folder:
+            try:
+                archive = zipfile.ZipFile(io.BytesIO(data))
+            except zipfile.BadZipFile:
+                raise ImageDecodeError(name, "not a readable .zip file") from None
+            budget = imaging.max_inflated_bytes(max_pixels) * imaging.VOLUME_FACTOR
+            total = 0
+            for index, info in enumerate(i for i in archive.infolist() if not i.is_dir()):
+                total += info.file_size
+                if total > budget:
+                    raise ImageDecodeError(
+                        name, f"the .zip inflates to more than {budget:,} bytes; refused"
+                    )
+                member = imaging.read_member(archive, info, name, max_pixels=max_pixels)
+                (Path(folder) / f"slice_{index:05d}.dcm").write_bytes(member)
+            found = find_dicom_series(folder)
+            if len(found) != 1:
+                raise ImageDecodeError(
+                    name,
+                    f"a .zip upload holds one DICOM series; this one holds {len(found)}",
+                )
+            read = _read_dicom_series(found[0], max_pixels=max_pixels)
+            read.meta["source"] = name
+            return read
+    if kind in ("raster", "dicom"):
+        raise ImageDecodeError(
+            name,
+            "is a 2-D image, but this run takes 3-D volumes (a .nii/.nii.gz file, or a .zip of "
+            "one DICOM series); predict it with a 2-D run",
+        )
+    raise ImageDecodeError(name, "content is not a NIfTI volume or a .zip of a DICOM series")
+
+
 def _read_nifti(source: str, *, volume: int | None, max_pixels: int) -> Volume:
+    image = imaging.load_nifti(source, max_pixels=max_pixels)
+    return _nifti_volume(image, source, volume=volume)
+
+
+def _nifti_volume(image, source: str, *, volume: int | None) -> Volume:
     import nibabel as nib
 
-    image = imaging.load_nifti(source, max_pixels=max_pixels)
     data = np.asanyarray(image.dataobj)
     meta: dict[str, Any] = {
         "format": "nifti",
