@@ -90,6 +90,11 @@ class Volume:
         return tuple(int(s) for s in self.array.shape[1:4])
 
     @property
+    def size(self) -> tuple[int, int, int]:
+        """The spatial shape (as a decoded image's ``size`` is its ``(height, width)``)."""
+        return self.shape
+
+    @property
     def source(self) -> str:
         return str(self.meta.get("source", "volume"))
 
