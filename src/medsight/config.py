@@ -186,6 +186,13 @@ class DataConfig(ReadOptions):
         description="3-D: resample volumes to this voxel spacing in mm (X, Y, Z), then pad or "
         "crop to the input size; default: resize each volume to the input size",
     )
+    slices: int | None = Field(
+        default=None,
+        ge=1,
+        description="2.5-D: feed this many adjacent axial slices of each volume (odd; 1: the "
+        "middle slice) as channels to a 2-D network, e.g. an ImageNet backbone with 3",
+        json_schema_extra=flag("--slices"),
+    )
     intensity: Literal[
         "auto", "ct-soft-tissue", "ct-lung", "ct-bone", "ct-brain", "percentile", "uint8", "minmax"
     ] = Field(

@@ -137,3 +137,15 @@ def test_dicom_series_tree_trains_one_sample_per_series(tmp_path):
     run = train(_config(tmp_path / "tree", tmp_path / "run", epochs=1, batch_size=4, dims="3"))
     assert run.preprocess.intensity == "ct-soft-tissue"  # CT series: a soft-tissue window
     assert len(run.splits()) == 8
+
+
+def test_slices_feed_a_2d_network_and_predict_from_volumes(npz_run, tmp_path):
+    _, npz = npz_run
+    run = train(_config(npz, tmp_path / "run", model="medcnn_lite", epochs=1, slices=3))
+    assert run.dims == 2 and run.preprocess.slices == 3 and run.preprocess.size == (16, 16)
+    assert run.load_model().in_chans == 3
+    path = write_nifti(tmp_path / "v.nii.gz", npz_images(npz, "test")[0].astype(np.float32))
+    assert Predictor.from_run(run.path).predict_files([path]).shape == (1, 2)
+    assert export_run(run.path, format="onnx")["max_abs_diff_prob"] < 1e-4
+    with pytest.raises(ConfigError, match="--slices 3 feeds slices to a 2-D network"):
+        train(_config(npz, tmp_path / "b", model="medcnn3d_s", slices=3), show_progress=False)

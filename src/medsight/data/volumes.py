@@ -524,6 +524,11 @@ class VolumePreprocess:
     ``__call__``; ``size`` has 3 ints; ``window`` is None; saved with ``"dims": 3``. Build one
     with :meth:`build`.
 
+    With ``slices`` K (2.5-D, for 2-D networks), the input is K adjacent axial slices around
+    the middle of the prepared volume, as channels: ``prepare`` gives ``(K, H, W)`` (rows
+    anterior to posterior, columns as displayed), ``size`` is ``(H, W)`` and the resize keeps
+    the volume's own number of slices.
+
     >>> prep = VolumePreprocess.build(size=(28, 28, 28), intensity="uint8")
     >>> [t["_target_"] for t in prep.transforms]
     ['Orientationd', 'ScaleIntensityRanged', 'Resized']
@@ -536,6 +541,8 @@ class VolumePreprocess:
     transforms: tuple[dict, ...] = ()
     spacing: tuple[float, float, float] | None = None
     intensity: str = "percentile"
+    #: 2.5-D: this many adjacent axial slices become the channels of a 2-D input (None: 3-D).
+    slices: int | None = None
     dims: int = 3
     version: int = 1
 
@@ -543,7 +550,14 @@ class VolumePreprocess:
     window = None
 
     def __post_init__(self) -> None:
-        if len(self.size) != 3 or min(self.size) < 1:
+        if self.slices is not None:
+            if self.slices < 1 or self.slices % 2 == 0:
+                raise ConfigError(f"slices must be an odd number (1, 3, 5...), got {self.slices}")
+            if self.channels != self.slices:
+                raise ConfigError(f"{self.slices} slices make {self.slices} channels")
+            if len(self.size) != 2 or min(self.size) < 1:
+                raise ConfigError(f"with slices, size is (height, width), got {self.size}")
+        elif len(self.size) != 3 or min(self.size) < 1:
             raise ConfigError(f"size must be 3 voxel counts (X, Y, Z), got {self.size}")
         if self.dims != 3:
             raise ConfigError(f"a VolumePreprocess has dims 3, got {self.dims}")
@@ -571,10 +585,27 @@ class VolumePreprocess:
         channels: int = 1,
         mean: tuple[float, ...] = (0.5,),
         std: tuple[float, ...] = (0.5,),
+        slices: int | None = None,
     ) -> VolumePreprocess:
         """The standard pipeline: RAS orientation, resampling to ``spacing`` mm (then pad/crop
         to ``size``; without ``spacing``, a trilinear resize to ``size``), ``intensity``
-        scaling (:data:`INTENSITY_PRESETS`)."""
+        scaling (:data:`INTENSITY_PRESETS`). ``slices`` K: the 2.5-D input of K axial slices
+        (``size`` then is the square side, or ``(H, W)``; ``channels`` becomes K)."""
+        if slices is not None:
+            side = (int(size),) * 2 if isinstance(size, int) else tuple(int(s) for s in size)[:2]
+            prep = cls.build((side[1], side[0], 1), intensity=intensity, spacing=spacing)
+            steps = [dict(t) for t in prep.transforms]
+            steps[-1]["spatial_size"] = [side[1], side[0], -1]  # every slice kept
+            return cls(
+                size=side,
+                channels=slices,
+                mean=tuple(mean),
+                std=tuple(std),
+                transforms=tuple(steps),
+                spacing=prep.spacing,
+                intensity=intensity,
+                slices=slices,
+            )
         size = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
         steps: list[dict] = [{"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"}]
         if spacing is not None:
@@ -622,7 +653,9 @@ class VolumePreprocess:
         for step in self._pipeline():
             data = step(data)
         out = torch.as_tensor(data["image"]).float()
-        if out.shape[0] != self.channels:
+        if self.slices is not None:
+            out = self._slab(out[0])
+        elif out.shape[0] != self.channels:
             if out.shape[0] == 1:
                 out = out.expand(self.channels, *out.shape[1:])
             else:
@@ -637,11 +670,25 @@ class VolumePreprocess:
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
     def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / std`` per channel, for ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensors."""
-        shape = (-1, 1, 1, 1)
+        """``(x - mean) / std`` per channel, for ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensors
+        (with ``slices``: ``(C, H, W)`` or ``(B, C, H, W)``)."""
+        shape = (-1, 1, 1) if self.slices is not None else (-1, 1, 1, 1)
         mean = torch.tensor(self.mean, dtype=tensor.dtype).view(shape)
         std = torch.tensor(self.std, dtype=tensor.dtype).view(shape)
         return (tensor - mean) / std
+
+    def _slab(self, volume: torch.Tensor) -> torch.Tensor:
+        """``slices`` adjacent axial planes around the middle of ``(X, Y, Z)``, as ``(K, H, W)``
+        displayed (rows: Y from anterior down, columns: X); planes beyond the ends repeat."""
+        z = volume.shape[-1]
+        half = self.slices // 2
+        index = torch.arange(z // 2 - half, z // 2 + half + 1).clamp_(0, z - 1)
+        return volume[:, :, index].permute(2, 1, 0).flip(1).contiguous()
+
+    @property
+    def input_dims(self) -> int:
+        """The model's input: 3 (volumes ``(C, X, Y, Z)``) or, with ``slices``, 2."""
+        return 2 if self.slices is not None else 3
 
     def _pipeline(self) -> list:
         cached = self.__dict__.get("_built")
@@ -677,6 +724,7 @@ class VolumePreprocess:
             "std": list(self.std),
             "spacing": list(self.spacing) if self.spacing is not None else None,
             "intensity": self.intensity,
+            "slices": self.slices,
             "transforms": [dict(t) for t in self.transforms],
             "version": self.version,
         }

@@ -909,7 +909,11 @@ def _thumbnail(source: str, window, preprocess=None) -> tuple[str, bool]:
     if getattr(preprocess, "dims", 2) == 3:
         from medsight.data.volumes import read_volume, volume_thumbnail
 
-        planes = volume_thumbnail(np.clip(preprocess.prepare(read_volume(source)), 0.0, 1.0))
+        prepared = np.clip(preprocess.prepare(read_volume(source)), 0.0, 1.0)
+        if getattr(preprocess, "slices", None):  # 2.5-D: the middle one of the slices fed
+            planes = prepared[len(prepared) // 2]
+        else:
+            planes = volume_thumbnail(prepared)
         image = Image.fromarray((planes * 255 + 0.5).astype(np.uint8))
         small = image.size[1] < 128
         # Small volumes are enlarged with sharp voxels: LANCZOS blurs a 28³ mask
@@ -952,7 +956,9 @@ def _pick_finding_examples(pred: pd.DataFrame, y: np.ndarray, probs: np.ndarray,
 
 def _examples(run, metrics, pred, y, probs, n: int) -> dict:
     """Thumbnails of right and wrong predictions; a note instead when the images are gone."""
-    volumes = getattr(run.preprocess, "dims", 2) == 3
+    volumes = getattr(run.preprocess, "dims", 2) == 3 and not getattr(
+        run.preprocess, "slices", None
+    )
     out: dict[str, Any] = {"groups": [], "note": None, "requested": n, "volumes": volumes}
     if n == 0:
         out["note"] = "No example images were requested (examples=0)."

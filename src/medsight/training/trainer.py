@@ -241,20 +241,29 @@ class _Setup:
             raise ConfigError(f"--balanced samples by class; a {task.name} run has none to use")
 
         dims = int(table.attrs.get("dims", 2))
+        slices = d.slices
+        if slices is not None and dims != 3:
+            raise ConfigError(
+                f"--slices {slices} feeds adjacent slices of volumes to a 2-D network; these data "
+                "are 2-D images: leave --slices out"
+            )
+        if slices is not None and slices % 2 == 0:
+            raise ConfigError(f"--slices must be odd (slices around the middle one), got {slices}")
+        model_dims = 2 if slices is not None else dims
         if dims == 3:
             native_channels, native_side, intensity = _probe_volumes(
                 table[table["split"] == "train"], table.attrs.get("volume")
             )
         else:
             native_channels, native_side = _probe(table[table["split"] == "train"])
-        if config.model.name == "auto" and dims == 3:
+        if config.model.name == "auto" and model_dims == 3:
             config, note = _resolve_auto_model_3d(config, native_side)
             notes.append(note)
         elif config.model.name == "auto":
             config, note = _resolve_auto_model(config, native_side, table, task)
             notes.append(note)
         spec = get_spec(config.model.name)
-        _check_dims(spec, dims)
+        _check_dims(spec, model_dims, slices)
         task.check_model(spec)
         mode = config.optim.mode
         pretrained = config.model.pretrained and mode != "scratch"
@@ -265,11 +274,13 @@ class _Setup:
             )
         d = config.data
         side = d.image_size or task.input_side(native_side, spec.default_size)
-        if dims == 3 and not d.image_size:
+        if model_dims == 3 and not d.image_size:
             side = min(native_side, AUTO_SIDE_3D)
         if spec.family != "custom":
             side = max(side, 32)  # ImageNet CNNs downsample 32x: smaller inputs vanish
         in_chans = _input_channels(d.channels, native_channels, pretrained, config.model.weights)
+        if slices is not None:
+            in_chans = slices
         if pretrained or config.model.weights:
             mean = tuple(spec.mean) if in_chans == 3 else (float(np.mean(spec.mean)),)
             std = tuple(spec.std) if in_chans == 3 else (float(np.mean(spec.std)),)
@@ -279,10 +290,17 @@ class _Setup:
             if d.intensity != "auto":
                 intensity = d.intensity
             preprocess = VolumePreprocess.build(
-                side, intensity=intensity, spacing=d.spacing, channels=in_chans, mean=mean, std=std
+                side,
+                intensity=intensity,
+                spacing=d.spacing,
+                channels=in_chans,
+                mean=mean,
+                std=std,
+                slices=slices,
             )
+            shape = f"{side}³ voxels" if slices is None else f"{slices} axial slices at {side} px"
             notes.append(
-                f"volumes: {side}³ voxels, intensity {intensity}, "
+                f"volumes: {shape}, intensity {intensity}, "
                 + (f"resampled to {d.spacing} mm" if d.spacing else "resized to the input size")
             )
         else:
@@ -333,10 +351,10 @@ class _Setup:
         make_augment = box_augmentation if task.augments_boxes else augmentation
         augment = (
             make_augment(config.optim.augment, in_chans, config.optim.augment_strength)
-            if mode != "features" and dims == 2
+            if mode != "features" and model_dims == 2
             else None
         )
-        if dims == 3 and mode != "features":
+        if model_dims == 3 and mode != "features":
             augment = volume_augmentation(config.optim.augment, config.optim.augment_strength)
         train_rows = table[table["split"] == "train"]
         cache_side = 128 if config.data.cache else 0
@@ -549,15 +567,20 @@ def _resolve_auto_model_3d(config: TrainConfig, native_side: int) -> tuple[Train
     )
 
 
-def _check_dims(spec, dims: int) -> None:
+def _check_dims(spec, dims: int, slices: int | None = None) -> None:
     """A 2-D network on volumes, or a 3-D one on images: one line naming the way out."""
     if spec.dims == dims:
         return
+    if slices is not None:
+        raise ConfigError(
+            f"--slices {slices} feeds slices to a 2-D network, but {spec.name} is 3-D; choose a "
+            "2-D network (or leave out --slices to train it on whole volumes)"
+        )
     if dims == 3:
         raise ConfigError(
             f"{spec.name} is a 2-D network but the data are volumes; choose a 3-D network "
-            "(medsight models '*3d*', e.g. medcnn3d_s or monai_resnet18_3d) or read the "
-            "volumes as slices (--dims 2)"
+            "(medsight models '*3d*', e.g. medcnn3d_s or monai_resnet18_3d) or feed it slices "
+            "(--slices 3)"
         )
     raise ConfigError(
         f"{spec.name} is a 3-D network but the data are 2-D images; choose a 2-D network "
