@@ -169,3 +169,17 @@ def test_volume_augmentation_keeps_shape_and_range():
 def test_thumbnail_shows_three_orthogonal_planes():
     tile = volume_thumbnail(np.random.default_rng(0).random((8, 10, 12)))
     assert tile.shape[0] == 12 and tile.shape[1] > 3 * 12
+
+
+def test_real_nifti_and_dicom_files_read_with_their_geometry(shared_data):
+    nifti = shared_data / "dicom-nifti" / "nifti"
+    anatomical = read_volume(str(nifti / "anatomical.nii"))
+    assert anatomical.shape == (33, 41, 25) and anatomical.spacing == (2.0, 2.0, 2.0)
+    with pytest.warns(UserWarning, match="of 2 volumes; using the first"):
+        assert read_volume(str(nifti / "example4d.nii.gz")).shape == (128, 96, 24)
+    standard = read_volume(str(nifti / "standard.nii.gz"))
+    assert standard.spacing == (1.0, 3.0, 2.0) and standard.orientation == "RAS"
+    # pydicom's MR700 set: angiography projections, each slice its own orientation
+    (series,) = find_dicom_series(shared_data / "dicom-nifti" / "dicom" / "series_MR700")
+    with pytest.raises(ImageDecodeError, match="mixed orientations"):
+        read_volume(series)
