@@ -6,7 +6,7 @@ e.g. ``model.name=monai_resnet18_3d`` or ``optim.time=9m``), evaluates the offic
 accuracy, the network, epochs, wall time, peak resident memory of this process and the machine's
 load average during the run (other jobs share the 2 cores). The published MedMNIST v2 figures
 for the same split are printed below the table for comparison.
-Usage: python benchmarks/volumes_adrenal.py [--size 28|64] [--recipe default]
+Usage: python benchmarks/volumes_adrenal.py [--size 28|64] [--npz FILE] [--recipe default]
        [--recipe 'model.name=monai_resnet18_3d;optim.time=9m'] [--threads 2] [--work DIR]
 """
 
@@ -78,9 +78,10 @@ def main() -> None:
     parser.add_argument("--recipe", action="append", default=None)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench/adrenal3d"))
+    parser.add_argument("--npz", type=Path, default=None, help="the .npz (default: ../shared)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = DATA[args.size]
+    path = args.npz or DATA[args.size]
     if not path.exists():
         raise SystemExit(f"{path} is missing (../shared/data/adrenalmnist3d)")
     print("| recipe | network | input | test AUROC (95 % CI) | test ACC (95 % CI) | epochs "
