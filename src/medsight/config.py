@@ -148,6 +148,25 @@ class ReadOptions(_Strict):
         description="slice index of 3-D NIfTI volumes (default: middle)",
         json_schema_extra=flag("--slice"),
     )
+    dims: Literal["auto", "2", "3"] = Field(
+        default="auto",
+        description="2: images (a middle slice of each volume); 3: whole volumes (NIfTI, DICOM "
+        "series: one sample per SeriesInstanceUID, MedMNIST3D); auto: 3 for MedMNIST3D and 3-D "
+        "NIfTI without --slice/--axis, else 2",
+        json_schema_extra=flag("--dims"),
+    )
+
+    @field_validator("dims", mode="before")
+    @classmethod
+    def _dims_text(cls, value):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    volume: int | None = Field(
+        default=None,
+        ge=0,
+        description="which volume of 4-D NIfTI files (default: the first, said in a warning)",
+        json_schema_extra=flag("--volume"),
+    )
 
 
 class DataConfig(ReadOptions):
@@ -162,6 +181,27 @@ class DataConfig(ReadOptions):
     )
     channels: Literal["auto", 1, 3] = "auto"
     window: tuple[float, float] | None = None
+    spacing: tuple[float, float, float] | None = Field(
+        default=None,
+        description="3-D: resample volumes to this voxel spacing in mm (X, Y, Z), then pad or "
+        "crop to the input size; default: resize each volume to the input size",
+    )
+    slices: int | None = Field(
+        default=None,
+        ge=1,
+        description="2.5-D: feed this many adjacent axial slices of each volume (odd; 1: the "
+        "middle slice) as channels to a 2-D network, e.g. an ImageNet backbone with 3",
+        json_schema_extra=flag("--slices"),
+    )
+    intensity: Literal[
+        "auto", "ct-soft-tissue", "ct-lung", "ct-bone", "ct-brain", "percentile", "uint8", "minmax"
+    ] = Field(
+        default="auto",
+        description="3-D intensity scaling: a CT window preset, percentile (MR), uint8 (/255) "
+        "or minmax; auto: uint8 for 8-bit MedMNIST3D, ct-soft-tissue for CT series, else "
+        "percentile",
+        json_schema_extra=flag("--intensity"),
+    )
     cache: bool = Field(
         default=True,
         description="keep decoded images of up to 128 px in memory after the first epoch",

@@ -184,6 +184,10 @@ def check_tta(tta: str | None, run: Run) -> str | None:
             f"--tta averages outputs of transformed views; a {run.task} run's outputs (boxes) "
             "cannot be averaged that way: leave --tta out"
         )
+    if getattr(run.preprocess, "dims", 2) == 3:
+        raise ConfigError(
+            "--tta views are 2-D flips and turns of images; a 3-D run has none: leave --tta out"
+        )
     mode = str(tta).strip().lower()
     if mode not in TTA_MODES:
         raise ConfigError(f"--tta {tta!r} is not known; choose one of: {', '.join(TTA_MODES)}")
@@ -314,8 +318,8 @@ class Predictor:
         return cls(run, run.load_model(), device, tta=tta, point=point)
 
     @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        """``(1, C, H, W)``: one preprocessed image."""
+    def input_shape(self) -> tuple[int, ...]:
+        """``(1, C, H, W)``: one preprocessed image; ``(1, C, X, Y, Z)`` for a 3-D run."""
         return (1, self.preprocess.channels, *self.preprocess.size)
 
     def logits_array(self, x: np.ndarray) -> np.ndarray:
@@ -358,17 +362,41 @@ class Predictor:
     def _no_rows(self) -> np.ndarray:
         return np.zeros((0, *self.task.output_shape(self.classes_)), np.float32)
 
+    @property
+    def dims(self) -> int:
+        """2: the run takes images; 3: volumes."""
+        return int(getattr(self.preprocess, "dims", 2))
+
+    def read(self, path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        """One file as the run takes it: a :class:`~medsight.data.imaging.DecodedImage`, or for
+        a 3-D run a :class:`~medsight.data.volumes.Volume` (NIfTI, DICOM series folder)."""
+        if self.dims == 3:
+            from medsight.data.volumes import read_volume
+
+            return read_volume(str(path), max_pixels=max_pixels)
+        return decode(str(path), max_pixels=max_pixels)
+
+    def read_bytes(self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name="upload"):
+        """:meth:`read` for an in-memory file (format judged from its content)."""
+        if self.dims == 3:
+            from medsight.data.volumes import read_volume_bytes
+
+            return read_volume_bytes(data, name=name, max_pixels=max_pixels)
+        return decode_bytes(data, name=name, max_pixels=max_pixels)
+
     def predict_files(self, paths: Sequence[str | Path]) -> np.ndarray:
-        """Raw image files (any format medsight reads) → ``(N, K)`` probabilities."""
-        batch = np.stack([self.preprocess(decode(str(p))) for p in paths])
+        """Raw image files (any format medsight reads; volumes for a 3-D run) → ``(N, K)``
+        probabilities."""
+        batch = np.stack([self.preprocess(self.read(p)) for p in paths])
         return self.predict_array(batch)
 
     def predict_bytes(self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """One in-memory file (format judged from its content) → ``(K,)`` probabilities.
 
-        Raises :class:`~medsight.errors.ImageDecodeError` when it is not a readable image.
+        Raises :class:`~medsight.errors.ImageDecodeError` when it is not a readable image
+        (for a 3-D run: a NIfTI volume or a .zip of one DICOM series).
         """
-        image = decode_bytes(data, name="upload", max_pixels=max_pixels)
+        image = self.read_bytes(data, max_pixels=max_pixels)
         return self.predict_array(self.preprocess(image)[None])[0]
 
     def predict_table(self, table: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
@@ -435,8 +463,8 @@ def predict_paths(
     for path in paths:
         row: dict = {"file": str(path), **empty, **dict.fromkeys(columns, np.nan), "error": ""}
         try:
-            image = decode(str(path), max_pixels=max_pixels)
-            sizes[len(rows)] = image.size
+            image = predictor.read(path, max_pixels=max_pixels)
+            sizes[len(rows)] = image.shape if predictor.dims == 3 else image.size
             ready.append((len(rows), predictor.preprocess(image)))
         except MedsightError as exc:
             row["error"] = str(exc)

@@ -27,13 +27,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from medsight.config import TrainConfig
-from medsight.data.transforms import Preprocess
+from medsight.data.transforms import Preprocess, load_preprocess
 from medsight.errors import ConfigError, MedsightError
+
+if TYPE_CHECKING:
+    from medsight.data.volumes import VolumePreprocess
 
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
@@ -377,7 +380,9 @@ class Run:
     config: TrainConfig
     classes: list[str]
     positive_class: str | None  # None: a multi-label run (each finding has its own threshold)
-    preprocess: Preprocess
+    #: :class:`~medsight.data.transforms.Preprocess`, or for a 3-D run (``dims`` 3)
+    #: :class:`~medsight.data.volumes.VolumePreprocess`.
+    preprocess: Preprocess | VolumePreprocess
     model_config: dict
     #: The run's task by name (:func:`medsight.tasks.get_task` turns it into the object):
     #: ``model.json``'s ``task``, else ``config.yaml``'s, else ``"classify"`` (older runs).
@@ -400,13 +405,19 @@ class Run:
             config=config,
             classes=list(classes["classes"]),
             positive_class=classes.get("positive"),
-            preprocess=Preprocess.load(path / PREPROCESS),
+            preprocess=load_preprocess(path / PREPROCESS),
             model_config=model_config,
             task=model_config.get("task") or _known_task(config.task),
         )
 
+    @property
+    def dims(self) -> int:
+        """2 for an image model, 3 for a volume model (``model.json``'s ``dims``)."""
+        return int(self.model_config.get("dims", 2))
+
     def load_model(self, weights: str = WEIGHTS):
-        """The trained network in eval mode, exactly as saved."""
+        """The trained network in eval mode, exactly as saved (for a 3-D run, a
+        :class:`~medsight.models.transfer.MedsightClassifier` taking ``(B, C, X, Y, Z)``)."""
         from medsight.models import model_from_config
 
         model = model_from_config(self.model_config)

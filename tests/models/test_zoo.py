@@ -74,7 +74,8 @@ def test_xception_maps_to_timms_xception():
 
 
 def test_list_models_filters_with_wildcards():
-    assert list_models("medcnn*") == ["medcnn_lite", "medcnn_m", "medcnn_s"]
+    assert list_models("medcnn_*") == ["medcnn_lite", "medcnn_m", "medcnn_s"]
+    assert list_models("medcnn3d*") == ["medcnn3d_m", "medcnn3d_s"]
     assert list_models("nothing*") == []
     assert list_models() == sorted(list_models())
 

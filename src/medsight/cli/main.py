@@ -122,6 +122,18 @@ SliceOption = Annotated[
     int | None, typer.Option("--slice", help="Slice index of 3-D NIfTI volumes (default: middle).")
 ]
 AxisOption = Annotated[int, typer.Option("--axis", help="Slice axis of 3-D NIfTI volumes (RAS+).")]
+DimsOption = Annotated[
+    str,
+    typer.Option(
+        "--dims",
+        help="2: images (a slice of each volume); 3: whole volumes (NIfTI, DICOM series, "
+        "MedMNIST3D); auto: 3 for MedMNIST3D and 3-D NIfTI without --slice/--axis.",
+    ),
+]
+VolumeOption = Annotated[
+    int | None,
+    typer.Option("--volume", help="Which volume of 4-D NIfTI files (default: the first)."),
+]
 
 
 def _version(value: bool) -> None:
@@ -208,6 +220,8 @@ def _load(
     allow_outside: bool,
     axis: int,
     index: int | None,
+    dims: str = "auto",
+    volume: int | None = None,
     **findings,
 ):
     """Read ``path``; ``findings`` are the multi-label reader options (labels,
@@ -220,6 +234,8 @@ def _load(
         allow_outside=allow_outside,
         nifti_axis=axis,
         nifti_slice=index,
+        dims=dims,
+        volume=volume,
         **{k: v for k, v in findings.items() if v is not None},
     )
 
@@ -275,12 +291,15 @@ def data_check(
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     axis: AxisOption = 2,
     index: SliceOption = None,
+    dims: DimsOption = "auto",
+    volume: VolumeOption = None,
     labels: LabelsOption = None,
     findings_column: FindingsColumnOption = None,
     uncertain: UncertainOption = Uncertain.ignore,
 ) -> None:
     """Audit a collection: counts per class (or finding) and split, unreadable files,
-    duplicates, leakage.
+    duplicates, leakage; for volumes, shapes, spacings and orientations per split and the
+    series that cannot be stacked (missing or duplicated slices, mixed orientations, tilt).
 
     Exit status: 0 usable; 1 with --strict when a problem was found; 2 when nothing is readable.
     """
@@ -293,6 +312,8 @@ def data_check(
             allow_outside,
             axis,
             index,
+            dims=dims,
+            volume=volume,
             labels=labels,
             findings_column=findings_column,
             uncertain=uncertain.value,
@@ -324,6 +345,25 @@ def data_check(
         raise typer.Exit(1)
 
 
+def _print_volumes(summary: dict) -> None:
+    table = Table(title="Volumes per split (shape in voxels X×Y×Z, spacing in mm)")
+    for column in ("split", "shapes", "spacings", "orientations"):
+        table.add_column(column)
+
+    def top(counts: dict) -> str:
+        shown = ", ".join(f"{k} ({v:,})" for k, v in list(counts.items())[:3])
+        return shown + (f" +{len(counts) - 3} more" if len(counts) > 3 else "")
+
+    for split, found in summary["per_split"].items():
+        table.add_row(split, top(found["shape"]), top(found["spacing"]), top(found["orientation"]))
+    console.print(table)
+    if summary["mixed"]:
+        console.print(
+            f"[yellow]mixed {', '.join(summary['mixed'])} across the volumes:[/] training "
+            "resamples them (set data.spacing for one physical scale; orientation becomes RAS)"
+        )
+
+
 def _print_check(doc: dict) -> None:
     console.print(
         f"[bold]{_shown(doc['path'])}[/]  format [cyan]{doc['format']}[/]  "
@@ -342,6 +382,8 @@ def _print_check(doc: dict) -> None:
     more = f" and {len(doc['sizes']) - 5} more" if len(doc["sizes"]) > 5 else ""
     modes = ", ".join(f"{k} ({v:,})" for k, v in doc["channels"].items())
     console.print(f"sizes: {sizes or '-'}{more}\nchannels: {modes or '-'}", highlight=False)
+    if doc.get("volumes"):
+        _print_volumes(doc["volumes"])
     if doc["imbalance_ratio"] is not None:
         console.print(f"class imbalance (largest / smallest class): {doc['imbalance_ratio']:g}")
     if doc["ignored_files"]:

@@ -56,6 +56,7 @@ class CheckReport:
     too_small: list[dict] = field(default_factory=list)
     multilabel: dict | None = None  # multilabel_summary() of a multi-label table
     detection: dict | None = None  # detection_summary() of a table with boxes
+    volumes: dict | None = None  # volume_summary() of a 3-D table
 
     @property
     def usable(self) -> bool:
@@ -90,20 +91,24 @@ def check_samples(
     """
     splits = table["split"].fillna(UNASSIGNED)
     labels = table["label"]
+    geometry: dict[str, dict] = {}
+    decoded = iter_decoded(table, max_pixels=max_pixels)
+    if table.attrs.get("dims") == 3:
+        decoded = _iter_volumes(table, max_pixels, geometry)
     unreadable: list[dict] = []
     too_small: list[dict] = []
     sizes: Counter[str] = Counter()
     channels: Counter[str] = Counter()
     by_hash: dict[str, list[int]] = defaultdict(list)
     sources = dict(zip(table["sample_id"], table["source"]))
-    for position, (sample_id, result) in enumerate(iter_decoded(table, max_pixels=max_pixels)):
+    for position, (sample_id, result) in enumerate(decoded):
         if isinstance(result, ImageDecodeError):
             unreadable.append(
                 {"sample_id": sample_id, "source": sources[sample_id], "reason": result.reason}
             )
         else:
             height, width = result.size
-            sizes[f"{width}x{height}"] += 1
+            sizes[getattr(result, "size_text", f"{width}x{height}")] += 1
             if min(height, width) < MIN_SIDE:
                 too_small.append(
                     {
@@ -164,6 +169,7 @@ def check_samples(
             multilabel=None if is_detection(table) else summary,
             detection=detection_summary(table[readable_mask]) if is_detection(table) else None,
         )
+    volumes = volume_summary(geometry, splits, table["sample_id"]) if geometry else None
     class_counts = labels[readable_mask].value_counts()
     ordered = [c for c in class_names(table) if c in class_counts.index]
     classes = {c: int(class_counts[c]) for c in ordered}
@@ -190,7 +196,63 @@ def check_samples(
         unlabelled=int(labels[readable_mask].isna().sum()),
         ignored_files=dict(table.attrs.get("ignored", {})),
         too_small=too_small,
+        volumes=volumes,
     )
+
+
+class _VolumeView:
+    """A read volume as the audit loop sees an image: ``size`` (its last two axes, for the
+    minimum-side check), ``channels`` and ``pixels`` (hashed for duplicates)."""
+
+    def __init__(self, volume):
+        self.pixels = volume.array
+        shape = volume.shape
+        self.size = (min(shape[1], shape[2]), min(shape[0], shape[2]))
+        self.size_text = "x".join(map(str, shape))
+        self.channels = "L" if volume.array.shape[0] == 1 else f"{volume.array.shape[0]}ch"
+
+
+def _iter_volumes(table: pd.DataFrame, max_pixels: int, geometry: dict):
+    """Each row's volume (or its error), its shape, spacing and orientation kept in
+    ``geometry`` by sample id."""
+    from medsight.data.volumes import read_volume
+
+    volume_index = table.attrs.get("volume")
+    for sample_id, source in zip(table["sample_id"], table["source"]):
+        try:
+            volume = read_volume(source, volume=volume_index, max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            yield sample_id, exc
+            continue
+        geometry[sample_id] = {
+            "shape": "x".join(map(str, volume.shape)),
+            "spacing": "x".join(f"{s:.3g}" for s in volume.spacing),
+            "orientation": volume.orientation,
+        }
+        yield sample_id, _VolumeView(volume)
+
+
+def volume_summary(geometry: dict[str, dict], splits: pd.Series, sample_ids: pd.Series) -> dict:
+    """Shapes, spacings and orientations of the readable volumes, per split, and what is
+    inconsistent across the set (``mixed``: the properties that take several values, which
+    resampling to one spacing and RAS orientation evens out)."""
+    split_of = dict(zip(sample_ids, splits))
+    per_split: dict[str, dict[str, Counter]] = {}
+    for sample_id, found in geometry.items():
+        into = per_split.setdefault(split_of[sample_id], defaultdict(Counter))
+        for key, value in found.items():
+            into[key][value] += 1
+    overall = {
+        key: Counter(found[key] for found in geometry.values())
+        for key in ("shape", "spacing", "orientation")
+    }
+    return {
+        "per_split": {
+            split: {key: dict(counter.most_common()) for key, counter in found.items()}
+            for split, found in per_split.items()
+        },
+        "mixed": [key for key, counter in overall.items() if len(counter) > 1],
+    }
 
 
 def multilabel_summary(table: pd.DataFrame) -> dict:

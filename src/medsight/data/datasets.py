@@ -23,7 +23,8 @@ UNLABELLED = -1
 
 
 class ImageDataset(Dataset):
-    """``(image tensor, class index)`` pairs for the rows of ``table``.
+    """``(image tensor, class index)`` pairs for the rows of ``table``; with a
+    :class:`~medsight.data.volumes.VolumePreprocess`, ``(volume tensor (C, X, Y, Z), index)``.
 
     ``classes`` fixes the label → index mapping (a run's ``classes.json``); rows without a label
     get index ``-1``; a label outside ``classes`` is an error naming it. ``augment`` sees the
@@ -54,7 +55,13 @@ class ImageDataset(Dataset):
         self.augment = augment
         self.max_pixels = max_pixels
         self.min_side = min_side
-        self._cacheable = max(preprocess.size) <= cache_max_side
+        #: 3: the rows are volumes (:func:`~medsight.data.volumes.read_volume`), whose
+        #: preprocessing is a :class:`~medsight.data.volumes.VolumePreprocess`.
+        self.dims = int(getattr(preprocess, "dims", 2))
+        self.volume_index = table.attrs.get("volume")
+        # Volumes are cached up to half the side (64³ voxels, 1 MiB each, by default).
+        limit = cache_max_side // 2 if self.dims == 3 else cache_max_side
+        self._cacheable = max(preprocess.size) <= limit
         self._cache: dict[int, np.ndarray] = {}
         if targets is not None:  # the task's own targets (multi-hot rows of findings...)
             self.targets = np.asarray(targets)
@@ -81,6 +88,14 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         array = self._cache.get(i)
+        if array is None and self.dims == 3:
+            from medsight.data.volumes import read_volume
+
+            source = self.table.at[i, "source"]
+            volume = read_volume(source, volume=self.volume_index, max_pixels=self.max_pixels)
+            array = self.preprocess.prepare(volume)
+            if self._cacheable:
+                self._cache[i] = array
         if array is None:
             image = decode(
                 self.table.at[i, "source"],

@@ -562,6 +562,27 @@ def nifti_shape(path: str | Path) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def load_nifti(source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The nibabel image of a NIfTI file, its voxel count checked against ``max_pixels`` ×
+    :data:`VOLUME_FACTOR` and a ``.nii.gz`` inflated with the same caps as :func:`decode`."""
+    import nibabel as nib
+
+    try:
+        with open(source, "rb") as fh:
+            if fh.read(2) == b"\x1f\x8b":
+                fh.seek(0)
+                return _nifti_from_stream(fh.read, source, max_pixels=max_pixels)
+        image = nib.load(source)
+        _check_volume(source, image.header, max_pixels)
+        return image
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(source, "file not found") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ImageDecodeError(source, f"not a readable NIfTI file ({_describe(exc)})") from None
+
+
 def _decode_nifti(
     path: str,
     source: str,
@@ -705,6 +726,22 @@ def open_zip(archive: str | Path) -> zipfile.ZipFile:
         return handle
 
 
+def read_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, *, max_pixels: int
+) -> bytes:
+    """One member of an open zip (an upload), with :func:`_read_zip_member`'s bomb checks."""
+    source = f"{name}!{info.filename}"
+    cap = max_inflated_bytes(max_pixels)
+    try:
+        _check_inflation(source, info.file_size, info.compress_size, cap)
+        with archive.open(info) as fh:
+            data = fh.read(cap + 1)
+    except (zipfile.BadZipFile, OSError, zlib.error) as exc:
+        raise ImageDecodeError(source, f"corrupt zip member ({exc})") from None
+    _check_inflation(source, len(data), info.compress_size, cap)
+    return data
+
+
 def _read_zip_member(source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """A member's bytes, refused before reading when its declared size or compression ratio is
     a bomb's; what is read never exceeds :func:`max_inflated_bytes`."""
@@ -752,6 +789,12 @@ def _decode_npz(source: str) -> DecodedImage:
         array = raw[None]
     elif raw.ndim == 3 and raw.shape[-1] in (1, 3):
         array = raw.transpose(2, 0, 1)
+    elif raw.ndim == 3:
+        raise ImageDecodeError(
+            source,
+            f"is a 3-D volume ({'x'.join(map(str, raw.shape))}), but this run takes 2-D images; "
+            "use a 3-D run (medsight train reads MedMNIST3D as volumes)",
+        )
     else:
         raise ImageDecodeError(source, f"unexpected image shape {raw.shape} in npz")
     scale = 255.0 if raw.dtype == np.uint8 else None

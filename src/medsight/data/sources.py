@@ -92,6 +92,7 @@ MEDMNIST_CLASSES = {
         "neutrophil",
         "platelet",
     ),
+    "adrenalmnist3d": ("normal", "hyperplasia"),
     # ChestMNIST is multi-label: its 14 multi-hot columns are these findings, in this order.
     "chestmnist": (
         "atelectasis",
@@ -192,9 +193,12 @@ def load_samples(
         "csv": _read_manifest,
         "npz": _read_medmnist,
     }
+    if opts.dims == "3" and fmt in ("folder", "dicom") and path.is_dir() and _holds_dicom(path):
+        readers[fmt] = _read_dicom_series_tree
     with python_strings():
         table = readers[fmt](path, fmt, opts, salt)
         table = validate_table(table, origin=str(path))
+        _mark_dims(table, fmt, opts, str(path))
     table.attrs.setdefault("format", fmt)
     table.attrs["root"] = str(path.resolve())
     return table
@@ -924,6 +928,97 @@ def _optional_text(values: pd.Series) -> pd.Series:
 # --------------------------------------------------------------------------- MedMNIST npz
 
 
+# --------------------------------------------------------------------------- volumes
+
+
+def _mark_dims(table: pd.DataFrame, fmt: str, opts: ReadOptions, origin: str) -> None:
+    """``table.attrs["dims"] = 3`` when its rows are volumes (:mod:`medsight.data.volumes`):
+    DICOM series, MedMNIST3D entries, or NIfTI volumes read whole (``--dims 3``, or ``auto``
+    without a slice chosen)."""
+    from medsight.data import volumes
+
+    if table.attrs.get("dims") == 3:
+        return
+    first = str(table["source"].iloc[0])
+    if first.startswith(volumes.DICOM_SERIES_SCHEME):
+        table.attrs["dims"] = 3
+        return
+    if first.startswith("nifti://") or opts.nifti_slice is not None or opts.nifti_axis != 2:
+        if opts.dims == "3":
+            raise ConfigError(
+                "--dims 3 reads whole volumes; leave out --slice/--axis, which pick 2-D slices"
+            )
+        return
+    if "://" in first or not imaging.has_extension(first, imaging.NIFTI_EXTENSIONS):
+        if opts.dims == "3":
+            raise DataError(
+                f"{origin}: --dims 3 needs volumes (NIfTI files, DICOM series, MedMNIST3D), "
+                f"but {imaging.source_name(first)} is a 2-D image; leave out --dims"
+            )
+        return
+    if opts.dims == "2":
+        return
+    try:
+        shape = imaging.nifti_shape(first)
+    except Exception:  # noqa: BLE001 - an unreadable file is data check's to report
+        return
+    if len(shape) >= 3 and sorted(shape[:3])[0] > 1:
+        table.attrs["dims"] = 3
+        if opts.volume is not None:
+            table.attrs["volume"] = int(opts.volume)
+
+
+def _holds_dicom(root: Path) -> bool:
+    for _, rel in zip(range(2000), _walk(root)):
+        candidate = root / rel
+        if imaging.has_extension(rel, imaging.DICOM_EXTENSIONS) or (
+            "." not in PurePosixPath(rel).name and imaging.is_dicom_file(candidate)
+        ):
+            return True
+    return False
+
+
+def _read_dicom_series_tree(
+    path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = None
+) -> pd.DataFrame:
+    """A DICOM tree read as volumes: one row per SeriesInstanceUID, labelled by the class
+    folder holding the series' folder (``<class>/<case>/*.dcm``, optionally under split
+    folders); patient and modality from its first slice's header (pseudonymised)."""
+    from medsight.data import volumes
+
+    _refuse_multilabel_options(path, fmt, opts)
+    found = volumes.find_dicom_series(path)
+    if not found:
+        raise DataError(f"{path}: no DICOM series found (files with a SeriesInstanceUID)")
+    root = path.resolve()
+    rels = []
+    for source in found:
+        folder = Path(source[len(volumes.DICOM_SERIES_SCHEME) :].rpartition("#")[0])
+        rel = folder.relative_to(root).as_posix() if folder != root else "series"
+        rels.append(rel)
+    counts = Counter(rels)
+    # A folder holding several series gives each its UID's tail as the file part.
+    names = [
+        f"{rel}/{source.rpartition('#')[2][-12:]}" if counts[rel] > 1 else rel
+        for rel, source in zip(rels, found)
+    ]
+    layout = _layout(names, str(path))
+    by_name = dict(zip(names, found))
+    salt = salt if salt is not None else pseudonym_salt()
+    records = []
+    for name, sample_id, label, split in layout:
+        source = by_name[name]
+        first = next(iter(volumes.series_files(source)), None)
+        fields = _dicom_fields(str(first), salt) if first is not None else {}
+        fields.pop("view", None)
+        records.append(
+            {"sample_id": sample_id, "source": source, "label": label, "split": split, **fields}
+        )
+    table = pd.DataFrame.from_records(records)
+    table.attrs["dims"] = 3
+    return table
+
+
 def _read_medmnist(
     path: Path, fmt: str, opts: ReadOptions, salt: bytes | None = None
 ) -> pd.DataFrame:
@@ -956,6 +1051,7 @@ def _read_medmnist(
         )
     if max(widths.values()) > 1:
         return _read_multihot(path, {s: y.reshape(len(y), -1) for s, y in labels.items()})
+    shapes = {s: imaging.npz_images(path, s).shape for s in splits}
     names = _medmnist_names(path, max(int(y.max()) for y in labels.values()) + 1)
     records = []
     for split in splits:
@@ -970,6 +1066,15 @@ def _read_medmnist(
             )
     table = pd.DataFrame.from_records(records)
     table.attrs["classes"] = list(names)
+    from medsight.data.volumes import _npz_is_3d
+
+    if all(_npz_is_3d(shape) for shape in shapes.values()):
+        if opts.dims == "2":
+            raise DataError(
+                f"{path}: its images are volumes ({'x'.join(map(str, shapes[splits[0]][1:]))}); "
+                "--dims 2 cannot read them as images: leave out --dims"
+            )
+        table.attrs["dims"] = 3
     return table
 
 

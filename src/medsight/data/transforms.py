@@ -121,6 +121,17 @@ class Preprocess:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def load_preprocess(source: str | Path | dict):
+    """A run's ``preprocess.json`` (a path or its dict) as :class:`Preprocess` (2-D) or
+    :class:`~medsight.data.volumes.VolumePreprocess` (``"dims": 3``)."""
+    data = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+    if data.get("dims", 2) == 3:
+        from medsight.data.volumes import VolumePreprocess
+
+        return VolumePreprocess.from_dict(data)
+    return Preprocess.from_dict({k: v for k, v in data.items() if k != "dims"})
+
+
 #: Augmentation presets by modality. Chest X-rays are never flipped left-right by default
 #: (laterality carries meaning: heart on the left); dermatoscopy and histology have no
 #: canonical orientation, so every flip and right-angle rotation is valid there.
@@ -175,6 +186,62 @@ def _augments(preset: str, strength: float) -> bool:
     if not 0 <= strength <= 3:
         raise ConfigError(f"augmentation strength must be between 0 and 3, got {strength}")
     return preset != "none" and strength != 0
+
+
+def volume_augmentation(
+    preset: str, strength: float = 1.0
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A random MONAI transform for ``(C, X, Y, Z)`` volumes in ``[0, 1]`` (before
+    normalisation), never replayed at prediction.
+
+    Every preset gets a light random affine (rotation up to 10° × ``strength`` about each axis,
+    scale ± 8 %, shift ± 5 %) and intensity jitter (scale and shift ± 10 %); ``ct`` and ``mri``
+    flip left-right (axis X in RAS) as the 2-D presets do, ``auto`` flips on no axis
+    (laterality can matter), ``derm``/``histo`` (no canonical orientation) flip on every axis.
+    """
+    if not _augments(preset, strength):
+        return None
+    import monai.transforms as mt
+
+    s = float(strength)
+    steps: list = []
+    if preset in ("ct", "mri"):
+        steps.append(mt.RandFlip(prob=0.5, spatial_axis=0))
+    elif preset in ("derm", "histo"):
+        steps += [mt.RandFlip(prob=0.5, spatial_axis=a) for a in (0, 1, 2)]
+    angle = np.deg2rad(10 * s)
+    steps.append(
+        mt.RandAffine(
+            prob=0.8,
+            rotate_range=(angle, angle, angle),
+            scale_range=(0.08 * s,) * 3,
+            translate_range=None,
+            padding_mode="zeros",
+            mode="bilinear",
+        )
+    )
+    steps.append(mt.RandScaleIntensity(factors=0.1 * s, prob=0.5))
+    steps.append(mt.RandShiftIntensity(offsets=0.1 * s, prob=0.5))
+    return _VolumeAugment(mt.Compose(steps), shift=0.05 * s)
+
+
+class _VolumeAugment:
+    """MONAI's random transforms on a plain tensor, seeded from torch's generator (so the
+    trainer's per-epoch seeds make them repeatable), clamped to ``[0, 1]``."""
+
+    def __init__(self, transform, shift: float):
+        self.transform = transform
+        self.shift = shift
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.transform.set_random_state(seed=seed)
+        out = torch.as_tensor(self.transform(x))
+        if self.shift > 0:  # a whole-voxel shift: cheap, and keeps the volume sharp
+            rng = np.random.default_rng(seed)
+            moves = [int(round(rng.uniform(-self.shift, self.shift) * n)) for n in out.shape[1:]]
+            out = torch.roll(out, shifts=moves, dims=(1, 2, 3))
+        return out.float().clamp_(0.0, 1.0)
 
 
 class BoxAugment:

@@ -742,7 +742,7 @@ def _model_summary(run: runs.Run) -> dict:
         "mode": m.get("mode", cfg.optim.mode),
         "frozen_stages": m.get("frozen_stages"),
         "weights": weights,
-        "size": f"{prep.size[0]} × {prep.size[1]} px",
+        "size": " × ".join(map(str, prep.size)) + (" voxels" if len(prep.size) == 3 else " px"),
         "channels": channels,
         "window": (f"centre {prep.window[0]:g}, width {prep.window[1]:g}" if prep.window else None),
         "normalisation": f"mean {', '.join(f'{v:.3g}' for v in prep.mean)}; "
@@ -898,11 +898,32 @@ def _take_in_turn(mask: np.ndarray, groups: np.ndarray, score: np.ndarray, n: in
     return chosen
 
 
-def _thumbnail(source: str, window) -> tuple[str, bool]:
+def _thumbnail(source: str, window, preprocess=None) -> tuple[str, bool]:
+    """An embedded PNG of ``source``; a volume (``preprocess`` of dims 3) as its three
+    orthogonal mid-slices side by side, as the model sees it (orientation, spacing and
+    intensity applied, before normalisation)."""
     from PIL import Image
 
     from medsight.data.imaging import decode
 
+    if getattr(preprocess, "dims", 2) == 3:
+        from medsight.data.volumes import read_volume, volume_thumbnail
+
+        prepared = np.clip(preprocess.prepare(read_volume(source)), 0.0, 1.0)
+        if getattr(preprocess, "slices", None):  # 2.5-D: the middle one of the slices fed
+            planes = prepared[len(prepared) // 2]
+        else:
+            planes = volume_thumbnail(prepared)
+        image = Image.fromarray((planes * 255 + 0.5).astype(np.uint8))
+        small = image.size[1] < 128
+        # Small volumes are enlarged with sharp voxels: LANCZOS blurs a 28³ mask
+        scale = max(1, THUMBNAIL_SIDE // image.size[1])
+        image = image.resize(
+            (image.size[0] * scale, image.size[1] * scale), Image.Resampling.NEAREST
+        )
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", optimize=True)
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), small
     pixels = np.clip(decode(source, window=window).pixels, 0.0, 1.0)
     array = (pixels * 255 + 0.5).astype(np.uint8)
     image = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
@@ -935,7 +956,10 @@ def _pick_finding_examples(pred: pd.DataFrame, y: np.ndarray, probs: np.ndarray,
 
 def _examples(run, metrics, pred, y, probs, n: int) -> dict:
     """Thumbnails of right and wrong predictions; a note instead when the images are gone."""
-    out: dict[str, Any] = {"groups": [], "note": None, "requested": n}
+    volumes = getattr(run.preprocess, "dims", 2) == 3 and not getattr(
+        run.preprocess, "slices", None
+    )
+    out: dict[str, Any] = {"groups": [], "note": None, "requested": n, "volumes": volumes}
     if n == 0:
         out["note"] = "No example images were requested (examples=0)."
         return out
@@ -988,7 +1012,7 @@ def _examples(run, metrics, pred, y, probs, n: int) -> dict:
         for i in indices:
             sample = str(pred["sample_id"].iloc[i])
             try:
-                src, small = _thumbnail(sources[sample], run.preprocess.window)
+                src, small = _thumbnail(sources[sample], run.preprocess.window, run.preprocess)
             except Exception:  # noqa: BLE001 - a missing or unreadable image is skipped
                 failed += 1
                 continue

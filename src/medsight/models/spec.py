@@ -17,10 +17,12 @@ class ModelSpec:
     """
 
     name: str
-    family: str  # "timm" | "torchvision" | "custom"
+    family: str  # "timm" | "torchvision" | "custom" | "monai" | "detector"
     arch: str
     default_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     offline_weights: bool
     description: str = ""
+    #: 2 for images ``(B, C, H, W)``, 3 for volumes ``(B, C, X, Y, Z)``.
+    dims: int = 2

@@ -43,9 +43,12 @@ class ClassifierHead(nn.Module):
         num_classes: int,
         drop_rate: float = 0.0,
         pool: nn.Module | None = None,
+        dims: int = 2,
     ):
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1) if pool is None else pool
+        if pool is None:
+            pool = nn.AdaptiveAvgPool3d(1) if dims == 3 else nn.AdaptiveAvgPool2d(1)
+        self.pool = pool
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(num_features, num_classes)
 
@@ -82,7 +85,7 @@ class _Trace:
     final: Tensor
 
 
-def _trace(backbone: nn.Module, in_chans: int, size: int) -> _Trace:
+def _trace(backbone: nn.Module, in_chans: int, size: int, dims: int = 2) -> _Trace:
     pre: dict[str, int] = {}
     post: dict[str, int] = {}
     outputs: list[tuple[str, Tensor]] = []
@@ -115,7 +118,8 @@ def _trace(backbone: nn.Module, in_chans: int, size: int) -> _Trace:
     backbone.eval()
     try:
         with torch.no_grad():
-            final = backbone.forward_features(torch.zeros(1, in_chans, size, size, device=device))
+            shape = (1, in_chans, *(size,) * dims)
+            final = backbone.forward_features(torch.zeros(shape, device=device))
     finally:
         backbone.train(was_training)
         for handle in handles:
@@ -152,9 +156,9 @@ def resolution_boundaries(trace: _Trace, container: str) -> list[str]:
     """The last child of ``container`` at each output resolution (torchvision-style Sequentials)."""
     depth = container.count(".") + 1 if container else 0
     children = [
-        (name, out.shape[-2:])
+        (name, out.shape[2:])
         for name, out in trace.outputs
-        if out.dim() == 4
+        if out.dim() == trace.final.dim()
         and (_under(name, container) if container else True)
         and name.count(".") == depth
         and name != container
@@ -210,6 +214,7 @@ def plan_stages(
     in_chans: int,
     boundaries: Callable[[_Trace], Sequence[str]],
     size: int = 96,
+    dims: int = 2,
 ) -> StagePlan:
     """Trace ``backbone.forward_features`` once and split the backbone into stages.
 
@@ -219,11 +224,12 @@ def plan_stages(
     the last stage; stages with no parameters are dropped. Top-level modules that never run
     (a timm model's own pre-logits) are replaced by ``nn.Identity`` and listed in ``removed``.
     """
-    trace = _trace(backbone, in_chans, size)
-    if trace.final.dim() != 4:
+    trace = _trace(backbone, in_chans, size, dims)
+    if trace.final.dim() != 2 + dims:
+        layout = "(B, C, X, Y, Z)" if dims == 3 else "(B, C, H, W)"
         raise ConfigError(
             f"{type(backbone).__name__} gives features of shape {tuple(trace.final.shape)}, not a"
-            " (B, C, H, W) map; medsight's head and attention need a CNN backbone"
+            f" {layout} map; medsight's head and attention need a CNN backbone"
         )
     removed = _remove_unused_top_level(backbone, trace)
     ends = sorted(trace.post[b] for b in dict.fromkeys(boundaries(trace)) if b in trace.post)
@@ -295,6 +301,8 @@ class MedsightClassifier(nn.Module):
         pool: nn.Module | None = None,
     ):
         super().__init__()
+        #: 2: images ``(B, C, H, W)``; 3: volumes ``(B, C, X, Y, Z)`` (the spec's).
+        self.dims = getattr(spec, "dims", 2)
         self.spec = spec
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -305,7 +313,7 @@ class MedsightClassifier(nn.Module):
         self.backbone = backbone
         self.attention = attention
         self.pool_kind = "avg" if pool is None else "attention"
-        self.head = ClassifierHead(plan.num_features, num_classes, drop_rate, pool)
+        self.head = ClassifierHead(plan.num_features, num_classes, drop_rate, pool, self.dims)
         self._stages = plan.stages
         self._cam_module = plan.cam_module
         self._removed = list(plan.removed)
@@ -418,8 +426,11 @@ class MedsightClassifier(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """What ``model.json`` holds: enough to rebuild the architecture
-        (:func:`~medsight.models.zoo.classifier_from_config`)."""
+        (:func:`~medsight.models.zoo.classifier_from_config`); ``dims`` 3 for volume models
+        (absent: 2)."""
+        extra = {"dims": 3} if self.dims == 3 else {}
         return {
+            **extra,
             "name": self.spec.name,
             "num_classes": self.num_classes,
             "in_chans": self.in_chans,

@@ -34,13 +34,19 @@ from medsight.models.attention import (
     AttentionPool2d,
     create_attention,
 )
-from medsight.models.custom import STAGE_NAMES, attention_kwargs, create_custom
+from medsight.models.custom import (
+    STAGE_NAMES,
+    attention_kwargs,
+    create_custom,
+    create_custom_3d,
+)
 from medsight.models.spec import ModelSpec
 from medsight.models.transfer import MedsightClassifier, plan_stages, resolution_boundaries
 
 __all__ = [
     "POOLS",
     "ModelSpec",
+    "MonaiFeatures",
     "classifier_from_config",
     "create_model",
     "default_pool",
@@ -55,8 +61,10 @@ HALF = (0.5, 0.5, 0.5)
 TORCHVISION_MOBILENET_V2_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
 
 
-def _spec(name, family, arch, size, mean, std, description) -> ModelSpec:
-    return ModelSpec(name, family, arch, size, mean, std, arch in W.PACKAGE_WEIGHTS, description)
+def _spec(name, family, arch, size, mean, std, description, dims=2) -> ModelSpec:
+    return ModelSpec(
+        name, family, arch, size, mean, std, arch in W.PACKAGE_WEIGHTS, description, dims
+    )
 
 
 # The registry: the one place a medsight name is given to an architecture.
@@ -104,6 +112,21 @@ _REGISTRY: dict[str, ModelSpec] = {
         _spec("medcnn_lite", "custom", "medcnn_lite", 64, HALF, HALF,
               "CPU-lean 8-conv CNN for 28-128 px images (stem pools from 48 px):"
               " 37 M multiply-accumulates at 64 px (medcnn_s: 209 M), 1.12 M parameters"),
+        # Volumes (B, C, X, Y, Z): medsight's small 3-D CNNs and MONAI's 3-D networks.
+        _spec("medcnn3d_s", "custom", "medcnn3d_s", 28, HALF, HALF,
+              "small 3-D CNN for 16-64 voxel volumes (stride-2 stem), ~0.85 M parameters;"
+              " the 3-D default on a CPU", dims=3),
+        _spec("medcnn3d_m", "custom", "medcnn3d_m", 28, HALF, HALF,
+              "wider 3-D CNN for 16-64 voxel volumes, ~2 M parameters", dims=3),
+        _spec("monai_resnet10_3d", "monai", "resnet10", 64, HALF, HALF,
+              "MONAI 3-D ResNet-10 (MedicalNet's architecture), random weights", dims=3),
+        _spec("monai_resnet18_3d", "monai", "resnet18", 64, HALF, HALF,
+              "MONAI 3-D ResNet-18 (MedMNIST v2's 3-D baseline architecture), 33 M parameters",
+              dims=3),
+        _spec("monai_densenet121_3d", "monai", "densenet121", 64, HALF, HALF,
+              "MONAI 3-D DenseNet-121, 11 M parameters", dims=3),
+        _spec("monai_efficientnet_b0_3d", "monai", "efficientnet-b0", 64, HALF, HALF,
+              "MONAI 3-D EfficientNet-B0 (EfficientNetBN, spatial_dims=3)", dims=3),
     )
 }  # fmt: skip
 
@@ -341,7 +364,54 @@ def _build_torchvision(spec: ModelSpec, in_chans: int, pretrained: bool) -> _Bui
     return built
 
 
+class MonaiFeatures(nn.Module):
+    """A MONAI 3-D classification network without its pooling and classifier:
+    ``forward_features`` gives its last feature map ``(B, C, x, y, z)``.
+
+    ``parts`` run in order (``stem``, ``layer1``... for ResNets; ``features``, ``act`` for
+    DenseNets; ``stem``, ``blocks``, ``head`` for EfficientNets)."""
+
+    def __init__(self, parts: dict[str, nn.Module]):
+        super().__init__()
+        for name, module in parts.items():
+            self.add_module(name, module)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for module in self.children():
+            x = module(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+
+def _build_monai(spec: ModelSpec, in_chans: int) -> _Built:
+    from monai.networks import nets
+
+    if spec.arch.startswith("resnet"):
+        net = getattr(nets, spec.arch)(spatial_dims=3, n_input_channels=in_chans, num_classes=1)
+        stem = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
+        layers = {f"layer{i}": getattr(net, f"layer{i}") for i in range(1, 5)}
+        backbone = MonaiFeatures({"stem": stem, **layers})
+        return _Built(backbone, lambda trace: ["stem", *layers], None)
+    if spec.arch == "densenet121":
+        net = nets.DenseNet121(spatial_dims=3, in_channels=in_chans, out_channels=1)
+        backbone = MonaiFeatures({"features": net.features, "act": nn.ReLU()})
+        return _Built(backbone, lambda trace: resolution_boundaries(trace, "features"), None)
+    net = nets.EfficientNetBN(
+        spec.arch, pretrained=False, spatial_dims=3, in_channels=in_chans, num_classes=1
+    )
+    stem = nn.Sequential(net._conv_stem_padding, net._conv_stem, net._bn0, net._swish)
+    head = nn.Sequential(net._conv_head_padding, net._conv_head, net._bn1, nn.SiLU())
+    backbone = MonaiFeatures({"stem": stem, "blocks": net._blocks, "head": head})
+    return _Built(
+        backbone, lambda trace: ["stem", *resolution_boundaries(trace, "blocks"), "head"], None
+    )
+
+
 def _build_custom(spec: ModelSpec, in_chans: int, attention: str) -> _Built:
+    if spec.dims == 3:
+        return _Built(create_custom_3d(spec.arch, in_chans), lambda trace: STAGE_NAMES, None)
     backbone = create_custom(spec.arch, in_chans=in_chans, attention=attention)
     return _Built(backbone, lambda trace: STAGE_NAMES, None)
 
@@ -361,6 +431,21 @@ def _check_args(num_classes, in_chans, attention, drop_rate) -> str:
             f"attention={attention!r} is not known; choose one of: {', '.join(ATTENTION_KINDS)}"
         )
     return kind
+
+
+def _check_3d(spec: ModelSpec, attention: str, pool: str, pretrained: bool) -> None:
+    """What a 3-D network does not offer, refused by name."""
+    if attention != "none":
+        raise ConfigError(
+            f"{spec.name} is a 3-D network: attention blocks are 2-D only; leave out --attention"
+        )
+    if isinstance(pool, str) and pool.strip().lower() == "attention":
+        raise ConfigError(f"{spec.name} is a 3-D network: it pools by averaging (--pool avg)")
+    if pretrained:
+        raise ConfigError(
+            f"{spec.name} has no pretrained 3-D weights installed here; train it from scratch"
+            " (--no-pretrained) or pass --weights RUN_DIR of an earlier 3-D run"
+        )
 
 
 #: Ways the classifier head pools the feature map: ``avg`` (global average pooling) or
@@ -438,7 +523,11 @@ def create_model(
 
             load_detector_weights(model, weights)
         return model
-    if spec.family == "custom":
+    if spec.dims == 3:
+        _check_3d(spec, kind, pool, use_pretrained)
+    if spec.family == "monai":
+        built = _build_monai(spec, in_chans)
+    elif spec.family == "custom":
         if use_pretrained:
             raise ConfigError(
                 f"{spec.name} is a custom CNN without pretrained weights; train it from scratch"
@@ -449,7 +538,10 @@ def create_model(
         built = _build_torchvision(spec, in_chans, use_pretrained)
     else:
         built = _build_timm(spec, in_chans, use_pretrained, num_classes)
-    plan = plan_stages(built.backbone, in_chans, built.boundaries)
+    if spec.dims == 3:  # a 32³ trace: every 3-D network here reduces it to at least 1³
+        plan = plan_stages(built.backbone, in_chans, built.boundaries, size=32, dims=3)
+    else:
+        plan = plan_stages(built.backbone, in_chans, built.boundaries)
     pool_kind = _check_pool(pool, kind, spec.family)
     if spec.family == "custom" or kind == "none":
         block: nn.Module = nn.Identity()
@@ -517,6 +609,11 @@ def classifier_from_config(config: dict[str, Any]) -> MedsightClassifier:
     """
     if not isinstance(config, dict):
         raise ConfigError(f"model config must be a mapping, got {type(config).__name__}")
+    if "name" in config and int(config.get("dims", 2)) != get_spec(config["name"]).dims:
+        raise ConfigError(
+            f"model.json names {config['name']} with dims {config.get('dims', 2)}, but that "
+            f"network is {get_spec(config['name']).dims}-D; is model.json from another version?"
+        )
     missing = [k for k in ("name", "num_classes") if k not in config]
     if missing:
         raise ConfigError(f"model config lacks {', '.join(missing)}; is model.json complete?")

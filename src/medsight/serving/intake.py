@@ -57,6 +57,12 @@ def queue_study(
     """
     scored = model.score(data)
     fmt = scored.image.meta.get("format", "raster")
+    if fmt in ("nifti", "dicom-series", "npz"):
+        # A series zip would be stored with its headers: the worklist keeps 2-D images only.
+        raise BadImage(
+            "the worklist queues 2-D images; score volumes with POST /v1/predict (nothing of "
+            "this upload was stored)"
+        )
     if fmt == "dicom":
         try:
             data, meta = deidentify_dicom(data)

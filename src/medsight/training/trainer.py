@@ -40,7 +40,13 @@ from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
 from medsight.data.sources import load_samples
 from medsight.data.splits import assign_splits, fold_splits
-from medsight.data.transforms import Preprocess, augmentation, box_augmentation
+from medsight.data.transforms import (
+    Preprocess,
+    augmentation,
+    box_augmentation,
+    volume_augmentation,
+)
+from medsight.data.volumes import VolumePreprocess
 from medsight.devices import autocast, describe, grad_scaler, resolve_device, resolve_precision
 from medsight.errors import ConfigError, DataError, ImageDecodeError, TrainingError
 from medsight.events import Note, ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
@@ -234,11 +240,30 @@ class _Setup:
         if config.optim.balanced_sampler and not task.samples_by_class:
             raise ConfigError(f"--balanced samples by class; a {task.name} run has none to use")
 
-        native_channels, native_side = _probe(table[table["split"] == "train"])
-        if config.model.name == "auto":
+        dims = int(table.attrs.get("dims", 2))
+        slices = d.slices
+        if slices is not None and dims != 3:
+            raise ConfigError(
+                f"--slices {slices} feeds adjacent slices of volumes to a 2-D network; these data "
+                "are 2-D images: leave --slices out"
+            )
+        if slices is not None and slices % 2 == 0:
+            raise ConfigError(f"--slices must be odd (slices around the middle one), got {slices}")
+        model_dims = 2 if slices is not None else dims
+        if dims == 3:
+            native_channels, native_side, intensity = _probe_volumes(
+                table[table["split"] == "train"], table.attrs.get("volume")
+            )
+        else:
+            native_channels, native_side = _probe(table[table["split"] == "train"])
+        if config.model.name == "auto" and model_dims == 3:
+            config, note = _resolve_auto_model_3d(config, native_side)
+            notes.append(note)
+        elif config.model.name == "auto":
             config, note = _resolve_auto_model(config, native_side, table, task)
             notes.append(note)
         spec = get_spec(config.model.name)
+        _check_dims(spec, model_dims, slices)
         task.check_model(spec)
         mode = config.optim.mode
         pretrained = config.model.pretrained and mode != "scratch"
@@ -249,17 +274,39 @@ class _Setup:
             )
         d = config.data
         side = d.image_size or task.input_side(native_side, spec.default_size)
+        if model_dims == 3 and not d.image_size:
+            side = min(native_side, AUTO_SIDE_3D)
         if spec.family != "custom":
             side = max(side, 32)  # ImageNet CNNs downsample 32x: smaller inputs vanish
         in_chans = _input_channels(d.channels, native_channels, pretrained, config.model.weights)
+        if slices is not None:
+            in_chans = slices
         if pretrained or config.model.weights:
             mean = tuple(spec.mean) if in_chans == 3 else (float(np.mean(spec.mean)),)
             std = tuple(spec.std) if in_chans == 3 else (float(np.mean(spec.std)),)
         else:
             mean, std = (0.5,) * in_chans, (0.5,) * in_chans
-        preprocess = Preprocess(
-            size=(side, side), channels=in_chans, mean=mean, std=std, window=d.window
-        )
+        if dims == 3:
+            if d.intensity != "auto":
+                intensity = d.intensity
+            preprocess = VolumePreprocess.build(
+                side,
+                intensity=intensity,
+                spacing=d.spacing,
+                channels=in_chans,
+                mean=mean,
+                std=std,
+                slices=slices,
+            )
+            shape = f"{side}³ voxels" if slices is None else f"{slices} axial slices at {side} px"
+            notes.append(
+                f"volumes: {shape}, intensity {intensity}, "
+                + (f"resampled to {d.spacing} mm" if d.spacing else "resized to the input size")
+            )
+        else:
+            preprocess = Preprocess(
+                size=(side, side), channels=in_chans, mean=mean, std=std, window=d.window
+            )
 
         model = create_model(
             config.model.name,
@@ -304,9 +351,11 @@ class _Setup:
         make_augment = box_augmentation if task.augments_boxes else augmentation
         augment = (
             make_augment(config.optim.augment, in_chans, config.optim.augment_strength)
-            if mode != "features"
+            if mode != "features" and model_dims == 2
             else None
         )
+        if model_dims == 3 and mode != "features":
+            augment = volume_augmentation(config.optim.augment, config.optim.augment_strength)
         train_rows = table[table["split"] == "train"]
         cache_side = 128 if config.data.cache else 0
         val_rows = table[table["split"] == "val"]
@@ -478,6 +527,65 @@ def _probe(table: pd.DataFrame, n: int = 16) -> tuple[int, int]:
     if not sides:
         raise DataError("none of the first training images can be read; run `medsight data check`")
     return (3 if 3 in channels else 1), int(np.median(sides))
+
+
+def _probe_volumes(table: pd.DataFrame, volume: int | None, n: int = 8) -> tuple[int, int, str]:
+    """(channels, typical largest side, intensity preset) of the first readable volumes."""
+    from medsight.data.volumes import intensity_for, read_volume
+
+    channels, sides, presets = set(), [], []
+    for source in table["source"].head(n * 2):
+        try:
+            found = read_volume(source, volume=volume)
+        except ImageDecodeError:
+            continue
+        channels.add(found.array.shape[0])
+        sides.append(max(found.shape))
+        presets.append(intensity_for(found))
+        if len(sides) == n:
+            break
+    if not sides:
+        raise DataError("none of the first training volumes can be read; run `medsight data check`")
+    return max(channels), int(np.median(sides)), max(set(presets), key=presets.count)
+
+
+#: The 3-D network ``--model auto`` picks, and the largest side it resizes volumes to.
+AUTO_MODEL_3D = "medcnn3d_s"
+AUTO_SIDE_3D = 64
+
+
+def _resolve_auto_model_3d(config: TrainConfig, native_side: int) -> tuple[TrainConfig, str]:
+    """``--model auto`` on volumes: the small 3-D CNN from scratch, at the volumes' own side up
+    to 64 voxels (MONAI's 3-D ResNets/DenseNets are a choice: ``--model monai_resnet18_3d``)."""
+    side = config.data.image_size or min(native_side, AUTO_SIDE_3D)
+    resolved = config.with_overrides(
+        {"model.name": AUTO_MODEL_3D, "model.pretrained": False, "data.image_size": side}
+    )
+    return resolved, (
+        f"--model auto chose {AUTO_MODEL_3D} for volumes: a small 3-D CNN trained from scratch,"
+        f" at {side}³ voxels"
+    )
+
+
+def _check_dims(spec, dims: int, slices: int | None = None) -> None:
+    """A 2-D network on volumes, or a 3-D one on images: one line naming the way out."""
+    if spec.dims == dims:
+        return
+    if slices is not None:
+        raise ConfigError(
+            f"--slices {slices} feeds slices to a 2-D network, but {spec.name} is 3-D; choose a "
+            "2-D network (or leave out --slices to train it on whole volumes)"
+        )
+    if dims == 3:
+        raise ConfigError(
+            f"{spec.name} is a 2-D network but the data are volumes; choose a 3-D network "
+            "(medsight models '*3d*', e.g. medcnn3d_s or monai_resnet18_3d) or feed it slices "
+            "(--slices 3)"
+        )
+    raise ConfigError(
+        f"{spec.name} is a 3-D network but the data are 2-D images; choose a 2-D network "
+        "(medsight models) or give volumes (NIfTI, DICOM series with --dims 3, MedMNIST3D)"
+    )
 
 
 def _input_channels(requested, native: int, pretrained: bool, weights: str | None) -> int:
