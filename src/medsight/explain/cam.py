@@ -59,6 +59,8 @@ CAM_METHODS: dict[str, str] = {
 }
 #: Every method :class:`Explainer` knows, in the order tables list them.
 METHODS: tuple[str, ...] = (*CAM_METHODS, "ig", "attention")
+#: Convolutions whose maps the CAM family can weight (images and volumes).
+_CONVS = (nn.Conv2d, nn.Conv3d)
 #: What ``method="auto"`` uses on a run not scored against masks (with its default layer).
 DEFAULT_METHOD = "gradcam"
 #: Integrated Gradients: Riemann steps along the path from the baseline.
@@ -68,6 +70,15 @@ IG_STEPS = 32
 IG_SMOOTH = 1 / 32
 #: Images per forward pass when Score-CAM scores its masked inputs.
 SCORECAM_BATCH = 64
+
+
+#: Methods that take images only.
+VOLUME_UNSUPPORTED = ("scorecam",)
+
+
+def volume_methods() -> list[str]:
+    """The methods that explain a 3-D network's volumes."""
+    return [m for m in METHODS if m not in VOLUME_UNSUPPORTED and m != "attention"]
 
 
 def check_method(method: str) -> str:
@@ -141,7 +152,7 @@ def candidate_layers(model: nn.Module) -> list[str]:
         if not name:
             continue
         if isinstance(module, TOKEN_BLOCKS) or (
-            name.count(".") <= 1 and any(isinstance(m, nn.Conv2d) for m in module.modules())
+            name.count(".") <= 1 and any(isinstance(m, _CONVS) for m in module.modules())
         ):
             names.append(name)
     return names
@@ -180,11 +191,11 @@ def default_layer(model: nn.Module, method: str) -> str:
         return fused_stages(model)
     if hasattr(model, "cam_layer_name"):
         return model.cam_layer_name()
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [name for name, m in model.named_modules() if isinstance(m, _CONVS)]
     if not convs:
         raise ConfigError(
-            f"{type(model).__name__} has no Conv2d layer for the CAM methods; pass layer= with"
-            " the name of a module that outputs a (B, C, H, W) map"
+            f"{type(model).__name__} has no convolution for the CAM methods; pass layer= with"
+            " the name of a module that outputs a (B, C, H, W) or (B, C, X, Y, Z) map"
         )
     return convs[-1]
 
@@ -225,7 +236,12 @@ def _probe_size(model: nn.Module, preprocess: Any) -> tuple[int, ...]:
         return tuple(int(s) for s in preprocess.size)
     spec = getattr(model, "spec", None)
     side = int(getattr(spec, "default_size", 0) or 64)
-    return (side, side)
+    return (side,) * _dims(model)
+
+
+def _dims(model: nn.Module) -> int:
+    """2 for a network of images, 3 for one of volumes ``(B, C, X, Y, Z)``."""
+    return int(getattr(model, "dims", 2) or 2)
 
 
 def layer_map_sizes(
@@ -338,6 +354,11 @@ class Explainer:
         self.method = check_method(method)
         if self.method == "attention" and not token_blocks(model):
             raise ConfigError(no_attention_message(model))
+        if self.method in VOLUME_UNSUPPORTED and _dims(model) == 3:
+            raise ConfigError(
+                f"{self.method} maps images only (pytorch-grad-cam's Score-CAM upsamples in 2-D);"
+                f" for a 3-D network choose one of: {', '.join(volume_methods())}"
+            )
         chosen = default_layer(model, self.method) if layer is None else str(layer).strip()
         self.layer = _check_layer(model, chosen, self.method)
         self.classes = list(classes) if classes is not None else None
@@ -414,7 +435,8 @@ class Explainer:
     # ----------------------------------------------------------------------- public
 
     def explain(self, x: np.ndarray, target: int | str | None = None) -> np.ndarray:
-        """The heat-map of one preprocessed image ``x`` (float32 ``(1, C, H, W)``).
+        """The heat-map of one preprocessed image ``x`` (float32 ``(1, C, H, W)``; a volume
+        ``(1, C, X, Y, Z)`` for a 3-D network, whose map is ``(X, Y, Z)``).
 
         ``target`` is a class (or finding) index or name; None explains the predicted (most
         probable) class. A multi-label run's finding is explained through its own logit, so
@@ -427,7 +449,8 @@ class Explainer:
     def explain_batch(
         self, x: np.ndarray, targets: list[int | str | None] | None = None
     ) -> np.ndarray:
-        """Heat-maps of a batch ``(N, C, H, W)`` → float32 ``(N, H, W)``, each in ``[0, 1]``.
+        """Heat-maps of a batch ``(N, C, H, W)`` → float32 ``(N, H, W)``, each in ``[0, 1]``
+        (volumes: ``(N, C, X, Y, Z)`` → ``(N, X, Y, Z)``).
 
         ``targets``: one class (index, name or None for the predicted one) per image.
         """
@@ -484,12 +507,15 @@ class Explainer:
         array = np.asarray(x, dtype=np.float32)
         want = getattr(self.model, "in_chans", None)
         size = tuple(self.preprocess.size) if self.preprocess is not None else None
-        shape = f"(1, {want or 'C'}, {'H, W' if size is None else f'{size[0]}, {size[1]}'})"
-        if array.ndim != 4 or (single and array.shape[0] != 1):
+        dims = _dims(self.model)
+        axes = "X, Y, Z" if dims == 3 else "H, W"
+        shape = f"(1, {want or 'C'}, {axes if size is None else ', '.join(map(str, size))})"
+        what = "volume" if dims == 3 else "image"
+        if array.ndim != 2 + dims or (single and array.shape[0] != 1):
             raise DataError(
-                f"explain needs one preprocessed image shaped {shape} (as Predictor.predict_array"
-                f" takes), got an array of shape {array.shape}; run the image through the run's"
-                " preprocess first"
+                f"explain needs one preprocessed {what} shaped {shape} (as"
+                f" Predictor.predict_array takes), got an array of shape {array.shape}; run the"
+                f" {what} through the run's preprocess first"
             )
         if want is not None and array.shape[1] != want:
             raise DataError(
@@ -556,9 +582,9 @@ class Explainer:
 
     def _baseline(self, x: torch.Tensor) -> torch.Tensor:
         if self.preprocess is not None:
-            black = torch.zeros(1, x.shape[1], 1, 1, dtype=x.dtype, device=x.device)
-            return self.preprocess.normalize(black[0]).to(x.device)[None].expand_as(x).contiguous()
-        return x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x).contiguous()
+            black = torch.zeros(x.shape[1], *([1] * (x.ndim - 2)), dtype=x.dtype)
+            return self.preprocess.normalize(black).to(x.device)[None].expand_as(x).contiguous()
+        return x.amin(dim=tuple(range(1, x.ndim)), keepdim=True).expand_as(x).contiguous()
 
     def _integrated_gradients(self, x: torch.Tensor, targets: list[int]) -> np.ndarray:
         from captum.attr import IntegratedGradients
@@ -575,7 +601,7 @@ class Explainer:
             )
         self.model.zero_grad(set_to_none=True)
         maps = attributions.detach().abs().sum(1).cpu().numpy()
-        sigma = max(0.5, IG_SMOOTH * max(maps.shape[-2:]))
+        sigma = max(0.5, IG_SMOOTH * max(maps.shape[1:]))
         return np.stack([ndimage.gaussian_filter(m, sigma) for m in maps])
 
 

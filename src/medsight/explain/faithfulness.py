@@ -41,7 +41,7 @@ BLUR = 1 / 8
 
 def _black(x: torch.Tensor, preprocess: Any) -> torch.Tensor:
     if preprocess is not None:
-        zero = torch.zeros(x.shape[1], 1, 1, dtype=x.dtype)
+        zero = torch.zeros(x.shape[1], *([1] * (x.ndim - 2)), dtype=x.dtype)
         return preprocess.normalize(zero).to(x.device).expand_as(x[0])
     return x[0].amin().expand_as(x[0])
 
@@ -60,7 +60,8 @@ def deletion_insertion(
 ) -> dict[str, float]:
     """Deletion and insertion AUCs of one map: ``{"deletion_auc", "insertion_auc"}``.
 
-    ``x`` is one preprocessed image ``(1, C, H, W)``, ``heatmap`` its ``(H, W)`` map, ``target``
+    ``x`` is one preprocessed image ``(1, C, H, W)`` (or volume ``(1, C, X, Y, Z)``),
+    ``heatmap`` its ``(H, W)`` (``(X, Y, Z)``) map, ``target``
     the explained class (or finding: ``activation="sigmoid"``, outputs that are independent
     probabilities). Ties in the map are broken at random (seeded), not in raster order,
     so a flat map scores like a random one.
@@ -68,18 +69,19 @@ def deletion_insertion(
     model = model.eval()
     device = next(model.parameters()).device
     image = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
-    _, c, h, w = image.shape
+    spatial = tuple(image.shape[2:])
     heat = np.asarray(heatmap, dtype=np.float64).ravel()
     jitter = np.random.default_rng(seed).random(heat.size) * 1e-9
     order = np.lexsort((jitter, -heat))  # hottest first
     rank = np.empty(heat.size, dtype=np.int64)
     rank[order] = np.arange(heat.size)
-    rank_t = torch.as_tensor(rank.reshape(h, w), device=device)
+    rank_t = torch.as_tensor(rank.reshape(spatial), device=device)
     fractions = np.linspace(0.0, 1.0, steps + 1)
     counts = torch.as_tensor(np.rint(fractions * heat.size).astype(np.int64), device=device)
-    changed = (rank_t[None] < counts[:, None, None]).unsqueeze(1)  # (steps+1, 1, H, W)
+    counts = counts.view(-1, *([1] * len(spatial)))
+    changed = (rank_t[None] < counts).unsqueeze(1)  # (steps+1, 1, *spatial)
     black = _black(image, preprocess)
-    sigma = BLUR * max(h, w)
+    sigma = BLUR * max(spatial)
     blurred = torch.as_tensor(
         np.stack([ndimage.gaussian_filter(ch, sigma) for ch in image[0].cpu().numpy()]),
         device=device,

@@ -27,7 +27,8 @@ __all__ = ["explain_files"]
 
 
 def _safe_stem(path: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
+    stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "image"
 
 
 def explain_files(
@@ -55,9 +56,9 @@ def explain_files(
     Example:
         >>> explain_files("runs/phantom", ["scan.png"], "out", method="gradcam")  # doctest: +SKIP
     """
-    from medsight.data.imaging import decode
+    from medsight.data.imaging import DecodedImage, decode
     from medsight.explain.cam import Explainer
-    from medsight.explain.overlay import display_image, overlay
+    from medsight.explain.overlay import display_image, overlay, overlay_volume
     from medsight.runs import write_atomic
 
     if not images:
@@ -78,19 +79,28 @@ def explain_files(
             f"{noun} {target!r} is not one of the run's {nouns}: {', '.join(classes)}"
         )
     prep = explainer.preprocess
+    volumes = predictor.dims == 3  # a 3-D run, or a 2.5-D one (slices of a volume)
+    slab = getattr(prep, "slices", None)
     decoded, inputs = [], []
     for image in images:
         path = Path(image)
-        if not path.is_file():
+        if not (path.is_file() or (volumes and path.is_dir())):
             raise DataError(f"{path}: no such image file; check the path")
         try:
-            picture = decode(str(path), window=prep.window)
+            picture = predictor.read(path) if volumes else decode(str(path), window=prep.window)
             x = prep(picture)
         except MedsightError as exc:
+            what = "a NIfTI volume or a DICOM series folder" if volumes else (
+                "a PNG, JPEG, DICOM or NIfTI image"
+            )  # fmt: skip
             raise DataError(
                 f"{path} cannot be explained: the run cannot read or preprocess it ({exc}); "
-                "give a PNG, JPEG, DICOM or NIfTI image"
+                f"give {what}"
             ) from None
+        if volumes:  # shown on the map's own grid: the preprocessed volume in [0, 1]
+            picture = prep.prepare(picture)
+            if slab is not None:  # 2.5-D: the middle slice of the slab the map covers
+                picture = DecodedImage(picture[slab // 2][None], str(path))
         decoded.append(picture)
         inputs.append(x[None].astype(np.float32))
 
@@ -121,7 +131,10 @@ def explain_files(
                 label = f"{prediction['label']} {prediction['confidence']:.2f}"
                 if explained != prediction["label"]:
                     label += f" | map: {explained}"
-            picture_out = overlay(display_image(picture.pixels), heatmap, label=label)
+            if volumes and slab is None:
+                picture_out = overlay_volume(picture, heatmap, label=label)
+            else:
+                picture_out = overlay(display_image(picture.pixels), heatmap, label=label)
             png, npy = out / f"{name}.png", out / f"{name}.npy"
             write_atomic(png, lambda tmp, im=picture_out: im.save(tmp, format="PNG"))
             write_atomic(npy, lambda tmp, m=heatmap: np.save(tmp.open("wb"), m))

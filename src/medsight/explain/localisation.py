@@ -48,29 +48,32 @@ __all__ = [
     "score_localisation",
 ]
 
-#: ``(x0, y0, x1, y1)`` in pixels, ``x1``/``y1`` exclusive (so width = x1 − x0).
-Box = tuple[int, int, int, int]
+#: ``(x0, y0, x1, y1)`` in pixels, ``x1``/``y1`` exclusive (so width = x1 − x0); in 3-D
+#: ``(x0, y0, z0, x1, y1, z1)`` in voxels.
+Box = tuple[int, ...]
 #: A map's region: pixels at or above this fraction of the map's maximum.
 THRESHOLD = 0.5
 N_BOOTSTRAP = 1000
 #: Images per method for deletion/insertion and the randomisation check (both cost passes).
 N_FAITHFULNESS = 16
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
 
 # --------------------------------------------------------------------------- map geometry
 
 
 def _check_2d(name: str, array: np.ndarray) -> np.ndarray:
+    """``array`` as a 2-D ``(H, W)`` map or a 3-D ``(X, Y, Z)`` volume map."""
     array = np.asarray(array)
-    if array.ndim != 2:
-        raise DataError(f"{name} must be a 2-D (H, W) array, got shape {array.shape}")
+    if array.ndim not in (2, 3):
+        raise DataError(
+            f"{name} must be a 2-D (H, W) or 3-D (X, Y, Z) array, got shape {array.shape}"
+        )
     return array
 
 
 def region_from_map(heatmap: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
-    """The largest 8-connected component of ``heatmap ≥ threshold · max`` as a bool mask.
+    """The largest connected component (8-connected; 26-connected in 3-D) of
+    ``heatmap ≥ threshold · max`` as a bool mask.
 
     The map is min–max normalised first; a flat map has no region (all False).
 
@@ -84,7 +87,7 @@ def region_from_map(heatmap: np.ndarray, threshold: float = THRESHOLD) -> np.nda
     if not np.isfinite(hi - lo) or hi - lo <= 1e-12:
         return np.zeros(heat.shape, dtype=bool)
     hot = (heat - lo) / (hi - lo) >= threshold
-    labels, n = ndimage.label(hot, structure=_EIGHT_CONNECTED)
+    labels, n = ndimage.label(hot, structure=np.ones((3,) * heat.ndim, dtype=bool))
     if n <= 1:
         return hot
     sizes = np.bincount(labels.ravel())[1:]
@@ -92,8 +95,16 @@ def region_from_map(heatmap: np.ndarray, threshold: float = THRESHOLD) -> np.nda
 
 
 def mask_box(mask: np.ndarray) -> Box | None:
-    """The bounding box of the True (non-zero) pixels of ``mask``, or None when it has none."""
+    """The bounding box of the True (non-zero) pixels of ``mask``, or None when it has none:
+    ``(x0, y0, x1, y1)`` for a 2-D ``(H, W)`` mask; ``(x0, y0, z0, x1, y1, z1)`` over the
+    axes of a 3-D ``(X, Y, Z)`` one."""
     mask = _check_2d("mask", mask) > 0
+    if mask.ndim == 3:
+        others = [tuple(a for a in range(3) if a != k) for k in range(3)]
+        spans = [np.flatnonzero(mask.any(axis=axes)) for axes in others]
+        if spans[0].size == 0:
+            return None
+        return (*(int(s[0]) for s in spans), *(int(s[-1]) + 1 for s in spans))
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if rows.size == 0:
         return None
@@ -106,7 +117,8 @@ def box_from_map(heatmap: np.ndarray, threshold: float = THRESHOLD) -> Box | Non
 
 
 def box_iou(a: Box | None, b: Box | None) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes (0 when either is None).
+    """Intersection over union of two boxes (0 when either is None): ``(x0, y0, x1, y1)``, or
+    ``(x0, y0, z0, x1, y1, z1)`` in 3-D (then volumes).
 
     Example:
         >>> box_iou((0, 0, 2, 2), (1, 0, 3, 2))    # overlap 2 px, union 6 px
@@ -114,17 +126,24 @@ def box_iou(a: Box | None, b: Box | None) -> float:
     """
     if a is None or b is None:
         return 0.0
-    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    n = len(a) // 2
+    inter = float(np.prod([max(0, min(a[n + k], b[n + k]) - max(a[k], b[k])) for k in range(n)]))
+    size_a = float(np.prod([a[n + k] - a[k] for k in range(n)]))
+    size_b = float(np.prod([b[n + k] - b[k] for k in range(n)]))
+    union = size_a + size_b - inter
     return float(inter / union) if union > 0 else 0.0
 
 
-def _fit_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _fit_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     mask = _check_2d("mask", mask) > 0
     if mask.shape == tuple(shape):
         return mask
+    if mask.ndim != 2:  # a volume: nearest voxel along each axis
+        index = np.ix_(*(
+            np.minimum((np.arange(n) + 0.5) * m / n, m - 1).astype(int)
+            for n, m in zip(shape, mask.shape)
+        ))  # fmt: skip
+        return mask[index]
     from PIL import Image
 
     # Maps and masks both cover the whole image; nearest keeps the mask binary.
@@ -144,8 +163,7 @@ def pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> bool:
     if float(np.nanmax(heat) - np.nanmin(heat)) <= 1e-12:
         return False
     inside = _fit_mask(mask, heat.shape)
-    y, x = np.unravel_index(int(np.nanargmax(heat)), heat.shape)
-    return bool(inside[y, x])
+    return bool(inside[np.unravel_index(int(np.nanargmax(heat)), heat.shape)])
 
 
 def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
@@ -170,10 +188,21 @@ def score_map(heatmap: np.ndarray, mask: np.ndarray, threshold: float = THRESHOL
 # --------------------------------------------------------------------------- dataset scoring
 
 
-def read_mask(value: Any) -> np.ndarray | None:
-    """The mask at ``value`` as bool, or None when there is no path or it cannot be read."""
+def read_mask(value: Any, dims: int = 2) -> Any:
+    """The mask at ``value`` as a bool ``(H, W)`` array, or with ``dims`` 3 the mask volume
+    (a :class:`~medsight.data.volumes.Volume`, its affine kept so it is oriented like its
+    image); None when there is no path or it cannot be read."""
     if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
         return None
+    if dims == 3:
+        from medsight.data.volumes import read_volume
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return read_volume(str(value))
+        except MedsightError:
+            return None
     from medsight.data.imaging import decode
 
     try:
@@ -181,6 +210,42 @@ def read_mask(value: Any) -> np.ndarray | None:
     except MedsightError:
         return None
     return pixels.max(axis=0) > 0.5
+
+
+def _nonempty(mask: Any) -> bool:
+    return bool(np.asarray(getattr(mask, "array", mask)).any())
+
+
+#: The spatial steps of a volume pipeline, and how each keeps a mask binary.
+_SPATIAL_STEPS = {
+    "Orientationd": {},
+    "Spacingd": {"mode": "nearest"},
+    "Resized": {"mode": "nearest"},
+    "ResizeWithPadOrCropd": {},
+    "SpatialPadd": {},
+    "CenterSpatialCropd": {},
+}
+
+
+def _volume_mask(preprocess: Any, mask: Any) -> np.ndarray:
+    """A mask volume through the spatial steps of the run's volume pipeline (orientation,
+    spacing, resize, pad/crop; nearest neighbour), so it lies on the model's input grid, where
+    the maps are: bool ``(X, Y, Z)``."""
+    import torch
+    from monai.data import MetaTensor
+
+    from medsight.data.volumes import _instantiate
+
+    data = {
+        "image": MetaTensor(
+            torch.from_numpy((mask.array.max(axis=0, keepdims=True) > 0).astype(np.float32)),
+            affine=torch.from_numpy(mask.affine),
+        )
+    }
+    for step in preprocess.transforms:
+        if step["_target_"] in _SPATIAL_STEPS:
+            data = _instantiate({**step, **_SPATIAL_STEPS[step["_target_"]]})(data)
+    return torch.as_tensor(data["image"]).numpy()[0] > 0.5
 
 
 def _benign_name(name: str) -> bool:
@@ -206,13 +271,15 @@ def _select_rows(table: pd.DataFrame, split: str | None, own: bool) -> tuple[pd.
     return table, "all"
 
 
-def _lesion_rows(rows: pd.DataFrame) -> tuple[list[tuple[int, np.ndarray]], int, int, list[str]]:
+def _lesion_rows(
+    rows: pd.DataFrame, dims: int = 2
+) -> tuple[list[tuple[int, Any]], int, int, list[str]]:
     """``[(row position, mask)]`` of images to score, the missing and empty mask counts, and
     the lesion classes (those with a non-empty mask somewhere, or unnamed-normal classes whose
     masks are all missing)."""
-    masks = [read_mask(v) for v in rows["mask"]]
+    masks = [read_mask(v, dims) for v in rows["mask"]]
     labels = rows["label"].astype(str).tolist()
-    lesion = {lab for lab, m in zip(labels, masks) if m is not None and m.any()}
+    lesion = {lab for lab, m in zip(labels, masks) if m is not None and _nonempty(m)}
     for lab in set(labels) - lesion:
         if not _benign_name(lab) and all(m is None for x, m in zip(labels, masks) if x == lab):
             lesion.add(lab)
@@ -222,7 +289,7 @@ def _lesion_rows(rows: pd.DataFrame) -> tuple[list[tuple[int, np.ndarray]], int,
             continue
         if m is None:
             missing += 1
-        elif not m.any():
+        elif not _nonempty(m):
             empty += 1
         else:
             scored.append((i, m))
@@ -230,8 +297,8 @@ def _lesion_rows(rows: pd.DataFrame) -> tuple[list[tuple[int, np.ndarray]], int,
 
 
 def _finding_rows(
-    rows: pd.DataFrame, findings: Sequence[str], where: Any
-) -> tuple[list[tuple[int, np.ndarray, int]], int, int]:
+    rows: pd.DataFrame, findings: Sequence[str], where: Any, dims: int = 2
+) -> tuple[list[tuple[int, Any, int]], int, int]:
     """``[(row position, mask, finding index)]``: each finding present in an image, with that
     finding's mask (column ``<finding>_mask_path``); the missing and empty mask counts."""
     from medsight.data.findings import positives
@@ -246,10 +313,10 @@ def _finding_rows(
     scored, missing, empty = [], 0, 0
     for k, column in columns.items():
         for i in np.flatnonzero(present[:, k]):
-            mask = read_mask(rows.iloc[i][column]) if column in rows.columns else None
+            mask = read_mask(rows.iloc[i][column], dims) if column in rows.columns else None
             if mask is None:
                 missing += 1
-            elif not mask.any():
+            elif not _nonempty(mask):
                 empty += 1
             else:
                 scored.append((int(i), mask, k))
@@ -265,12 +332,17 @@ def _check_mask_size(mask: np.ndarray, image_size: tuple[int, int], source: str)
     another aspect cannot say where the lesion is in the image and is refused."""
     if tuple(mask.shape) == tuple(image_size):
         return 0
-    (mh, mw), (ih, iw) = mask.shape, image_size
-    if abs((mh / mw) / (ih / iw) - 1.0) > ASPECT_TOLERANCE:
+    ratios = np.asarray(mask.shape, float) / np.asarray(image_size, float)
+    if np.ptp(ratios) / ratios.min() > ASPECT_TOLERANCE:
+        if len(image_size) == 3:
+            shown = ("×".join(map(str, mask.shape)), "×".join(map(str, image_size)), "voxels")
+        else:
+            shown = (f"{mask.shape[1]}×{mask.shape[0]}", f"{image_size[1]}×{image_size[0]}",
+                     "pixels")  # fmt: skip
         raise DataError(
-            f"the mask of {source} is {mw}×{mh} pixels but the image is {iw}×{ih}: the aspect"
-            " differs, so the mask cannot be placed on the image; give masks drawn on the"
-            " images themselves (same width and height)"
+            f"the mask of {source} is {shown[0]} {shown[2]} but the image is {shown[1]}: the"
+            " aspect differs, so the mask cannot be placed on the image; give masks drawn on"
+            " the images themselves (same size)"
         )
     return 1
 
@@ -350,6 +422,10 @@ def _applicable(model, methods: Sequence[str] | None) -> list[str]:
 
     if methods:
         return list(dict.fromkeys(check_method(m) for m in methods))
+    if getattr(model, "dims", 2) == 3:
+        from medsight.explain.cam import volume_methods
+
+        return volume_methods()
     return [m for m in METHODS if m != "attention" or token_blocks(model)]
 
 
@@ -417,6 +493,13 @@ def score_localisation(
     table = run.load_data(data)
     where = run.config.data.path if data is None else data
     multilabel = run.task == "multilabel"
+    dims = int(getattr(run.preprocess, "dims", 2))
+    if getattr(run.preprocess, "slices", None) is not None:
+        raise ConfigError(
+            f"{run.path} is a 2.5-D run (its input is {run.preprocess.slices} slices of a"
+            " volume as channels): its maps cover one slab, not the volume its masks cover;"
+            " score a 3-D run, or a 2-D run on slices with 2-D masks"
+        )
     if "mask" not in table.columns and not multilabel:
         raise DataError(
             f"{where} has no 'mask' column, so there is nothing to score the maps against;"
@@ -426,11 +509,11 @@ def score_localisation(
     rows, used_split = _select_rows(table, split, run.is_own_data(data))
     if multilabel:
         rows = rows[rows["label"].notna()].reset_index(drop=True)
-        scored, n_missing, n_empty = _finding_rows(rows, run.classes, where)
+        scored, n_missing, n_empty = _finding_rows(rows, run.classes, where, dims)
         lesion_classes = sorted({run.classes[k] for _, _, k in scored})
     else:
         rows = rows[rows["label"].astype(str).isin(run.classes)].reset_index(drop=True)
-        lesion_rows, n_missing, n_empty, lesion_classes = _lesion_rows(rows)
+        lesion_rows, n_missing, n_empty, lesion_classes = _lesion_rows(rows, dims)
         scored = [(i, m, run.classes.index(str(rows.iloc[i]["label"]))) for i, m in lesion_rows]
     if n_missing:
         warnings.warn(
@@ -453,11 +536,20 @@ def score_localisation(
     for position, mask, target in scored:
         row = rows.iloc[position]
         try:
-            image = decode(str(row["source"]), window=run.preprocess.window)
+            if dims == 3:
+                from medsight.data.volumes import read_volume
+
+                image = read_volume(str(row["source"]))
+            else:
+                image = decode(str(row["source"]), window=run.preprocess.window)
         except MedsightError:
             unreadable += 1
             continue
-        resized += _check_mask_size(mask, tuple(image.size), str(row["source"]))
+        if dims == 3:
+            resized += _check_mask_size(mask.array[0], tuple(image.shape), str(row["source"]))
+            mask = _volume_mask(run.preprocess, mask)
+        else:
+            resized += _check_mask_size(mask, tuple(image.size), str(row["source"]))
         xs.append(run.preprocess(image))
         masks.append(mask)
         targets.append(target)

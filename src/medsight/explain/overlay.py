@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from medsight.errors import DataError
 
-__all__ = ["COLORMAP", "MAX_ALPHA", "display_image", "overlay"]
+__all__ = ["COLORMAP", "MAX_ALPHA", "display_image", "overlay", "overlay_volume"]
 
 COLORMAP = "inferno"
 #: Opacity of the hottest pixels; 0.6 keeps the anatomy under the hot spot readable.
@@ -85,6 +85,77 @@ def overlay(display: np.ndarray, heatmap: np.ndarray, label: str | None = None) 
     if label:
         _write_label(image, str(label))
     return image
+
+
+def orthogonal_planes(volume: np.ndarray, at: tuple[int, int, int]) -> list[np.ndarray]:
+    """The axial, coronal and sagittal planes of an ``(X, Y, Z)`` array through voxel ``at``,
+    as displayed (RAS volumes: anterior and superior up, the patient's left on the right)."""
+    x, y, z = at
+    return [
+        np.flipud(volume[:, :, z].T),  # axial: X across, Y up
+        np.flipud(volume[:, y, :].T),  # coronal: X across, Z up
+        np.flipud(volume[x, :, :].T),  # sagittal: Y across, Z up
+    ]
+
+
+def overlay_volume(
+    volume: np.ndarray, heatmap: np.ndarray, label: str | None = None, side: int = 256
+) -> Image.Image:
+    """A 3-D heat-map over its volume on the three orthogonal planes through the map's
+    maximum (axial, coronal, sagittal, left to right), each enlarged to ``side`` pixels.
+
+    ``volume`` is ``(X, Y, Z)`` (or ``(C, X, Y, Z)``, first channel shown) in ``[0, 1]`` on
+    the map's grid (the run's preprocessed volume); ``heatmap`` is ``(X, Y, Z)``. ``label`` is
+    written on the first plane; each plane is named in its lower-left corner."""
+    array = np.asarray(volume, dtype=np.float32)
+    if array.ndim == 4:
+        array = array[0]
+    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
+    if heat.ndim != 3 or array.ndim != 3:
+        raise DataError(
+            f"overlay_volume needs an (X, Y, Z) volume and map, got {array.shape} and {heat.shape}"
+        )
+    if heat.shape != array.shape:
+        from scipy import ndimage
+
+        heat = ndimage.zoom(heat, [a / h for a, h in zip(array.shape, heat.shape)], order=1)
+    at = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    tiles = []
+    for name, plane, hot in zip(
+        ("axial", "coronal", "sagittal"), orthogonal_planes(array, at), orthogonal_planes(heat, at)
+    ):
+        h, w = plane.shape
+        scale = side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        display = np.asarray(
+            Image.fromarray((np.clip(plane, 0, 1) * 255).astype(np.uint8)).resize(
+                size, Image.Resampling.NEAREST
+            )
+        )
+        tile = overlay(display, hot)
+        _write_corner(tile, name)
+        tiles.append(tile)
+    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), side))
+    left = 0
+    for tile in tiles:
+        sheet.paste(tile, (left, (side - tile.height) // 2))
+        left += tile.width + 4
+    if label:
+        _write_label(sheet, str(label))
+    return sheet
+
+
+def _write_corner(image: Image.Image, text: str) -> None:
+    size = max(9, min(16, image.height // 18))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(image, "RGBA")
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    y = image.height - (bottom - top) - 6
+    draw.rectangle((0, y - 3, right - left + 6, image.height), fill=(0, 0, 0, 150))
+    draw.text((3 - left, y - top), text, fill=(255, 255, 255, 255), font=font)
 
 
 def _write_label(image: Image.Image, text: str) -> None:
