@@ -150,3 +150,27 @@ def test_untraceable_layer_is_named(run3d, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"in layer .*\(Conv3d\)"):
         export_bundle(run3d.path, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_cli_writes_the_bundle_with_the_model_cards_words(run3d, tmp_path):
+    from typer.testing import CliRunner
+
+    from medsight.cli import app
+    from medsight.evaluation.modelcard import NOT_FOR_DIAGNOSIS
+
+    runner = CliRunner()
+    out = tmp_path / "bundle"
+    args = ["export", str(run3d.path), "--format", "monai-bundle", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"wrote the MONAI Bundle {out}/" in result.output
+    assert NOT_FOR_DIAGNOSIS[1:] in (out / "docs" / "README.md").read_text()
+    again = runner.invoke(app, args)  # a previous bundle is replaced
+    assert again.exit_code == 0, again.output
+    missing = runner.invoke(app, args[:4])
+    assert missing.exit_code == 2 and "give it with --out DIR" in missing.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    refused = runner.invoke(app, [*args[:4], "--out", str(tmp_path / "other")])
+    assert refused.exit_code == 2 and "not a MONAI Bundle" in refused.output
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep"

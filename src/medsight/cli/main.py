@@ -1278,27 +1278,68 @@ def demo_command(
 class ExportFormat(str, Enum):
     onnx = "onnx"
     torchscript = "torchscript"
+    monai_bundle = "monai-bundle"
 
 
 @app.command("export")
 def export_command(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="onnx | torchscript")] = (
-        ExportFormat.onnx
-    ),
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", help="onnx | torchscript | monai-bundle")
+    ] = ExportFormat.onnx,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="With --format monai-bundle: the bundle folder to write."),
+    ] = None,
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: 17).")] = None,
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch/--static", help="Allow any batch size.")
     ] = True,
 ) -> None:
-    """Export a run's model (ONNX or TorchScript) next to its weights, checking parity."""
+    """Export a run's model (ONNX or TorchScript) next to its weights, checking parity; or a
+    3-D run as a MONAI Bundle (--format monai-bundle --out DIR) for MONAI's own tools."""
     from medsight.export import export_run
 
+    if fmt is ExportFormat.monai_bundle:
+        if out is None:
+            _error_line("--format monai-bundle writes a folder; give it with --out DIR")
+            raise typer.Exit(2)
+        if opset is not None:
+            _error_line("--opset applies to ONNX only; leave it out for a MONAI Bundle")
+            raise typer.Exit(2)
+        _export_bundle(run, out)
+        return
+    if out is not None:
+        _error_line(f"--out is for --format monai-bundle; {fmt.value} is written in the run")
+        raise typer.Exit(2)
     with _user_errors():
         result = export_run(run, format=fmt.value, opset=opset, dynamic_batch=dynamic_batch)
         console.print(
             f"wrote {result['path']} ({result['format']}); max |Δprobability| vs PyTorch "
             f"{result['max_abs_diff_prob']:.2e}"
+        )
+
+
+def _export_bundle(run: Path, out: Path) -> None:
+    from medsight.evaluation.modelcard import intended_use
+    from medsight.export import export_bundle
+    from medsight.runs import Run
+
+    with _user_errors():
+        loaded = Run.load(run)
+        result = export_bundle(loaded, out, intended_use=intended_use(loaded.classes))
+        console.print(
+            escape(
+                f"wrote the MONAI Bundle {result['path']}/ ({', '.join(result['files'])}); "
+                f"max |Δprobability| TorchScript vs PyTorch {result['max_abs_diff_prob']:.2e}"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            escape(f"run it with MONAI as {result['path']}/docs/README.md says"),
+            highlight=False,
+            soft_wrap=True,
         )
 
 
