@@ -623,9 +623,22 @@ def _print_problems(doc: dict, limit: int = 20) -> None:
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset into.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 1200,
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 64,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Number of images (default 1200; --3d: 120).")
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option("--size", help="Image side in pixels (default 64; --3d: 32 voxels)."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same files).")] = 0,
+    volumes: Annotated[
+        bool,
+        typer.Option(
+            "--3d",
+            help="NIfTI volumes (normal, or one spherical lesion with its mask volume) instead "
+            "of slices.",
+        ),
+    ] = False,
     multilabel: Annotated[
         bool,
         typer.Option(
@@ -662,12 +675,17 @@ def data_synth(
         write_phantom_dataset,
     )
 
-    if multilabel and detect:
-        _error_line("--multilabel and --detect draw different datasets; give one")
+    if sum((multilabel, detect, volumes)) > 1:
+        _error_line("--multilabel, --detect and --3d draw different datasets; give one")
         raise typer.Exit(2)
     if with_splits and not detect:
         _error_line("--splits fills the box CSV's split column; it goes with --detect")
         raise typer.Exit(2)
+    if volumes:
+        _data_synth_3d(out, 120 if n is None else n, 32 if size is None else size, seed)
+        return
+    n = 1200 if n is None else n
+    size = 64 if size is None else size
     if detect:
         write = partial(write_detection_phantoms, splits=with_splits)
     else:
@@ -683,6 +701,25 @@ def data_synth(
             what = f"boxes of {', '.join(DETECT_CLASSES)}, "
         console.print(
             f"wrote {n:,} images of {size}x{size} px ({what}with masks); manifest: {manifest}"
+        )
+
+
+def _data_synth_3d(out: Path, n: int, size: int, seed: int) -> None:
+    from medsight.data.synth import VOLUME_CLASSES, write_phantom_volumes
+
+    with _user_errors():
+        with _progress() as bar:
+            task = bar.add_task("drawing phantom volumes", total=n)
+            manifest = write_phantom_volumes(
+                out, n=n, size=size, seed=seed, progress=lambda k: bar.advance(task, k)
+            )
+        console.print(
+            escape(
+                f"wrote {n:,} volumes of {size}x{size}x{size} voxels (.nii.gz; "
+                f"{', '.join(VOLUME_CLASSES)}, a mask per lesion); manifest: {manifest}"
+            ),
+            highlight=False,
+            soft_wrap=True,
         )
 
 
