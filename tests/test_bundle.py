@@ -108,6 +108,49 @@ def test_monai_checks_the_networks_input_and_output_shapes(run3d, tmp_path):
     )
 
 
+def test_multilabel_bundle_applies_a_sigmoid_per_finding(tmp_path):
+    from tests.volumes import blob_volume
+
+    torch.set_num_threads(1)
+    rows = ["path,Finding Labels,patient_id"]
+    for i in range(16):
+        findings = [[], ["a"], ["b"], ["a", "b"]][i % 4]
+        write_nifti(tmp_path / "ml" / f"v{i}.nii.gz", blob_volume(i, 12, bool(findings)))
+        rows.append(f"v{i}.nii.gz,{'|'.join(findings) or 'No Finding'},p{i}")
+    (tmp_path / "ml" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    config = _config(tmp_path / "ml" / "manifest.csv", tmp_path / "run")
+    config.optim.batch_size = 4
+    config.task = "multilabel"
+    run = train(config, show_progress=False)
+    assert run.task == "multilabel" and run.dims == 3
+    export_bundle(run.path, tmp_path / "bundle")
+    config = json.loads((tmp_path / "bundle" / "configs" / "inference.json").read_text())
+    assert config["postprocessing"]["transforms"][-1]["sigmoid"] is True
+    files = [tmp_path / "ml" / f"v{i}.nii.gz" for i in (0, 1, 3)]
+    got = _run_bundle(tmp_path / "bundle", files, tmp_path / "eval")
+    expected = Predictor.from_run(run.path).predict_files(files)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_calibrated_runs_temperature_goes_into_the_bundle(run3d, tmp_path, npz3d):
+    import shutil
+
+    from medsight.runs import CALIBRATION
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(run3d.path, calibrated)
+    (calibrated / CALIBRATION).write_text('{"method": "temperature", "temperature": 3.0}')
+    volumes = npz_images(npz3d, "test")[:2].astype(np.float32)
+    files = [write_nifti(tmp_path / f"c{i}.nii.gz", v) for i, v in enumerate(volumes)]
+    export_bundle(calibrated, tmp_path / "bundle")
+    got = _run_bundle(tmp_path / "bundle", files, tmp_path / "eval")
+    expected = Predictor.from_run(calibrated).predict_files(files)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    uncalibrated = Predictor.from_run(run3d.path).predict_files(files)
+    assert np.abs(uncalibrated - expected).max() > 1e-3  # the temperature did change them
+    assert "calibrated by temperature scaling" in (tmp_path / "bundle/docs/README.md").read_text()
+
+
 def test_2d_run_is_refused_in_one_line(tmp_path):
     from tests.conftest import make_class_folders
 
