@@ -108,6 +108,27 @@ def test_monai_checks_the_networks_input_and_output_shapes(run3d, tmp_path):
     )
 
 
+def test_resampled_ct_run_bundle_reads_nifti_geometry_as_medsight_does(tmp_path):
+    from tests.volumes import blob_volume
+
+    torch.set_num_threads(1)
+    for label in ("normal", "lesion"):
+        for i in range(4):
+            volume = blob_volume(i + (50 if label == "lesion" else 0), 12, label == "lesion")
+            spacing = (0.9, 1.1, 2.0) if i % 2 else (1.2, 1.2, 1.5)  # resampled differently
+            write_nifti(tmp_path / "nii" / label / f"c{i}.nii.gz", volume, spacing=spacing)
+    config = _config(tmp_path / "nii", tmp_path / "run", spacing=(1.5, 1.5, 1.5))
+    config.data.intensity = "ct-soft-tissue"
+    config.optim.batch_size = 4
+    run = train(config, show_progress=False)
+    steps = [t["_target_"] for t in run.preprocess.transforms]
+    assert steps == ["Orientationd", "Spacingd", "ScaleIntensityRanged", "ResizeWithPadOrCropd"]
+    export_bundle(run.path, tmp_path / "bundle")
+    files = [tmp_path / "nii" / "lesion" / "c1.nii.gz", tmp_path / "nii" / "normal" / "c2.nii.gz"]
+    got = _run_bundle(tmp_path / "bundle", files, tmp_path / "eval")
+    np.testing.assert_allclose(got, Predictor.from_run(run.path).predict_files(files), atol=1e-4)
+
+
 def test_multilabel_bundle_applies_a_sigmoid_per_finding(tmp_path):
     from tests.volumes import blob_volume
 

@@ -449,7 +449,7 @@ def export_bundle(
                 f"{out}: the traced network does not predict like torch (largest probability "
                 f"difference {diff:.2e} ≥ {PARITY_TOLERANCE:.0e}); nothing was written"
             )
-        metadata = bundle_metadata(loaded, version=version)
+        metadata = bundle_metadata(loaded, version=version, intended_use=intended_use)
         (staging / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         config = bundle_inference_config(loaded)
         (staging / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -596,10 +596,13 @@ def bundle_inference_config(run: Run) -> dict[str, Any]:
     }
 
 
-def bundle_metadata(run: Run, *, version: str = BUNDLE_VERSION) -> dict[str, Any]:
+def bundle_metadata(
+    run: Run, *, version: str = BUNDLE_VERSION, intended_use: str | None = None
+) -> dict[str, Any]:
     """The MONAI Bundle ``metadata.json`` of a 3-D run: versions, task, the input ``image``
     (channels, spatial shape, value range after normalisation) and the output ``pred`` (one
-    probability per class, named in ``channel_def``)."""
+    probability per class, named in ``channel_def``); ``intended_use`` as the model card words
+    it (default: research and teaching only, not for diagnosis)."""
     import json
 
     import monai
@@ -617,7 +620,8 @@ def bundle_metadata(run: Run, *, version: str = BUNDLE_VERSION) -> dict[str, Any
     kind = "multi-label findings" if run.task == "multilabel" else "classes"
     activation = BUNDLE_ACTIVATIONS[run.task]
     description = (
-        f"medsight {run.model_config.get('name', 'network')} for 3-D {run.task} of volumes into "
+        f"medsight {run.model_config.get('name', 'network')} for 3-D {_task_words(run)} of "
+        "volumes into "
         f"{kind} {', '.join(classes)}; input {'x'.join(map(str, prep.size))} voxels after the "
         f"run's preprocessing; output {activation} probabilities."
     )
@@ -635,8 +639,7 @@ def bundle_metadata(run: Run, *, version: str = BUNDLE_VERSION) -> dict[str, Any
         "numpy_version": np.__version__,
         "required_packages_version": {"nibabel": _version("nibabel")},
         "name": f"medsight {run.path.name}",
-        "task": f"3-D {'multi-label ' if run.task == 'multilabel' else ''}classification "
-        f"({', '.join(classes)})",
+        "task": f"3-D {_task_words(run)} ({', '.join(classes)})",
         "description": description,
         "authors": "medsight (exported from a medsight training run)",
         "copyright": "The authors of the training run; see docs/README.md",
@@ -648,7 +651,8 @@ def bundle_metadata(run: Run, *, version: str = BUNDLE_VERSION) -> dict[str, Any
         "label_classes": json.dumps(classes),
         "pred_classes": json.dumps(classes),
         "eval_metrics": eval_metrics,
-        "intended_use": "Research and teaching only; not for diagnosis. See docs/README.md.",
+        "intended_use": intended_use
+        or "Research and teaching only; not for diagnosis. See docs/README.md.",
         "references": [],
         "medsight_versions": versions if isinstance(versions, dict) else {},
         "network_data_format": {
@@ -680,6 +684,10 @@ def bundle_metadata(run: Run, *, version: str = BUNDLE_VERSION) -> dict[str, Any
             },
         },
     }
+
+
+def _task_words(run: Run) -> str:
+    return "multi-label classification" if run.task == "multilabel" else "classification"
 
 
 def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
@@ -719,7 +727,7 @@ def _bundle_readme(run: Run, intended_use: str | None) -> str:
     lines = [
         f"# medsight {run.path.name} (MONAI Bundle)",
         "",
-        f"3-D {run.task} of volumes into: {', '.join(classes)}. Network "
+        f"3-D {_task_words(run)} of volumes into: {', '.join(classes)}. Network "
         f"`{run.model_config.get('name', '?')}`, exported by medsight as TorchScript "
         "(`models/model.ts`).",
         "",
