@@ -721,6 +721,10 @@ def _data_synth_3d(out: Path, n: int, size: int, seed: int) -> None:
             highlight=False,
             soft_wrap=True,
         )
+        console.print(
+            "voxels are Hounsfield-like units: train with --intensity ct-soft-tissue",
+            highlight=False,
+        )
 
 
 # --------------------------------------------------------------------------- data split
