@@ -623,9 +623,22 @@ def _print_problems(doc: dict, limit: int = 20) -> None:
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset into.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 1200,
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 64,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Number of images (default 1200; --3d: 120).")
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option("--size", help="Image side in pixels (default 64; --3d: 32 voxels)."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same files).")] = 0,
+    volumes: Annotated[
+        bool,
+        typer.Option(
+            "--3d",
+            help="NIfTI volumes (normal, or one spherical lesion with its mask volume) instead "
+            "of slices.",
+        ),
+    ] = False,
     multilabel: Annotated[
         bool,
         typer.Option(
@@ -662,12 +675,17 @@ def data_synth(
         write_phantom_dataset,
     )
 
-    if multilabel and detect:
-        _error_line("--multilabel and --detect draw different datasets; give one")
+    if sum((multilabel, detect, volumes)) > 1:
+        _error_line("--multilabel, --detect and --3d draw different datasets; give one")
         raise typer.Exit(2)
     if with_splits and not detect:
         _error_line("--splits fills the box CSV's split column; it goes with --detect")
         raise typer.Exit(2)
+    if volumes:
+        _data_synth_3d(out, 120 if n is None else n, 32 if size is None else size, seed)
+        return
+    n = 1200 if n is None else n
+    size = 64 if size is None else size
     if detect:
         write = partial(write_detection_phantoms, splits=with_splits)
     else:
@@ -683,6 +701,29 @@ def data_synth(
             what = f"boxes of {', '.join(DETECT_CLASSES)}, "
         console.print(
             f"wrote {n:,} images of {size}x{size} px ({what}with masks); manifest: {manifest}"
+        )
+
+
+def _data_synth_3d(out: Path, n: int, size: int, seed: int) -> None:
+    from medsight.data.synth import VOLUME_CLASSES, write_phantom_volumes
+
+    with _user_errors():
+        with _progress() as bar:
+            task = bar.add_task("drawing phantom volumes", total=n)
+            manifest = write_phantom_volumes(
+                out, n=n, size=size, seed=seed, progress=lambda k: bar.advance(task, k)
+            )
+        console.print(
+            escape(
+                f"wrote {n:,} volumes of {size}x{size}x{size} voxels (.nii.gz; "
+                f"{', '.join(VOLUME_CLASSES)}, a mask per lesion); manifest: {manifest}"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            "voxels are Hounsfield-like units: train with --intensity ct-soft-tissue",
+            highlight=False,
         )
 
 
@@ -1278,27 +1319,68 @@ def demo_command(
 class ExportFormat(str, Enum):
     onnx = "onnx"
     torchscript = "torchscript"
+    monai_bundle = "monai-bundle"
 
 
 @app.command("export")
 def export_command(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="onnx | torchscript")] = (
-        ExportFormat.onnx
-    ),
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", help="onnx | torchscript | monai-bundle")
+    ] = ExportFormat.onnx,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="With --format monai-bundle: the bundle folder to write."),
+    ] = None,
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: 17).")] = None,
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch/--static", help="Allow any batch size.")
     ] = True,
 ) -> None:
-    """Export a run's model (ONNX or TorchScript) next to its weights, checking parity."""
+    """Export a run's model (ONNX or TorchScript) next to its weights, checking parity; or a
+    3-D run as a MONAI Bundle (--format monai-bundle --out DIR) for MONAI's own tools."""
     from medsight.export import export_run
 
+    if fmt is ExportFormat.monai_bundle:
+        if out is None:
+            _error_line("--format monai-bundle writes a folder; give it with --out DIR")
+            raise typer.Exit(2)
+        if opset is not None:
+            _error_line("--opset applies to ONNX only; leave it out for a MONAI Bundle")
+            raise typer.Exit(2)
+        _export_bundle(run, out)
+        return
+    if out is not None:
+        _error_line(f"--out is for --format monai-bundle; {fmt.value} is written in the run")
+        raise typer.Exit(2)
     with _user_errors():
         result = export_run(run, format=fmt.value, opset=opset, dynamic_batch=dynamic_batch)
         console.print(
             f"wrote {result['path']} ({result['format']}); max |Δprobability| vs PyTorch "
             f"{result['max_abs_diff_prob']:.2e}"
+        )
+
+
+def _export_bundle(run: Path, out: Path) -> None:
+    from medsight.evaluation.modelcard import intended_use
+    from medsight.export import export_bundle
+    from medsight.runs import Run
+
+    with _user_errors():
+        loaded = Run.load(run)
+        result = export_bundle(loaded, out, intended_use=intended_use(loaded.classes))
+        console.print(
+            escape(
+                f"wrote the MONAI Bundle {result['path']}/ ({', '.join(result['files'])}); "
+                f"max |Δprobability| TorchScript vs PyTorch {result['max_abs_diff_prob']:.2e}"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            escape(f"run it with MONAI as {result['path']}/docs/README.md says"),
+            highlight=False,
+            soft_wrap=True,
         )
 
 

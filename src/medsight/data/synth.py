@@ -13,6 +13,10 @@ or several (up to three) separate lesions per slice, each a bright smooth ``nodu
 ``cyst`` with a bright wall, at least about 6 px across at 64 px, and a box CSV (one row per
 box, tight on the lesion's mask) that :func:`medsight.data.sources.load_samples` reads as a
 detection table.
+
+:func:`write_phantom_volumes` draws the 3-D variant: NIfTI volumes of a soft ellipsoid body and
+organ with noise, half of them with one bright spherical lesion in the organ, a lesion mask
+volume per lesion volume, and the same manifest columns (read as a 3-D table).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from medsight.errors import ConfigError
 CLASSES: tuple[str, ...] = ("normal", "benign", "malignant")
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "mask", "sex", "age", "site")
+
+#: The classes of the 3-D phantoms: no lesion, or one spherical lesion in the organ.
+VOLUME_CLASSES: tuple[str, ...] = ("normal", "lesion")
 
 #: The findings of the multi-label phantoms, in their order.
 FINDINGS: tuple[str, ...] = ("nodule", "cyst", "calcification")
@@ -405,7 +412,13 @@ def _check_out(out: Path) -> None:
         with manifest.open(newline="") as f:
             header = f.readline().strip()
     headers = {",".join(c) for c in (MANIFEST_COLUMNS, MULTILABEL_COLUMNS, DETECT_COLUMNS)}
-    if header not in headers or not entries <= {*CLASSES, _IMAGES, "masks", "manifest.csv"}:
+    if header not in headers or not entries <= {
+        *CLASSES,
+        *VOLUME_CLASSES,
+        _IMAGES,
+        "masks",
+        "manifest.csv",
+    }:
         raise ConfigError(
             f"out={str(out)!r} is a non-empty folder that is not a phantom dataset; "
             "give an empty or new folder"
@@ -414,7 +427,7 @@ def _check_out(out: Path) -> None:
 
 def _clear(out: Path) -> None:
     """Remove a previous phantom dataset's folders (either kind), so no stale file is left."""
-    for name in (*CLASSES, _IMAGES, "masks"):
+    for name in (*CLASSES, *VOLUME_CLASSES, _IMAGES, "masks"):
         if (out / name).exists():
             shutil.rmtree(out / name)
 
@@ -865,3 +878,146 @@ def _detection_splits(patients: int) -> list[str]:
         out += [name] * (stop - start)
         start = stop
     return out
+
+
+# --------------------------------------------------------------------------- 3-D
+
+
+#: The 3-D manifest: the 2-D one's columns; ``mask`` is empty for a volume without a lesion.
+VOLUME_COLUMNS: tuple[str, ...] = MANIFEST_COLUMNS
+_VOLUME_SIZE_RANGE = (8, 256)
+_VOLUME_MIN_N = 8
+#: Field of view of a phantom volume, in mm along each axis (the voxel spacing is FOV / size).
+_VOLUME_FOV_MM = 64.0
+# Intensities in Hounsfield-like units: air, body (soft tissue), organ, lesion contrast range.
+_AIR_HU, _BODY_HU, _ORGAN_HU = -1000.0, 40.0, 100.0
+_LESION_CONTRAST_HU = (120.0, 180.0)
+# Lesion radius in volume units ([-1, 1] across the volume): 2.4-3.5 voxels at 32³.
+_LESION_RADIUS_3D = (0.15, 0.22)
+
+
+def _soft_inside(rho: np.ndarray, edge: float) -> np.ndarray:
+    """1 well inside (``rho`` < 1), 0 well outside, a logistic ramp ``edge`` wide between."""
+    return 1.0 / (1.0 + np.exp(np.clip((rho - 1.0) / edge, -50.0, 50.0)))
+
+
+def make_phantom_volume(
+    rng: np.random.Generator, size: int, lesion: bool, site: str = "site_a"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom volume ``(size, size, size)`` in Hounsfield-like units (int16) and its
+    lesion mask (uint8 0/1, all zeros without ``lesion``).
+
+    A soft-edged ellipsoid body (40) holds a soft-edged ellipsoid organ (100); ``lesion`` adds
+    one bright sphere (+120 to +180) inside the organ, whose voxels above half its contrast are
+    the mask. The site's scanner sets the noise and gain (as in the 2-D phantoms).
+
+    >>> volume, mask = make_phantom_volume(np.random.default_rng(0), 16, lesion=True)
+    >>> volume.shape, int(mask.sum()) > 0
+    ((16, 16, 16), True)
+    """
+    axis = (np.arange(size, dtype=np.float64) + 0.5) / size * 2.0 - 1.0
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"))
+    voxel = 2.0 / size  # one voxel in volume units
+
+    def rho(centre, axes) -> np.ndarray:
+        c = np.asarray(centre)[:, None, None, None]
+        a = np.asarray(axes)[:, None, None, None]
+        return np.sqrt((((grid - c) / a) ** 2).sum(0))
+
+    body_centre = rng.uniform(-0.05, 0.05, 3)
+    body_axes = np.array([0.82, 0.68, 0.86]) * rng.uniform(0.92, 1.04, 3)
+    organ_centre = body_centre + np.array([0.15, 0.05, 0.0]) + rng.uniform(-0.06, 0.06, 3)
+    organ_axes = np.array([0.42, 0.34, 0.46]) * rng.uniform(0.88, 1.1, 3)
+    body = _soft_inside(rho(body_centre, body_axes), 0.04)
+    organ = _soft_inside(rho(organ_centre, organ_axes), 0.06)
+    noise, gain, _ = _SITES[site]
+    volume = _AIR_HU + body * (_BODY_HU - _AIR_HU) + organ * (_ORGAN_HU - _BODY_HU) * gain
+    mask = np.zeros((size,) * 3, dtype=np.uint8)
+    if lesion:
+        radius = rng.uniform(*_LESION_RADIUS_3D)
+        # a point in the inner half of the organ (direction uniform, depth by cube root)
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        centre = organ_centre + direction * organ_axes * 0.5 * rng.uniform() ** (1 / 3)
+        distance = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+        core = _soft_inside(distance / radius, 0.5 * voxel / radius)
+        volume = volume + core * rng.uniform(*_LESION_CONTRAST_HU) * gain
+        mask = (core > 0.5).astype(np.uint8)
+        if not mask.any():  # a lesion is never maskless, however coarse the grid
+            mask[np.unravel_index(int(np.argmin(distance)), distance.shape)] = 1
+    # scanner noise: white noise plus a slow intensity drift across the volume
+    drift = (grid * rng.normal(0.0, 6.0, 3)[:, None, None, None]).sum(0)
+    volume = volume + drift + rng.normal(0.0, noise * 300.0, volume.shape)
+    return np.rint(volume).clip(-1024, 3071).astype(np.int16), mask
+
+
+def write_phantom_volumes(
+    out: str | Path,
+    n: int = 120,
+    size: int = 32,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write ``n`` phantom volumes (NIfTI ``.nii.gz``), a lesion mask per lesion volume and
+    ``manifest.csv`` under ``out``: the 3-D embedded dataset.
+
+    Layout: ``<class>/<patient>.nii.gz`` (classes :data:`VOLUME_CLASSES`, half of the volumes
+    each), ``masks/lesion/<patient>.nii.gz`` (uint8 0/1, same shape and affine) and
+    ``manifest.csv`` with columns ``path,label,patient_id,mask,sex,age,site`` (paths relative
+    to ``out``; ``mask`` empty for normal volumes); one volume per patient. Volumes are int16
+    Hounsfield-like units, ``size``³ voxels over a 64 mm field of view (spacing ``64 / size``
+    mm, RAS axes). The same ``(n, size, seed)`` gives byte-identical files. A previous phantom
+    dataset in ``out`` is replaced; any other non-empty folder is refused. ``progress(1)`` is
+    called after each volume.
+
+    Example:
+        >>> manifest = write_phantom_volumes("phantom3d", n=60, size=32)   # doctest: +SKIP
+    """
+    import nibabel as nib
+
+    _check_volume_arguments(n, size, seed)
+    out = Path(out)
+    _check_out(out)
+    _clear(out)
+    for name in VOLUME_CLASSES:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    (out / "masks" / "lesion").mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.csv"
+    _write_manifest(manifest, [])  # the header first, as the 2-D phantoms do
+
+    rng = np.random.default_rng(seed)
+    labels = np.array(["normal"] * (n - n // 2) + ["lesion"] * (n // 2))[rng.permutation(n)]
+    spacing = _VOLUME_FOV_MM / size
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -_VOLUME_FOV_MM / 2 + spacing / 2  # centred on the world origin
+    rows = []
+    for number, label in enumerate(labels, start=1):
+        patient_id = f"P{number:04d}"
+        site = str(rng.choice(list(_SITES), p=_SITE_SHARE))
+        sex = "F" if rng.random() < 0.5 else "M"
+        age = int(np.clip(np.rint(rng.normal(56, 15)), 20, 90))
+        volume, mask = make_phantom_volume(rng, size, label == "lesion", site)
+        name = f"{patient_id}.nii.gz"
+        nib.save(nib.Nifti1Image(volume, affine), str(out / label / name))
+        mask_path = ""
+        if label == "lesion":
+            mask_path = f"masks/lesion/{name}"
+            nib.save(nib.Nifti1Image(mask, affine), str(out / mask_path))
+        rows.append((f"{label}/{name}", label, patient_id, mask_path, sex, age, site))
+        if progress is not None:
+            progress(1)
+    _write_manifest(manifest, rows)
+    return manifest
+
+
+def _check_volume_arguments(n, size: int, seed) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < _VOLUME_MIN_N:
+        raise ConfigError(
+            f"n={n!r} is not allowed; use an integer of at least {_VOLUME_MIN_N} "
+            "(enough volumes for two classes and train/val/test splits)"
+        )
+    lo, hi = _VOLUME_SIZE_RANGE
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not lo <= size <= hi:
+        raise ConfigError(f"size={size!r} is out of range; use an integer from {lo} to {hi}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed={seed!r} is not allowed; use a non-negative integer")
