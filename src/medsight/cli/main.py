@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -1897,6 +1898,16 @@ def explain_command(
         console.print(f"wrote {len(records)} explanation(s) to {out / EXPLANATIONS}")
 
 
+def _short_layer(layer: str) -> str:
+    """A layer for a narrow table: ``backbone.`` dropped, fused stages as a range
+    (``stage1–3``) when they are numbered alike, else joined by ``+``."""
+    parts = [part.replace("backbone.", "") for part in layer.split(",") if part]
+    numbered = [re.fullmatch(r"(.*?)(\d+)", part) for part in parts]
+    if len(parts) > 1 and all(numbered) and len({m.group(1) for m in numbered}) == 1:
+        return f"{numbered[0].group(1)}{numbered[0].group(2)}–{numbered[-1].group(2)}"
+    return " + ".join(parts)
+
+
 def _print_localisation(result: dict) -> None:
     faith, sanity = result.get("faithfulness") or {}, result.get("sanity") or {}
     from rich import box
@@ -1910,7 +1921,15 @@ def _print_localisation(result: dict) -> None:
     if faith:
         columns += ["del ↓", "ins ↑", "rand ρ"]
     for column in (*columns, "s/img"):
-        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+        # Method and layer names wrap; the figures never do (a cut figure reads as another).
+        wraps = column in ("method", "layer")
+        table.add_column(
+            column,
+            justify="left" if wraps else "right",
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            min_width={"method": 9, "layer": 9}.get(column, len(column)),
+        )
     for name, entry in result["methods"].items():
         entries = [entry[k] for k in ("pointing_game", "box_iou", "energy_in_mask")]
         if faith:
@@ -1918,10 +1937,12 @@ def _print_localisation(result: dict) -> None:
             entries += [f.get("deletion_auc"), f.get("insertion_auc")]
             entries.append((sanity.get(name) or {}).get("spearman"))
         cells = [_value_ci(e or {})[0] for e in entries]  # the CIs are in the JSON
+        if faith and isinstance(entries[-1], dict) and entries[-1].get("value") is not None:
+            cells[-1] = f"{entries[-1]['value']:.2f}"
         passes = (sanity.get(name) or {}).get("passes")
         shown = name + (" *" if name == result.get("best_method") else "")
         shown += " (fails sanity)" if passes is False else ""
-        layer = str(entry.get("layer") or "").replace("backbone.", "")
+        layer = _short_layer(str(entry.get("layer") or ""))
         table.add_row(shown, layer, *(str(c) for c in cells), f"{entry['seconds_per_image']:.3f}")
     console.print(table)
     console.print(

@@ -349,13 +349,15 @@ def _check_mask_size(mask: np.ndarray, image_size: tuple[int, int], source: str)
 
 def _layers_to_try(model, method: str, layer: str | None, search: bool) -> list[str | None]:
     """The target layers to score ``method`` on: ``layer`` (None: the default), and with
-    ``search`` for a CAM method also the last stage alone, the stage before it, and the last
-    stages fused (pytorch-grad-cam averages their maps): a coarse last stage often misses small
-    lesions that finer stages see (benchmarks/README.md, multi-label phantoms)."""
+    ``search`` for a CAM method but Score-CAM also the last stage alone, the stage before it,
+    and the last stages fused (pytorch-grad-cam averages their maps): a coarse last stage often
+    misses small lesions that finer stages see (benchmarks/README.md, multi-label phantoms)."""
     from medsight.explain.cam import default_layer, fused_stages
 
     chosen = _layer_for(model, method, layer)
-    if not search or layer is not None or method in ("ig", "attention"):
+    # Score-CAM costs one forward pass per channel of its layer (about 100 times Grad-CAM):
+    # searching its layers too made `explain --masks` an hour on a 2-core CPU.
+    if not search or layer is not None or method in ("ig", "attention", "scorecam"):
         return [chosen]
     fused = fused_stages(model)
     if fused is None:
