@@ -363,7 +363,13 @@ def _layers_to_try(model, method: str, layer: str | None, search: bool) -> list[
     if fused is None:
         return [chosen]
     stages = fused.split(",")
-    return list(dict.fromkeys([default_layer(model, method), stages[-1], stages[-2], fused]))
+    layers = [default_layer(model, method), stages[-1], stages[-2], fused]
+    if getattr(model, "dims", 2) == 3:
+        # A 3-D network's late stages are 4 voxels a side at 32³: coarser than lesions a few
+        # voxels across. Its first two stages (16³, 8³) and their fusion are tried too.
+        early = [f"backbone.{n}" for n in model.stage_outputs()[:2] if n is not None]
+        layers += [*early, ",".join(early)] if len(early) == 2 else early
+    return list(dict.fromkeys(layers))
 
 
 def _score_method(
