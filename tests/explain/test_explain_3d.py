@@ -120,11 +120,12 @@ def test_a_volume_is_explained_as_a_volume_and_shown_on_three_planes(volume_run,
     records = explain_files(run, [data.parent / "lesion_0.nii.gz"], tmp_path / "why",
                             note=notes.append)  # fmt: skip
     record = records[0]
-    assert record["layer"] == "backbone.stage1,backbone.stage2,backbone.stage3"
+    # never scored against masks: a volume's default is Grad-CAM++ on the first stage
+    assert (record["method"], record["layer"]) == ("gradcam++", "backbone.stem")
     assert record["chosen_by"] == "default" and "no maps scored" in notes[0]
     heatmap = np.load(tmp_path / "why" / record["map"])
     assert heatmap.shape == (SIZE,) * 3 and float(heatmap.max()) == pytest.approx(1.0)
-    assert record["overlay"] == "lesion_0_gradcam.png"
+    assert record["overlay"] == "lesion_0_gradcam++.png"
     with Image.open(tmp_path / "why" / record["overlay"]) as picture:
         assert picture.size == (3 * 256 + 8, 256)  # axial, coronal, sagittal side by side
     with pytest.raises(DataError, match="cannot be explained.*NIfTI volume"):

@@ -59,6 +59,10 @@ CAM_METHODS: dict[str, str] = {
 }
 #: Every method :class:`Explainer` knows, in the order tables list them.
 METHODS: tuple[str, ...] = (*CAM_METHODS, "ig", "attention")
+#: What ``auto`` uses on a 3-D run not scored against masks, on the network's first stage:
+#: the late stages of a 3-D network are a few voxels a side, and plain Grad-CAM scored 0 on the
+#: 3-D phantom at every layer (benchmarks/README.md, "The default maps, before → after").
+VOLUME_DEFAULT_METHOD = "gradcam++"
 #: Convolutions whose maps the CAM family can weight (images and volumes).
 _CONVS = (nn.Conv2d, nn.Conv3d)
 #: What ``method="auto"`` uses on a run not scored against masks (with its default layer).
@@ -126,6 +130,13 @@ def rank_key(scores: dict | None) -> tuple[float, float]:
         float((scores.get(m) or {}).get("value") or -1.0)
         for m in ("pointing_game", "energy_in_mask")
     )
+
+
+def _first_stage(model: nn.Module) -> str | None:
+    """The first stage of a network with a module of its own (None: the default layer)."""
+    outputs = getattr(model, "stage_outputs", lambda: [])()
+    first = next((name for name in outputs if name is not None), None)
+    return f"backbone.{first}" if first else None
 
 
 def _scored_layer(run_path: Path, method: str) -> str | None:
@@ -385,8 +396,10 @@ class Explainer:
         on ``device`` (:func:`medsight.devices.resolve_device`).
 
         ``method="auto"`` takes the best method recorded in ``RUN/localisation.json`` (highest
-        pointing game), with the layer it was scored on, when the run has been scored, else
-        ``"gradcam"``.
+        pointing game among maps passing the sanity check), with the layer it was scored on,
+        when the run has been scored; else :data:`DEFAULT_METHOD` on its default layer (fused
+        stages), or for a 3-D run :data:`VOLUME_DEFAULT_METHOD` on the first stage.
+        ``chosen_by`` and :attr:`choice` say which.
         """
         from medsight.runs import Run
 
@@ -401,10 +414,13 @@ class Explainer:
                 name = DEFAULT_METHOD  # a layer was asked for: keep a method that uses one
             elif layer is None:
                 layer = _scored_layer(run.path, name)
+        model = run.load_model()
+        if chosen_by == "default" and layer is None and run.dims == 3:
+            name, layer = VOLUME_DEFAULT_METHOD, _first_stage(model)
         from medsight.devices import resolve_device
 
         explainer = cls(
-            run.load_model().to(resolve_device(device)),
+            model.to(resolve_device(device)),
             name,
             layer,
             classes=run.classes,
