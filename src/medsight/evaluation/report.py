@@ -1049,6 +1049,12 @@ def _layer_label(layer: str | None) -> str:
     return " + ".join(part.removeprefix("backbone.") for part in str(layer or "").split(","))
 
 
+def _rounded(value: Any, digits: int) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return round(float(value), digits) + 0.0 if isinstance(value, (int, float)) else value
+
+
 def _explanation_table(scores: dict) -> list[dict]:
     from medsight.explain.faithfulness import passes_sanity
 
@@ -1057,7 +1063,10 @@ def _explanation_table(scores: dict) -> list[dict]:
         cells = []
         for key, _, where, digits in EXPLAIN_COLUMNS:
             block = entry if where == "methods" else (scores.get(where) or {}).get(method) or {}
-            cells.append(_cell(block.get(key), digits))
+            value = block.get(key)
+            if key == "spearman" and isinstance(value, dict):  # a signed ρ: 0.00, not 6e-05
+                value = {k: _rounded(v, digits) for k, v in value.items()}
+            cells.append(_cell(value, digits))
         seconds = entry.get("seconds_per_image")
         sanity = (scores.get("sanity") or {}).get(method)
         rows.append(
