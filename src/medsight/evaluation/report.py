@@ -563,8 +563,8 @@ def _epochs_text(value: float) -> str:
 
 
 def _best_row(history: pd.DataFrame, monitor: str) -> int | None:
-    """The position of the validation whose weights were saved: the first best score, as the
-    trainer keeps it."""
+    """The position of the validation whose weights were saved, as the trainer keeps it: the
+    first best score, or among equal best scores the lowest validation loss."""
     if history.empty or "epoch" not in history:
         return None
     if monitor == "loss" and "val_loss" in history:
@@ -577,7 +577,12 @@ def _best_row(history: pd.DataFrame, monitor: str) -> int | None:
         return None
     if score.isna().all():
         return None
-    return int(np.nanargmax(score.to_numpy(dtype=float)))
+    values = score.to_numpy(dtype=float)
+    best = np.flatnonzero(values == np.nanmax(values))
+    if len(best) > 1 and "val_loss" in history:  # a tie: the trainer keeps the lower loss
+        loss = history["val_loss"].to_numpy(dtype=float)[best]
+        return int(best[np.argmin(np.where(np.isfinite(loss), loss, np.inf))])
+    return int(best[0])
 
 
 def _best_epoch(history: pd.DataFrame, monitor: str) -> float | None:
@@ -1082,6 +1087,22 @@ def _explanation_table(scores: dict) -> list[dict]:
     return rows
 
 
+def _explained_volume(explainer, source: str, target: int) -> str:
+    """A 3-D map over its (preprocessed) volume on the three planes through its maximum."""
+    from PIL import Image
+
+    from medsight.data.volumes import read_volume
+    from medsight.explain.overlay import overlay_volume
+
+    volume = read_volume(source)
+    heatmap = explainer.explain(explainer.preprocess(volume)[None], target=target)
+    image = overlay_volume(explainer.preprocess.prepare(volume), heatmap, side=THUMBNAIL_SIDE)
+    image.thumbnail((3 * THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _explained_thumbnail(explainer, source: str, mask_source, target: int, window) -> str:
     from PIL import Image, ImageDraw
 
@@ -1089,6 +1110,9 @@ def _explained_thumbnail(explainer, source: str, mask_source, target: int, windo
     from medsight.explain.localisation import box_from_map, mask_box, read_mask
     from medsight.explain.overlay import display_image, overlay
 
+    prep = explainer.preprocess
+    if getattr(prep, "dims", 2) == 3 and getattr(prep, "slices", None) is None:
+        return _explained_volume(explainer, source, target)
     picture = decode(source, window=window)
     heatmap = explainer.explain(explainer.preprocess(picture)[None], target=target)
     shown = display_image(picture.pixels, min_side=THUMBNAIL_SIDE)
