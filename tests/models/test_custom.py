@@ -198,9 +198,10 @@ def test_medcnn_lite_cam_layers_resolve_and_map_a_28_px_image():
     model = create_model("medcnn_lite", 2, in_chans=1, attention="diff").eval()
     assert model.cam_layer() is model.backbone.stage3
     image = np.random.default_rng(0).normal(size=(1, 1, 28, 28)).astype(np.float32)
-    with Explainer(model, "gradcam") as explainer:
-        assert explainer.layer == "backbone.stage3"
+    with Explainer(model, "gradcam") as explainer:  # fused over the stages after the stem
+        assert explainer.layer == "backbone.stage1,backbone.stage2,backbone.stage3"
         heatmap = explainer.explain(image)
+    assert Explainer(model, "gradcam++").layer == "backbone.stage3"
     assert heatmap.shape == (28, 28) and heatmap.max() == pytest.approx(1.0)
     assert Explainer(model, "attention").layer == "head.pool"  # the attention-pooling head
     averaged = create_model("medcnn_lite", 2, in_chans=1, attention="diff", pool="avg")
