@@ -238,3 +238,11 @@ def test_cli_writes_the_bundle_with_the_model_cards_words(run3d, tmp_path):
     refused = runner.invoke(app, [*args[:4], "--out", str(tmp_path / "other")])
     assert refused.exit_code == 2 and "not a MONAI Bundle" in refused.output
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep"
+
+
+def test_export_run_points_a_bundle_to_export_bundle(run3d):
+    from medsight.errors import ConfigError
+    from medsight.export import export_run
+
+    with pytest.raises(ConfigError, match=r"export_bundle\(run, out\).*--format monai-bundle"):
+        export_run(run3d.path if hasattr(run3d, "path") else run3d, format="monai-bundle")

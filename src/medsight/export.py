@@ -94,6 +94,11 @@ def export_run(
     """
     start = time.perf_counter()
     kind = format.strip().lower() if isinstance(format, str) else format
+    if kind in ("monai-bundle", "monai_bundle", "bundle"):
+        raise ConfigError(
+            "a MONAI Bundle is a folder of its own: export_bundle(run, out) (CLI: medsight export"
+            " RUN --format monai-bundle --out DIR)"
+        )
     if kind not in EXPORT_FILES:
         raise ConfigError(
             f"export format {format!r} is not known; choose one of: {', '.join(FORMATS)}"
