@@ -81,14 +81,6 @@ def write_volume_run(path: Path, data: Path, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def volume_run(tmp_path):
     data = write_volume_data(tmp_path / "data")

@@ -294,25 +294,10 @@ def _nifti_volume(image, source: str, *, volume: int | None) -> Volume:
 def find_dicom_series(root: str | Path) -> list[str]:
     """``dicomseries://`` addresses of every series under ``root`` (headers only), each named by
     the deepest folder holding all its slices, in a stable order."""
-    import pydicom
-
-    root = Path(root)
     files: dict[str, list[Path]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or not _maybe_dicom(path):
-                continue
-            try:
-                ds = pydicom.dcmread(
-                    path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-                )
-            except Exception:  # noqa: BLE001 - not DICOM: other files in the tree
-                continue
-            uid = str(ds.get("SeriesInstanceUID", "") or "")
-            if uid:
-                files.setdefault(uid, []).append(path)
+    for path, uid in _series_uids(Path(root)):
+        if uid:
+            files.setdefault(uid, []).append(path)
     found = []
     for uid, paths in files.items():
         folder = Path(os.path.commonpath([str(p.parent) for p in paths]))
@@ -326,13 +311,12 @@ def _maybe_dicom(path: Path) -> bool:
     )
 
 
-def series_files(source: str) -> list[Path]:
-    """The files of the series ``source`` names (headers read, in path order)."""
+def _series_uids(root: Path):
+    """``(path, SeriesInstanceUID)`` of every DICOM file under ``root`` (headers only, hidden
+    files and folders skipped, in path order; files that are not DICOM left out)."""
     import pydicom
 
-    folder, _, uid = source[len(DICOM_SERIES_SCHEME) :].rpartition("#")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -342,11 +326,15 @@ def series_files(source: str) -> list[Path]:
                 ds = pydicom.dcmread(
                     path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
                 )
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - not DICOM: other files in the tree
                 continue
-            if str(ds.get("SeriesInstanceUID", "")) == uid:
-                found.append(path)
-    return found
+            yield path, str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def series_files(source: str) -> list[Path]:
+    """The files of the series ``source`` names (headers read, in path order)."""
+    folder, _, uid = source[len(DICOM_SERIES_SCHEME) :].rpartition("#")
+    return [path for path, found in _series_uids(Path(folder)) if found == uid]
 
 
 def _series_files(source: str) -> tuple[Path, str, list]:
