@@ -344,19 +344,8 @@ def _series_files(source: str) -> tuple[Path, str, list]:
     root = Path(folder)
     if not root.is_dir():
         raise ImageDecodeError(source, "the series folder does not exist")
-    slices = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or not _maybe_dicom(path):
-                continue
-            try:
-                ds = pydicom.dcmread(path)
-            except Exception:  # noqa: BLE001
-                continue
-            if str(ds.get("SeriesInstanceUID", "")) == uid:
-                slices.append(ds)
+    # headers first: only this series' files are read whole (pixel data included)
+    slices = [pydicom.dcmread(path) for path, found in _series_uids(root) if found == uid]
     if not slices:
         raise ImageDecodeError(source, f"no slices of series {uid} under {root}")
     return root, uid, slices
