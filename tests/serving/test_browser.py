@@ -116,6 +116,9 @@ def test_upload_shows_prediction_and_heat_map_then_review_from_the_worklist(
         assert src.startswith("data:image/png;base64,")
         width = page.evaluate("document.getElementById('overlay-img').naturalWidth")
         assert width >= 64
+        # never scored against masks: the caption says the map is the default one
+        caption = page.text_content("#overlay-caption")
+        assert "the default map (this run was not scored against lesion masks)" in caption
     else:  # the page says so plainly rather than showing a broken image
         page.wait_for_function(
             "() => document.getElementById('overlay-note').textContent.includes('not available')"
