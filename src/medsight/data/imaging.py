@@ -562,17 +562,19 @@ def nifti_shape(path: str | Path) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def load_nifti(source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+def load_nifti(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str | None = None):
     """The nibabel image of a NIfTI file, its voxel count checked against ``max_pixels`` ×
-    :data:`VOLUME_FACTOR` and a ``.nii.gz`` inflated with the same caps as :func:`decode`."""
+    :data:`VOLUME_FACTOR` and a ``.nii.gz`` inflated with the same caps as :func:`decode`.
+    Errors name ``source`` (default: ``path``)."""
     import nibabel as nib
 
+    source = path if source is None else source
     try:
-        with open(source, "rb") as fh:
-            if fh.read(2) == b"\x1f\x8b":
+        with open(path, "rb") as fh:
+            if fh.read(2) == b"\x1f\x8b":  # inflated here, with caps, not by nibabel unbounded
                 fh.seek(0)
                 return _nifti_from_stream(fh.read, source, max_pixels=max_pixels)
-        image = nib.load(source)
+        image = nib.load(path)
         _check_volume(source, image.header, max_pixels)
         return image
     except ImageDecodeError:
@@ -592,23 +594,7 @@ def _decode_nifti(
     window=None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ):
-    import nibabel as nib
-
-    try:
-        with open(path, "rb") as fh:
-            compressed = fh.read(2) == b"\x1f\x8b"
-            fh.seek(0)
-            if compressed:  # inflated here, with caps, rather than by nibabel unbounded
-                image = _nifti_from_stream(fh.read, source, max_pixels=max_pixels)
-        if not compressed:
-            image = nib.load(path)
-            _check_volume(source, image.header, max_pixels)
-    except ImageDecodeError:
-        raise
-    except FileNotFoundError:
-        raise ImageDecodeError(source, "file not found") from None
-    except Exception as exc:  # noqa: BLE001
-        raise ImageDecodeError(source, f"not a readable NIfTI file ({_describe(exc)})") from None
+    image = load_nifti(path, max_pixels=max_pixels, source=source)
     return _nifti_to_image(image, source, axis=axis, index=index, window=window)
 
 
