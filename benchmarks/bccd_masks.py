@@ -183,11 +183,9 @@ def describe(manifest: Path) -> str:
 
 
 def _fmt(entry: dict | None, digits: int = 2) -> str:
-    if not entry or entry.get("value") is None:
-        return "—"
-    text = f"{entry['value']:.{digits}f}"
-    ci = entry.get("ci")
-    return text + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
+    from medsight.stats import format_value_ci
+
+    return format_value_ci(entry, digits)  # "0.85 (0.78–0.92)", "—" when missing
 
 
 def _layers(run: Path) -> list[str]:

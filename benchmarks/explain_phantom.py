@@ -19,16 +19,13 @@ import torch
 
 from medsight.explain.cam import METHODS
 from medsight.explain.localisation import score_localisation
+from medsight.stats import format_value_ci
 
 CAM_FAMILY = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")
 
 
 def _fmt(entry: dict | None, digits: int = 3) -> str:
-    if not entry or entry.get("value") is None:
-        return "—"
-    text = f"{entry['value']:.{digits}f}"
-    ci = entry.get("ci")
-    return text + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
+    return format_value_ci(entry, digits)  # "0.85 (0.78–0.92)", "—" when missing
 
 
 def main() -> None:
