@@ -151,8 +151,9 @@ class ReadOptions(_Strict):
     dims: Literal["auto", "2", "3"] = Field(
         default="auto",
         description="2: images (a middle slice of each volume); 3: whole volumes (NIfTI, DICOM "
-        "series: one sample per SeriesInstanceUID, MedMNIST3D); auto: 3 for MedMNIST3D and 3-D "
-        "NIfTI without --slice/--axis, else 2",
+        "series: one sample per SeriesInstanceUID, MedMNIST3D); auto: 3 for MedMNIST3D, 3-D "
+        "NIfTI without --slice/--axis and DICOM trees of CT/MR series (slices placed in "
+        "space), else 2",
         json_schema_extra=flag("--dims"),
     )
 

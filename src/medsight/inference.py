@@ -374,7 +374,7 @@ class Predictor:
             from medsight.data.volumes import read_volume
 
             return read_volume(str(path), max_pixels=max_pixels)
-        return decode(str(path), max_pixels=max_pixels)
+        return decode(str(path), max_pixels=max_pixels, **self.preprocess.decode_options())
 
     def read_bytes(self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name="upload"):
         """:meth:`read` for an in-memory file (format judged from its content)."""
@@ -382,7 +382,9 @@ class Predictor:
             from medsight.data.volumes import read_volume_bytes
 
             return read_volume_bytes(data, name=name, max_pixels=max_pixels)
-        return decode_bytes(data, name=name, max_pixels=max_pixels)
+        return decode_bytes(
+            data, name=name, max_pixels=max_pixels, **self.preprocess.decode_options()
+        )
 
     def predict_files(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Raw image files (any format medsight reads; volumes for a 3-D run) → ``(N, K)``

@@ -104,10 +104,14 @@ def test_the_json_file_holds_every_field_and_restores_a_window(tmp_path):
         "std": [0.5],
         "gray_to_rgb": "replicate",
         "window": [40.0, 400.0],
+        "volume_slice": None,
         "version": 1,
     }
     loaded = Preprocess.load(tmp_path / "preprocess.json")
     assert loaded == prep and isinstance(loaded.size, tuple) and loaded.window == (40.0, 400.0)
+    sliced = Preprocess(size=(24, 32), volume_slice=(1, None))
+    sliced.save(tmp_path / "sliced.json")
+    assert Preprocess.load(tmp_path / "sliced.json").volume_slice == (1, None)
 
 
 def test_bad_sizes_stds_and_channel_policies_are_refused():

@@ -19,7 +19,7 @@ from medsight.data.volumes import (
     volume_thumbnail,
 )
 from medsight.errors import ConfigError, DataError, ImageDecodeError
-from tests.conftest import write_png
+from tests.conftest import write_dicom, write_png
 from tests.volumes import blob_volume, make_nifti_folders, make_npz3d, write_nifti, write_series
 
 
@@ -100,6 +100,30 @@ def test_dicom_tree_with_dims_3_is_one_row_per_series(tmp_path):
     assert sorted(table["label"]) == ["lesion", "lesion", "normal"]
     assert table["source"].str.startswith("dicomseries://").all()
     assert table["patient_id"].notna().all() and "P1" not in set(table["patient_id"])
+
+
+def test_a_tree_of_ct_series_is_read_as_volumes_without_dims_and_radiographs_as_images(
+    tmp_path,
+):
+    write_series(tmp_path / "tree" / "lesion" / "case1", _ct(1), patient="P1")
+    write_series(tmp_path / "tree" / "normal" / "case2", _ct(2), patient="P2")
+    table = load_samples(tmp_path / "tree")
+    assert table.attrs["dims"] == 3 and len(table) == 2
+    # radiographs: one image per series, no position in space; also many files of one
+    # series that all sit at one position (copies of a slice) are images
+    for label in ("lesion", "normal"):
+        for i in range(4):
+            write_dicom(tmp_path / "xr" / label / f"{i}.dcm", np.full((8, 8), i, np.int16))
+            write_dicom(
+                tmp_path / "same" / label / f"{i}.dcm",
+                np.full((8, 8), i, np.int16),
+                SeriesInstanceUID="1.2.3",
+                ImagePositionPatient=[0.0, 0.0, 0.0],
+            )
+    for folder in ("xr", "same"):
+        table = load_samples(tmp_path / folder)
+        assert table.attrs.get("dims", 2) == 2 and len(table) == 8
+    assert load_samples(tmp_path / "tree", dims=2).attrs.get("dims", 2) == 2
 
 
 def test_check_reports_geometry_per_split_and_names_a_broken_series(tmp_path):

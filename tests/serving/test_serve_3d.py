@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import zipfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from medsight.config import DataConfig, OptimConfig, TrainConfig
 from medsight.inference import Predictor
@@ -80,3 +82,14 @@ def test_worklist_refuses_volumes_and_stores_nothing(client, tmp_path):
     response = client.post("/v1/studies", files=upload(path.read_bytes()))
     assert response.status_code == 400 and "POST /v1/predict" in response.json()["detail"]
     assert client.get("/v1/worklist").json()["items"] == []
+
+
+def test_a_volumes_heat_map_is_shown_on_three_planes(client, tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", blob_volume(5, 12, True))
+    response = client.post("/v1/explain", files=upload(path.read_bytes()))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    picture = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    # axial, coronal and sagittal side by side: three tiles of one height
+    assert picture.width >= 3 * picture.height - 8 and picture.height >= 200
+    assert body["method"] and body["label"] in ("0", "1")

@@ -9,18 +9,23 @@ import json
 import numpy as np
 import pytest
 from tests.conftest import make_class_folders
+from tests.serving.conftest import local_client
 from tests.volumes import blob_volume, make_nifti_folders, make_npz3d, write_nifti, write_series
+from typer.testing import CliRunner
 
+from medsight.cli import app
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from medsight.data.imaging import npz_images
+from medsight.data.imaging import nifti_slice_source, npz_images
 from medsight.data.volumes import VolumePreprocess
-from medsight.errors import ConfigError, ImageDecodeError
+from medsight.errors import ConfigError, DataError, ImageDecodeError
 from medsight.evaluation.evaluate import evaluate_run
 from medsight.evaluation.report import write_report
 from medsight.export import export_run
 from medsight.inference import Predictor, predict_paths
 from medsight.runs import Run
+from medsight.serving.api import ServeSettings, create_app
 from medsight.training.trainer import train
+from medsight.workflows.batch import read_scored, score_archive
 
 
 def _config(data, out, model="auto", **options):
@@ -149,3 +154,60 @@ def test_slices_feed_a_2d_network_and_predict_from_volumes(npz_run, tmp_path):
     assert export_run(run.path, format="onnx")["max_abs_diff_prob"] < 1e-4
     with pytest.raises(ConfigError, match="--slices 3 feeds slices to a 2-D network"):
         train(_config(npz, tmp_path / "b", model="medcnn3d_s", slices=3), show_progress=False)
+
+
+def test_a_2d_run_refuses_a_volume_unless_it_learnt_from_slices(tmp_path):
+    volume = write_nifti(tmp_path / "v.nii.gz", blob_volume(1, 16, True))
+    images = make_class_folders(tmp_path / "img", {"a": 12, "b": 12})
+    run = train(_config(images, tmp_path / "png", model="medcnn_lite", epochs=1))
+    assert run.preprocess.volume_slice is None
+    error = predict_paths(run.path, [volume]).at[0, "error"]
+    assert "is a 3-D volume (16×16×16 voxels), but this run was trained on 2-D images" in error
+    client = local_client(create_app(ServeSettings(run=run.path, data_dir=tmp_path / "serve")))
+    response = client.post("/v1/predict", files={"file": ("v", volume.read_bytes(), "x")})
+    assert response.status_code == 400 and "is a 3-D volume" in response.json()["detail"]
+
+    # a run that learnt from slice 5 of each volume takes slice 5 of a volume it is given
+    nii = make_nifti_folders(tmp_path / "nii", per_class=6, size=16)
+    sliced = train(
+        _config(nii, tmp_path / "sl", model="medcnn_lite", epochs=1, batch_size=4, nifti_slice=5)
+    )
+    assert sliced.preprocess.volume_slice == (2, 5)
+    predictor = Predictor.from_run(sliced.path)
+    whole = predictor.predict_files([volume])
+    np.testing.assert_allclose(
+        whole, predictor.predict_files([nifti_slice_source(volume, 2, 5)]), atol=1e-6
+    )
+    assert not np.allclose(whole, predictor.predict_files([nifti_slice_source(volume, 2, 8)]))
+
+
+def test_a_folder_of_volumes_and_a_dicom_tree_are_scored_one_row_per_volume(npz_run, tmp_path):
+    run, _ = npz_run
+    scans = tmp_path / "scans"
+    write_nifti(scans / "a.nii.gz", blob_volume(1, 16, True))
+    write_nifti(scans / "sub" / "b.nii", blob_volume(2, 16))
+    write_series(scans / "ct" / "case1", (blob_volume(3, 10, True) + 1024).astype(np.int16))
+    (scans / "notes.txt").write_text("not a volume")
+    out = tmp_path / "preds.parquet"
+    summary = score_archive(run.path, scans, out, backend="torch")
+    assert summary["scored"] == 3 and summary["errors"] == 0
+    table = read_scored(out).sort_values("file").reset_index(drop=True)
+    assert table["file"].str.startswith("dicomseries://").sum() == 1
+    columns = [c for c in table.columns if c.startswith("p_")]
+    expected = predict_paths(run.path, list(table["file"]))
+    np.testing.assert_allclose(table[columns], expected[columns], atol=1e-5)
+    # a series folder given to predict is predicted like a file, without --out
+    result = CliRunner().invoke(app, ["predict", str(run.path), str(scans / "ct")])
+    assert result.exit_code == 0, result.output
+    assert "1 file(s)" in result.output
+    with pytest.raises(DataError, match="unzip it first"):
+        score_archive(run.path, _zip(scans, tmp_path / "scans.zip"), tmp_path / "z.parquet")
+
+
+def _zip(folder, path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in folder.rglob("*.nii*"):
+            archive.write(file, file.name)
+    return path

@@ -1587,6 +1587,16 @@ def _is_archive(files: list[Path], engine: Engine | None, out: Path | None) -> b
     return len(files) == 1 and (files[0].is_dir() or files[0].suffix.lower() in _ARCHIVE_SUFFIXES)
 
 
+def _volume_folders(run: Path, files: list[Path], engine: Engine | None, out: Path | None) -> bool:
+    """``medsight predict RUN3D FOLDER...`` without --engine or a .parquet --out: the volumes
+    in the folders (a DICOM series, NIfTI files) are predicted and shown like files."""
+    from medsight.runs import Run
+
+    if engine is not None or (out is not None and out.suffix.lower() == ".parquet"):
+        return False
+    return any(f.is_dir() for f in files) and Run.load(run).dims == 3
+
+
 def _predict_archive(run: Path, files: list[Path], out: Path | None, **options) -> None:
     """Score an archive into a Parquet dataset and print a short summary."""
     from medsight.workflows.batch import score_archive
@@ -1718,7 +1728,13 @@ def predict_command(
     from medsight.runs import write_text
 
     with _user_errors():
-        if _is_archive(files, engine, out):
+        targets: list = list(files)
+        if _volume_folders(run, files, engine, out):
+            # a 3-D run: each folder stands for the volumes in it (a series, NIfTI files)
+            from medsight.workflows.batch import list_volumes
+
+            targets = [v for f in files for v in (list_volumes(f) if f.is_dir() else [f])]
+        elif _is_archive(files, engine, out):
             _predict_archive(
                 run,
                 files,
@@ -1738,7 +1754,7 @@ def predict_command(
             return
         table = predict_paths(
             run,
-            files,
+            targets,
             backend=(backend or Backend.torch).value,
             max_pixels=max_pixels,
             tta=tta.value if tta else None,

@@ -100,7 +100,7 @@ class ImageDataset(Dataset):
             image = decode(
                 self.table.at[i, "source"],
                 max_pixels=self.max_pixels,
-                window=self.preprocess.window,
+                **self.preprocess.decode_options(),
             )
             height, width = image.size
             if min(height, width) < self.min_side:

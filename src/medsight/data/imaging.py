@@ -129,11 +129,15 @@ def decode(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     window: tuple[float, float] | None = None,
+    nifti_slice: tuple[int, int | None] | None = None,
 ) -> DecodedImage:
     """Decode ``source`` (a path or an address from this module) to a :class:`DecodedImage`.
 
     ``window`` = ``(centre, width)`` overrides a DICOM file's own VOI window (e.g. a lung window
-    for CT) and replaces the percentile scaling of NIfTI volumes.
+    for CT) and replaces the percentile scaling of NIfTI volumes. ``nifti_slice`` =
+    ``(axis, index)`` is the slice taken of a 3-D NIfTI file (``index`` None, or no
+    ``nifti_slice``: the middle one along axis 2; ``meta["sliced_from"]`` then holds the
+    volume's shape, so a 2-D run can refuse a volume it was not trained on).
 
     Raises :class:`ImageDecodeError` naming the source and the reason when it cannot be read.
 
@@ -158,8 +162,11 @@ def decode(
             raise ImageDecodeError(source, "file not found")
         if path.is_dir():
             raise ImageDecodeError(source, "is a folder, not an image file")
+        axis, index = nifti_slice or (2, None)
         if has_extension(path.name, NIFTI_EXTENSIONS):
-            return _decode_nifti(str(path), source, window=window, max_pixels=max_pixels)
+            return _decode_nifti(
+                str(path), source, axis=axis, index=index, window=window, max_pixels=max_pixels
+            )
         if has_extension(path.name, DICOM_EXTENSIONS):
             with open(path, "rb") as fh:
                 return _decode_dicom(fh, source, max_pixels=max_pixels, window=window)
@@ -173,7 +180,9 @@ def decode(
             with open(path, "rb") as fh:
                 return _decode_raster(fh, source, max_pixels=max_pixels)
         if kind in ("nifti", "gzip"):
-            return _decode_nifti(str(path), source, window=window, max_pixels=max_pixels)
+            return _decode_nifti(
+                str(path), source, axis=axis, index=index, window=window, max_pixels=max_pixels
+            )
         raise ImageDecodeError(
             source,
             f"unrecognised image format (extension {path.suffix or 'none'!r}); "
@@ -193,8 +202,10 @@ def decode_bytes(
     name: str = "upload",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     window: tuple[float, float] | None = None,
+    nifti_slice: tuple[int, int | None] | None = None,
 ) -> DecodedImage:
-    """Decode an in-memory file (an upload, a zip member); the format comes from the content."""
+    """Decode an in-memory file (an upload, a zip member); the format comes from the content.
+    ``window`` and ``nifti_slice`` as for :func:`decode`."""
     kind = sniff(data[:512])
     try:
         if kind == "raster":
@@ -203,7 +214,8 @@ def decode_bytes(
             return _decode_dicom(io.BytesIO(data), name, max_pixels=max_pixels, window=window)
         if kind in ("gzip", "nifti"):
             image = _nifti_from_stream(io.BytesIO(data).read, name, max_pixels=max_pixels)
-            return _nifti_to_image(image, name, window=window)
+            axis, index = nifti_slice or (2, None)
+            return _nifti_to_image(image, name, axis=axis, index=index, window=window)
     except ImageDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -667,7 +679,9 @@ def _nifti_to_image(image, source: str, *, axis: int = 2, index: int | None = No
         if axis not in (0, 1, 2):
             raise ImageDecodeError(source, f"slice axis must be 0, 1 or 2, got {axis}")
         n = data.shape[axis]
-        index = n // 2 if index is None else index
+        if index is None:
+            index = n // 2
+            meta["sliced_from"] = [int(v) for v in data.shape]
         if not 0 <= index < n:
             raise ImageDecodeError(source, f"slice {index} is outside 0..{n - 1} along axis {axis}")
         data = np.take(data, index, axis=axis)

@@ -193,7 +193,8 @@ def load_samples(
         "csv": _read_manifest,
         "npz": _read_medmnist,
     }
-    if opts.dims == "3" and fmt in ("folder", "dicom") and path.is_dir() and _holds_dicom(path):
+    dicom_tree = fmt in ("folder", "dicom") and path.is_dir() and opts.dims != "2"
+    if dicom_tree and _holds_dicom(path) and (opts.dims == "3" or _holds_slice_series(path)):
         readers[fmt] = _read_dicom_series_tree
     with python_strings():
         table = readers[fmt](path, fmt, opts, salt)
@@ -966,6 +967,33 @@ def _mark_dims(table: pd.DataFrame, fmt: str, opts: ReadOptions, origin: str) ->
         table.attrs["dims"] = 3
         if opts.volume is not None:
             table.attrs["volume"] = int(opts.volume)
+
+
+#: DICOM files whose headers ``--dims auto`` reads to tell CT/MR slices from 2-D images.
+_SERIES_SAMPLE = 64
+
+
+def _holds_slice_series(root: Path) -> bool:
+    """Whether most of the first DICOM files of ``root`` are slices of volumes: in series of
+    three or more positions in space (ImagePositionPatient), as CT and MR series are. Radiographs
+    carry no position and come one image per series; a folder mixing single images with a
+    short series stays a folder of images."""
+    from medsight.data.volumes import dicom_files
+
+    if not root.is_dir():
+        return False
+    files: Counter = Counter()
+    positions: defaultdict = defaultdict(set)
+    sampled = 0
+    for _, (_, header) in zip(range(_SERIES_SAMPLE), dicom_files(root)):
+        sampled += 1
+        uid = str(header.get("SeriesInstanceUID", "") or "")
+        where = header.get("ImagePositionPatient")
+        if uid and where is not None:
+            files[uid] += 1
+            positions[uid].add(tuple(round(float(v), 2) for v in where))
+    in_series = sum(files[uid] for uid, seen in positions.items() if len(seen) >= 3)
+    return sampled > 0 and 2 * in_series > sampled
 
 
 def _holds_dicom(root: Path) -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from medsight.data.imaging import DecodedImage
-from medsight.errors import ConfigError
+from medsight.errors import ConfigError, ImageDecodeError
 
 # ITU-R BT.601 luma: how colour photographs of grayscale films are usually turned back to gray.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -32,7 +32,10 @@ class Preprocess:
     backbones pretrained on colour (``gray_to_rgb = "replicate"``), colour images are reduced to
     luma for 1-channel models. ``size`` is ``(height, width)``; images are resized with
     antialiased bilinear interpolation (aspect ratio not kept: medical sets are near-square).
-    ``window`` is a DICOM/NIfTI ``(centre, width)`` applied at decoding.
+    ``window`` is a DICOM/NIfTI ``(centre, width)`` applied at decoding. ``volume_slice`` is
+    ``(axis, index)`` (``index`` None: the middle slice) when the run was trained on slices of
+    3-D volumes: prediction takes the same slice of a volume. Without it a 3-D volume is refused
+    (:meth:`prepare`): its middle slice is not what the run learnt from.
 
     >>> prep = Preprocess(size=(64, 64), channels=1, mean=(0.5,), std=(0.5,))
     >>> prep(decode("chest.png")).shape       # doctest: +SKIP
@@ -45,6 +48,7 @@ class Preprocess:
     std: tuple[float, ...] = (0.5,)
     gray_to_rgb: str = "replicate"
     window: tuple[float, float] | None = None
+    volume_slice: tuple[int, int | None] | None = None
     version: int = field(default=1)
 
     def __post_init__(self) -> None:
@@ -70,6 +74,8 @@ class Preprocess:
 
     def prepare(self, image: DecodedImage | np.ndarray) -> np.ndarray:
         """Channels converted and resized, values still in ``[0, 1]`` (what augmentation sees)."""
+        if isinstance(image, DecodedImage):
+            self.check_volume_slice(image)
         pixels = image.pixels if isinstance(image, DecodedImage) else np.asarray(image)
         pixels = self.convert_channels(pixels)
         tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]
@@ -78,6 +84,24 @@ class Preprocess:
                 tensor, size=tuple(self.size), mode="bilinear", align_corners=False, antialias=True
             )
         return tensor[0].numpy()
+
+    def decode_options(self) -> dict:
+        """How this run's files are decoded (:func:`~medsight.data.imaging.decode` keywords):
+        its window and the slice it takes of a volume, the same in training and at prediction."""
+        return {"window": self.window, "nifti_slice": self.volume_slice}
+
+    def check_volume_slice(self, image: DecodedImage) -> None:
+        """Refuse a slice a reader took on its own from a 3-D volume (no slice addressed) when
+        the run was trained on 2-D images: say so in one line, with the ways out."""
+        volume = image.meta.get("sliced_from")
+        if volume is None or self.volume_slice is not None:
+            return
+        raise ImageDecodeError(
+            image.source,
+            f"is a 3-D volume ({'×'.join(map(str, volume))} voxels), but this run was trained on "
+            "2-D images: give it a 2-D image, or train a 3-D run on volumes (medsight train "
+            "reads NIfTI files and DICOM series whole)",
+        )
 
     def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std`` per channel, for a ``(C, H, W)`` or ``(B, C, H, W)`` tensor."""
@@ -106,7 +130,7 @@ class Preprocess:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"preprocess: unknown field(s) {unknown}; is the run newer?")
-        for key in ("size", "mean", "std", "window"):
+        for key in ("size", "mean", "std", "window", "volume_slice"):
             if known.get(key) is not None:
                 known[key] = tuple(known[key])
         return cls(**known)

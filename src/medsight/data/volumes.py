@@ -314,6 +314,13 @@ def _maybe_dicom(path: Path) -> bool:
 def _series_uids(root: Path):
     """``(path, SeriesInstanceUID)`` of every DICOM file under ``root`` (headers only, hidden
     files and folders skipped, in path order; files that are not DICOM left out)."""
+    for path, ds in dicom_files(root, tags=("SeriesInstanceUID",)):
+        yield path, str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def dicom_files(root: str | Path, tags=("SeriesInstanceUID", "ImagePositionPatient")):
+    """``(path, header)`` of every DICOM file under ``root``, reading only ``tags`` (hidden
+    files and folders skipped, in path order; files that are not DICOM left out)."""
     import pydicom
 
     for dirpath, dirnames, filenames in os.walk(root):
@@ -323,12 +330,10 @@ def _series_uids(root: Path):
             if name.startswith(".") or not _maybe_dicom(path):
                 continue
             try:
-                ds = pydicom.dcmread(
-                    path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-                )
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(tags))
             except Exception:  # noqa: BLE001 - not DICOM: other files in the tree
                 continue
-            yield path, str(ds.get("SeriesInstanceUID", "") or "")
+            yield path, ds
 
 
 def series_files(source: str) -> list[Path]:

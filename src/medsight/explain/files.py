@@ -56,7 +56,7 @@ def explain_files(
     Example:
         >>> explain_files("runs/phantom", ["scan.png"], "out", method="gradcam")  # doctest: +SKIP
     """
-    from medsight.data.imaging import DecodedImage, decode
+    from medsight.data.imaging import DecodedImage
     from medsight.explain.cam import Explainer
     from medsight.explain.overlay import display_image, overlay, overlay_volume
     from medsight.runs import write_atomic
@@ -87,7 +87,7 @@ def explain_files(
         if not (path.is_file() or (volumes and path.is_dir())):
             raise DataError(f"{path}: no such image file; check the path")
         try:
-            picture = predictor.read(path) if volumes else decode(str(path), window=prep.window)
+            picture = predictor.read(path)
             x = prep(picture)
         except MedsightError as exc:
             what = "a NIfTI volume or a DICOM series folder" if volumes else (

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medsight.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_bytes, sniff
+from medsight.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, sniff
 from medsight.errors import ConfigError, ImageDecodeError, MedsightError
 from medsight.serving.schemas import ModelRef, ThresholdFlag
 
@@ -228,7 +228,7 @@ class ModelService:
                 "content, not its name); send one of those"
             )
         try:
-            return decode_bytes(data, name="upload", max_pixels=self.max_pixels)
+            return self.predictor.read_bytes(data, max_pixels=self.max_pixels)
         except ImageDecodeError as exc:
             raise BadImage(f"the image cannot be decoded: {exc.reason}") from None
 
@@ -449,21 +449,33 @@ class ModelService:
         explainer = self.explainer()  # first: a task without heat maps (boxes) says so, 501
         target = self.explain_target(scored.probabilities, target)
         try:
-            from medsight.explain import overlay
+            from medsight.explain.overlay import overlay, overlay_volume
 
             with self._infer_lock:
                 heatmap = np.asarray(explainer.explain(scored.x, target=target), dtype=np.float32)
-            display = _display_image(self.predictor, scored.image)
-            heatmap = _resize(heatmap, display.shape[:2])
             caption = _caption(self.prediction(scored.probabilities))
             if self.thresholds is not None:  # one map per output: say whose this is
                 k = self.classes.index(target)
                 caption = f"map: {target} {scored.probabilities[k]:.0%}"
+            image = scored.image
+            if self.predictor.dims == 3:  # shown on the map's grid: the prepared volume
+                prepared = self.predictor.preprocess.prepare(image)
+                slab = getattr(self.predictor.preprocess, "slices", None)
+                if slab is None:
+                    picture = overlay_volume(prepared, heatmap, label=caption)
+                    return self._explained(explainer, picture, target)
+                image = DecodedImage(prepared[slab // 2][None], "upload")  # the slab's middle
+            display = _display_image(self.predictor, image)
+            heatmap = _resize(heatmap, display.shape[:2])
             picture = overlay(display, heatmap, label=caption)
         except ExplanationsUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - an explainer failure is reported, never a 500
             raise ExplanationsUnavailable(f"the heat map could not be computed: {exc}") from exc
+        return self._explained(explainer, picture, target)
+
+    @staticmethod
+    def _explained(explainer, picture, target: str) -> tuple[str, str | None, str, str]:
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
         method = str(getattr(explainer, "method", "unknown"))

@@ -36,6 +36,7 @@ from torch.utils.data import (
 
 from medsight import runs
 from medsight.config import TrainConfig, parse_duration
+from medsight.data import imaging
 from medsight.data.datasets import ImageDataset
 from medsight.data.imaging import decode
 from medsight.data.sources import load_samples
@@ -305,7 +306,12 @@ class _Setup:
             )
         else:
             preprocess = Preprocess(
-                size=(side, side), channels=in_chans, mean=mean, std=std, window=d.window
+                size=(side, side),
+                channels=in_chans,
+                mean=mean,
+                std=std,
+                window=d.window,
+                volume_slice=_volume_slice(table, d),
             )
 
         model = create_model(
@@ -510,6 +516,16 @@ def _resolve_batch_size(
             f"default {default}"
         )
     return config.with_overrides({"optim.batch_size": size}), notes
+
+
+def _volume_slice(table: pd.DataFrame, d) -> tuple[int, int | None] | None:
+    """The slice a 2-D run takes of each volume when it learns from NIfTI slices (``--slice``,
+    ``--axis``, ``--dims 2``), so prediction takes the same; None when it learns from images."""
+    sources = table["source"].astype(str)
+    from_volumes = sources.str.startswith("nifti://") | sources.map(
+        lambda s: "://" not in s and imaging.has_extension(s, imaging.NIFTI_EXTENSIONS)
+    )
+    return (int(d.nifti_axis), d.nifti_slice) if from_volumes.any() else None
 
 
 def _probe(table: pd.DataFrame, n: int = 16) -> tuple[int, int]:

@@ -49,6 +49,7 @@ import pandas as pd
 
 from medsight import runs
 from medsight.data import imaging
+from medsight.data.volumes import find_dicom_series, read_volume
 from medsight.errors import ConfigError, DataError, MedsightError
 from medsight.events import Note, ProgressAdvance, ProgressEnd, ProgressStart, Reporter, silent
 
@@ -100,6 +101,54 @@ def list_images(source: str | Path, *, path_column: str | None = None) -> list[s
         )
     if not found:
         raise DataError(f"{source}: no images to score; looked for {looked_for}")
+    return list(dict.fromkeys(found))
+
+
+def list_volumes(source: str | Path, *, path_column: str | None = None) -> list[str]:
+    """The volumes of ``source`` for a 3-D run, as :func:`~medsight.data.volumes.read_volume`
+    reads them: a folder or DICOM tree (recursively: NIfTI files by extension, and each DICOM
+    series as one ``dicomseries://`` address), a CSV manifest (its path column; a folder there
+    stands for the series under it), or one NIfTI file. Order is kept, duplicates removed.
+
+    Raises :class:`~medsight.errors.DataError` naming ``source`` when it holds no volume, or
+    when it is a ``.zip`` (volumes are scored from a folder: unzip it first).
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"{source}: no such file or folder; give a folder of NIfTI files or DICOM series, "
+            "or a .csv of them"
+        )
+    name = path.name.lower()
+    if name.endswith(".zip"):
+        raise DataError(
+            f"{source}: a 3-D run scores volumes from a folder, a DICOM tree or a CSV manifest; "
+            "unzip it first (the REST API takes a .zip of one series)"
+        )
+    if path.is_dir():
+        entries = [str(path.resolve())]
+    elif name.endswith(".csv"):
+        entries = _list_manifest(path, path_column)
+    else:
+        entries = [str(path.resolve())]
+    found: list[str] = []
+    for entry in entries:
+        if "://" in entry or not Path(entry).is_dir():
+            found.append(entry)
+            continue
+        for dirpath, dirnames, filenames in os.walk(entry):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found.extend(
+                str((Path(dirpath) / f).resolve())
+                for f in sorted(filenames)
+                if not _hidden([f]) and imaging.has_extension(f, imaging.NIFTI_EXTENSIONS)
+            )
+        found.extend(find_dicom_series(entry))
+    if not found:
+        raise DataError(
+            f"{source}: no volumes to score; looked for NIfTI files "
+            f"({', '.join(imaging.NIFTI_EXTENSIONS)}) and DICOM series in it and its subfolders"
+        )
     return list(dict.fromkeys(found))
 
 
@@ -178,8 +227,10 @@ def text(value: str) -> str:
 def decode_batch(
     files: Sequence[str], preprocess, shape: tuple[int, int, int], max_pixels: int
 ) -> dict[str, np.ndarray]:
-    """Read and preprocess ``files``: ``{"file", "x" (N, C, H, W) float32, "height", "width",
-    "error"}``; a file that cannot be read has its reason in ``error`` and zeros in ``x``."""
+    """Read and preprocess ``files`` as the run does (volumes for a 3-D run): ``{"file", "x"
+    (N, *shape) float32, "height", "width", "error"}``; a file that cannot be read has its
+    reason in ``error`` and zeros in ``x``."""
+    volumes = getattr(preprocess, "dims", 2) == 3
     xs = np.zeros((len(files), *shape), np.float32)
     heights = np.zeros(len(files), np.int64)
     widths = np.zeros(len(files), np.int64)
@@ -187,8 +238,14 @@ def decode_batch(
     for i, file in enumerate(files):
         error = ""
         try:
-            image = imaging.decode(str(file), max_pixels=max_pixels)
-            heights[i], widths[i] = image.size
+            if volumes:
+                image = read_volume(str(file), max_pixels=max_pixels)
+                heights[i], widths[i] = image.shape[:2]
+            else:
+                image = imaging.decode(
+                    str(file), max_pixels=max_pixels, **preprocess.decode_options()
+                )
+                heights[i], widths[i] = image.size
             xs[i] = preprocess(image)
         except MedsightError as exc:
             error = str(exc)
@@ -438,7 +495,8 @@ def score_archive(
             f"--out {out} is a file; the predictions are a Parquet dataset (a folder of parts): "
             "give a new name such as preds.parquet"
         )
-    files = list_images(source, path_column=path_column)
+    listing = list_volumes if runs.Run.load(run).dims == 3 else list_images
+    files = listing(source, path_column=path_column)
     start = time.perf_counter()
     # Loaded here first, also for Ray: the ONNX file is exported once, before any actor reads it.
     predictor = Predictor.from_run(
