@@ -313,3 +313,22 @@ def test_tta_is_refused_where_the_modality_forbids_it(tiny_run, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--bootstrap", "0", "--tta", "rot"])
     assert result.exit_code == 0, result.output
     assert json.loads((Path(run_dir) / "metrics.json").read_text())["tta"] == "rot"
+
+
+def test_a_runs_ct_window_is_applied_when_it_predicts_a_file_as_when_it_trained(tmp_path):
+    from tests.conftest import write_dicom
+
+    run = write_run(tmp_path / "run", tmp_path)
+    Preprocess(size=(16, 16), window=(40.0, 80.0)).save(run / runs.PREPROCESS)
+    hu = np.linspace(-200, 200, 256, dtype=np.float32).reshape(16, 16).astype(np.int16)
+    dcm = write_dicom(tmp_path / "ct.dcm", hu, WindowCenter=0, WindowWidth=2000)
+    predictor = Predictor.from_run(run)
+    image = predictor.read(dcm)
+    assert image.meta["window"] == [40.0, 80.0]  # the run's window, not the file's own
+    assert image.pixels.min() == 0.0 and image.pixels.max() == 1.0  # 0..80 HU → 0..1, clipped
+    trained_on = decode(str(dcm), window=(40.0, 80.0))
+    np.testing.assert_allclose(
+        predictor.predict_files([dcm]),
+        predictor.predict_array(predictor.preprocess(trained_on)[None]),
+        atol=1e-6,
+    )
