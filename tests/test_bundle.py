@@ -1,11 +1,14 @@
 """A 3-D run exported as a MONAI Bundle runs in MONAI's own bundle machinery
-(``monai.bundle.ConfigWorkflow`` reading ``configs/inference.json``) and gives medsight's
-probabilities; 2-D, 2.5-D and untraceable runs are refused in one line."""
+(``monai.bundle.ConfigWorkflow`` reading ``configs/inference.json``, and the shell runner
+``python -m monai.bundle run``) and gives medsight's probabilities; its metadata passes MONAI's
+``verify_metadata``; 2-D, 2.5-D and untraceable runs are refused in one line."""
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,7 +98,6 @@ def test_bundle_runs_in_monai_and_predicts_like_medsight(run3d, npz3d, tmp_path)
 def test_monai_checks_the_networks_input_and_output_shapes(run3d, tmp_path):
     from monai.bundle import verify_net_in_out
 
-    # verify_metadata is not called: it downloads MONAI's JSON schema, and tests run offline.
     export_bundle(run3d.path, tmp_path / "bundle")
     bundle = tmp_path / "bundle"
     verify_net_in_out(
@@ -246,3 +248,85 @@ def test_export_run_points_a_bundle_to_export_bundle(run3d):
 
     with pytest.raises(ConfigError, match=r"export_bundle\(run, out\).*--format monai-bundle"):
         export_run(run3d.path if hasattr(run3d, "path") else run3d, format="monai-bundle")
+
+
+def test_monais_shell_runner_runs_the_bundle_over_a_folder(run3d, npz3d, tmp_path):
+    pytest.importorskip("fire")  # python -m monai.bundle needs it
+    volumes = npz_images(npz3d, "test")[:2].astype(np.float32)
+    files = [write_nifti(tmp_path / "scans" / f"v{i}.nii.gz", v) for i, v in enumerate(volumes)]
+    bundle = tmp_path / "bundle"
+    export_bundle(run3d.path, bundle)
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
+    command += [str(bundle / "configs" / "inference.json"), "--meta_file"]
+    command += [str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle)]
+    command += ["--input_dir", str(tmp_path / "scans"), "--output_dir", str(tmp_path / "eval")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
+        rows = {row[0]: [float(v) for v in row[1:]] for row in csv.reader(f)}
+    got = np.array([rows[str(f)] for f in files])
+    expected = Predictor.from_run(run3d.path).predict_files(files)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+#: The metadata.json keys and tensor-format keys the MONAI Bundle specification
+#: (docs/source/mb_specification.rst) calls mandatory, as a JSON schema. MONAI's own
+#: verify_metadata checks against it: the schema a bundle names is a download, and tests
+#: run offline.
+SPECIFICATION = {
+    "type": "object",
+    "required": [
+        "version",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "optional_packages_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "network_data_format",
+    ],
+    "properties": {
+        "optional_packages_version": {"type": "object"},
+        "network_data_format": {
+            "type": "object",
+            "required": ["inputs", "outputs"],
+            "properties": {
+                part: {
+                    "type": "object",
+                    "minProperties": 1,
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": [
+                            "type",
+                            "format",
+                            "num_channels",
+                            "spatial_shape",
+                            "dtype",
+                            "value_range",
+                            "is_patch_data",
+                            "channel_def",
+                        ],
+                    },
+                }
+                for part in ("inputs", "outputs")
+            },
+        },
+    },
+}
+
+
+def test_monai_verifies_the_metadata_against_the_specifications_mandatory_keys(run3d, tmp_path):
+    from monai.bundle import verify_metadata
+
+    export_bundle(run3d.path, tmp_path / "bundle")
+    meta_file = tmp_path / "bundle" / "configs" / "metadata.json"
+    schema = tmp_path / "schema.json"  # present, so verify_metadata reads it and fetches nothing
+    schema.write_text(json.dumps(SPECIFICATION))
+    verify_metadata(meta_file=str(meta_file), filepath=str(schema))
+    broken = json.loads(meta_file.read_text())
+    del broken["network_data_format"]["outputs"]["pred"]["is_patch_data"]
+    meta_file.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="is_patch_data"):
+        verify_metadata(meta_file=str(meta_file), filepath=str(schema))

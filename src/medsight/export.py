@@ -642,6 +642,8 @@ def bundle_metadata(
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
+        # The specification's mandatory key, and the one newer MONAI releases read.
+        "optional_packages_version": {},
         "required_packages_version": {"nibabel": _version("nibabel")},
         "name": f"medsight {run.path.name}",
         "task": f"3-D {_task_words(run)} ({', '.join(classes)})",
@@ -682,6 +684,7 @@ def bundle_metadata(
                     "spatial_shape": [1],
                     "dtype": "float32",
                     "value_range": [0, 1],
+                    "is_patch_data": False,
                     "is_onehot": False,
                     "activation": activation,
                     "channel_def": {str(i): name for i, name in enumerate(classes)},
@@ -797,6 +800,14 @@ def _bundle_readme(run: Run, intended_use: str | None) -> str:
         "",
         "`eval/predictions.csv` gets one row per volume: its path, then one probability per "
         "class. Give `datalist` (a list of NIfTI paths) instead of `input_dir` to choose files.",
+        "",
+        "Or from a shell, with MONAI's bundle runner (it needs `pip install fire`):",
+        "",
+        "```bash",
+        "python -m monai.bundle run --config_file configs/inference.json \\",
+        "    --meta_file configs/metadata.json --bundle_root . \\",
+        "    --input_dir scans --output_dir eval",
+        "```",
         "",
     ]
     return "\n".join(lines)
