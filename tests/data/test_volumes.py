@@ -15,6 +15,7 @@ from medsight.data.transforms import Preprocess, load_preprocess, volume_augment
 from medsight.data.volumes import (
     VolumePreprocess,
     find_dicom_series,
+    intensity_for,
     read_volume,
     volume_thumbnail,
 )
@@ -207,3 +208,12 @@ def test_real_nifti_and_dicom_files_read_with_their_geometry(shared_data):
     (series,) = find_dicom_series(shared_data / "dicom-nifti" / "dicom" / "series_MR700")
     with pytest.raises(ImageDecodeError, match="mixed orientations"):
         read_volume(series)
+
+
+def test_nifti_in_hounsfield_units_gets_a_ct_window_and_mr_the_percentiles(tmp_path):
+    body = blob_volume(1, 10, True)
+    with_air = np.pad(body, 2, constant_values=-1024.0)  # air around the body
+    ct = read_volume(str(write_nifti(tmp_path / "ct.nii.gz", with_air)))
+    mr = read_volume(str(write_nifti(tmp_path / "mr.nii.gz", (body - body.min()) * 9)))
+    assert intensity_for(ct) == "ct-soft-tissue"  # air at -1024: only CT has it
+    assert intensity_for(mr) == "percentile"

@@ -723,7 +723,8 @@ def _data_synth_3d(out: Path, n: int, size: int, seed: int) -> None:
             soft_wrap=True,
         )
         console.print(
-            "voxels are Hounsfield-like units: train with --intensity ct-soft-tissue",
+            "voxels are Hounsfield-like units (air -1024): medsight train reads them through "
+            "the CT soft-tissue window (--intensity ct-soft-tissue)",
             highlight=False,
         )
 

@@ -486,12 +486,19 @@ def _intensity_step(preset: str) -> dict:
             "upper": 99.5, "b_min": 0.0, "b_max": 1.0, "clip": True}  # fmt: skip
 
 
+#: Below this a voxel can only be a Hounsfield unit (air is -1000): MR and PET values are not
+#: negative, so a NIfTI file without a modality that reaches it is CT.
+_AIR_HU = -900.0
+
+
 def intensity_for(volume: Volume) -> str:
     """The intensity preset a volume suggests: ``uint8`` for 8-bit MedMNIST3D masks,
-    ``ct-soft-tissue`` for CT series, ``percentile`` otherwise (MR, NIfTI of unknown modality)."""
+    ``ct-soft-tissue`` for CT (a CT series, or a volume whose values reach air's Hounsfield
+    units), ``percentile`` otherwise (MR, NIfTI of unknown modality)."""
     if volume.meta.get("dtype") == "uint8":
         return "uint8"
-    if volume.meta.get("modality", "").upper() == "CT":
+    modality = str(volume.meta.get("modality", "")).upper()
+    if modality == "CT" or (not modality and float(np.min(volume.array)) <= _AIR_HU):
         return "ct-soft-tissue"
     return "percentile"
 
