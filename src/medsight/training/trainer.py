@@ -521,11 +521,13 @@ def _resolve_batch_size(
 def _volume_slice(table: pd.DataFrame, d) -> tuple[int, int | None] | None:
     """The slice a 2-D run takes of each volume when it learns from NIfTI slices (``--slice``,
     ``--axis``, ``--dims 2``), so prediction takes the same; None when it learns from images."""
-    sources = table["source"].astype(str)
-    from_volumes = sources.str.startswith("nifti://") | sources.map(
-        lambda s: "://" not in s and imaging.has_extension(s, imaging.NIFTI_EXTENSIONS)
+    # Python strings, not an Arrow column: file names that are not UTF-8 stay readable.
+    from_volumes = any(
+        source.startswith("nifti://")
+        or ("://" not in source and imaging.has_extension(source, imaging.NIFTI_EXTENSIONS))
+        for source in map(str, table["source"])
     )
-    return (int(d.nifti_axis), d.nifti_slice) if from_volumes.any() else None
+    return (int(d.nifti_axis), d.nifti_slice) if from_volumes else None
 
 
 def _probe(table: pd.DataFrame, n: int = 16) -> tuple[int, int]:
