@@ -235,3 +235,52 @@ def httpx_get(url: str) -> dict:
     import httpx
 
     return httpx.get(url, headers={"X-Requested-With": "medsight"}).json()
+
+
+@pytest.fixture(scope="module")
+def volume_server(tmp_path_factory):
+    """A 3-D run (tiny MedMNIST3D-like volumes) served live."""
+    from medsight.config import DataConfig, OptimConfig, TrainConfig
+    from medsight.training.trainer import train
+    from tests.volumes import make_npz3d
+
+    root = tmp_path_factory.mktemp("browser-3d")
+    npz = make_npz3d(root / "tiny3d.npz", {"train": 16, "val": 8, "test": 8}, size=12)
+    config = TrainConfig(
+        data=DataConfig(path=str(npz)),
+        optim=OptimConfig(epochs=1, batch_size=8, lr=3e-3),
+        out=str(root / "run"),
+    )
+    run = train(config, show_progress=False).path
+    yield from serve_in_thread(create_app(ServeSettings(run=run, data_dir=root / "serve")))
+
+
+def test_a_volume_run_takes_a_nifti_upload_and_shows_its_map_on_three_planes(
+    volume_server, browser, tmp_path
+):
+    from tests.volumes import blob_volume, write_nifti
+
+    volume = write_nifti(tmp_path / "scan.nii.gz", blob_volume(5, 12, True))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(volume_server + "/")
+    page.wait_for_function("() => document.getElementById('intended-use').textContent.length > 20")
+    assert ".nii" in page.get_attribute("#file-input", "accept")  # the file dialog offers volumes
+    assert page.text_content("#drop-title") == "Drop a volume here"
+    page.set_input_files("#file-input", str(volume))
+    page.wait_for_selector("#result:not([hidden])")
+    assert page.text_content("#result-label").strip() in ("0", "1")
+    assert "three planes" in page.text_content("#preview-note")
+    assert page.is_hidden("#queue-btn")  # the worklist takes images only
+    if _explanations_available():
+        page.wait_for_selector("#overlay-img:not([hidden])", timeout=30_000)
+        width, height = page.evaluate(
+            "[document.getElementById('overlay-img').naturalWidth, "
+            "document.getElementById('overlay-img').naturalHeight]"
+        )
+        assert width >= 3 * height - 8  # axial, coronal and sagittal side by side
+    shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "serve-volume.png"), full_page=True)
+    assert not errors, errors

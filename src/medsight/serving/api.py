@@ -397,6 +397,15 @@ def model_info(model: Model, request: Request) -> dict:
             "mean": list(prep.mean),
             "std": list(prep.std),
             "window": list(prep.window) if prep.window else None,
+            **(
+                {
+                    "dims": 3,
+                    "depth": prep.size[2] if len(prep.size) > 2 else None,
+                    "formats": ["NIfTI (.nii, .nii.gz)", "DICOM series (.zip)"],
+                }
+                if model.predictor.dims == 3
+                else {}
+            ),
         },
         "evaluated": bool(metrics),
         "evaluated_split": metrics.get("split"),

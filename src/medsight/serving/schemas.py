@@ -126,6 +126,8 @@ class InputSpec(BaseModel):
     std: list[float]
     window: list[float] | None = None
     formats: list[str] = ["PNG", "JPEG", "TIFF", "BMP", "DICOM"]
+    dims: int = Field(2, description="2: the model takes images; 3: volumes")
+    depth: int | None = Field(None, description="A 3-D model's voxels along the third axis")
 
 
 class MetricValue(BaseModel):

@@ -40,6 +40,7 @@ async function json(response) {
 function isMulti() { return Boolean(state.model && state.model.decision_thresholds) && !isDetect(); }
 // A detection run answers with boxes: the page draws them over the image, no heat map.
 function isDetect() { return Boolean(state.model && state.model.task === "detect"); }
+function isVolume() { return Boolean(state.model && state.model.input.dims === 3); }
 // Multi-label and detection labels name their classes joined by "|" (or "no finding"): a
 // reviewer ticks those present.
 function byFindings() { return isMulti() || isDetect(); }
@@ -173,7 +174,14 @@ async function loadModel() {
       add("Classes", model.classes.map(pretty).join(", "));
       add("Urgent class", pretty(model.positive_class));
     }
-    add("Input", `${model.input.channels === 1 ? "grayscale" : "colour"}, ${model.input.width}×${model.input.height} px`);
+    if (isVolume()) {
+      add("Input", `volumes, ${model.input.height}×${model.input.width}${model.input.depth ? "×" + model.input.depth : ""} voxels (${model.input.formats.join(", ")})`);
+      $("file-input").accept = ".nii,.gz,.zip,application/gzip,application/zip";
+      $("drop-title").textContent = "Drop a volume here";
+      $("drop-formats").textContent = "NIfTI (.nii, .nii.gz) or a .zip of one DICOM series";
+    } else {
+      add("Input", `${model.input.channels === 1 ? "grayscale" : "colour"}, ${model.input.width}×${model.input.height} px`);
+    }
     if (model.evaluated) {
       const shown = isDetect()
         ? { map50: "mAP@0.5", map: "mAP@[.5:.95]", sensitivity_at_1fp: "Sensitivity at 1 FP/image", median_iou: "Median IoU of found lesions" }
@@ -261,7 +269,9 @@ async function analyse(file) {
   const browserCanShow = /^image\/(png|jpeg|gif|bmp|webp)$/.test(file.type);
   preview.hidden = !browserCanShow;
   $("preview-note").hidden = browserCanShow;
-  $("preview-note").textContent = isDetect() ? "DICOM: your browser cannot show it; the boxes are listed" : "DICOM: preview in the heat map";
+  $("preview-note").textContent = isVolume()
+    ? "Volume: shown on three planes in the heat map"
+    : isDetect() ? "DICOM: your browser cannot show it; the boxes are listed" : "DICOM: preview in the heat map";
   if (browserCanShow) preview.src = URL.createObjectURL(file);
   $("overlay-img").hidden = true;
   $("boxes-svg").replaceChildren();
@@ -273,6 +283,7 @@ async function analyse(file) {
   $("result-empty").textContent = "Analysing…";
   $("queue-btn").disabled = false;
   $("queue-btn").textContent = "Add to worklist";
+  $("queue-btn").hidden = isVolume();  // the worklist stores images, not volumes
   state.finding = null;
 
   const seq = ++state.explainSeq;
