@@ -199,9 +199,16 @@ class DataConfig(ReadOptions):
     ] = Field(
         default="auto",
         description="3-D intensity scaling: a CT window preset, percentile (MR), uint8 (/255) "
-        "or minmax; auto: uint8 for 8-bit MedMNIST3D, ct-soft-tissue for CT series, else "
-        "percentile",
+        "or minmax; auto: uint8 for 8-bit MedMNIST3D, ct-soft-tissue for CT series and "
+        "volumes in Hounsfield units, else percentile",
         json_schema_extra=flag("--intensity"),
+    )
+    tilt: Literal["refuse", "correct"] = Field(
+        default="refuse",
+        description="3-D: a DICOM series acquired with gantry tilt (slices stacked off their "
+        "normal): refuse it by name, or correct it by resampling onto an orthogonal grid "
+        "(recorded in preprocess.json, so prediction does the same)",
+        json_schema_extra=flag("--tilt"),
     )
     cache: bool = Field(
         default=True,

@@ -787,6 +787,14 @@ def _bundle_readme(run: Run, intended_use: str | None) -> str:
         "- Probabilities are "
         + ("calibrated by temperature scaling" if _bundle_temperature(run) else "not calibrated")
         + "; do not read them as risks.",
+    ]
+    if getattr(prep, "tilt", "refuse") == "correct":
+        lines.append(
+            "- medsight resampled gantry-tilted CT series onto an orthogonal grid before this "
+            "network saw them; the bundle reads NIfTI as it is: correct the tilt when you "
+            "convert such series (e.g. dcm2niix does)."
+        )
+    lines += [
         "",
         "## Run it",
         "",

@@ -61,6 +61,7 @@ README_FLAGS = [
     (["--dims", "3"], "data.dims", "3"),
     (["--volume", "1"], "data.volume", 1),
     (["--intensity", "ct-lung"], "data.intensity", "ct-lung"),
+    (["--tilt", "correct"], "data.tilt", "correct"),
     (["--slices", "3"], "data.slices", 3),
     (["--ema", "0"], "optim.ema", 0.0),
     (["--loss", "focal"], "optim.loss", "focal"),

@@ -17,6 +17,7 @@ from medsight.data.volumes import (
     find_dicom_series,
     intensity_for,
     read_volume,
+    untilt,
     volume_thumbnail,
 )
 from medsight.errors import ConfigError, DataError, ImageDecodeError
@@ -47,7 +48,6 @@ def test_dicom_series_is_sorted_by_position_with_spacing_from_positions(tmp_path
         ({"skip": (4,)}, "missing slices"),
         ({"duplicate": 3}, "duplicated slices"),
         ({"other_orientation": 5}, "mixed orientations"),
-        ({"tilt": 0.6}, "gantry tilt"),
     ],
 )
 def test_faulty_series_is_refused_by_name(tmp_path, fault, words):
@@ -55,6 +55,50 @@ def test_faulty_series_is_refused_by_name(tmp_path, fault, words):
     (source,) = find_dicom_series(tmp_path)
     with pytest.raises(ImageDecodeError, match=words):
         read_volume(source)
+
+
+def _tilted_sphere(folder, centre=(8.0, 12.0, 15.0), radius=4.0, shift=0.9):
+    """A sphere at ``centre`` mm (DICOM LPS), scanned with a gantry tilt: slice k's plane is
+    shifted ``shift`` mm along Y, so its pixels are sampled from the shifted plane."""
+    nx, ny, nz, dz = 20, 24, 12, 2.5
+    i, j = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float), indexing="ij")
+    planes = []
+    for k in range(nz):
+        x, y, z = i * 0.8, k * shift + j * 0.8, k * dz
+        inside = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 < radius**2
+        planes.append(np.where(inside, 60.0, -1000.0))
+    volume = (np.stack(planes, axis=-1) + 1024).astype(np.int16)
+    write_series(folder, volume, spacing=(0.8, 0.8, dz), tilt=shift)
+    (source,) = find_dicom_series(folder)
+    return source
+
+
+def test_a_gantry_tilt_is_refused_by_name_unless_the_run_corrects_it(tmp_path):
+    source = _tilted_sphere(tmp_path / "s")
+    volume = read_volume(source)
+    assert volume.meta["gantry_tilt"] == pytest.approx(np.degrees(np.arctan(0.9 / 2.5)), abs=0.1)
+    refuse = VolumePreprocess.build(16, intensity="ct-soft-tissue")
+    with pytest.raises(ImageDecodeError, match="gantry tilt: the slices are stacked 19.8° off"):
+        refuse.prepare(volume)
+    # corrected: an orthogonal grid, and the sphere where it is in the patient
+    straight = untilt(volume)
+    axes = straight.affine[:3, :3]
+    assert abs(axes[:, 0] @ axes[:, 2]) < 1e-6 and abs(axes[:, 1] @ axes[:, 2]) < 1e-6
+    assert straight.spacing == pytest.approx((0.8, 0.8, 2.5))
+    assert "gantry_tilt" not in straight.meta and straight.meta["tilt_corrected"] > 19
+    bright = np.argwhere(straight.array[0] > -500).mean(axis=0)
+    centre_ras = straight.affine @ np.append(bright, 1.0)
+    np.testing.assert_allclose(centre_ras[:3], [-8.0, -12.0, 15.0], atol=0.8)  # LPS → RAS
+    # read as if orthogonal (the shear dropped), the sphere would sit 5 mm off in Y
+    naive = volume.affine.copy()
+    naive[:3, 2] = [0, 0, 2.5]
+    raw_bright = np.argwhere(volume.array[0] > -500).mean(axis=0)
+    assert abs((naive @ np.append(raw_bright, 1.0))[1] - -12.0) > 4.0
+    corrected = VolumePreprocess.build(16, intensity="ct-soft-tissue", tilt="correct")
+    assert corrected.prepare(volume).shape == (1, 16, 16, 16)
+    report = check_samples(load_samples(tmp_path / "s", dims=3))
+    assert "gantry tilt" in report.unreadable[0]["reason"]
+    assert "--tilt correct" in report.unreadable[0]["reason"]
 
 
 def test_four_d_nifti_takes_the_first_volume_and_says_so(tmp_path):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from medsight.cli import app
 from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.data.imaging import nifti_slice_source, npz_images
-from medsight.data.volumes import VolumePreprocess
+from medsight.data.volumes import VolumePreprocess, find_dicom_series
 from medsight.errors import ConfigError, DataError, ImageDecodeError
 from medsight.evaluation.evaluate import evaluate_run
 from medsight.evaluation.report import write_report
@@ -138,10 +138,19 @@ def test_dicom_series_tree_trains_one_sample_per_series(tmp_path):
                 tmp_path / "tree" / label / f"case{i}",
                 (volume + 1024).astype(np.int16),
                 patient=f"{label}{i}",
+                tilt=0.5 if i < 3 else 0.0,  # most series of each class scanned with a tilt
             )
-    run = train(_config(tmp_path / "tree", tmp_path / "run", epochs=1, batch_size=4, dims="3"))
+    with pytest.raises(ImageDecodeError, match="gantry tilt"):
+        train(_config(tmp_path / "tree", tmp_path / "no", epochs=1, batch_size=4))
+    run = train(
+        _config(tmp_path / "tree", tmp_path / "run", epochs=1, batch_size=4, tilt="correct")
+    )
     assert run.preprocess.intensity == "ct-soft-tissue"  # CT series: a soft-tissue window
+    assert run.preprocess.tilt == "correct" and run.dims == 3  # a CT tree: volumes by default
     assert len(run.splits()) == 8
+    tilted = find_dicom_series(tmp_path / "tree" / "lesion" / "case0")  # predicted: corrected
+    table = predict_paths(run.path, tilted)
+    assert table.at[0, "error"] == "" and np.isfinite(table.at[0, "p_lesion"])
 
 
 def test_slices_feed_a_2d_network_and_predict_from_volumes(npz_run, tmp_path):

@@ -215,7 +215,7 @@ class _VolumeView:
 def _iter_volumes(table: pd.DataFrame, max_pixels: int, geometry: dict):
     """Each row's volume (or its error), its shape, spacing and orientation kept in
     ``geometry`` by sample id."""
-    from medsight.data.volumes import read_volume
+    from medsight.data.volumes import read_volume, tilt_error
 
     volume_index = table.attrs.get("volume")
     for sample_id, source in zip(table["sample_id"], table["source"]):
@@ -223,6 +223,9 @@ def _iter_volumes(table: pd.DataFrame, max_pixels: int, geometry: dict):
             volume = read_volume(source, volume=volume_index, max_pixels=max_pixels)
         except ImageDecodeError as exc:
             yield sample_id, exc
+            continue
+        if "gantry_tilt" in volume.meta:  # named here; a run refuses or corrects it (--tilt)
+            yield sample_id, tilt_error(volume)
             continue
         geometry[sample_id] = {
             "shape": "x".join(map(str, volume.shape)),

@@ -135,7 +135,9 @@ def read_volume(
 
     ``volume`` picks the volume of a 4-D NIfTI (default: the first, said in a warning).
     A 2-D image is refused in one line (a 3-D run takes volumes). A DICOM series with missing
-    or duplicated slices, mixed orientations or a gantry tilt is refused naming the fault.
+    or duplicated slices or mixed orientations is refused naming the fault; one acquired with
+    a gantry tilt is read with its sheared affine and ``meta["gantry_tilt"]`` (degrees), for
+    :func:`untilt` or :meth:`VolumePreprocess.prepare` to correct or refuse.
     """
     if source.startswith(DICOM_SERIES_SCHEME):
         return _read_dicom_series(source, max_pixels=max_pixels)
@@ -416,13 +418,6 @@ def _read_dicom_series(source: str, *, max_pixels: int) -> Volume:
             )
         )
     )
-    if lean > _TILT_DEGREES:
-        raise ImageDecodeError(
-            source,
-            f"gantry tilt: the slices are stacked {lean:.1f}° off their normal "
-            f"(GantryDetectorTilt {slices[0].get('GantryDetectorTilt', 'unknown')}); resample "
-            "it to an orthogonal grid first (e.g. dcm2niix corrects tilt)",
-        )
     rows, cols = int(slices[0].Rows), int(slices[0].Columns)
     if rows * cols * len(slices) > max_pixels * imaging.VOLUME_FACTOR:
         raise ImageDecodeError(
@@ -460,8 +455,69 @@ def _read_dicom_series(source: str, *, max_pixels: int) -> Volume:
         "slices": len(slices),
         "modality": str(slices[0].get("Modality", "") or ""),
     }
+    if lean > _TILT_DEGREES:  # the affine is sheared: a run refuses or corrects it (untilt)
+        meta["gantry_tilt"] = round(lean, 2)
     orientation = "".join(nib.orientations.aff2axcodes(affine))
     return Volume(np.ascontiguousarray(array, dtype=np.float32), affine, spacing, orientation, meta)
+
+
+def tilt_error(volume: Volume) -> ImageDecodeError:
+    """The one line that names a gantry-tilted series and the two ways on."""
+    return ImageDecodeError(
+        volume.source,
+        f"gantry tilt: the slices are stacked {volume.meta['gantry_tilt']:.1f}° off their "
+        "normal; train with --tilt correct to resample such series onto an orthogonal grid "
+        "(or resample it first, e.g. with dcm2niix)",
+    )
+
+
+def untilt(volume: Volume) -> Volume:
+    """A gantry-tilted series resampled (trilinear) onto an orthogonal grid: the slice axis
+    along the slices' normal at the spacing between slice planes, rows and columns as they
+    were, the grid widened to hold every voxel of the sheared stack (new voxels: the volume's
+    minimum, air for CT). A volume without tilt is returned as it is."""
+    if "gantry_tilt" not in volume.meta:
+        return volume
+    from scipy import ndimage
+
+    sheared = volume.affine
+    row, col = sheared[:3, 0], sheared[:3, 1]
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    step = float(sheared[:3, 2] @ normal)  # signed distance between slice planes
+    square = sheared.copy()
+    square[:3, 2] = normal * step
+    # Where the sheared stack's corners fall on the orthogonal grid: the new grid spans them.
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in volume.shape], indexing="ij"))
+    corners = np.vstack([corners.reshape(3, -1), np.ones((1, 8))])
+    on_square = np.linalg.solve(square, sheared @ corners)[:3]
+    low, high = np.floor(on_square.min(axis=1)), np.ceil(on_square.max(axis=1))
+    shape = tuple(int(n) for n in high - low + 1)
+    target = square.copy()
+    target[:3, 3] = (square @ np.append(low, 1.0))[:3]
+    to_source = np.linalg.solve(sheared, target)  # target voxel → source voxel
+    fill = float(volume.array.min())
+    channels = [
+        ndimage.affine_transform(
+            plane,
+            to_source[:3, :3],
+            offset=to_source[:3, 3],
+            output_shape=shape,
+            order=1,
+            cval=fill,
+        )  # fmt: skip
+        for plane in volume.array
+    ]
+    spacing = (*volume.spacing[:2], abs(step))
+    meta = {**volume.meta, "tilt_corrected": volume.meta["gantry_tilt"]}
+    del meta["gantry_tilt"]
+    return Volume(
+        np.ascontiguousarray(np.stack(channels), dtype=np.float32),
+        target,
+        spacing,
+        volume.orientation,
+        meta,
+    )
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -532,6 +588,8 @@ class VolumePreprocess:
     intensity: str = "percentile"
     #: 2.5-D: this many adjacent axial slices become the channels of a 2-D input (None: 3-D).
     slices: int | None = None
+    #: A gantry-tilted DICOM series: ``refuse`` it by name, or ``correct`` it (:func:`untilt`).
+    tilt: str = "refuse"
     dims: int = 3
     version: int = 1
 
@@ -550,6 +608,8 @@ class VolumePreprocess:
             raise ConfigError(f"size must be 3 voxel counts (X, Y, Z), got {self.size}")
         if self.dims != 3:
             raise ConfigError(f"a VolumePreprocess has dims 3, got {self.dims}")
+        if self.tilt not in ("refuse", "correct"):
+            raise ConfigError(f"tilt must be 'refuse' or 'correct', got {self.tilt!r}")
         if self.channels < 1:
             raise ConfigError(f"channels must be 1 or more, got {self.channels}")
         for name in ("mean", "std"):
@@ -575,11 +635,13 @@ class VolumePreprocess:
         mean: tuple[float, ...] = (0.5,),
         std: tuple[float, ...] = (0.5,),
         slices: int | None = None,
+        tilt: str = "refuse",
     ) -> VolumePreprocess:
         """The standard pipeline: RAS orientation, resampling to ``spacing`` mm (then pad/crop
         to ``size``; without ``spacing``, a trilinear resize to ``size``), ``intensity``
         scaling (:data:`INTENSITY_PRESETS`). ``slices`` K: the 2.5-D input of K axial slices
-        (``size`` then is the square side, or ``(H, W)``; ``channels`` becomes K)."""
+        (``size`` then is the square side, or ``(H, W)``; ``channels`` becomes K). ``tilt``:
+        what a gantry-tilted series gets, ``refuse`` or ``correct``."""
         if slices is not None:
             side = (int(size),) * 2 if isinstance(size, int) else tuple(int(s) for s in size)[:2]
             prep = cls.build((side[1], side[0], 1), intensity=intensity, spacing=spacing)
@@ -594,6 +656,7 @@ class VolumePreprocess:
                 spacing=prep.spacing,
                 intensity=intensity,
                 slices=slices,
+                tilt=tilt,
             )
         size = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
         steps: list[dict] = [{"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"}]
@@ -618,6 +681,7 @@ class VolumePreprocess:
             transforms=tuple(steps),
             spacing=spacing,
             intensity=intensity,
+            tilt=tilt,
         )
 
     def __call__(self, volume: Volume) -> np.ndarray:
@@ -631,6 +695,10 @@ class VolumePreprocess:
                 str(getattr(volume, "source", "image")),
                 "is a 2-D image, but this run takes 3-D volumes; predict it with a 2-D run",
             )
+        if "gantry_tilt" in volume.meta:
+            if self.tilt != "correct":
+                raise tilt_error(volume)
+            volume = untilt(volume)
         self._check_size(volume)
         from monai.data import MetaTensor
 
@@ -714,6 +782,7 @@ class VolumePreprocess:
             "spacing": list(self.spacing) if self.spacing is not None else None,
             "intensity": self.intensity,
             "slices": self.slices,
+            "tilt": self.tilt,
             "transforms": [dict(t) for t in self.transforms],
             "version": self.version,
         }

@@ -298,6 +298,7 @@ class _Setup:
                 mean=mean,
                 std=std,
                 slices=slices,
+                tilt=d.tilt,
             )
             shape = f"{side}³ voxels" if slices is None else f"{slices} axial slices at {side} px"
             notes.append(
