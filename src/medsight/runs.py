@@ -339,6 +339,14 @@ def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
         return pd.read_csv(path, encoding=ENCODING, encoding_errors=ENCODING_ERRORS, **kwargs)
 
 
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """A run's ``predictions.csv``. Class names such as "NA" or "0" stay strings: no NA
+    guessing, ids and labels as text."""
+    return read_csv(
+        path, dtype={"sample_id": str, "label": str, "predicted": str}, keep_default_na=False
+    )
+
+
 def guess_positive_class(classes: list[str]) -> str:
     """The class triage treats as most urgent: for two classes the one not named like 'normal'."""
     if len(classes) == 2:

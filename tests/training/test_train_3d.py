@@ -18,6 +18,7 @@ from medsight.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from medsight.data.imaging import nifti_slice_source, npz_images
 from medsight.data.volumes import VolumePreprocess, find_dicom_series
 from medsight.errors import ConfigError, DataError, ImageDecodeError
+from medsight.evaluation.compare import compare_runs
 from medsight.evaluation.evaluate import evaluate_run
 from medsight.evaluation.report import write_report
 from medsight.export import export_run
@@ -220,3 +221,13 @@ def _zip(folder, path):
         for file in folder.rglob("*.nii*"):
             archive.write(file, file.name)
     return path
+
+
+def test_two_3d_runs_with_digit_class_names_compare_on_their_test_volumes(npz_run, tmp_path):
+    run, npz = npz_run
+    other = train(_config(npz, tmp_path / "other", epochs=1), show_progress=False)
+    for each in (run, other):
+        evaluate_run(each.path, n_bootstrap=50)
+    assert run.classes == ["0", "1"]  # read back from predictions.csv as text, not numbers
+    result = compare_runs([run.path, other.path], n_bootstrap=50)
+    assert result["n_shared"] == 12 and "p_value" in result["runs"][1]["paired"]

@@ -24,7 +24,7 @@ def compare_runs(paths: Sequence[str | Path], *, n_bootstrap: int = 1000, seed: 
             raise DataError(
                 f"{run.path} has not been evaluated yet: run `medsight evaluate {path}`"
             )
-        loaded.append((run, runs.read_csv(predictions_path, dtype={"sample_id": str})))
+        loaded.append((run, runs.read_predictions(predictions_path)))
     first_classes = loaded[0][0].classes
     first_task = loaded[0][0].task
     for run, _ in loaded[1:]:

@@ -203,7 +203,7 @@ def write_report(run: str | Path, *, out: str | Path | None = None, examples: in
             f"task {task.name!r} lists report section(s) {unknown} that the report does not "
             f"have; sections: {list(SECTIONS)}"
         )
-    predictions = _read_predictions(loaded.path / runs.PREDICTIONS)
+    predictions = runs.read_predictions(loaded.path / runs.PREDICTIONS)
     y, probs = _labels_and_probs(predictions, task, loaded.classes, loaded.path)
 
     target = Path(out) if out is not None else loaded.path / runs.REPORT
@@ -249,15 +249,6 @@ def _environment():
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
-    )
-
-
-def _read_predictions(path: Path) -> pd.DataFrame:
-    # Class names such as "NA" or "0" must stay strings: no NA guessing, ids and labels as text.
-    return runs.read_csv(
-        path,
-        dtype={"sample_id": str, "label": str, "predicted": str},
-        keep_default_na=False,
     )
 
 
