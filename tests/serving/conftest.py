@@ -26,6 +26,23 @@ def local_client(app, **kwargs):
 
 
 @pytest.fixture(scope="session")
+def served_volume_run(tmp_path_factory) -> Path:
+    """A 1-epoch 3-D run (medcnn3d_s) on tiny MedMNIST3D-like volumes of 12³, for serving
+    volumes."""
+    from medsight.training.trainer import train
+    from tests.volumes import make_npz3d
+
+    root = tmp_path_factory.mktemp("serve3d")
+    npz = make_npz3d(root / "tiny3d.npz", {"train": 16, "val": 8, "test": 8}, size=12)
+    config = TrainConfig(
+        data=DataConfig(path=str(npz)),
+        optim=OptimConfig(epochs=1, batch_size=8, lr=3e-3),
+        out=str(root / "run"),
+    )
+    return train(config, show_progress=False).path
+
+
+@pytest.fixture(scope="session")
 def served_run(tmp_path_factory) -> Path:
     """A 1-epoch medcnn_s at 16 px on bright ("lesion") vs dark ("normal") squares, evaluated
     (so metrics.json holds operating points) in a few seconds."""

@@ -238,21 +238,10 @@ def httpx_get(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def volume_server(tmp_path_factory):
+def volume_server(served_volume_run, tmp_path_factory):
     """A 3-D run (tiny MedMNIST3D-like volumes) served live."""
-    from medsight.config import DataConfig, OptimConfig, TrainConfig
-    from medsight.training.trainer import train
-    from tests.volumes import make_npz3d
-
-    root = tmp_path_factory.mktemp("browser-3d")
-    npz = make_npz3d(root / "tiny3d.npz", {"train": 16, "val": 8, "test": 8}, size=12)
-    config = TrainConfig(
-        data=DataConfig(path=str(npz)),
-        optim=OptimConfig(epochs=1, batch_size=8, lr=3e-3),
-        out=str(root / "run"),
-    )
-    run = train(config, show_progress=False).path
-    yield from serve_in_thread(create_app(ServeSettings(run=run, data_dir=root / "serve")))
+    data_dir = tmp_path_factory.mktemp("browser-3d")
+    yield from serve_in_thread(create_app(ServeSettings(run=served_volume_run, data_dir=data_dir)))
 
 
 def test_a_volume_run_takes_a_nifti_upload_and_shows_its_map_on_three_planes(

@@ -11,25 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsight.config import DataConfig, OptimConfig, TrainConfig
 from medsight.inference import Predictor
 from medsight.serving.api import ServeSettings, create_app
 from tests.serving.conftest import local_client, png_bytes
-from tests.volumes import blob_volume, make_npz3d, write_nifti, write_series
+from tests.volumes import blob_volume, write_nifti, write_series
 
 
 @pytest.fixture(scope="module")
-def run3d(tmp_path_factory):
-    from medsight.training.trainer import train
-
-    root = tmp_path_factory.mktemp("serve3d")
-    npz = make_npz3d(root / "tiny3d.npz", {"train": 16, "val": 8, "test": 8}, size=12)
-    config = TrainConfig(
-        data=DataConfig(path=str(npz)),
-        optim=OptimConfig(epochs=1, batch_size=8, lr=3e-3),
-        out=str(root / "run"),
-    )
-    return train(config, show_progress=False).path
+def run3d(served_volume_run):
+    return served_volume_run
 
 
 @pytest.fixture
