@@ -183,6 +183,8 @@ def test_model_info_has_classes_input_metrics_with_ci_and_intended_use(client):
         "std": [0.5],
         "window": None,
         "formats": ["PNG", "JPEG", "TIFF", "BMP", "DICOM"],
+        "dims": 2,
+        "depth": None,
     }
     assert body["evaluated"] is True and body["evaluated_split"] == "test"
     assert set(body["metrics"]) >= {"auroc", "accuracy"}

@@ -83,3 +83,9 @@ def test_a_volumes_heat_map_is_shown_on_three_planes(client, tmp_path):
     # axial, coronal and sagittal side by side: three tiles of one height
     assert picture.width >= 3 * picture.height - 8 and picture.height >= 200
     assert body["method"] and body["label"] in ("0", "1")
+
+
+def test_model_info_says_the_model_takes_volumes(client):
+    body = client.get("/v1/model").json()["input"]
+    assert body["dims"] == 3 and (body["height"], body["width"], body["depth"]) == (12, 12, 12)
+    assert body["formats"] == ["NIfTI (.nii, .nii.gz)", "DICOM series (.zip)"]
