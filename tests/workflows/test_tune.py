@@ -313,3 +313,17 @@ def test_the_best_trial_is_retrained_when_its_run_is_not_on_this_machine(data, t
     run = Run.load(tmp_path / "b")
     assert run.config.optim.lr == pytest.approx(first["best"]["params"]["optim.lr"])
     assert (tmp_path / "b" / "model.safetensors").exists()
+
+
+def test_a_sqlite_study_reads_and_updates_a_trial_under_one_write_lock(tmp_path):
+    # Two workers must not both see an enqueued trial as waiting and both run it: SQLite
+    # ignores SELECT ... FOR UPDATE, so each transaction takes the write lock from its start.
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    storage = open_storage(url)
+    other = sqlite3.connect(tmp_path / "tune.db", timeout=0)
+    with storage.engine.begin() as connection:
+        connection.exec_driver_sql("SELECT count(*) FROM trials").scalar()  # a read only
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("UPDATE studies SET study_name = study_name")
+    other.execute("UPDATE studies SET study_name = study_name")  # free once it ended
+    other.close()

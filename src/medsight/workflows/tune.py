@@ -269,6 +269,25 @@ def _check_values(param: Param, where: str) -> None:
 # --------------------------------------------------------------------------- storage
 
 
+def _serialise_sqlite(engine) -> None:
+    """Every transaction on ``engine`` starts with BEGIN IMMEDIATE (SQLAlchemy's recipe for
+    pysqlite). SQLite ignores Optuna's SELECT ... FOR UPDATE, and pysqlite runs the SELECT
+    outside any transaction, so two workers could both read an enqueued trial as waiting and
+    both run it ("Cannot tell a COMPLETE trial"); taking the write lock first makes the read
+    and the update one step."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not pysqlite's
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the hooks are not reused
+
+
 def open_storage(url: str | None):
     """An Optuna storage for ``url`` (None: in memory). Fails with a clear message when the
     database cannot be opened; SQLite waits for a busy database instead of failing, and
@@ -283,7 +302,10 @@ def open_storage(url: str | None):
     last: Exception | None = None
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(driver_url(url), engine_kwargs=kwargs)
+            storage = optuna.storages.RDBStorage(driver_url(url), engine_kwargs=kwargs)
+            if url.startswith("sqlite"):
+                _serialise_sqlite(storage.engine)
+            return storage
         except sqlalchemy.exc.DBAPIError as exc:  # two workers creating tables at once
             last = exc
             if not any(word in str(exc) for word in raced):
