@@ -60,3 +60,5 @@ def test_format_value_ci_shows_the_interval_only_when_there_is_one():
     assert format_value_ci(0.5) == "0.500"
     assert format_ci([0.1, 0.25], digits=2) == "0.10–0.25"
     assert format_ci(None) is None
+    assert format_ci([-0.31, -0.21], digits=2) == "-0.31 to -0.21"  # not "-0.31–-0.21"
+    assert format_ci([-0.05, 0.12], digits=2) == "-0.05 to 0.12"

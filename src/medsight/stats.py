@@ -92,10 +92,12 @@ def format_number(value: float | None, digits: int = 3) -> str:
 
 
 def format_ci(ci: Sequence[float | None] | None, digits: int = 3) -> str | None:
-    """``0.880–0.940``, or None when there is no interval."""
+    """``0.880–0.940`` (``-0.31 to -0.21`` when a bound is negative: a dash between minus
+    signs reads as a subtraction), or None when there is no interval."""
     if not ci or not _defined(ci[0]) or not _defined(ci[1]):
         return None
-    return f"{format_number(ci[0], digits)}–{format_number(ci[1], digits)}"
+    joint = " to " if min(ci[0], ci[1]) < 0 else "–"
+    return f"{format_number(ci[0], digits)}{joint}{format_number(ci[1], digits)}"
 
 
 def format_value_ci(entry: Any, digits: int = 3) -> str:

@@ -137,6 +137,17 @@ def test_volume_maps_are_scored_against_mask_volumes(volume_run):
     assert saved["best_method"] in ("gradcam", "ig")
     explainer = Explainer.from_run(run)
     assert explainer.chosen_by == "scored" and explainer.method == saved["best_method"]
+    # the report draws each volume's map on three planes, wide, without the boxes' legend
+    from medsight.evaluation.evaluate import evaluate_run
+    from medsight.evaluation.report import write_report
+
+    lines = data.read_text().splitlines()  # the same volumes, as a test split
+    tested = data.parent / "tested.csv"
+    tested.write_text("\n".join([lines[0] + ",split", *(f"{x},test" for x in lines[1:])]) + "\n")
+    evaluate_run(run, data=tested, n_bootstrap=20)
+    section = write_report(run).read_text().split('id="explanations"')[1].split("</section>")[0]
+    assert "axial, coronal and sagittal planes through the map's maximum" in section
+    assert 'class="gallery volumes"' in section and "box-key" not in section
 
 
 def test_mask_volumes_follow_the_volume_orientation(tmp_path):

@@ -950,12 +950,19 @@ def _pick_finding_examples(pred: pd.DataFrame, y: np.ndarray, probs: np.ndarray,
     )
 
 
+def _shows_volumes(run) -> bool:
+    """Whether the run's pictures are volumes on three planes (a 3-D run, not a 2.5-D one)."""
+    return getattr(run.preprocess, "dims", 2) == 3 and not getattr(run.preprocess, "slices", None)
+
+
 def _examples(run, metrics, pred, y, probs, n: int) -> dict:
     """Thumbnails of right and wrong predictions; a note instead when the images are gone."""
-    volumes = getattr(run.preprocess, "dims", 2) == 3 and not getattr(
-        run.preprocess, "slices", None
-    )
-    out: dict[str, Any] = {"groups": [], "note": None, "requested": n, "volumes": volumes}
+    out: dict[str, Any] = {
+        "groups": [],
+        "note": None,
+        "requested": n,
+        "volumes": _shows_volumes(run),
+    }
     if n == 0:
         out["note"] = "No example images were requested (examples=0)."
         return out
@@ -1149,6 +1156,7 @@ def _explanations(run, metrics, pred, y, probs, n: int) -> dict | None:
         "groups": [],
         "note": None,
         "per_finding": [],
+        "volumes": _shows_volumes(run),  # three planes per overlay, no boxes drawn
     }
     if np.ndim(y) > 1:  # findings: each method's scores per finding instead of a gallery
         best = scores["methods"].get(scores.get("best_method")) or {}
