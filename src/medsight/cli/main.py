@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -1588,6 +1588,21 @@ def _is_archive(files: list[Path], engine: Engine | None, out: Path | None) -> b
     return len(files) == 1 and (files[0].is_dir() or files[0].suffix.lower() in _ARCHIVE_SUFFIXES)
 
 
+def _series_name(source) -> str:
+    """A DICOM series address as a table shows it: its folder (relative to here when below it)
+    and the tail of its SeriesInstanceUID; any other file as it is. The --out file keeps the
+    whole address."""
+    from medsight.data.volumes import DICOM_SERIES_SCHEME
+
+    text = str(source)
+    if not text.startswith(DICOM_SERIES_SCHEME):
+        return text
+    folder, _, uid = text[len(DICOM_SERIES_SCHEME) :].rpartition("#")
+    with suppress(ValueError):
+        folder = str(Path(folder).relative_to(Path.cwd()))
+    return f"{folder} (series …{uid[-8:]})"
+
+
 def _volume_folders(run: Path, files: list[Path], engine: Engine | None, out: Path | None) -> bool:
     """``medsight predict RUN3D FOLDER...`` without --engine or a .parquet --out: the volumes
     in the folders (a DICOM series, NIfTI files) are predicted and shown like files."""
@@ -1771,7 +1786,9 @@ def predict_command(
         for row in table.itertuples(index=False):
             shown.add_row(
                 *(
-                    _boxes_text(v)
+                    _shown(_series_name(v))
+                    if column == "file"
+                    else _boxes_text(v)
                     if column in json_columns
                     else ""
                     if v != v or v is None
