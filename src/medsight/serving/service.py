@@ -52,6 +52,10 @@ OVERLAY_SIDE = 384
 log = logging.getLogger("medsight.serving")
 
 
+#: The first bytes of a zip archive (a DICOM series uploaded to a 3-D run).
+_ZIP = b"PK\x03\x04"
+
+
 class UnsupportedImage(MedsightError):
     """The upload is not an image format medsight reads (HTTP 415)."""
 
@@ -220,9 +224,14 @@ class ModelService:
         """
         if not data:
             raise BadImage("the uploaded file is empty; send the image in the form field 'file'")
-        if self.predictor.dims == 3:
-            return self._decode_volume(data)
-        if sniff(data[:512]) is None:
+        kind = sniff(data[:512])
+        volumes = self.predictor.dims == 3  # a NIfTI volume or a .zip of one DICOM series
+        if volumes and kind not in ("nifti", "gzip", "raster", "dicom") and data[:4] != _ZIP:
+            raise UnsupportedImage(
+                "this model takes volumes: send a NIfTI file (.nii or .nii.gz) or a .zip of one "
+                "DICOM series (judged from the content, not the name)"
+            )
+        if not volumes and kind is None:
             raise UnsupportedImage(
                 "the upload is not a PNG, JPEG, TIFF, BMP or DICOM image (judged from its "
                 "content, not its name); send one of those"
@@ -230,23 +239,8 @@ class ModelService:
         try:
             return self.predictor.read_bytes(data, max_pixels=self.max_pixels)
         except ImageDecodeError as exc:
-            raise BadImage(f"the image cannot be decoded: {exc.reason}") from None
-
-    def _decode_volume(self, data: bytes):
-        """A 3-D run's upload: a NIfTI volume (``.nii``, ``.nii.gz``) or a ``.zip`` of one DICOM
-        series, judged from the content; a 2-D image or anything else is refused in one line."""
-        if (
-            sniff(data[:512]) not in ("nifti", "gzip", "raster", "dicom")
-            and data[:4] != b"PK\x03\x04"
-        ):
-            raise UnsupportedImage(
-                "this model takes volumes: send a NIfTI file (.nii or .nii.gz) or a .zip of one "
-                "DICOM series (judged from the content, not the name)"
-            )
-        try:
-            return self.predictor.read_bytes(data, max_pixels=self.max_pixels)
-        except ImageDecodeError as exc:
-            raise BadImage(f"the volume cannot be read: {exc.reason}") from None
+            what = "the volume cannot be read" if volumes else "the image cannot be decoded"
+            raise BadImage(f"{what}: {exc.reason}") from None
 
     def score(self, data: bytes) -> Scored:
         """Decode, preprocess and predict one upload."""
