@@ -505,7 +505,7 @@ def untilt(volume: Volume) -> Volume:
             output_shape=shape,
             order=1,
             cval=fill,
-        )  # fmt: skip
+        )
         for plane in volume.array
     ]
     spacing = (*volume.spacing[:2], abs(step))

@@ -125,12 +125,7 @@ def list_volumes(source: str | Path, *, path_column: str | None = None) -> list[
             f"{source}: a 3-D run scores volumes from a folder, a DICOM tree or a CSV manifest; "
             "unzip it first (the REST API takes a .zip of one series)"
         )
-    if path.is_dir():
-        entries = [str(path.resolve())]
-    elif name.endswith(".csv"):
-        entries = _list_manifest(path, path_column)
-    else:
-        entries = [str(path.resolve())]
+    entries = _list_manifest(path, path_column) if name.endswith(".csv") else [str(path.resolve())]
     found: list[str] = []
     for entry in entries:
         if "://" in entry or not Path(entry).is_dir():
